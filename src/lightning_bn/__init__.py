@@ -1,0 +1,26 @@
+"""lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
+
+from lightning_bn.convert import swap_norm_layers
+from lightning_bn.layers import (
+    BatchNorm,
+    L1Norm,
+    L2Norm,
+    LayerNorm,
+    LinfNorm,
+    LpNorm,
+    create_norm_layer,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BatchNorm",
+    "L1Norm",
+    "L2Norm",
+    "LayerNorm",
+    "LinfNorm",
+    "LpNorm",
+    "__version__",
+    "create_norm_layer",
+    "swap_norm_layers",
+]

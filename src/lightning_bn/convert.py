@@ -1,0 +1,176 @@
+"""Swap the normalisation layers inside an existing model (timm's ``convert_sync_batchnorm`` style)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_bn.layers._base import _BatchStatNorm
+from lightning_bn.layers.layer_norm import LayerNorm
+from lightning_bn.layers.registry import resolve_norm_kind
+
+__all__ = ["SWAPPABLE_TYPES", "swap_norm_layers"]
+
+#: Module types that :func:`swap_norm_layers` replaces.
+SWAPPABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm (and the lazy variants)
+    _BatchStatNorm,  # our BatchNorm, LpNorm, L1Norm, L2Norm, LinfNorm
+    LayerNorm,
+    nn.LayerNorm,
+)
+
+
+def _num_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        return int(shape[-1]) if len(shape) == 1 else None
+    n = getattr(module, "num_features", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _is_channels_last(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm):
+        return True
+    if isinstance(module, LayerNorm):
+        return not module.channels_first
+    return bool(getattr(module, "channels_last", False))
+
+
+def _inherited_kwargs(old: nn.Module, factory: Any) -> dict[str, Any]:
+    """Settings of ``old`` that carry over to the new layer, and the layout flag it needs."""
+    kwargs: dict[str, Any] = {}
+    if isinstance(old, (nn.modules.batchnorm._BatchNorm, _BatchStatNorm)):
+        kwargs.update(
+            eps=old.eps,
+            momentum=old.momentum,
+            affine=old.affine,
+            track_running_stats=old.track_running_stats,
+        )
+    elif isinstance(old, (LayerNorm, nn.LayerNorm)):
+        kwargs.update(eps=old.eps)
+        affine = getattr(old, "affine", None)
+        if affine is None:
+            affine = bool(getattr(old, "elementwise_affine", True))
+        kwargs.update(affine=affine)
+    channels_last = _is_channels_last(old)
+    if isinstance(factory, type) and issubclass(factory, LayerNorm):
+        kwargs["channels_first"] = not channels_last
+    elif isinstance(factory, type) and issubclass(factory, _BatchStatNorm):
+        kwargs["channels_last"] = channels_last
+    return kwargs
+
+
+def _first_tensor(module: nn.Module) -> torch.Tensor | None:
+    for t in module.parameters(recurse=False):
+        return t
+    for b in module.buffers(recurse=False):
+        if b.is_floating_point():
+            return b
+    return None
+
+
+def _copy_matching(old: nn.Module, new: nn.Module) -> None:
+    """Copy parameters and buffers of the same name and shape (affine γ, β; running stats)."""
+    with torch.no_grad():
+        old_state: dict[str, torch.Tensor] = dict(old.named_parameters(recurse=False))
+        old_state.update(old.named_buffers(recurse=False))
+        for name, target in [
+            *new.named_parameters(recurse=False),
+            *new.named_buffers(recurse=False),
+        ]:
+            source = old_state.get(name)
+            if source is not None and source.shape == target.shape:
+                target.copy_(source)
+
+
+def _make(old: nn.Module, factory: Any, layer_kwargs: dict[str, Any]) -> nn.Module:
+    num_features = _num_features(old)
+    if num_features is None:
+        raise ValueError(
+            f"Cannot swap {type(old).__name__} with a multi-dimensional normalized_shape; "
+            "only a 1-D feature size is supported"
+        )
+    ref = _first_tensor(old)
+    kwargs = _inherited_kwargs(old, factory)
+    kwargs.update(layer_kwargs)
+    if ref is not None and isinstance(factory, type):
+        kwargs.setdefault("device", ref.device)
+        kwargs.setdefault("dtype", ref.dtype)
+    new = factory(num_features, **kwargs)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    _copy_matching(old, new)
+    new.train(old.training)
+    return new
+
+
+def _contained_norm_types(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
+
+
+def swap_norm_layers(
+    model: nn.Module,
+    kind: str | type[nn.Module],
+    *,
+    include: str | Iterable[str] | None = None,
+    **layer_kwargs: Any,
+) -> nn.Module:
+    """Replace every normalisation layer of ``model`` by a layer of ``kind``, recursively.
+
+    Replaced: :class:`torch.nn.BatchNorm1d` / ``2d`` / ``3d``, :class:`torch.nn.SyncBatchNorm`,
+    :class:`torch.nn.LayerNorm` (1-D ``normalized_shape``) and every layer of this package. The new
+    layer gets the old one's ``num_features``, ``eps``, ``momentum``, ``affine`` and
+    ``track_running_stats`` (unless ``layer_kwargs`` says otherwise), its device, dtype and
+    train/eval mode; parameters and buffers of the same name and shape are copied (γ, β and, between
+    BatchNorm types, the running statistics). The layout follows the old layer: a BatchNorm replaced
+    by :class:`LayerNorm` becomes channel-wise (``channels_first=True``), a LayerNorm over the last
+    dimension replaced by a batch layer gets ``channels_last=True``. ``"none"`` gives
+    :class:`torch.nn.Identity` (the paper's "standard" network).
+
+    Args:
+        model: the model; modified in place.
+        kind: ``"batchnorm" | "l1" | "l2" | "linf" | "layernorm" | "none"`` or a class.
+        include: glob(s) on qualified module names (``"features.*"``); only matches are swapped.
+        **layer_kwargs: keyword arguments for the new layers.
+
+    Returns:
+        The model, or the new layer when ``model`` itself is a normalisation layer.
+
+    Raises:
+        ValueError: unknown ``kind`` (lists the valid ones), or no layer matched (names the
+            normalisation types the model does contain).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+        >>> swap_norm_layers(net, "l1")[1]
+        L1Norm(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, p=1, centered_divisor=True)
+    """
+    factory = resolve_norm_kind(kind)
+    patterns = [include] if isinstance(include, str) else (list(include) if include else None)
+
+    def selected(name: str, module: nn.Module) -> bool:
+        if not isinstance(module, SWAPPABLE_TYPES):
+            return False
+        return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    targets = [name for name, m in model.named_modules() if selected(name, m)]
+    if not targets:
+        found = _contained_norm_types(model)
+        contained = ", ".join(found) if found else "no normalisation layer"
+        flt = f" matching include={include!r}" if patterns else ""
+        raise ValueError(
+            f"swap_norm_layers found no layer to replace{flt}; the model contains: {contained}. "
+            "Replaceable types: BatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm and lightning_bn layers."
+        )
+    if "" in targets:
+        return _make(model, factory, layer_kwargs)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _make(parent.get_submodule(child), factory, layer_kwargs))
+    return model

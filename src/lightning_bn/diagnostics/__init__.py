@@ -1,0 +1,1 @@
+"""Diagnostics in plain torch (no Lightning import): one module per quantity."""

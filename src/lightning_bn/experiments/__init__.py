@@ -1,0 +1,1 @@
+"""Built-in experiments of the paper: data, models and LightningModules."""

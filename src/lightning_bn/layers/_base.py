@@ -1,0 +1,183 @@
+"""Shared plumbing of the batch-statistics normalisation layers (BatchNorm, LpNorm)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def check_num_features(num_features: Any) -> int:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(
+            f"Expected argument `num_features` to be a positive integer, but got {num_features!r}"
+        )
+    return num_features
+
+
+def check_eps(eps: Any) -> float:
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float))
+        or not eps >= 0
+        or math.isinf(eps)
+    ):
+        raise ValueError(f"Expected argument `eps` to be a finite number >= 0, but got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum: Any) -> float | None:
+    if momentum is None:
+        return None
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0 <= momentum <= 1
+    ):
+        raise ValueError(
+            f"Expected argument `momentum` to be None or a number in [0, 1], but got {momentum!r}"
+        )
+    return float(momentum)
+
+
+class _BatchStatNorm(nn.Module):
+    """Base of layers that normalise each channel with statistics over the batch.
+
+    The channel dimension is 1 (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``),
+    or the last one with ``channels_last=True`` (``(N, ..., C)``, e.g. token features).
+    Parameters and buffers carry the names of :class:`torch.nn.BatchNorm2d`
+    (``weight``, ``bias``, ``running_mean``, ``num_batches_tracked``) so checkpoints move between them.
+    """
+
+    running_mean: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channels_last: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = check_num_features(num_features)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.channels_last = bool(channels_last)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self._register_scale_buffer(torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self._register_scale_buffer(None)
+            self.register_buffer("num_batches_tracked", None)
+
+    # --- subclass interface -------------------------------------------------------------
+    def _register_scale_buffer(self, value: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def _running_scale(self) -> Tensor | None:
+        raise NotImplementedError
+
+    def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(centre, divisor, running_scale_update)`` for a channel-first input."""
+        raise NotImplementedError
+
+    def _eval_divisor(self, running_scale: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        return s + (", channels_last=True" if self.channels_last else "")
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            scale = self._running_scale()
+            assert scale is not None
+            scale.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not 2 <= x.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (got {x.dim()}D input)")
+        c = x.shape[-1] if self.channels_last else x.shape[1]
+        if c != self.num_features:
+            where = "the last dimension" if self.channels_last else "dimension 1"
+            raise ValueError(
+                f"Expected input with {self.num_features} channels (num_features) in {where}, "
+                f"got {c} (input shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.channels_last:
+            x = x.movedim(-1, 1)
+        c = self.num_features
+        dims = [0, *range(2, x.dim())]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        running_scale = self._running_scale()
+        use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats:
+            m = x.numel() // c
+            if self.training and m <= 1:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, "
+                    f"got input size {torch.Size(x.shape)}"
+                )
+            centre, divisor, scale_update = self._batch_stats(x, dims, m)
+            if self.training and self.track_running_stats:
+                self._update_running(centre, scale_update)
+        else:
+            assert self.running_mean is not None and running_scale is not None
+            centre, divisor = self.running_mean, self._eval_divisor(running_scale)
+        y = (x - centre.view(shape)) / divisor.view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.channels_last:
+            y = y.movedim(1, -1)
+        return y
+
+    def _update_running(self, centre: Tensor, scale_update: Tensor) -> None:
+        running_scale = self._running_scale()
+        assert self.running_mean is not None and running_scale is not None
+        assert self.num_batches_tracked is not None
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as torch does
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+            self.running_mean.mul_(1 - factor).add_(centre.detach(), alpha=factor)
+            running_scale.mul_(1 - factor).add_(scale_update.detach(), alpha=factor)
