@@ -1,5 +1,6 @@
 """lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
 
+from lightning_bn.callbacks import DiagnosticWarning, ICSCallback
 from lightning_bn.convert import swap_norm_layers
 from lightning_bn.layers import (
     BatchNorm,
@@ -15,6 +16,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BatchNorm",
+    "DiagnosticWarning",
+    "ICSCallback",
     "L1Norm",
     "L2Norm",
     "LayerNorm",

@@ -1,0 +1,125 @@
+"""ICSCallback: gradient-based internal covariate shift (Santurkar et al. 2018, Def. 2.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
+from lightning_bn.diagnostics.ics import compute_ics, resolve_layers
+
+__all__ = ["ICSCallback"]
+
+
+class ICSCallback(DiagnosticCallback):
+    r"""Measure internal covariate shift, as the paper defines it, on any LightningModule.
+
+    For each chosen layer i (in forward-execution order) and a measured step t, with :math:`W^t`
+    the weights before and :math:`W^{t+1}` the weights after the real optimiser step (whatever the
+    optimiser, scheduler, weight decay or clipping):
+
+    .. math::
+        G_{t,i} = \nabla_{W_i} L(W^t_1, \dots, W^t_k;\ x^t, y^t), \qquad
+        G'_{t,i} = \nabla_{W_i} L(W^{t+1}_1, \dots, W^{t+1}_{i-1}, W^t_i, \dots, W^t_k;\ x^t, y^t).
+
+    "Earlier layers" are all parameters of every module that runs before layer i in the forward
+    pass (norm-layer γ, β included, measured or not); layer i and everything after it stay at
+    :math:`W^t`. Both gradients use the step's batch, its dropout masks (the RNG state is replayed)
+    and batch statistics, without touching running statistics, ``.grad`` or the optimiser: a run
+    with this callback ends with the same weights, bit for bit, as one without it.
+
+    Logged metrics (``<layer>`` is the module's qualified name), at the measured step:
+
+    - ``ics/<layer>/l2``: :math:`\|G_{t,i} - G'_{t,i}\|_2` over the layer's trainable parameters
+      (ideal 0, the paper's Fig. 3 plots it);
+    - ``ics/<layer>/cos``: :math:`\cos(G_{t,i}, G'_{t,i})` (ideal 1);
+    - ``ics/<layer>/l2_rel``: :math:`\|G_{t,i} - G'_{t,i}\|_2 / \|G_{t,i}\|_2`;
+    - ``ics/<layer>/mean_shift``, ``ics/<layer>/std_shift``: the mean over the layer's input units
+      (features of a Linear, channels of a convolution) of the absolute change of the unit's
+      batch mean and population standard deviation between the two passes (Ioffe's notion);
+    - ``ics/<layer>/emd``: the mean over units of the earth mover's (Wasserstein-1) distance
+      between the unit's input values over the batch at the two parameter points, i.e. the mean
+      absolute difference of the sorted values (Huang & Yu 2020).
+
+    Cost: k measured layers take k gradient evaluations (one pass gives every :math:`G`; each other
+    :math:`G'` takes one pass whose backward stops at its layer) plus a copy of the weights. The
+    default ``every_n_steps=100`` keeps the whole-training overhead of a model with a handful of
+    layers within about 10% (``benchmarks/ics_overhead.py`` prints the measured ratio).
+
+    In DDP the gradients are averaged over ranks before any norm, and the inputs gathered, so the
+    values equal those of one process on the union of the ranks' batches (except through per-rank
+    BatchNorm statistics, which make the networks themselves differ).
+
+    Args:
+        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        layers: module names (globs such as ``"features.*"``) or module types; default every
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``
+            (tensor or dict with ``"loss"``), its ``self.log`` calls silenced during the passes.
+        distributional: also log the input shifts (``mean_shift``, ``std_shift``, ``emd``).
+
+    Raises:
+        ValueError: bad arguments; at setup, a ``layers`` entry matching no module, no layer to
+            measure, manual optimisation or gradient accumulation (a measurement is one optimiser
+            step on one batch: both are refused rather than measured wrongly).
+        NotImplementedError: at setup, a strategy that shards parameters (FSDP, DeepSpeed).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[ICSCallback(every_n_steps=50)])  # doctest: +SKIP
+    """
+
+    measure_after_step = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        layers: Sequence[str | type[nn.Module]] | None = None,
+        loss_fn: LossFn | None = None,
+        distributional: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        if isinstance(layers, (str, type)):
+            layers = [layers]
+        if layers is not None:
+            layers = list(layers)
+            for sel in layers:
+                if not isinstance(sel, str) and not (
+                    isinstance(sel, type) and issubclass(sel, nn.Module)
+                ):
+                    raise TypeError(
+                        "Expected argument `layers` to hold module names or nn.Module types,"
+                        f" but got {sel!r}"
+                    )
+        self.layers = layers
+        self.distributional = bool(distributional)
+        self._layers: list[tuple[str, nn.Module]] = []
+
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = resolve_layers(pl_module, self.layers)
+        if not self._layers:
+            raise ValueError(
+                f"ICSCallback found no layer to measure in {type(pl_module).__name__}"
+                " (default: nn.Linear and nn.Conv1d/2d/3d); pass `layers=`"
+            )
+
+    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
+        results = compute_ics(
+            self.probe,
+            self._layers,
+            before=pending["before"],
+            after=self.probe.parameters(),
+            batch=pending["batch"],
+            batch_idx=pending["batch_idx"],
+            rng=pending["rng"],
+            collective=self.collective,
+            distributional=self.distributional,
+        )
+        return {
+            f"ics/{layer}/{key}": value
+            for layer, vals in results.items()
+            for key, value in vals.items()
+        }

@@ -1,0 +1,352 @@
+"""Evaluate a model's loss and gradients at any parameter point, without touching the model.
+
+Plain torch (no Lightning import). Every diagnostic of this package goes through :class:`Probe`:
+
+- parameters and buffers are passed to :func:`torch.func.functional_call` as copies, so norm
+  layers use batch statistics (train mode) and their running statistics stay untouched;
+- the random state of the real training step is replayed inside :func:`torch.random.fork_rng`, so
+  dropout masks equal the real step's and the training RNG stream is unchanged afterwards;
+- ``.grad``, optimiser state and module mode are never changed (gradients come from
+  :func:`torch.autograd.grad` on fresh leaf tensors).
+
+The loss is the module's own ``training_step(batch, batch_idx)`` (a tensor or a dict with
+``"loss"``), with its ``self.log`` / ``self.log_dict`` calls silenced during probes, unless a
+``loss_fn(module, batch) -> Tensor`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "Collective",
+    "DiagnosticSkipped",
+    "Params",
+    "Probe",
+    "RNGState",
+    "execution_order",
+]
+
+#: A parameter point: qualified parameter name -> tensor.
+Params = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class DiagnosticSkipped(RuntimeError):
+    """Raised on every rank when a diagnostic pass failed on some rank (see :meth:`Collective.guard`)."""
+
+
+@dataclass
+class RNGState:
+    """The random state of the CPU and of every visible CUDA device at one moment."""
+
+    cpu: Tensor
+    cuda: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls) -> RNGState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return cls(cpu=torch.get_rng_state(), cuda=cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block from this state; the global state is restored afterwards."""
+        devices = list(range(len(self.cuda)))
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+class Collective:
+    """Cross-process reductions with DDP semantics (a no-op in a single process).
+
+    ``mean`` averages a tensor over ranks, as DDP averages gradients; ``gather`` concatenates
+    tensors along dimension 0 (the union of the ranks' batches). ``guard`` runs a local stage of a
+    diagnostic and then agrees on success with every rank, so a failure on one rank makes every rank
+    raise :class:`DiagnosticSkipped` instead of leaving the others waiting in a collective.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    @property
+    def world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size(self.group))
+        return 1
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out / self.world_size
+
+    def mean_dict(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Average every tensor of a dict in one flat all-reduce."""
+        if self.world_size == 1:
+            return dict(tensors)
+        keys = list(tensors)
+        flat = self.mean(torch.cat([tensors[k].detach().reshape(-1) for k in keys]))
+        out, offset = {}, 0
+        for k in keys:
+            n = tensors[k].numel()
+            out[k] = flat[offset : offset + n].view_as(tensors[k])
+            offset += n
+        return out
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate the ranks' tensors along dimension 0 (sizes may differ)."""
+        if self.world_size == 1:
+            return tensor
+        t = tensor.detach().contiguous()
+        size = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+    def guard(self, stage: Callable[[], Any]) -> Any:
+        """Run ``stage`` locally, then make every rank agree that it succeeded.
+
+        Raises:
+            DiagnosticSkipped: on every rank when the stage raised on any rank (the local
+                exception is chained on the rank where it happened).
+        """
+        error: BaseException | None = None
+        result = None
+        try:
+            result = stage()
+        except Exception as exc:
+            error = exc
+        if self.world_size > 1:
+            flag = torch.tensor([0.0 if error is None else 1.0], device=self._device())
+            dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
+            failed = int(flag.item())
+        else:
+            failed = 0 if error is None else 1
+        if error is not None:
+            raise DiagnosticSkipped(f"{type(error).__name__}: {error}") from error
+        if failed:
+            raise DiagnosticSkipped(f"a diagnostic pass failed on {failed} other rank(s)")
+        return result
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group) if dist.is_initialized() else "gloo"
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+class _Silenced:
+    """Keep a probe from leaving traces outside the model.
+
+    ``module.log`` / ``module.log_dict`` are shadowed with no-ops (instance attributes), and the
+    state of every ``torchmetrics``-style metric inside the module (objects with ``_defaults``) is
+    saved and restored, so a metric updated in ``training_step`` does not count probe passes.
+    """
+
+    _NAMES = ("log", "log_dict")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.installed: list[str] = []
+        self.saved: list[tuple[nn.Module, dict[str, Any]]] = []
+
+    def __enter__(self) -> None:
+        for name in self._NAMES:
+            if callable(getattr(self.module, name, None)) and name not in self.module.__dict__:
+                object.__setattr__(self.module, name, _noop)
+                self.installed.append(name)
+        for m in self.module.modules():
+            defaults = getattr(m, "_defaults", None)
+            if isinstance(defaults, dict) and defaults:
+                keys = [*defaults, "_update_count", "_computed", "_update_called"]
+                self.saved.append(
+                    (m, {k: _copy_state(m.__dict__[k]) for k in keys if k in m.__dict__})
+                )
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.installed:
+            object.__delattr__(self.module, name)
+        self.installed.clear()
+        for m, state in self.saved:
+            m.__dict__.update(state)
+        self.saved.clear()
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copy_state(v) for v in value]
+    return value
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _StepCaller(nn.Module):
+    """Wraps ``module`` so that ``functional_call`` runs its training step instead of ``forward``."""
+
+    def __init__(self, module: nn.Module, fn: Callable[[Any, int], Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self._fn = fn
+
+    def forward(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._fn(batch, batch_idx)
+
+
+def _loss_from_output(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    raise TypeError(
+        "Expected `training_step` to return a loss tensor or a dict with a 'loss' tensor, "
+        f"but got {type(output).__name__}; pass `loss_fn` to the callback instead"
+    )
+
+
+class Probe:
+    """Loss and gradients of ``module`` at any parameter point, the module itself untouched.
+
+    Args:
+        module: the model (usually a ``LightningModule``: its ``training_step`` gives the loss).
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; when given, used instead of ``training_step``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+        >>> probe = Probe(net, loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> loss, grads = probe.loss_and_grad(probe.parameters(), batch)
+        >>> sorted(grads)[:2]
+        ['0.bias', '0.weight']
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn | None = None) -> None:
+        if loss_fn is None and not callable(getattr(module, "training_step", None)):
+            raise TypeError(
+                f"{type(module).__name__} has no `training_step`; pass `loss_fn(module, batch)`"
+            )
+        self.module = module
+        self.loss_fn = loss_fn
+        self._caller = _StepCaller(module, self._step)
+        self._param_names = [n for n, _ in module.named_parameters()]
+
+    # --- parameter points ---------------------------------------------------------------
+    def parameters(self) -> Params:
+        """A detached copy of the current parameters (trainable and frozen)."""
+        return {n: p.detach().clone() for n, p in self.module.named_parameters()}
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self._param_names)
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+    # --- evaluation -------------------------------------------------------------------------
+    def _step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(self.module, batch)
+        step: Callable[[Any, int], Any] = getattr(self.module, "training_step")  # noqa: B009
+        return _loss_from_output(step(batch, batch_idx))
+
+    def loss(
+        self,
+        params: Mapping[str, Tensor],
+        batch: Any,
+        batch_idx: int = 0,
+        rng: RNGState | None = None,
+    ) -> Tensor:
+        """The loss at ``params`` on ``batch`` (differentiable w.r.t. the tensors in ``params``).
+
+        Parameters missing from ``params`` take the module's current values; every buffer is a
+        fresh copy, so running statistics are not updated. ``rng`` replays the real step's
+        random state (dropout masks).
+        """
+        state: dict[str, Tensor] = {
+            f"module.{n}": b.clone() for n, b in self.module.named_buffers(remove_duplicate=False)
+        }
+        state.update({f"module.{n}": t for n, t in params.items()})
+        ctx = rng.replay() if rng is not None else contextlib.nullcontext()
+        with ctx, _Silenced(self.module):
+            out = torch.func.functional_call(
+                self._caller, state, (batch, batch_idx), tie_weights=True, strict=False
+            )
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise TypeError(f"Expected a scalar loss, got {out!r}")
+        return out.reshape(())
+
+    def loss_and_grad(
+        self,
+        params: Mapping[str, Tensor],
+        batch: Any,
+        batch_idx: int = 0,
+        rng: RNGState | None = None,
+        wrt: Sequence[str] | None = None,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Params]:
+        """The loss and its gradient w.r.t. the parameters named in ``wrt`` (default: trainable).
+
+        Backpropagation stops as early as the requested parameters allow (autograd prunes the
+        graph), so the gradient of one early layer costs a full backward but that of a late layer
+        only part of one.
+        """
+        names = list(wrt) if wrt is not None else self.trainable_names()
+        point = {n: t.detach() for n, t in params.items()}
+        leaves = {n: point[n].clone().requires_grad_(True) for n in names}
+        point.update(leaves)
+        with torch.enable_grad():
+            loss = self.loss(point, batch, batch_idx, rng)
+            grads = torch.autograd.grad(
+                loss, [leaves[n] for n in names], allow_unused=True, create_graph=create_graph
+            )
+        out = {
+            n: (g if g is not None else torch.zeros_like(leaves[n]))
+            for n, g in zip(names, grads, strict=True)
+        }
+        return (loss if create_graph else loss.detach()), out
+
+
+def execution_order(
+    module: nn.Module, run: Callable[[], Any], modules: Sequence[nn.Module] | None = None
+) -> list[str]:
+    """Qualified names of ``modules`` (default: every submodule) in the order of their first call.
+
+    ``run`` performs one forward pass (e.g. a :meth:`Probe.loss` call); forward pre-hooks record
+    the order and are removed afterwards, also when ``run`` raises.
+    """
+    names = {id(m): n for n, m in module.named_modules()}
+    targets = list(modules) if modules is not None else [m for _, m in module.named_modules()]
+    order: list[str] = []
+    seen: set[int] = set()
+
+    def hook(mod: nn.Module, args: Any) -> None:
+        if id(mod) not in seen:
+            seen.add(id(mod))
+            order.append(names[id(mod)])
+
+    handles = [m.register_forward_pre_hook(hook) for m in targets]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order
