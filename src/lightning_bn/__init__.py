@@ -1,6 +1,6 @@
 """lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
 
-from lightning_bn.callbacks import DiagnosticWarning, ICSCallback
+from lightning_bn.callbacks import DiagnosticWarning, ICSCallback, NoiseInjectionCallback
 from lightning_bn.convert import swap_norm_layers
 from lightning_bn.layers import (
     BatchNorm,
@@ -23,6 +23,7 @@ __all__ = [
     "LayerNorm",
     "LinfNorm",
     "LpNorm",
+    "NoiseInjectionCallback",
     "__version__",
     "create_norm_layer",
     "swap_norm_layers",

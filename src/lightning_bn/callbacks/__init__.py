@@ -2,5 +2,12 @@
 
 from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning
 from lightning_bn.callbacks.ics import ICSCallback
+from lightning_bn.callbacks.noise_injection import DEFAULT_NOISE_TARGETS, NoiseInjectionCallback
 
-__all__ = ["DiagnosticCallback", "DiagnosticWarning", "ICSCallback"]
+__all__ = [
+    "DEFAULT_NOISE_TARGETS",
+    "DiagnosticCallback",
+    "DiagnosticWarning",
+    "ICSCallback",
+    "NoiseInjectionCallback",
+]
