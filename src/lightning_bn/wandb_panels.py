@@ -1,0 +1,484 @@
+"""Weights & Biases set-up for the diagnostic callbacks: metric summaries, config, paper panels.
+
+Plain functions that the callbacks call with their ``trainer``; each one acts on the W&B run
+of every :class:`~lightning.pytorch.loggers.WandbLogger` in ``trainer.loggers``, on global rank
+zero only, and does nothing when there is none (so a run with a CSV or TensorBoard logger
+alone is unaffected). ``wandb`` is imported lazily: importing this module needs neither a
+configured ``wandb`` nor an account.
+
+Two facts about W&B shape this module (wandb 0.31, ``wandb-core``):
+
+* ``define_metric`` accepts a ``*`` only as the *last* character (``"ics/*"``);
+  ``"ics/*/l2"`` raises. Suffix globs are also unreliable next to the ``"*"`` glob that
+  ``WandbLogger`` defines (``define_metric("*", step_metric="trainer/global_step")``): wandb
+  picks the first matching glob in map order, so a run may or may not get the summary.
+  :func:`define_metrics` therefore matches its glob patterns here against the concrete keys
+  the callback will log and defines each key by its full name.
+* In a ``define_metric`` name a ``.`` separates nested keys; a key that contains a dot (layer
+  names such as ``model.0``) must be written with the dot escaped, ``ics/model\\.0/l2``, or
+  its summary lands on a nested path and the logged key keeps the default (last value).
+
+Example::
+
+    from lightning_bn.wandb_panels import (
+        PAPER_SUMMARIES, PanelHistory, define_metrics, log_config, log_paper_panels
+    )
+
+    # in __init__()
+    history = PanelHistory()
+
+    # in setup(), once the layer names are known
+    keys = [f"ics/{name}/{q}" for name in layer_names for q in ("l2", "cos")]
+    define_metrics(trainer, PAPER_SUMMARIES, keys=keys)
+    log_config(trainer, "ICSCallback", {"every_n_steps": 10, "layers": layer_names})
+
+    # after each measurement
+    history.add(trainer.global_step, metrics)
+
+    # in on_fit_end()
+    log_paper_panels(trainer, history)
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+import operator
+import re
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+    from wandb.wandb_run import Run
+
+__all__ = [
+    "PAPER_PANELS",
+    "PAPER_SUMMARIES",
+    "STEP_METRIC",
+    "Panel",
+    "PanelHistory",
+    "define_metrics",
+    "log_config",
+    "log_paper_panels",
+    "wandb_runs",
+]
+
+STEP_METRIC = "trainer/global_step"
+"""The x axis: ``WandbLogger.log_metrics`` adds this key to every row it logs."""
+
+PAPER_SUMMARIES: dict[str, str] = {
+    # ICS (Definition 2.1): larger l2 / smaller cosine = more shift, so keep the worst.
+    "ics/*/l2": "max",
+    "ics/*/l2_rel": "max",
+    "ics/*/cos": "min",
+    "ics/*/mean_shift": "max",
+    "ics/*/std_shift": "max",
+    "ics/*/emd": "max",
+    # Landscape along the gradient (Fig. 4a).
+    "lipschitz/loss_min": "min",
+    "lipschitz/loss_max": "max",
+    "lipschitz/loss_range": "max",
+    "lipschitz/grad_norm": "max",
+    "lipschitz/*/act_grad_norm": "max",
+    "lipschitz/*/thm41_ratio": "max",
+    # Gradient predictiveness and effective smoothness (Fig. 4b, 4c).
+    "smoothness/grad_diff_min": "min",
+    "smoothness/grad_diff_max": "max",
+    "smoothness/beta_eff": "max",
+    "smoothness/hessian_top_eig": "max",
+    "smoothness/grad_curvature": "max",
+    "smoothness/hessian_iters": "last",
+    # Noise injection (Fig. 2): the state at the end of training.
+    "noise/*": "last",
+}
+"""Default summary per key pattern for :func:`define_metrics` (first match wins)."""
+
+_SUMMARY_OPS = ("min", "max", "mean", "first", "last", "none")
+_GLOB_CHARS = frozenset("*?[")
+
+# Metric names already defined per run, so that repeated calls add no duplicate records.
+_DEFINED: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _targets(trainer: Trainer) -> list[tuple[Run, str]]:
+    """``(run, key prefix)`` of every WandbLogger on rank zero (the prefix the logger adds)."""
+    if not trainer.is_global_zero:
+        return []
+    targets: list[tuple[Run, str]] = []
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        run = logger.experiment
+        # WandbLogger.log_metrics prepends f"{prefix}{LOGGER_JOIN_CHAR}" to every key; the
+        # prefix has no public accessor.
+        prefix = getattr(logger, "_prefix", "") or ""
+        key_prefix = f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
+        if not any(r is run and p == key_prefix for r, p in targets):
+            targets.append((run, key_prefix))
+    return targets
+
+
+def wandb_runs(trainer: Trainer) -> list[Run]:
+    """The W&B run of every ``WandbLogger`` in ``trainer.loggers``.
+
+    Reading ``logger.experiment`` starts the run if the logger has not started it yet.
+
+    Args:
+        trainer: The trainer whose loggers to inspect.
+
+    Returns:
+        The runs, each once, in logger order; an empty list on a rank other than global
+        rank zero or when no ``WandbLogger`` is attached.
+    """
+    runs: list[Run] = []
+    for run, _ in _targets(trainer):
+        if not any(r is run for r in runs):
+            runs.append(run)
+    return runs
+
+
+def _check_summary(pattern: str, summary: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"Expected metric patterns to be non-empty strings, but got {pattern!r}")
+    if not isinstance(summary, str):
+        raise TypeError(
+            f"Expected the summary for `{pattern}` to be a str, but got {type(summary).__name__}"
+        )
+    ops = [op.strip().lower() for op in summary.split(",")]
+    bad = [op for op in ops if op not in _SUMMARY_OPS]
+    if bad:
+        raise ValueError(
+            f"Expected the summary for `{pattern}` to be a comma-separated list of "
+            f"{', '.join(_SUMMARY_OPS)}, but got {summary!r}"
+        )
+
+
+def _resolve(patterns: Mapping[str, str], keys: Iterable[str] | None) -> dict[str, str]:
+    """Metric name -> summary: each key takes its first matching pattern's summary.
+
+    Without ``keys`` the patterns themselves are the names, so none may contain a glob.
+    """
+    if keys is None:
+        globs = [p for p in patterns if _GLOB_CHARS.intersection(p)]
+        if globs:
+            raise ValueError(
+                f"Expected argument `keys` (the concrete metric keys) for the glob patterns "
+                f"{globs}: W&B accepts a `*` only at the end of a name, so the globs are "
+                "matched against the keys here"
+            )
+        return dict(patterns)
+    resolved: dict[str, str] = {}
+    for key in [keys] if isinstance(keys, str) else keys:
+        for pattern, summary in patterns.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                resolved[key] = summary
+                break
+    return resolved
+
+
+def _escape(name: str) -> str:
+    """A key as ``define_metric`` expects it: dots escaped so it is not read as a nested path."""
+    return name.replace(".", "\\.")
+
+
+def define_metrics(
+    trainer: Trainer, patterns: Mapping[str, str], keys: Iterable[str] | None = None
+) -> list[str]:
+    """Define each metric on the W&B runs: x axis ``trainer/global_step`` and a summary.
+
+    Calls ``run.define_metric("trainer/global_step")`` and, for every metric name,
+    ``run.define_metric(name, step_metric="trainer/global_step", summary=...)``. The names
+    are the ``keys``, each with the summary of the first pattern it matches (keys that match
+    no pattern are left alone); without ``keys``, the patterns themselves. Patterns are
+    ``fnmatch`` globs matched here, so ``"ics/*/l2"`` works although W&B only accepts a
+    trailing ``*``. Names get the logger's ``prefix`` and have their dots escaped for W&B.
+
+    Calling again is cheap: names already defined with the same summary are skipped, so a
+    callback may pass the keys of each ``log_metrics`` call before making it. Call it before
+    the first value of a key is logged: the summary covers the values logged after it.
+
+    Args:
+        trainer: The trainer whose ``WandbLogger`` runs to configure.
+        patterns: Key glob -> summary, such as ``{"ics/*/l2": "max", "ics/*/cos": "min"}``;
+            a summary is one of ``min``, ``max``, ``mean``, ``first``, ``last``, ``none`` or
+            a comma-separated list of them. See :data:`PAPER_SUMMARIES`.
+        keys: The concrete keys the caller logs, such as ``"ics/model.0/l2"``; ``None``
+            to define the patterns as they are (then none may contain a glob).
+
+    Returns:
+        The metric names (prefixed, unescaped) newly defined on at least one run; empty on
+        ranks other than zero and without a ``WandbLogger``.
+
+    Raises:
+        ValueError: If a pattern is empty, a summary names an unknown operation, or
+            ``keys`` is ``None`` and a pattern contains a glob.
+        TypeError: If a summary is not a string.
+    """
+    for pattern, summary in patterns.items():
+        _check_summary(pattern, summary)
+    resolved = _resolve(patterns, keys)
+
+    defined: list[str] = []
+    for run, prefix in _targets(trainer):
+        done = _DEFINED.setdefault(run, {})
+        if STEP_METRIC not in done:
+            run.define_metric(STEP_METRIC)
+            done[STEP_METRIC] = ""
+        for name, summary in resolved.items():
+            full = prefix + name
+            if done.get(full) == summary:
+                continue
+            run.define_metric(_escape(full), step_metric=STEP_METRIC, summary=summary)
+            done[full] = summary
+            if full not in defined:
+                defined.append(full)
+    return defined
+
+
+def _config_value(value: Any) -> Any:
+    """A JSON-friendly copy of a setting: containers recursed, callables by name, rest as str."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _config_value(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): _config_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_config_value(v) for v in value), key=repr)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and numel() == 1 and hasattr(value, "item"):
+        return value.item()  # one-element tensor or array
+    if callable(value):
+        return getattr(value, "__qualname__", None) or repr(value)
+    return str(value)
+
+
+def log_config(trainer: Trainer, name: str, settings: Mapping[str, Any]) -> None:
+    """Put a callback's settings in the W&B run config under ``name``.
+
+    Updates with ``allow_val_change=True``, so a second fit (or a resumed run) may change
+    them. Values are made JSON-friendly: tuples and sets become lists, enums their value,
+    one-element tensors a number, callables their qualified name, anything else ``str``.
+
+    Args:
+        trainer: The trainer whose ``WandbLogger`` runs to update.
+        name: The config key, such as ``"ICSCallback"``.
+        settings: The callback's constructor arguments (or any mapping).
+
+    Raises:
+        ValueError: If ``name`` is empty.
+        TypeError: If ``settings`` is not a mapping.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected argument `name` to be a non-empty str, but got {name!r}")
+    if not isinstance(settings, Mapping):
+        raise TypeError(
+            f"Expected argument `settings` to be a mapping, but got {type(settings).__name__}"
+        )
+    value = _config_value(settings)
+    for run in wandb_runs(trainer):
+        run.config.update({name: value}, allow_val_change=True)
+
+
+class PanelHistory:
+    """The measurements the end-of-fit panels are drawn from: key -> {step: value}.
+
+    A callback feeds it every measurement it logs. Logging a key again at a step it already
+    holds replaces the value (a resumed run that repeats a step does not draw it twice).
+    ``state_dict``/``load_state_dict`` let a callback keep it across a checkpoint resume.
+
+    Example::
+
+        history = PanelHistory()
+        history.add(10, {"ics/model.0/l2": 0.3, "ics/model.0/cos": 0.9})
+        steps, values = history.series("ics/model.0/l2")  # ([10], [0.3])
+    """
+
+    def __init__(self) -> None:
+        """Create an empty history."""
+        self._series: dict[str, dict[int, float]] = {}
+
+    def add(self, step: int, values: Mapping[str, Any]) -> None:
+        """Record one measurement.
+
+        Args:
+            step: The trainer's ``global_step`` of the measurement.
+            values: Key -> scalar (a float, int, 0-d tensor or numpy scalar).
+
+        Raises:
+            TypeError: If ``step`` is not an integer or a value is not a scalar.
+        """
+        try:
+            if isinstance(step, bool):
+                raise TypeError
+            step = operator.index(step)
+        except TypeError:
+            raise TypeError(f"Expected argument `step` to be an int, but got {step!r}") from None
+        for key, value in values.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(
+                    f"Expected the value of `{key}` to be a scalar, but got {value!r}"
+                ) from err
+            self._series.setdefault(key, {})[step] = number
+
+    def keys(self) -> list[str]:
+        """The keys recorded, in the order first seen."""
+        return list(self._series)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of ``key``, sorted by step; empty lists for an unknown key."""
+        points = sorted(self._series.get(key, {}).items())
+        return [s for s, _ in points], [v for _, v in points]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._series
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history as plain lists, for a checkpoint."""
+        return {"series": {k: sorted(v.items()) for k, v in self._series.items()}}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the history with one saved by :meth:`state_dict`."""
+        self._series = {
+            str(k): {int(s): float(v) for s, v in points}
+            for k, points in state_dict["series"].items()
+        }
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One W&B line-series chart built from a :class:`PanelHistory`.
+
+    Attributes:
+        key: The key the chart is logged under, such as ``"panels/loss_range"``.
+        title: The chart title.
+        lines: ``(key, label)`` per line. A key containing ``{layer}`` stands for one line
+            per layer found in the history (``"ics/{layer}/l2"``); ``{layer}`` in the label
+            is replaced by the layer name.
+    """
+
+    key: str
+    title: str
+    lines: tuple[tuple[str, str], ...]
+
+    def resolve(self, keys: Iterable[str]) -> list[tuple[str, str]]:
+        """The concrete ``(key, label)`` lines among ``keys``, in panel then history order."""
+        keys = list(keys)
+        out: list[tuple[str, str]] = []
+        for template, label in self.lines:
+            if "{layer}" not in template:
+                if template in keys:
+                    out.append((template, label))
+                continue
+            head, _, tail = template.partition("{layer}")
+            pattern = re.compile(re.escape(head) + "(?P<layer>.+)" + re.escape(tail) + r"\Z")
+            for key in keys:
+                match = pattern.match(key)
+                if match:
+                    out.append((key, label.replace("{layer}", match["layer"])))
+        return out
+
+
+PAPER_PANELS: tuple[Panel, ...] = (
+    Panel(
+        "panels/loss_range",
+        "Loss landscape: loss along the gradient, min-max over step size η (Fig. 4a)",
+        (("lipschitz/loss_min", "min over η"), ("lipschitz/loss_max", "max over η")),
+    ),
+    Panel(
+        "panels/grad_predictiveness",
+        "Gradient predictiveness: ‖∇L(x) − ∇L(x − η∇L(x))‖, min-max over η (Fig. 4b)",
+        (("smoothness/grad_diff_min", "min over η"), ("smoothness/grad_diff_max", "max over η")),
+    ),
+    Panel(
+        "panels/beta_smoothness",
+        "Effective β-smoothness (Fig. 4c)",
+        (("smoothness/beta_eff", "β_eff"),),
+    ),
+    Panel(
+        "panels/ics_l2",
+        "Internal covariate shift: ‖G − G′‖₂ per layer (Fig. 3)",
+        (("ics/{layer}/l2", "{layer}"),),
+    ),
+    Panel(
+        "panels/ics_cos",
+        "Internal covariate shift: cos(G, G′) per layer (Fig. 3)",
+        (("ics/{layer}/cos", "{layer}"),),
+    ),
+    Panel(
+        "panels/thm41_ratio",
+        "Theorem 4.1: BatchNorm gradient norm bound ratio per layer",
+        (("lipschitz/{layer}/thm41_ratio", "{layer}"),),
+    ),
+)
+"""The paper's figures as W&B panels (see :func:`log_paper_panels`)."""
+
+
+def log_paper_panels(
+    trainer: Trainer,
+    history: PanelHistory,
+    panels: Iterable[Panel] = PAPER_PANELS,
+) -> list[str]:
+    """Log the paper's figures as W&B line-series charts (``wandb.plot.line_series``).
+
+    Each panel becomes one chart against ``trainer/global_step``: the min-max bands of the
+    loss landscape (``panels/loss_range``) and of gradient predictiveness
+    (``panels/grad_predictiveness``), ``panels/beta_smoothness``, and one line per layer in
+    ``panels/ics_l2``, ``panels/ics_cos`` and ``panels/thm41_ratio``. A panel with no data
+    in ``history`` is skipped; non-finite values are left out of the charts. Call it at the
+    end of fit; calling it again logs new versions of the charts (W&B shows the latest).
+
+    Args:
+        trainer: The trainer whose ``WandbLogger`` runs to log to.
+        history: The measurements (see :class:`PanelHistory`).
+        panels: The charts to draw; :data:`PAPER_PANELS` by default.
+
+    Returns:
+        The keys logged (with the logger's prefix); empty on ranks other than zero, without
+        a ``WandbLogger`` or without data.
+    """
+    targets = _targets(trainer)
+    if not targets:
+        return []
+    import wandb
+
+    drawn: list[tuple[Panel, list[str], list[list[int]], list[list[float]]]] = []
+    for panel in panels:
+        labels: list[str] = []
+        xs: list[list[int]] = []
+        ys: list[list[float]] = []
+        for key, label in panel.resolve(history.keys()):
+            points = [(s, v) for s, v in zip(*history.series(key), strict=True) if math.isfinite(v)]
+            if points:
+                labels.append(label)
+                xs.append([s for s, _ in points])
+                ys.append([v for _, v in points])
+        if labels:
+            drawn.append((panel, labels, xs, ys))
+    if not drawn:
+        return []
+
+    logged: list[str] = []
+    for run, prefix in targets:
+        payload: dict[str, Any] = {
+            prefix + panel.key: wandb.plot.line_series(
+                xs, ys, keys=labels, title=panel.title, xname=STEP_METRIC
+            )
+            for panel, labels, xs, ys in drawn
+        }
+        run.log({**payload, STEP_METRIC: trainer.global_step})
+        logged.extend(k for k in payload if k not in logged)
+    return logged
