@@ -1,6 +1,12 @@
 """lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
 
-from lightning_bn.callbacks import DiagnosticWarning, ICSCallback, NoiseInjectionCallback
+from lightning_bn.callbacks import (
+    DiagnosticWarning,
+    ICSCallback,
+    LipschitzCallback,
+    NoiseInjectionCallback,
+    SmoothnessCallback,
+)
 from lightning_bn.convert import swap_norm_layers
 from lightning_bn.layers import (
     BatchNorm,
@@ -22,8 +28,10 @@ __all__ = [
     "L2Norm",
     "LayerNorm",
     "LinfNorm",
+    "LipschitzCallback",
     "LpNorm",
     "NoiseInjectionCallback",
+    "SmoothnessCallback",
     "__version__",
     "create_norm_layer",
     "swap_norm_layers",

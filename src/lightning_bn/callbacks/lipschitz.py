@@ -1,0 +1,130 @@
+"""LipschitzCallback: the loss along the gradient, gradient norms and Theorem 4.1 (paper Fig. 4a)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning, LossFn
+from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_step_sizes
+
+__all__ = ["LipschitzCallback", "check_step_sizes"]
+
+#: Tolerance above 1 of the Theorem 4.1 ratio before a warning (floating-point rounding).
+THM41_TOLERANCE = 1e-4
+
+
+def check_step_sizes(step_sizes: Sequence[float] | None) -> tuple[float, ...] | None:
+    if step_sizes is None:
+        return None
+    try:
+        grid = tuple(float(s) for s in step_sizes)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Expected argument `step_sizes` to be a sequence of numbers, but got {step_sizes!r}"
+        ) from None
+    if not grid or any(not (math.isfinite(s) and s > 0) for s in grid):
+        raise ValueError(
+            "Expected argument `step_sizes` to be a non-empty sequence of positive finite numbers,"
+            f" but got {step_sizes!r}"
+        )
+    return grid
+
+
+class LipschitzCallback(DiagnosticCallback):
+    r"""Measure how much the loss varies along the gradient, and the Lipschitzness of the loss.
+
+    At a measured step t, on the step's batch (same dropout masks, batch statistics, nothing of
+    the model or optimiser touched), with :math:`g_t = \nabla L(W^t)` and the step sizes
+    :math:`\eta` (default :math:`\eta = \mathrm{lr} \times \{0.5, 0.8, \dots, 3.8, 4.0\}`, lr read
+    from the optimiser's first parameter group at that step):
+
+    - the loss :math:`L(W^t - \eta g_t)` over the grid (the paper's Fig. 4a draws the band between
+      its minimum and maximum over training; a smaller band means a smoother landscape);
+    - :math:`\lVert g_t \rVert_2`;
+    - per normalisation layer, :math:`\lVert \nabla_y L \rVert_2` for the layer's input y (the left
+      side of Theorem 4.1), and for every BatchNorm layer (torch's or ours, in training mode) the
+      ratio of the two sides of Theorem 4.1,
+
+      .. math::
+          \mathrm{thm41\_ratio} = \frac{\sum_j \lVert \nabla_{y_j} L \rVert^2}
+              {\sum_j \frac{\gamma_j^2}{s_j^2}\bigl(\lVert g_j\rVert^2 - \frac1m\langle 1, g_j
+              \rangle^2 - \frac1m \langle g_j, \hat y_j\rangle^2\bigr)},
+
+      channels j, :math:`g_j = \partial L/\partial z_j` (the layer's output), m entries per
+      channel (batch × spatial), :math:`s_j = \sqrt{\sigma_j^2 + \epsilon}`. The theorem says
+      ratio ≤ 1 (= 1 for ε = 0). A value above 1 + 1e-4 is logged as it is and warned about.
+
+    Cost of one measurement: one gradient pass plus one forward pass per step size.
+
+    Logged metrics: ``lipschitz/loss`` (:math:`L(W^t)`), ``lipschitz/loss_min``,
+    ``lipschitz/loss_max``, ``lipschitz/loss_range``, ``lipschitz/grad_norm``,
+    ``lipschitz/<layer>/act_grad_norm``, ``lipschitz/<layer>/thm41_ratio``.
+
+    Args:
+        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        step_sizes: the grid; ``None`` for the default above.
+        relative_to_lr: ``step_sizes`` are multiples of the current learning rate (else absolute).
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
+
+    Raises:
+        ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
+        NotImplementedError: at setup, a strategy that shards parameters.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[LipschitzCallback(every_n_steps=100)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        step_sizes: Sequence[float] | None = None,
+        relative_to_lr: bool = True,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        self.step_sizes = check_step_sizes(step_sizes)
+        self.relative_to_lr = bool(relative_to_lr)
+        self._norm_layers: list[tuple[str, nn.Module]] = []
+
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._norm_layers = norm_layers(pl_module)
+
+    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
+        etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        values = compute_lipschitz(
+            self.probe,
+            self.probe.parameters(),
+            pending["batch"],
+            pending["batch_idx"],
+            pending["rng"],
+            etas,
+            self._norm_layers,
+            self.collective,
+        )
+        self._warn_on_violation(values, int(pending["step"]))
+        return {f"lipschitz/{k}": v for k, v in values.items()}
+
+    def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
+        bad = {
+            k: v for k, v in values.items() if k.endswith("thm41_ratio") and v > 1 + THM41_TOLERANCE
+        }
+        if bad:
+            warnings.warn(
+                f"Theorem 4.1 ratio above 1 at step {step}: {bad}. The bound holds for exact batch"
+                " statistics; check for a custom BatchNorm, frozen statistics or low precision.",
+                DiagnosticWarning,
+                stacklevel=3,
+            )
+
+
+def _current_lr(trainer: pl.Trainer) -> float:
+    if not trainer.optimizers:
+        raise RuntimeError("no optimiser: the step sizes are relative to its learning rate")
+    return float(trainer.optimizers[0].param_groups[0]["lr"])

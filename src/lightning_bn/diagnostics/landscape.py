@@ -1,0 +1,352 @@
+r"""The loss landscape along the gradient (Santurkar et al. 2018, Fig. 4) and Theorem 4.1 per layer.
+
+Plain torch. At the weights :math:`W^t` of a training step, with :math:`g_t = \nabla L(W^t)` on the
+step's batch and a grid of step sizes :math:`\eta`:
+
+- variation of the loss (Fig. 4a): :math:`L(W^t - \eta g_t)` over the grid;
+- gradient predictiveness (Fig. 4b): :math:`\lVert g_t - \nabla L(W^t - \eta g_t) \rVert_2`;
+- effective β-smoothness (Fig. 4c):
+  :math:`\beta_t = \max_\eta \lVert g_t - \nabla L(W^t - \eta g_t)\rVert_2 / \lVert \eta g_t\rVert_2`;
+- curvature: the dominant Hessian eigenvalue and :math:`g^\top H g / \lVert g\rVert^2`;
+- per normalisation layer, :math:`\lVert \nabla_y L\rVert` for its input y, and for BatchNorm the
+  ratio of the two sides of Theorem 4.1 (:func:`lightning_bn.diagnostics.bounds.theorem41_bound`).
+
+Every evaluation goes through :class:`~lightning_bn.probe.Probe` (the model is never touched) and
+every gradient is averaged over ranks before it is used (:class:`~lightning_bn.probe.Collective`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bn.diagnostics.bounds import theorem41_bound
+from lightning_bn.diagnostics.curvature import (
+    HessianVectorProduct,
+    dict_norm,
+    gradient_curvature,
+    top_hessian_eigenvalue,
+)
+from lightning_bn.layers import BatchNorm, LayerNorm
+from lightning_bn.layers._base import _BatchStatNorm
+from lightning_bn.probe import Collective, Params, Probe, RNGState
+
+__all__ = [
+    "DEFAULT_STEP_SIZES",
+    "NORM_LAYER_TYPES",
+    "LayerCapture",
+    "SmoothnessResult",
+    "compute_lipschitz",
+    "compute_smoothness",
+    "norm_layers",
+    "resolve_step_sizes",
+]
+
+#: The default grid, relative to the learning rate: 0.5, 0.8, ..., 3.8 and 4.0 (13 values).
+DEFAULT_STEP_SIZES: tuple[float, ...] = (*(round(0.5 + 0.3 * k, 10) for k in range(12)), 4.0)
+
+#: Layers whose input-gradient norm the Lipschitz diagnostic logs.
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    _BatchStatNorm,
+    LayerNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+def resolve_step_sizes(
+    lr: float, step_sizes: Sequence[float] | None, relative_to_lr: bool
+) -> list[float]:
+    """Absolute step sizes η: the grid times ``lr`` when ``relative_to_lr``, else the grid itself."""
+    grid = list(step_sizes) if step_sizes is not None else list(DEFAULT_STEP_SIZES)
+    if step_sizes is None or relative_to_lr:
+        return [float(lr) * s for s in grid]
+    return [float(s) for s in grid]
+
+
+def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Qualified names and modules of every normalisation layer (ours and torch's)."""
+    return [(n, m) for n, m in module.named_modules() if n and isinstance(m, NORM_LAYER_TYPES)]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm)) and module.training
+
+
+@dataclass
+class _Captured:
+    y: Tensor | None = None
+    z: Tensor | None = None
+    grad_y: Tensor | None = None
+    grad_z: Tensor | None = None
+    weight: Tensor | None = None
+
+
+@dataclass
+class LayerCapture:
+    """Forward hooks that keep, per layer, its input y, output z and (after backward) their
+    gradients. Register with :meth:`attach` around one probe pass and :meth:`detach` after."""
+
+    layers: Sequence[tuple[str, nn.Module]]
+    store: dict[str, _Captured] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def attach(self) -> None:
+        for name, module in self.layers:
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name in self.store or not args or not isinstance(args[0], Tensor):
+                return
+            rec = _Captured(y=args[0], z=output if isinstance(output, Tensor) else None)
+            weight = getattr(module, "weight", None)
+            rec.weight = weight.detach() if isinstance(weight, Tensor) else None
+            self.store[name] = rec
+            if rec.y is not None and rec.y.requires_grad:
+                rec.y.register_hook(lambda g: setattr(rec, "grad_y", g.detach()))
+            if rec.z is not None and rec.z.requires_grad:
+                rec.z.register_hook(lambda g: setattr(rec, "grad_z", g.detach()))
+
+        return hook
+
+
+def _layer_metrics(
+    layers: Sequence[tuple[str, nn.Module]], capture: LayerCapture, coll: Collective
+) -> dict[str, float]:
+    """Activation-gradient norms and Theorem 4.1 ratios, reduced over ranks.
+
+    With N ranks the global loss is the mean of the ranks' losses, so the gradient w.r.t. one
+    rank's activations is that rank's gradient divided by N, and the squared norm over the global
+    batch is the sum over ranks: :math:`\\lVert\\nabla_y L\\rVert^2 = \\frac{1}{N^2}\\sum_r
+    \\lVert\\nabla_{y_r} L_r\\rVert^2`. Theorem 4.1 holds per rank (each rank normalises with its
+    own batch statistics), so its two sides are summed over ranks before the ratio.
+    """
+    names: list[str] = []
+    values: list[Tensor] = []
+    for name, module in layers:
+        rec = capture.store.get(name)
+        if rec is None or rec.grad_y is None:
+            continue
+        sq = rec.grad_y.double().square().sum()
+        lhs = rhs = torch.zeros((), dtype=torch.float64)
+        if _is_batchnorm(module) and rec.y is not None and rec.grad_z is not None:
+            channel_dim = -1 if getattr(module, "channels_last", False) else 1
+            res = theorem41_bound(
+                rec.y.detach(),
+                rec.grad_y,
+                rec.grad_z,
+                rec.weight,
+                float(getattr(module, "eps", 0.0)),
+                channel_dim=channel_dim,
+            )
+            lhs, rhs = res.lhs.double().sum(), res.rhs.double().sum()
+        names.append(name)
+        values.append(torch.stack([sq, lhs, rhs, torch.tensor(float(_is_batchnorm(module)))]))
+    if not values:
+        return {}
+    stacked = coll.mean(torch.stack(values).to(dtype=torch.float64)) * coll.world_size
+    out: dict[str, float] = {}
+    n2 = float(coll.world_size) ** 2
+    for name, (sq, lhs, rhs, is_bn) in zip(names, stacked.tolist(), strict=True):
+        out[f"{name}/act_grad_norm"] = math.sqrt(sq / n2)
+        if is_bn:
+            out[f"{name}/thm41_ratio"] = lhs / rhs if rhs > 0 else math.nan
+    return out
+
+
+def _grad_at(
+    probe: Probe,
+    point: Params,
+    names: list[str],
+    batch: Any,
+    batch_idx: int,
+    rng: RNGState | None,
+) -> tuple[Tensor, Params]:
+    return probe.loss_and_grad(point, batch, batch_idx, rng, wrt=names)
+
+
+def _step(point: Params, grad: Params, eta: float) -> Params:
+    out = dict(point)
+    for k, g in grad.items():
+        out[k] = point[k] - eta * g
+    return out
+
+
+def compute_lipschitz(
+    probe: Probe,
+    params: Params,
+    batch: Any,
+    batch_idx: int,
+    rng: RNGState | None,
+    step_sizes: Sequence[float],
+    layers: Sequence[tuple[str, nn.Module]] = (),
+    collective: Collective | None = None,
+) -> dict[str, float]:
+    r"""Loss variation along the gradient, gradient norm and per-layer Theorem 4.1 quantities.
+
+    Args:
+        probe: evaluates the model at a parameter point.
+        params: :math:`W^t` (all parameters of the model).
+        batch: the step's batch; ``batch_idx`` its index; ``rng`` the step's random state.
+        step_sizes: absolute step sizes :math:`\eta`.
+        layers: normalisation layers to report (``(name, module)``).
+        collective: cross-rank averaging (DDP semantics).
+
+    Returns:
+        ``loss`` (:math:`L(W^t)`), ``loss_min``, ``loss_max``, ``loss_range`` of
+        :math:`L(W^t - \eta g_t)` over the grid, ``grad_norm`` (:math:`\lVert g_t\rVert_2`), and
+        per layer ``<name>/act_grad_norm`` (:math:`\lVert\nabla_y L\rVert_2`) and, for a
+        BatchNorm layer in training mode, ``<name>/thm41_ratio`` (:math:`\sum_j \mathrm{lhs}_j /
+        \sum_j \mathrm{rhs}_j`).
+    """
+    coll = collective if collective is not None else Collective()
+    names = probe.trainable_names()
+    capture = LayerCapture(layers)
+
+    def gradient_pass() -> tuple[Tensor, Params]:
+        capture.attach()
+        try:
+            return _grad_at(probe, params, names, batch, batch_idx, rng)
+        finally:
+            capture.detach()
+
+    loss, grad_local = coll.guard(gradient_pass)
+    layer_values = _layer_metrics(layers, capture, coll)
+    grad = coll.mean_dict(grad_local)
+    loss = coll.mean(loss)
+
+    def grid_pass() -> Tensor:
+        with torch.no_grad():
+            return torch.stack(
+                [probe.loss(_step(params, grad, eta), batch, batch_idx, rng) for eta in step_sizes]
+            )
+
+    losses = coll.mean(coll.guard(grid_pass)).double()
+    out = {
+        "loss": float(loss),
+        "loss_min": float(losses.min()),
+        "loss_max": float(losses.max()),
+        "loss_range": float(losses.max() - losses.min()),
+        "grad_norm": float(dict_norm({k: v.double() for k, v in grad.items()})),
+    }
+    out.update(layer_values)
+    return out
+
+
+@dataclass
+class SmoothnessResult:
+    """Metrics of one smoothness measurement and the eigenvector for the next warm start."""
+
+    metrics: dict[str, float]
+    eigenvector: Params | None
+
+
+def compute_smoothness(
+    probe: Probe,
+    params: Params,
+    batch: Any,
+    batch_idx: int,
+    rng: RNGState | None,
+    step_sizes: Sequence[float],
+    *,
+    hessian: bool = True,
+    power_iters: int = 20,
+    tol: float = 1e-3,
+    init: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    hvp_method: str = "reverse",
+    collective: Collective | None = None,
+) -> SmoothnessResult:
+    r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
+
+    Args:
+        probe: evaluates the model at a parameter point.
+        params: :math:`W^t` (all parameters of the model).
+        batch: the step's batch; ``batch_idx`` its index; ``rng`` the step's random state.
+        step_sizes: absolute step sizes :math:`\eta`.
+        hessian: also compute the Hessian quantities.
+        power_iters: most Hessian-vector products of the power iteration.
+        tol: relative change of the eigenvalue estimate that stops the power iteration.
+        init: warm start (the previous measurement's eigenvector) or ``None``.
+        generator: random source of a cold start (never the global RNG).
+        hvp_method: ``"reverse"`` (keeps the first-order graph: each product is one backward),
+            ``"forward"`` or ``"auto"`` (forward-over-reverse, reverse fallback).
+        collective: cross-rank averaging (DDP semantics); Hessian-vector products are averaged
+            like gradients.
+
+    Returns:
+        :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
+        :math:`\lVert g_t - \nabla L(W^t - \eta g_t)\rVert_2` over the grid), ``beta_eff``
+        (:math:`\max_\eta` of that norm over :math:`\lVert \eta g_t \rVert_2`), and with
+        ``hessian``: ``hessian_top_eig`` (dominant eigenvalue by power iteration; with its sign),
+        ``hessian_iters``, ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
+    """
+    coll = collective if collective is not None else Collective()
+    names = probe.trainable_names()
+    trainable = {k: params[k] for k in names}
+
+    def loss_fn(point: Mapping[str, Tensor]) -> Tensor:
+        return probe.loss({**params, **point}, batch, batch_idx, rng)
+
+    op: HessianVectorProduct | None = None
+
+    def gradient_pass() -> Params:
+        nonlocal op
+        if hessian:
+            op = HessianVectorProduct(loss_fn, trainable, method=hvp_method)  # type: ignore[arg-type]
+            return op.grad
+        return _grad_at(probe, params, names, batch, batch_idx, rng)[1]
+
+    grad = coll.mean_dict(coll.guard(gradient_pass))
+    grad64 = {k: v.double() for k, v in grad.items()}
+    g_norm = float(dict_norm(grad64))
+
+    def grid_pass() -> list[Params]:
+        return [
+            _grad_at(probe, _step(params, grad, eta), names, batch, batch_idx, rng)[1]
+            for eta in step_sizes
+        ]
+
+    grads_local = coll.guard(grid_pass)
+    diffs, betas = [], []
+    for eta, g_local in zip(step_sizes, grads_local, strict=True):
+        g_eta = coll.mean_dict(g_local)
+        diff = float(dict_norm({k: grad64[k] - g_eta[k].double() for k in grad64}))
+        diffs.append(diff)
+        betas.append(diff / (abs(eta) * g_norm) if eta != 0 and g_norm > 0 else math.nan)
+    metrics = {
+        "grad_diff_min": min(diffs),
+        "grad_diff_max": max(diffs),
+        "beta_eff": max((b for b in betas if not math.isnan(b)), default=math.nan),
+    }
+    eigenvector: Params | None = None
+    if hessian:
+        assert op is not None
+        hvp_op = op
+
+        def hvp_fn(v: Params) -> Params:
+            return coll.mean_dict(coll.guard(lambda: hvp_op(v)))
+
+        start = None
+        if init is not None and init.keys() == trainable.keys():
+            start = {k: init[k].to(trainable[k]) for k in trainable}
+        eig = top_hessian_eigenvalue(
+            hvp_fn, start, max_iters=power_iters, tol=tol, generator=generator, like=trainable
+        )
+        eigenvector = eig.eigenvector
+        metrics["hessian_top_eig"] = eig.eigenvalue
+        metrics["hessian_iters"] = float(eig.iterations)
+        metrics["grad_curvature"] = gradient_curvature(hvp_fn, grad) if g_norm > 0 else math.nan
+    return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

@@ -1,0 +1,370 @@
+"""Hessian-vector products, power iteration and gᵀHg against the full Hessian (float64)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_bn.diagnostics import curvature
+from lightning_bn.diagnostics.curvature import (
+    EigResult,
+    HessianVectorProduct,
+    HVPMethod,
+    TensorDict,
+    dict_axpy,
+    dict_dot,
+    dict_norm,
+    dict_normalise,
+    grad_and_loss,
+    gradient_curvature,
+    hvp,
+    top_hessian_eigenvalue,
+)
+from lightning_bn.layers import BatchNorm
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny tensors: intra-op threads only add contention (50x slower on a busy 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Problem:
+    """A tiny train-mode network with BatchNorm and dropout, its loss as a function of a dict."""
+
+    def __init__(self, kind: str, conv: bool, buffers_inside: bool, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # module initialisation
+        if conv:
+            bn: nn.Module = BatchNorm(2) if kind == "ours" else nn.BatchNorm2d(2)
+            self.model = nn.Sequential(
+                nn.Conv2d(1, 2, 2), bn, nn.Tanh(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(8, 2)
+            )
+            self.x = torch.randn(5, 1, 3, 3, generator=gen, dtype=DTYPE)
+        else:
+            bn = BatchNorm(4) if kind == "ours" else nn.BatchNorm1d(4)
+            self.model = nn.Sequential(
+                nn.Linear(3, 4), bn, nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2)
+            )
+            self.x = torch.randn(6, 3, generator=gen, dtype=DTYPE)
+        self.model.to(DTYPE).train()
+        self.target = torch.randn(self.x.shape[0], 2, generator=gen, dtype=DTYPE)
+        self.params: TensorDict = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        self.buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
+        self.buffers_inside = buffers_inside
+        self.rng = torch.get_rng_state()
+        self.keys = list(self.params)
+
+    def loss_fn(self, params: TensorDict) -> Tensor:
+        # Buffers cloned outside loss_fn are "captured" by torch.func (its in-place running-stat
+        # update is then refused and the dual-tensor path runs); cloned inside, torch.func works.
+        buffers = (
+            {k: b.clone() for k, b in self.buffers.items()} if self.buffers_inside else self.buffers
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng)  # the same dropout masks on every call
+            out = functional_call(self.model, (params, buffers), (self.x,))
+        return (out - self.target).pow(2).mean() + 0.1 * out.pow(4).mean()
+
+    def flat(self, d: TensorDict) -> Tensor:
+        return torch.cat([d[k].reshape(-1) for k in self.keys])
+
+    def unflat(self, v: Tensor) -> TensorDict:
+        sizes = [self.params[k].numel() for k in self.keys]
+        return {
+            k: t.view(self.params[k].shape) for k, t in zip(self.keys, v.split(sizes), strict=True)
+        }
+
+    def hessian(self) -> Tensor:
+        return torch.autograd.functional.hessian(
+            lambda w: self.loss_fn(self.unflat(w)), self.flat(self.params)
+        )
+
+    def random_vector(self, seed: int) -> TensorDict:
+        gen = torch.Generator().manual_seed(seed)
+        return {k: torch.randn(p.shape, generator=gen, dtype=DTYPE) for k, p in self.params.items()}
+
+
+CONFIGS = [
+    pytest.param(
+        kind,
+        conv,
+        inside,
+        id=f"{kind}-{'conv' if conv else 'mlp'}-{'inside' if inside else 'outside'}",
+    )
+    for kind in ("torch", "ours")
+    for conv in (False, True)
+    for inside in (False, True)
+]
+
+
+def _assert_close(a: Tensor, b: Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize(("kind", "conv", "inside"), CONFIGS)
+def test_hvp_matches_full_hessian(kind: str, conv: bool, inside: bool) -> None:
+    prob = Problem(kind, conv, inside)
+    hess = prob.hessian()
+    v = prob.random_vector(1)
+    expected = hess @ prob.flat(v)
+    before = {k: p.clone() for k, p in prob.params.items()}
+    methods: tuple[HVPMethod, ...] = ("forward", "reverse", "auto")
+    for method in methods:
+        _assert_close(prob.flat(hvp(prob.loss_fn, prob.params, v, method=method)), expected)
+    # both forward-mode implementations, whichever one the public path picked
+    primals, tangents = curvature._prepare(prob.params, v)
+    _assert_close(prob.flat(curvature._hvp_dual(prob.loss_fn, primals, tangents)), expected)
+    for method in methods:
+        op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
+        _assert_close(prob.flat(op(v)), expected)
+        _assert_close(prob.flat(op(prob.random_vector(2))), hess @ prob.flat(prob.random_vector(2)))
+        assert op.calls == 2
+        assert op.method in ("forward", "reverse")
+    for k, p in prob.params.items():
+        assert torch.equal(p, before[k])
+
+
+def test_dropout_masks_matter() -> None:
+    # the replayed RNG state is what makes the products agree: a different state, another Hessian
+    prob = Problem("torch", False, True)
+    v = prob.random_vector(1)
+    same = hvp(prob.loss_fn, prob.params, v)
+    prob.rng = torch.Generator().manual_seed(123).get_state()
+    other = hvp(prob.loss_fn, prob.params, v)
+    assert not torch.allclose(prob.flat(same), prob.flat(other))
+
+
+def test_functorch_refuses_captured_buffer_updates() -> None:
+    # the reason for the dual-tensor path: if torch.func starts accepting this, the fallback is moot
+    prob = Problem("ours", False, False)
+    with pytest.raises(RuntimeError):
+        torch.func.grad(prob.loss_fn)(prob.params)
+
+
+def test_grad_and_loss_match_autograd() -> None:
+    prob = Problem("ours", True, False)
+    leaves = {k: p.clone().requires_grad_(True) for k, p in prob.params.items()}
+    loss = prob.loss_fn(leaves)
+    expected = torch.autograd.grad(loss, list(leaves.values()))
+    grad, value = grad_and_loss(prob.loss_fn, prob.params)
+    assert float(value) == pytest.approx(float(loss.detach()), rel=1e-12)
+    _assert_close(prob.flat(grad), torch.cat([g.reshape(-1) for g in expected]))
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    _assert_close(prob.flat(op.grad), prob.flat(grad))
+    assert float(op.loss) == pytest.approx(float(loss.detach()), rel=1e-12)
+
+
+class _SquareNoJvp(torch.autograd.Function):
+    """x², with a backward but no forward-mode rule (like many third-party custom ops)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 2 * x * grad
+
+
+def test_auto_falls_back_to_reverse_when_forward_mode_is_missing() -> None:
+    a = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=DTYPE)
+
+    def loss_fn(p: TensorDict) -> Tensor:
+        return _SquareNoJvp.apply(torch.tanh(a @ p["w"])).sum()
+
+    params = {"w": torch.tensor([0.3, -0.7], dtype=DTYPE)}
+    v = {"w": torch.tensor([1.0, 2.0], dtype=DTYPE)}
+    hess = torch.autograd.functional.hessian(lambda w: loss_fn({"w": w}), params["w"])
+    with pytest.raises(RuntimeError):
+        hvp(loss_fn, params, v, method="forward")
+    _assert_close(hvp(loss_fn, params, v)["w"], hess @ v["w"])
+    op = HessianVectorProduct(loss_fn, params, method="auto")
+    _assert_close(op(v)["w"], hess @ v["w"])
+    assert op.method == "reverse"
+    _assert_close(op(v)["w"], hess @ v["w"])  # now from the kept graph
+
+
+def test_hvp_of_a_parameter_the_loss_ignores_is_zero() -> None:
+    def loss_fn(p: TensorDict) -> Tensor:
+        return (p["a"] ** 3).sum() + 2 * p["b"].sum()  # H_bb = 0, H_ab = 0
+
+    params = {
+        "a": torch.tensor([1.0, 2.0], dtype=DTYPE),
+        "b": torch.ones(3, dtype=DTYPE),
+        "c": torch.ones(1, dtype=DTYPE),
+    }
+    v = {k: torch.ones_like(p) for k, p in params.items()}
+    for method in ("forward", "reverse"):
+        out = hvp(loss_fn, params, v, method=method)
+        torch.testing.assert_close(out["a"], torch.tensor([6.0, 12.0], dtype=DTYPE))
+        assert torch.equal(out["b"], torch.zeros(3, dtype=DTYPE))
+        assert torch.equal(out["c"], torch.zeros(1, dtype=DTYPE))
+    op = HessianVectorProduct(lambda p: 2 * p["b"].sum(), {"b": params["b"]})
+    assert torch.equal(op({"b": params["b"]})["b"], torch.zeros(3, dtype=DTYPE))
+
+
+def test_bad_arguments() -> None:
+    params = {"w": torch.ones(2, dtype=DTYPE)}
+
+    def loss_fn(p: TensorDict) -> Tensor:
+        return (p["w"] ** 2).sum()
+
+    with pytest.raises(ValueError, match="method"):
+        hvp(loss_fn, params, params, method="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keys"):
+        hvp(loss_fn, params, {"v": torch.ones(2)})
+    with pytest.raises(ValueError, match="shape"):
+        hvp(loss_fn, params, {"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="scalar"):
+        hvp(lambda p: p["w"] ** 2, params, params, method="reverse")
+    with pytest.raises(ValueError, match="params"):
+        HessianVectorProduct(loss_fn, {})
+    op = HessianVectorProduct(loss_fn, params)
+    with pytest.raises(ValueError, match="max_iters"):
+        top_hessian_eigenvalue(op, None, max_iters=0)
+    with pytest.raises(ValueError, match="tol"):
+        top_hessian_eigenvalue(op, None, tol=-1.0)
+    with pytest.raises(ValueError, match="`init` or `like`"):
+        top_hessian_eigenvalue(lambda v: v, None)
+    with pytest.raises(ValueError, match="norm"):
+        top_hessian_eigenvalue(op, {"w": torch.zeros(2, dtype=DTYPE)})
+
+
+# --- power iteration -------------------------------------------------------------------------
+def _dominant(hess: Tensor) -> float:
+    ev = torch.linalg.eigvalsh(hess)
+    return float(ev[ev.abs().argmax()])
+
+
+# seed 2: λ_max dominates clearly; 0: |λ_min| = 9.5 close behind λ_max = 10.7 (slow);
+# 3: λ_min = -15.2 outweighs λ_max = 9.1, so the answer is negative
+@pytest.mark.parametrize(
+    ("kind", "seed", "sign"), [("torch", 2, 1), ("ours", 0, 1), ("ours", 3, -1), ("torch", 3, -1)]
+)
+def test_top_eigenvalue_matches_eigvalsh(kind: str, seed: int, sign: int) -> None:
+    prob = Problem(kind, False, True, seed=seed)
+    hess = prob.hessian()
+    assert math.copysign(1, _dominant(hess)) == sign
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    res = top_hessian_eigenvalue(op, None, max_iters=2000, tol=1e-10)
+    assert isinstance(res, EigResult) and res.converged
+    assert res.eigenvalue == pytest.approx(_dominant(hess), rel=1e-3)
+    assert float(dict_norm(res.eigenvector)) == pytest.approx(1.0)
+    # the eigenvector satisfies Hv ≈ λv
+    u = prob.flat(res.eigenvector)
+    residual = torch.linalg.vector_norm(hess @ u - res.eigenvalue * u)
+    assert float(residual) < 1e-2 * abs(res.eigenvalue)
+
+
+@pytest.mark.parametrize("eigs", [(5.0, -1.0, 2.0, 0.5), (-5.0, 1.0, 2.0, 3.0)])
+def test_power_iteration_returns_the_largest_magnitude_with_its_sign(
+    eigs: tuple[float, ...],
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=DTYPE))
+    a = q @ torch.diag(torch.tensor(eigs, dtype=DTYPE)) @ q.T
+    params = {"w": torch.randn(4, generator=gen, dtype=DTYPE)}
+    op = HessianVectorProduct(lambda p: 0.5 * p["w"] @ a @ p["w"], params)
+    res = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-12)
+    assert res.converged
+    dominant = max(eigs, key=abs)
+    assert res.eigenvalue == pytest.approx(dominant, rel=1e-9)
+    assert abs(float(res.eigenvector["w"] @ q[:, eigs.index(dominant)])) == pytest.approx(1.0)
+    # the tolerance rule stops it early at the default tolerance, and max_iters caps it
+    loose = top_hessian_eigenvalue(op, None)
+    assert loose.converged and loose.iterations < res.iterations
+    capped = top_hessian_eigenvalue(op, None, max_iters=2, tol=0.0)
+    assert capped.iterations == 2 and not capped.converged
+
+
+def test_warm_start_takes_fewer_iterations_at_a_nearby_point() -> None:
+    prob = Problem("ours", False, True, seed=0)
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    first = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-6)
+    assert first.converged
+    # one small gradient step, as between two measurements of a callback
+    prob.params = dict_axpy(-0.01, op.grad, prob.params)
+    nearby = HessianVectorProduct(prob.loss_fn, prob.params)
+    gen = torch.Generator().manual_seed(1)
+    cold = top_hessian_eigenvalue(nearby, None, max_iters=500, tol=1e-6, generator=gen)
+    warm = top_hessian_eigenvalue(nearby, first.eigenvector, max_iters=500, tol=1e-6)
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations
+    assert warm.eigenvalue == pytest.approx(cold.eigenvalue, rel=1e-4)
+    assert warm.eigenvalue == pytest.approx(_dominant(prob.hessian()), rel=1e-3)
+
+
+def test_cold_start_leaves_the_global_rng_alone_and_is_reproducible() -> None:
+    prob = Problem("torch", False, True)
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    state = torch.get_rng_state()
+    a = top_hessian_eigenvalue(op, None, max_iters=5)
+    b = top_hessian_eigenvalue(op, None, max_iters=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.eigenvalue == b.eigenvalue
+    c = top_hessian_eigenvalue(op, None, max_iters=5, generator=torch.Generator().manual_seed(9))
+    assert c.eigenvalue != a.eigenvalue
+    d = top_hessian_eigenvalue(op.__call__, None, max_iters=5, like=prob.params)
+    assert d.eigenvalue == a.eigenvalue
+
+
+def test_zero_hessian() -> None:
+    params = {"w": torch.ones(3, dtype=DTYPE)}
+    op = HessianVectorProduct(lambda p: (2 * p["w"]).sum(), params)
+    res = top_hessian_eigenvalue(op, None)
+    assert res.eigenvalue == 0.0 and res.converged and res.iterations == 1
+
+
+# --- curvature along the gradient ------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["torch", "ours"])
+def test_gradient_curvature_matches_full_hessian(kind: str) -> None:
+    prob = Problem(kind, True, False)
+    hess = prob.hessian()
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    g = prob.flat(op.grad)
+    expected = float(g @ hess @ g / (g @ g))
+    assert gradient_curvature(op, op.grad) == pytest.approx(expected, rel=1e-9)
+    zero = {k: torch.zeros_like(t) for k, t in op.grad.items()}
+    assert math.isnan(gradient_curvature(op, zero))
+
+
+# --- dict vectors ----------------------------------------------------------------------------
+def test_dict_vector_helpers_match_flat_vectors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = {
+        "x": torch.randn(2, 3, generator=gen, dtype=DTYPE),
+        "y": torch.randn(4, generator=gen, dtype=DTYPE),
+    }
+    b = {
+        "x": torch.randn(2, 3, generator=gen, dtype=DTYPE),
+        "y": torch.randn(4, generator=gen, dtype=DTYPE),
+    }
+
+    def flat(d: dict[str, Tensor]) -> Tensor:
+        return torch.cat([d["x"].reshape(-1), d["y"]])
+
+    assert float(dict_dot(a, b)) == pytest.approx(float(flat(a) @ flat(b)))
+    assert float(dict_norm(a)) == pytest.approx(float(torch.linalg.vector_norm(flat(a))))
+    torch.testing.assert_close(flat(dict_axpy(-2.5, a, b)), -2.5 * flat(a) + flat(b))
+    unit = dict_normalise(a)
+    torch.testing.assert_close(flat(unit), flat(a) / torch.linalg.vector_norm(flat(a)))
+    with pytest.raises(ValueError, match="keys"):
+        dict_dot(a, {"x": b["x"]})
+    with pytest.raises(ValueError, match="norm"):
+        dict_normalise({"x": torch.zeros(2)})
+    # no overflow in half precision: 300² is beyond float16's range
+    half = {"x": torch.full((4,), 300.0, dtype=torch.float16)}
+    assert float(dict_norm(half)) == pytest.approx(600.0, rel=1e-3)
