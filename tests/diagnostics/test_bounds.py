@@ -1,4 +1,4 @@
-"""Theorems 4.1 / 4.2 on real BatchNorm layers: the left sides come from autograd, not the formula."""
+"""Theorems 4.1 / 4.2 on real BatchNorm layers; the left sides come from autograd, not formulas."""
 
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ def theorem41_bound(
     .. math::
         \lVert P g \rVert^2 = \lVert g \rVert^2 - \tfrac1m \langle 1, g \rangle^2
             - \tfrac2m \langle g, \hat y \rangle^2 + \tfrac{r}{m^2} \langle g, \hat y \rangle^2
-        \le \lVert g \rVert^2 - \tfrac1m \langle 1, g \rangle^2 - \tfrac1m \langle g, \hat y\rangle^2,
+        \le \lVert g \rVert^2 - \tfrac1m \langle 1, g \rangle^2
+            - \tfrac1m \langle g, \hat y\rangle^2,
 
     the gap being :math:`\frac{m - r}{m^2}\langle g, \hat y\rangle^2 =
     \frac{\epsilon}{m(\sigma^2 + \epsilon)}\langle g, \hat y\rangle^2 \ge 0`. For
@@ -223,9 +224,9 @@ def theorem42_terms(
 ) -> Theorem42Result:
     r"""Both sides of Theorem 4.2 (the effect of BatchNorm on smoothness), per channel.
 
-    With :math:`\hat g_j = \nabla_{y_j} L` (the gradient w.r.t. unit :math:`j` of the layer's input),
-    :math:`H_{jj} = \nabla^2_{z_j} L` (the Hessian w.r.t. unit :math:`j` of the layer's output, other
-    units held fixed) and :math:`g_j = \partial L / \partial z_j`:
+    With :math:`\hat g_j = \nabla_{y_j} L` (the gradient w.r.t. unit :math:`j` of the layer's
+    input), :math:`H_{jj} = \nabla^2_{z_j} L` (the Hessian w.r.t. unit :math:`j` of the layer's
+    output, other units held fixed) and :math:`g_j = \partial L / \partial z_j`:
 
     .. math::
         \hat g_j^\top \nabla^2_{y_j} L \, \hat g_j \;\le\;
@@ -235,7 +236,8 @@ def theorem42_terms(
     For :math:`\epsilon = 0` this is an *identity*: the second-order chain rule gives
     :math:`\nabla^2_{y_j} L = J^\top H_{jj} J + \gamma_j \sum_i g_{j,i} \nabla^2 \hat y_{j,i}`
     with :math:`J = \frac{\gamma_j}{s_j} P_j`; :math:`\hat g_j` lies in the range of the projection
-    :math:`P_j`, so the first term gives :math:`\frac{\gamma_j^2}{s_j^2}\hat g_j^\top H_{jj}\hat g_j`,
+    :math:`P_j`, so the first term gives
+    :math:`\frac{\gamma_j^2}{s_j^2}\hat g_j^\top H_{jj}\hat g_j`,
     and :math:`\hat y = \sqrt m\, u/\lVert u \rVert` (:math:`u` the centred input) has curvature
     :math:`-\frac{\langle g, \hat y\rangle}{\sqrt m\,\lVert u\rVert^2}` on
     :math:`\{1, \hat y\}^\perp`, which gives the second term. For :math:`\epsilon > 0`, :math:`P_j`
