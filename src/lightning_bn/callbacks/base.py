@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn.probe import Collective, Probe, RNGState
+from lightning_bn.wandb_panels import (
+    PAPER_SUMMARIES,
+    PanelHistory,
+    define_metrics,
+    log_config,
+    log_paper_panels,
+)
 
 __all__ = ["DiagnosticCallback", "DiagnosticWarning"]
 
@@ -62,6 +69,7 @@ class DiagnosticCallback(Callback):
         self._probe: Probe | None = None
         self._pending: dict[str, Any] | None = None
         self.measured_steps: list[int] = []
+        self.panel_history = PanelHistory()
 
     # --- hooks ---------------------------------------------------------------------------
     @override
@@ -71,6 +79,7 @@ class DiagnosticCallback(Callback):
         self._check_trainer(trainer, pl_module)
         self._probe = Probe(pl_module, self.loss_fn)
         self._setup(trainer, pl_module)
+        log_config(trainer, type(self).__name__, self._settings())
         if not trainer.loggers:
             rank_zero_warn(
                 f"{type(self).__name__}: the trainer has no logger, so nothing it measures will be"
@@ -108,21 +117,41 @@ class DiagnosticCallback(Callback):
         self._pending = None
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            log_paper_panels(trainer, self.panel_history)
+        except Exception as exc:  # panels are a convenience: never fail the run for them
+            warnings.warn(
+                f"{type(self).__name__} could not log its W&B panels: {exc}",
+                DiagnosticWarning,
+                stacklevel=2,
+            )
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pending = None
         self._probe = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"measured_steps": list(self.measured_steps)}
+        return {
+            "measured_steps": list(self.measured_steps),
+            "panel_history": self.panel_history.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = list(state_dict.get("measured_steps", []))
+        if "panel_history" in state_dict:
+            self.panel_history.load_state_dict(state_dict["panel_history"])
 
     # --- subclass interface -------------------------------------------------------------------
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve layers and check what needs the model (runs in ``setup``)."""
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor arguments, for the W&B run config (subclasses add theirs)."""
+        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn}
 
     def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
         """Return the metrics of one measurement (keys already prefixed)."""
@@ -176,5 +205,7 @@ class DiagnosticCallback(Callback):
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
         if not metrics:
             return
+        define_metrics(trainer, PAPER_SUMMARIES, keys=metrics)
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
+        self.panel_history.add(step, metrics)

@@ -106,6 +106,10 @@ class ICSCallback(DiagnosticCallback):
                 " (default: nn.Linear and nn.Conv1d/2d/3d); pass `layers=`"
             )
 
+    def _settings(self) -> dict[str, Any]:
+        layers = None if self.layers is None else [getattr(s, "__name__", s) for s in self.layers]
+        return {**super()._settings(), "layers": layers, "distributional": self.distributional}
+
     def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
         results = compute_ics(
             self.probe,

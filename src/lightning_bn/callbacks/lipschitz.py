@@ -96,6 +96,13 @@ class LipschitzCallback(DiagnosticCallback):
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._norm_layers = norm_layers(pl_module)
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            **super()._settings(),
+            "step_sizes": self.step_sizes,
+            "relative_to_lr": self.relative_to_lr,
+        }
+
     def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
         etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
         values = compute_lipschitz(

@@ -106,6 +106,18 @@ class SmoothnessCallback(DiagnosticCallback):
         self._generator = torch.Generator().manual_seed(self.seed)
         self.eigenvector: Params | None = None
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            **super()._settings(),
+            "step_sizes": self.step_sizes,
+            "relative_to_lr": self.relative_to_lr,
+            "hessian": self.hessian,
+            "power_iters": self.power_iters,
+            "tol": self.tol,
+            "hvp_method": self.hvp_method,
+            "seed": self.seed,
+        }
+
     def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
         etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
         result = compute_smoothness(
