@@ -1,0 +1,133 @@
+"""Train a tiny model with the diagnostic callbacks, single-process or real DDP (2 CPU ranks, gloo).
+
+Run as a script (Lightning's DDP launcher re-runs it once per extra rank):
+
+    python -m tests.support.ddp_run {single|ddp} OUT.json [--fail-rank R --fail-step S]
+
+Single-process runs see batches of 2B samples; each DDP rank sees B of them through its own
+unshuffled DistributedSampler (``use_distributed_sampler=False``), so at every step the union of
+the ranks' batches is exactly the single run's batch. Rank zero writes every logged value to
+OUT.json, with the final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
+from tests.support.models import Classifier, MemoryLogger
+
+B = 8
+STEPS = 4
+
+
+def make_net() -> nn.Module:
+    """No BatchNorm (its per-rank statistics would make the networks differ); LayerNorm is
+    per sample, so the Lipschitz callback has an activation gradient to reduce."""
+    return nn.Sequential(
+        nn.Linear(8, 12),
+        nn.LayerNorm(12),
+        nn.Tanh(),
+        nn.Linear(12, 12),
+        nn.Tanh(),
+        nn.Linear(12, 3),
+    ).double()
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, ddp: bool) -> None:
+        super().__init__()
+        self.ddp = ddp
+        gen = torch.Generator().manual_seed(0)
+        n = 2 * B * STEPS
+        self.data = TensorDataset(
+            torch.randn(n, 8, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=gen),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.ddp:
+            return DataLoader(self.data, batch_size=2 * B, shuffle=False)
+        sampler = DistributedSampler(
+            self.data,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            shuffle=False,
+        )
+        return DataLoader(self.data, batch_size=B, sampler=sampler)
+
+
+class FailOnRank:
+    """A loss_fn that raises on one rank at one measured step (a rank-local probe failure)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+        self.trainer: pl.Trainer | None = None
+
+    def __call__(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        trainer = getattr(module, "_trainer", None)
+        if (
+            trainer is not None
+            and trainer.global_rank == self.rank
+            and trainer.global_step == self.step
+        ):
+            raise RuntimeError(f"injected failure on rank {self.rank}")
+        x, y = batch
+        return nn.functional.cross_entropy(module(x), y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["single", "ddp"])
+    parser.add_argument("out")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--fail-step", type=int, default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    ddp = args.mode == "ddp"
+    loss_fn = FailOnRank(args.fail_rank, args.fail_step) if args.fail_rank is not None else None
+    callbacks = [
+        ICSCallback(every_n_steps=1, loss_fn=loss_fn),
+        LipschitzCallback(every_n_steps=1, loss_fn=loss_fn),
+        SmoothnessCallback(every_n_steps=2, power_iters=30, tol=1e-6, loss_fn=loss_fn),
+    ]
+    logger = MemoryLogger()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2 if ddp else 1,
+        strategy="ddp" if ddp else "auto",
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=logger,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Classifier(make_net(), lr=0.1)
+    trainer.fit(module, datamodule=Data(ddp))
+    if trainer.global_rank == 0:
+        out = {
+            "history": {str(k): v for k, v in logger.history.items()},
+            "weights": {k: v.tolist() for k, v in module.state_dict().items()},
+            "world_size": trainer.world_size,
+            "pid": os.getpid(),
+        }
+        with open(args.out, "w") as fh:
+            json.dump(out, fh)
+
+
+if __name__ == "__main__":
+    main()
