@@ -1,1 +1,35 @@
 """Built-in experiments of the paper: data, models and LightningModules."""
+
+from lightning_bn.experiments.data import (
+    CIFAR10DataModule,
+    DeepLinearData,
+    DeepLinearDataModule,
+    DigitsDataModule,
+    make_deep_linear_data,
+    read_cifar10_batch,
+    write_cifar10_like,
+)
+from lightning_bn.experiments.models import MLP, VGG, VGG_CONFIGS, DeepLinearNetwork, SmallCNN
+from lightning_bn.experiments.modules import (
+    ClassificationModule,
+    RegressionModule,
+    squared_error_loss,
+)
+
+__all__ = [
+    "MLP",
+    "VGG",
+    "VGG_CONFIGS",
+    "CIFAR10DataModule",
+    "ClassificationModule",
+    "DeepLinearData",
+    "DeepLinearDataModule",
+    "DeepLinearNetwork",
+    "DigitsDataModule",
+    "RegressionModule",
+    "SmallCNN",
+    "make_deep_linear_data",
+    "read_cifar10_batch",
+    "squared_error_loss",
+    "write_cifar10_like",
+]
