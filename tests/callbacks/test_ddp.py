@@ -60,7 +60,9 @@ def test_ddp_equals_single_process_on_the_union(runs: tuple[dict, dict]) -> None
     assert "smoothness/hessian_top_eig" in single["history"]["2"]
     for name, weight in single["weights"].items():  # and training itself was the same
         expected = torch.tensor(weight, dtype=torch.float64)
-        torch.testing.assert_close(torch.tensor(ddp["weights"][name], dtype=torch.float64), expected)
+        torch.testing.assert_close(
+            torch.tensor(ddp["weights"][name], dtype=torch.float64), expected
+        )
 
 
 @pytest.mark.slow

@@ -351,3 +351,16 @@ def test_rng_state_object() -> None:
         a = torch.rand(3)
     b = torch.rand(3)
     assert torch.equal(a, b)  # replay drew the same numbers and left the stream where it was
+
+
+def test_probe_sees_the_noise_of_the_step_it_measures() -> None:
+    """Listed before NoiseInjectionCallback, the Lipschitz probe still evaluates the very loss
+    of the real step (the step's noise is drawn before the probe runs)."""
+    from lightning_bn import NoiseInjectionCallback
+
+    recorder, logger = Recorder(), MemoryLogger()
+    callbacks = [recorder, LipschitzCallback(every_n_steps=1), NoiseInjectionCallback(seed=3)]
+    fit(lambda: Classifier(mlp(dropout=0.0).double()), callbacks, steps=4, logger=logger)
+    for record in recorder.steps:
+        real = float(record["loss"])
+        assert logger.history[record["step"]]["lipschitz/loss"] == pytest.approx(real, rel=1e-12)

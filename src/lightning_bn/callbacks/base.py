@@ -92,6 +92,11 @@ class DiagnosticCallback(Callback):
     ) -> None:
         if not self._should_measure(trainer):
             return
+        # e.g. NoiseInjectionCallback: draw this step's noise before the probes run
+        for other in getattr(trainer, "callbacks", []):
+            prepare = getattr(other, "prepare_batch", None)
+            if other is not self and callable(prepare):
+                prepare(trainer)
         self._pending = {
             "step": trainer.global_step,
             "batch": batch,

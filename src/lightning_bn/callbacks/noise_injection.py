@@ -151,6 +151,7 @@ class NoiseInjectionCallback(Callback):
         self._log_now = False
         self._records: dict[int, Tensor] = {}
         self._device_generators: dict[torch.device, tuple[torch.Generator, torch.Generator]] = {}
+        self._prepared_batch: int | None = None
 
     @property
     @override
@@ -172,7 +173,7 @@ class NoiseInjectionCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._start_batch(trainer)
+        self.prepare_batch(trainer)
 
     @override
     def on_train_batch_end(
@@ -232,6 +233,19 @@ class NoiseInjectionCallback(Callback):
         self._log_now = False
         self._records = {}
         self._device_generators = {}
+        self._prepared_batch = None
+
+    def prepare_batch(self, trainer: pl.Trainer) -> None:
+        """Draw this training batch's noise, once per batch whoever asks first.
+
+        The diagnostic callbacks call it before measuring at ``on_train_batch_start``, so their
+        passes see the noise of the step they measure, whatever the order of the callbacks.
+        """
+        key = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        if key == self._prepared_batch:
+            return
+        self._prepared_batch = key
+        self._start_batch(trainer)
 
     def _start_batch(self, trainer: pl.Trainer) -> None:
         draws = torch.randint(0, _SEED_BOUND, (len(self._names), 2), generator=self._generator)
