@@ -92,18 +92,16 @@ def loader(
 
 
 def trainer(callbacks: list[Any], steps: int, logger: Any = False, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    settings.update(kwargs)
+    return pl.Trainer(max_steps=steps, callbacks=callbacks, logger=logger, **settings)
 
 
 class MemoryLogger(Logger):
@@ -170,28 +168,11 @@ def fit(
     image: bool = False,
     seed: int = 0,
     logger: Any = False,
+    dtype: torch.dtype = torch.float64,
     **kwargs: Any,
 ) -> tuple[pl.LightningModule, pl.Trainer]:
     pl.seed_everything(seed, verbose=False)
     module = make_module()
     t = trainer(callbacks, steps, logger=logger, **kwargs)
-    t.fit(module, train_dataloaders=loader(image=image, seed=seed))
+    t.fit(module, train_dataloaders=loader(image=image, seed=seed, dtype=dtype))
     return module, t
-
-
-class CLIClassifier(Classifier):
-    """A Classifier that LightningCLI can build from plain arguments."""
-
-    def __init__(self, width: int = 16, lr: float = 0.05, dropout: float = 0.1) -> None:
-        super().__init__(mlp(width=width, dropout=dropout).double(), lr=lr)
-
-
-class RandomData(pl.LightningDataModule):
-    """Random 8-feature, 3-class data in float64, unshuffled batches."""
-
-    def __init__(self, n: int = 64, batch_size: int = 16) -> None:
-        super().__init__()
-        self.n, self.batch_size = n, batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return loader(n=self.n, batch_size=self.batch_size)
