@@ -58,7 +58,9 @@ def timeit(fn: Callable[[], Any], repeats: int, inner: int = 5) -> float:
     return statistics.median(times)
 
 
-def brute_force(module: MLP, layers: list[str], before: dict, after: dict, batch: Any, rng: RNGState) -> None:
+def brute_force(
+    module: MLP, layers: list[str], before: dict, after: dict, batch: Any, rng: RNGState
+) -> None:
     """Def. 2.1 the straightforward way: a deep copy of the model and a full backward per gradient."""
     order = [n for n, m in module.named_modules() if list(m.parameters(recurse=False))]
     for layer in [None, *layers]:  # None: the pass at W^t that gives every G

@@ -364,3 +364,49 @@ def test_probe_sees_the_noise_of_the_step_it_measures() -> None:
     for record in recorder.steps:
         real = float(record["loss"])
         assert logger.history[record["step"]]["lipschitz/loss"] == pytest.approx(real, rel=1e-12)
+
+
+def test_theorem41_with_noise_after_batchnorm() -> None:
+    """Noise injected after a BatchNorm layer changes what follows it, not the layer: the ratio
+    uses the gradient w.r.t. the layer's own output and stays ≤ 1."""
+    from lightning_bn import NoiseInjectionCallback
+
+    logger = MemoryLogger()
+    callbacks = [NoiseInjectionCallback(seed=1), LipschitzCallback(every_n_steps=1)]
+    fit(lambda: Classifier(mlp().double()), callbacks, steps=6, logger=logger)
+    ratios = [v for vals in logger.history.values() for k, v in vals.items() if "thm41" in k]
+    assert len(ratios) == 12
+    assert max(ratios) <= 1 + 1e-9
+
+
+def test_probe_grid_methods_equal_one_call_per_point() -> None:
+    """losses_along / loss_and_grad_along reparametrise once for the grid: same values as
+    one loss / loss_and_grad call per step size (dropout and BatchNorm in the model)."""
+    torch.manual_seed(0)
+    module = Classifier(mlp(dropout=0.3).double())
+    module.train()
+    probe = Probe(module)
+    gen = torch.Generator().manual_seed(2)
+    batch = (
+        torch.randn(16, 8, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (16,), generator=gen),
+    )
+    rng = RNGState.capture()
+    params = probe.parameters()
+    _, grad = probe.loss_and_grad(params, batch, 0, rng)
+    etas = [0.01, 0.1, 0.5]
+    moved = [{k: v - eta * grad[k] if k in grad else v for k, v in params.items()} for eta in etas]
+    expected_losses = torch.stack([probe.loss(p, batch, 0, rng) for p in moved]).detach()
+    torch.testing.assert_close(
+        probe.losses_along(params, grad, etas, batch, 0, rng), expected_losses
+    )
+    along = probe.loss_and_grad_along(params, grad, etas, batch, 0, rng)
+    for (loss, g), point in zip(along, moved, strict=True):
+        ref_loss, ref_grad = probe.loss_and_grad(point, batch, 0, rng)
+        torch.testing.assert_close(loss, ref_loss)
+        for k, v in ref_grad.items():
+            torch.testing.assert_close(g[k], v)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    probe.losses_along(params, grad, etas, batch, 0, rng)
+    for k, v in module.state_dict().items():  # running statistics untouched
+        assert torch.equal(v, before[k]), k
