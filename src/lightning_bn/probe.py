@@ -240,6 +240,9 @@ class Probe:
     Args:
         module: the model (usually a ``LightningModule``: its ``training_step`` gives the loss).
         loss_fn: ``loss_fn(module, batch) -> Tensor``; when given, used instead of ``training_step``.
+        context: a zero-argument callable returning the context every evaluation runs in, e.g.
+            the trainer's precision context (``trainer.precision_plugin.train_step_context``),
+            so that under mixed precision a probe computes what the training step computes.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
@@ -250,13 +253,19 @@ class Probe:
         ['0.bias', '0.weight']
     """
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn | None = None,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
         if loss_fn is None and not callable(getattr(module, "training_step", None)):
             raise TypeError(
                 f"{type(module).__name__} has no `training_step`; pass `loss_fn(module, batch)`"
             )
         self.module = module
         self.loss_fn = loss_fn
+        self.context = context if context is not None else contextlib.nullcontext
         self._caller = _StepCaller(module, self._step)
         self._runner = _Runner(module)
         self._param_names = [n for n, _ in module.named_parameters()]
@@ -298,7 +307,7 @@ class Probe:
         }
         state.update({f"module.{n}": t for n, t in params.items()})
         ctx = rng.replay() if rng is not None else contextlib.nullcontext()
-        with ctx, _Silenced(self.module):
+        with ctx, self.context(), _Silenced(self.module):
             out = torch.func.functional_call(
                 self._caller, state, (batch, batch_idx), tie_weights=True, strict=False
             )
@@ -437,7 +446,7 @@ class Probe:
                     )
                 )
 
-        with _Silenced(self.module):
+        with self.context(), _Silenced(self.module):
             torch.func.functional_call(self._runner, state, (run,), tie_weights=True, strict=False)
         return results
 

@@ -410,3 +410,25 @@ def test_probe_grid_methods_equal_one_call_per_point() -> None:
     probe.losses_along(params, grad, etas, batch, 0, rng)
     for k, v in module.state_dict().items():  # running statistics untouched
         assert torch.equal(v, before[k]), k
+
+
+def test_bf16_mixed_probe_computes_the_training_loss() -> None:
+    """Under precision="bf16-mixed" (CPU autocast) the probe runs in the step's precision
+    context: its loss at W^t is the real step's loss, bit for bit."""
+    recorder, logger = Recorder(), MemoryLogger()
+    fit(
+        lambda: Classifier(mlp(dropout=0.3)),
+        [
+            recorder,
+            LipschitzCallback(every_n_steps=1),
+            SmoothnessCallback(every_n_steps=2, power_iters=3),
+        ],
+        steps=3,
+        logger=logger,
+        precision="bf16-mixed",
+        dtype=torch.float32,
+    )
+    for record in recorder.steps:
+        values = logger.history[record["step"]]
+        assert values["lipschitz/loss"] == float(record["loss"])
+        assert all(math.isfinite(v) for v in values.values())

@@ -77,7 +77,10 @@ class DiagnosticCallback(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
-        self._probe = Probe(pl_module, self.loss_fn)
+        # the probes run under the training step's precision context (autocast for *-mixed)
+        self._probe = Probe(
+            pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context
+        )
         self._setup(trainer, pl_module)
         log_config(trainer, type(self).__name__, self._settings())
         if not trainer.loggers:
