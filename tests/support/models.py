@@ -176,3 +176,21 @@ def fit(
     t = trainer(callbacks, steps, logger=logger, **kwargs)
     t.fit(module, train_dataloaders=loader(image=image, seed=seed, dtype=dtype))
     return module, t
+
+
+class CLIClassifier(Classifier):
+    """A Classifier that LightningCLI can build from plain arguments."""
+
+    def __init__(self, width: int = 16, lr: float = 0.05, dropout: float = 0.1) -> None:
+        super().__init__(mlp(width=width, dropout=dropout).double(), lr=lr)
+
+
+class RandomData(pl.LightningDataModule):
+    """Random 8-feature, 3-class data in float64, unshuffled batches."""
+
+    def __init__(self, n: int = 64, batch_size: int = 16) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(n=self.n, batch_size=self.batch_size)
