@@ -1,24 +1,27 @@
-"""Top Hessian eigenvalue: ours (Probe + HessianVectorProduct + power iteration) vs PyHessian.
+"""Top Hessian eigenvalue: ours (Probe + HessianVectorProduct + power iteration or Lanczos) vs PyHessian.
 
-Prints, measured side by side in one run:
+Prints, measured side by side in one run, for both of our algorithms
+(:func:`top_hessian_eigenvalue` with ``algorithm="power"`` and ``algorithm="lanczos"``):
 
 (1) time to the top eigenvalue at the same tolerance on the same model and batch, ours ÷
     PyHessian's (target: ours at least 2× faster, i.e. a ratio ≤ 0.5). Ours is
     ``HessianVectorProduct(loss through Probe, params)`` (one loss and gradient pass that keeps its
     graph) then :func:`top_hessian_eigenvalue`; PyHessian's is ``hessian(model, criterion,
     data=(x, y), cuda=False)`` (the same kept first-order graph, built by ``loss.backward(
-    create_graph=True)``) then ``.eigenvalues(maxIter=..., tol=...)``. Both are timed from the
-    model and batch to the number, building the graph included, interleaved over ``--repeats``
-    rounds (min and all values printed). Both start from the same random vector (PyHessian draws
-    it from the global RNG after seeding; ours is handed the same draw as ``init``), so both do the
-    same power iteration and the ratio is the cost of the same work. Each round uses another seed;
-    the number of Hessian-vector products is printed for both. Time is process CPU time (one
-    thread by default). A further line times ours warm-started as SmoothnessCallback runs it
-    (from the eigenvector of an earlier measurement) against PyHessian's cold start.
+    create_graph=True)``) then ``.eigenvalues(maxIter=..., tol=...)`` (power iteration). All three
+    are timed from the model and batch to the number, building the graph included, interleaved
+    over ``--repeats`` rounds (min and all values printed). All start from the same random vector
+    (PyHessian draws it from the global RNG after seeding; ours is handed the same draw as
+    ``init``): ours with power iteration does the same work as PyHessian, so that ratio is the
+    cost of the same products; ours with Lanczos needs fewer products to the same tolerance. Each
+    round uses another seed; the number of Hessian-vector products is printed for all three. Time
+    is process CPU time (one thread by default). A further line per algorithm times ours
+    warm-started as SmoothnessCallback runs it (from the eigenvector that algorithm found at an
+    earlier measurement) against PyHessian's cold start.
 (2) accuracy on a model small enough to form the full Hessian
     (:func:`torch.autograd.functional.hessian` in float64, then :func:`torch.linalg.eigvalsh`):
-    the relative error of both values against the exact dominant (largest-magnitude) eigenvalue,
-    over several random starts. Both run on the float32 model, as in training.
+    the relative error of all three values against the exact dominant (largest-magnitude)
+    eigenvalue, over several random starts. All run on the float32 model, as in training.
 
 BatchNorm: PyHessian calls ``model.eval()``, so a BatchNorm layer normalises with its running
 statistics, a different function from the training loss (batch statistics) that our callbacks
@@ -52,10 +55,15 @@ import torch
 from pyhessian import hessian as PyHessian
 from torch import Tensor, nn
 
-from lightning_bn.diagnostics.curvature import HessianVectorProduct, top_hessian_eigenvalue
+from lightning_bn.diagnostics.curvature import (
+    EigAlgorithm,
+    HessianVectorProduct,
+    top_hessian_eigenvalue,
+)
 from lightning_bn.probe import Probe
 
 CRITERION = nn.CrossEntropyLoss()
+ALGORITHMS: tuple[EigAlgorithm, ...] = ("power", "lanczos")
 
 
 def mlp(widths: Sequence[int], batchnorm: bool = False) -> nn.Module:
@@ -73,7 +81,12 @@ def loss_fn(module: nn.Module, batch: Any) -> Tensor:
 
 
 def ours(
-    model: nn.Module, batch: Any, init: dict[str, Tensor], tol: float, max_iters: int
+    model: nn.Module,
+    batch: Any,
+    init: dict[str, Tensor],
+    tol: float,
+    max_iters: int,
+    algorithm: EigAlgorithm = "power",
 ) -> tuple[float, int]:
     """Our top eigenvalue and the number of Hessian-vector products it took."""
     probe = Probe(model, loss_fn=loss_fn)
@@ -84,7 +97,7 @@ def ours(
 
     trainable = {k: params[k] for k in probe.trainable_names()}
     op = HessianVectorProduct(loss_at, trainable, method="reverse")
-    res = top_hessian_eigenvalue(op, init, max_iters=max_iters, tol=tol)
+    res = top_hessian_eigenvalue(op, init, max_iters=max_iters, tol=tol, algorithm=algorithm)
     return res.eigenvalue, res.iterations
 
 
@@ -133,31 +146,44 @@ def fmt(values: Sequence[float]) -> str:
 def compare_time(
     title: str, model: nn.Module, batch: Any, tol: float, max_iters: int, repeats: int
 ) -> None:
-    """Print (1): both timed from the same start vector, interleaved, one seed per round."""
-    model.eval()  # what PyHessian does; the same function for both (see the module docstring)
-    ratios, t_ours, t_py, iters = [], [], [], []
-    lam_ours = lam_py = float("nan")
+    """Print (1): all timed from the same start vector, interleaved, one seed per round."""
+    model.eval()  # what PyHessian does; the same function for all (see the module docstring)
+    times: dict[str, list[float]] = {name: [] for name in (*ALGORITHMS, "pyhessian")}
+    products: dict[str, list[int]] = {name: [] for name in times}
+    values: dict[str, float] = {}
     for seed in range(repeats + 1):
         init = start_vector(model, seed)
-        a, (lam_ours, k_ours) = timed(partial(ours, model, batch, init, tol, max_iters))
-        b, (lam_py, k_py) = timed(partial(pyhessian, model, batch, seed, tol, max_iters))
-        if seed == 0:
-            continue  # warm-up
-        ratios.append(a / b)
-        t_ours.append(a)
-        t_py.append(b)
-        iters.append(f"{k_ours}/{k_py}")
+        round_times: dict[str, float] = {}
+        for algorithm in ALGORITHMS:
+            run = partial(ours, model, batch, init, tol, max_iters, algorithm)
+            round_times[algorithm], (values[algorithm], k) = timed(run)
+            products[algorithm].append(k)
+        run_py = partial(pyhessian, model, batch, seed, tol, max_iters)
+        round_times["pyhessian"], (values["pyhessian"], k_py) = timed(run_py)
+        products["pyhessian"].append(k_py)
+        if seed == 0:  # warm-up
+            for name in products:
+                products[name].pop()
+            continue
+        for name, t in round_times.items():
+            times[name].append(t)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {title} ({n_params} parameters), eval mode for both")
-    print(
-        f"    ours {statistics.median(t_ours) * 1e3:.1f} ms, PyHessian"
-        f" {statistics.median(t_py) * 1e3:.1f} ms (medians); Hessian-vector products ours/PyHessian"
-        f" per round: {', '.join(iters)}; last values {lam_ours:.6g} / {lam_py:.6g}"
+    print(f"model: {title} ({n_params} parameters), eval mode for all")
+    medians = ", ".join(f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in times.items())
+    rounds = ", ".join(
+        "/".join(str(products[name][i]) for name in products) for i in range(repeats)
     )
+    last = " / ".join(f"{values[name]:.6g}" for name in products)
     print(
-        f"(1) time ours / PyHessian = {min(ratios):.2f}   (min; median"
-        f" {statistics.median(ratios):.2f}, all {fmt(ratios)}; target <= 0.5)"
+        f"    medians: {medians}; Hessian-vector products power/Lanczos/PyHessian per round:"
+        f" {rounds}; last values {last}"
     )
+    for algorithm in ALGORITHMS:
+        ratios = [a / b for a, b in zip(times[algorithm], times["pyhessian"], strict=True)]
+        print(
+            f"(1) time ours ({algorithm}) / PyHessian = {min(ratios):.2f}   (min; median"
+            f" {statistics.median(ratios):.2f}, all {fmt(ratios)}; target <= 0.5)"
+        )
 
 
 def compare_warm(
@@ -165,15 +191,22 @@ def compare_warm(
 ) -> None:
     """Ours warm-started as SmoothnessCallback does it, against PyHessian's cold start.
 
-    The warm start is the eigenvector found 100 SGD steps earlier (lr 0.05, random batches of
-    the same shape), as a callback measuring every 100 steps would have it.
+    The warm start is the eigenvector that the same algorithm found 100 SGD steps earlier (lr
+    0.05, random batches of the same shape), as a callback measuring every 100 steps would have it.
+    The cold power iteration (the eigenvector before the steps, and the value after) is the
+    reference of the relative error.
     """
     model.eval()
     earlier = copy.deepcopy(model)
     probe = Probe(earlier, loss_fn=loss_fn)
     params = probe.parameters()
     op = HessianVectorProduct(lambda p: probe.loss({**params, **p}, batch), params)
-    warm = top_hessian_eigenvalue(op, start_vector(model, 0), max_iters=max_iters, tol=tol)
+    warm = {
+        algorithm: top_hessian_eigenvalue(
+            op, start_vector(model, 0), max_iters=max_iters, tol=tol, algorithm=algorithm
+        ).eigenvector
+        for algorithm in ALGORITHMS
+    }
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(1)
     x, y = batch
@@ -184,23 +217,31 @@ def compare_warm(
         loss_fn(model, (xb, yb)).backward()
         opt.step()
     model.zero_grad(set_to_none=True)
-    ratios, iters = [], []
-    lam_warm = float("nan")
+    converged, _ = ours(model, batch, start_vector(model, 0), 1e-9, 2000, "lanczos")
+    ratios: dict[str, list[float]] = {algorithm: [] for algorithm in ALGORITHMS}
+    iters: dict[str, list[str]] = {algorithm: [] for algorithm in ALGORITHMS}
+    lam_warm: dict[str, float] = {}
     for seed in range(repeats + 1):
-        a, (lam_warm, k_ours) = timed(partial(ours, model, batch, warm.eigenvector, tol, max_iters))
+        round_times: dict[str, float] = {}
+        round_iters: dict[str, int] = {}
+        for algorithm in ALGORITHMS:
+            run = partial(ours, model, batch, warm[algorithm], tol, max_iters, algorithm)
+            round_times[algorithm], (lam_warm[algorithm], round_iters[algorithm]) = timed(run)
         b, (_, k_py) = timed(partial(pyhessian, model, batch, seed, tol, max_iters))
         if seed:
-            ratios.append(a / b)
-            iters.append(f"{k_ours}/{k_py}")
-    converged, _ = ours(model, batch, start_vector(model, 0), 1e-9, 2000)
-    print(
-        f"    {title}, ours warm-started from the eigenvector of 100 SGD steps earlier (as the"
-        f" callback runs it) / PyHessian cold = {min(ratios):.2f}   (min; median"
-        f" {statistics.median(ratios):.2f}, all {fmt(ratios)}; products {', '.join(iters)});"
-        f" warm value {lam_warm:.6g}, relative error"
-        f" {abs(lam_warm - converged) / abs(converged):.1e} against {converged:.6g}"
-        " (cold, tol 1e-9)"
-    )
+            for algorithm in ALGORITHMS:
+                ratios[algorithm].append(round_times[algorithm] / b)
+                iters[algorithm].append(f"{round_iters[algorithm]}/{k_py}")
+    for algorithm in ALGORITHMS:
+        r = ratios[algorithm]
+        print(
+            f"    {title}, ours ({algorithm}) warm-started from its eigenvector of 100 SGD steps"
+            f" earlier (as the callback runs it) / PyHessian cold = {min(r):.2f}   (min; median"
+            f" {statistics.median(r):.2f}, all {fmt(r)}; products {', '.join(iters[algorithm])});"
+            f" warm value {lam_warm[algorithm]:.6g}, relative error"
+            f" {abs(lam_warm[algorithm] - converged) / abs(converged):.1e} against"
+            f" {converged:.6g} (cold Lanczos, tol 1e-9)"
+        )
 
 
 def exact_dominant(model: nn.Module, batch: Any) -> float:
@@ -228,23 +269,33 @@ def compare_accuracy(
     title: str, model: nn.Module, batch: Any, tol: float, max_iters: int, seeds: int
 ) -> None:
     exact = exact_dominant(model, batch)
-    err_ours, err_py = [], []
+    errors: dict[str, list[float]] = {name: [] for name in (*ALGORITHMS, "pyhessian")}
+    products: dict[str, list[int]] = {name: [] for name in errors}
     for seed in range(seeds):
-        lam_ours, _ = ours(model, batch, start_vector(model, seed), tol, max_iters)
-        lam_py, _ = pyhessian(model, batch, seed, tol, max_iters)
-        err_ours.append(abs(lam_ours - exact) / abs(exact))
-        err_py.append(abs(lam_py - exact) / abs(exact))
+        for algorithm in ALGORITHMS:
+            lam, k = ours(model, batch, start_vector(model, seed), tol, max_iters, algorithm)
+            errors[algorithm].append(abs(lam - exact) / abs(exact))
+            products[algorithm].append(k)
+        lam_py, k_py = pyhessian(model, batch, seed, tol, max_iters)
+        errors["pyhessian"].append(abs(lam_py - exact) / abs(exact))
+        products["pyhessian"].append(k_py)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {title} ({n_params} parameters), exact dominant eigenvalue"
         f" (float64 eigvalsh) = {exact:.8g}"
     )
-    print(
-        f"(2) relative error at tol={tol:g}, {seeds} random starts: ours median"
-        f" {statistics.median(err_ours):.2e} (max {max(err_ours):.2e}), PyHessian median"
-        f" {statistics.median(err_py):.2e} (max {max(err_py):.2e});"
-        f" ours closer in {sum(a < b for a, b in zip(err_ours, err_py, strict=True))}/{seeds}"
+    summary = "; ".join(
+        f"{name} median {statistics.median(e):.2e} (max {max(e):.2e},"
+        f" products median {statistics.median(products[name]):g})"
+        for name, e in errors.items()
     )
+    closer = ", ".join(
+        f"{algorithm} {sum(a < b for a, b in zip(errors[algorithm], errors['pyhessian'], strict=True))}"
+        f"/{seeds}"
+        for algorithm in ALGORITHMS
+    )
+    print(f"(2) relative error at tol={tol:g}, {seeds} random starts: {summary}")
+    print(f"    ours closer to exact than PyHessian: {closer}")
 
 
 def main() -> None:
@@ -257,7 +308,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); tol={args.tol:g},"
-        f" at most {args.max_iters} Hessian-vector products for both"
+        f" at most {args.max_iters} Hessian-vector products for all"
     )
     torch.manual_seed(0)
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
@@ -270,16 +321,16 @@ def main() -> None:
     compare_warm("MLP 64-256x4-10", big, batch, args.tol, args.max_iters, args.repeats)
     bn = mlp([64, 256, 256, 256, 256, 10], batchnorm=True)
     bn.train()
-    lam_train, _ = ours(bn, batch, start_vector(bn, 0), args.tol, args.max_iters)
+    lam_train, _ = ours(bn, batch, start_vector(bn, 0), 1e-9, 2000, "lanczos")
     bn.eval()
     compare_time(
         "MLP 64-256x4-10, tanh, BatchNorm", bn, batch, args.tol, args.max_iters, args.repeats
     )
-    lam_eval, _ = ours(bn, batch, start_vector(bn, 0), args.tol, args.max_iters)
+    lam_eval, _ = ours(bn, batch, start_vector(bn, 0), 1e-9, 2000, "lanczos")
     print(
         f"    BatchNorm: the eigenvalue in train mode (batch statistics, what the callbacks"
         f" measure) = {lam_train:.6g}; in eval mode (running statistics, what PyHessian"
-        f" measures) = {lam_eval:.6g}"
+        f" measures) = {lam_eval:.6g} (both converged: Lanczos, tol 1e-9)"
     )
     small = mlp([64, 16, 16, 10])
     compare_time(

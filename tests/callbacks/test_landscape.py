@@ -432,3 +432,31 @@ def test_bf16_mixed_probe_computes_the_training_loss() -> None:
         values = logger.history[record["step"]]
         assert values["lipschitz/loss"] == float(record["loss"])
         assert all(math.isfinite(v) for v in values.values())
+
+
+def test_lanczos_on_the_quadratic_logs_the_exact_dominant_eigenvalue() -> None:
+    """eig_algorithm="lanczos" (the default): on L(w) = mean((Xw - y)²) the Hessian 2XᵀX/n is
+    constant, so a cold start is exact after at most 5 products (the Krylov space is then the
+    whole space) and the warm start of the next steps (an exact eigenvector) after one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 5, generator=gen, dtype=torch.float64) * torch.tensor(
+        [3.0, 1.0, 1.0, 0.5, 0.2], dtype=torch.float64
+    )
+    y = torch.randn(32, generator=gen, dtype=torch.float64)
+    assert SmoothnessCallback().eig_algorithm == "lanczos"
+    with pytest.raises(ValueError, match="`eig_algorithm` to be one of 'power', 'lanczos'"):
+        SmoothnessCallback(eig_algorithm="arnoldi")
+    logger = MemoryLogger()
+    cb = SmoothnessCallback(every_n_steps=1, tol=0.0, eig_algorithm="lanczos")
+    assert cb._settings()["eig_algorithm"] == "lanczos"  # in the W&B run config
+    pl.seed_everything(0, verbose=False)
+    t = trainer([cb], steps=3, logger=logger)
+    t.fit(LinearRegression(), DataLoader(TensorDataset(x, y), batch_size=32))
+    eigs = torch.linalg.eigvalsh(2 * x.T @ x / 32)
+    dominant = float(eigs[eigs.abs().argmax()])
+    iters = []
+    for step in range(3):
+        got = logger.history[step]
+        assert got["smoothness/hessian_top_eig"] == pytest.approx(dominant, rel=1e-12)
+        iters.append(got["smoothness/hessian_iters"])
+    assert iters[0] <= 5 and iters[1:] == [1.0, 1.0]

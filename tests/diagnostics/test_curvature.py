@@ -368,3 +368,159 @@ def test_dict_vector_helpers_match_flat_vectors() -> None:
     # no overflow in half precision: 300² is beyond float16's range
     half = {"x": torch.full((4,), 300.0, dtype=torch.float16)}
     assert float(dict_norm(half)) == pytest.approx(600.0, rel=1e-3)
+
+
+# --- Lanczos -----------------------------------------------------------------------------------
+# seed 2: λ_max dominates clearly; 0: |λ_min| close behind λ_max (power iteration is slow);
+# 3: the dominant eigenvalue is negative
+@pytest.mark.parametrize(("kind", "seed"), [("torch", 2), ("ours", 0), ("ours", 3)])
+def test_lanczos_matches_eigvalsh(kind: str, seed: int) -> None:
+    prob = Problem(kind, False, True, seed=seed)
+    hess = prob.hessian()
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    res = top_hessian_eigenvalue(op, None, max_iters=200, tol=1e-12, algorithm="lanczos")
+    assert isinstance(res, EigResult) and res.converged
+    assert res.eigenvalue == pytest.approx(_dominant(hess), rel=1e-6)
+    assert res.iterations <= hess.shape[0]
+    # the Ritz vector: unit norm, H y ≈ θ y, in the parameters' keys, shapes and dtypes
+    assert float(dict_norm(res.eigenvector)) == pytest.approx(1.0, rel=1e-12)
+    for k, p in prob.params.items():
+        assert res.eigenvector[k].shape == p.shape and res.eigenvector[k].dtype == p.dtype
+    u = prob.flat(res.eigenvector)
+    residual = torch.linalg.vector_norm(hess @ u - res.eigenvalue * u)
+    assert float(residual) < 1e-5 * abs(res.eigenvalue)
+
+
+@pytest.mark.parametrize(("kind", "seed"), [("ours", 0), ("ours", 3), ("torch", 2)])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_lanczos_takes_fewer_products_than_power_iteration(
+    kind: str, seed: int, tol: float
+) -> None:
+    prob = Problem(kind, False, True, seed=seed)
+    exact = _dominant(prob.hessian())
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    start = prob.random_vector(7)  # the same start for both
+    power = top_hessian_eigenvalue(op, start, max_iters=2000, tol=tol)
+    lanczos = top_hessian_eigenvalue(op, start, max_iters=2000, tol=tol, algorithm="lanczos")
+    assert power.converged and lanczos.converged
+    assert lanczos.iterations < power.iterations
+    assert lanczos.eigenvalue == pytest.approx(exact, rel=10 * tol)
+
+
+def test_lanczos_warm_start_takes_fewer_products_at_a_nearby_point() -> None:
+    prob = Problem("ours", False, True, seed=0)
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    first = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-8, algorithm="lanczos")
+    assert first.converged
+    prob.params = dict_axpy(-0.01, op.grad, prob.params)  # one small gradient step
+    nearby = HessianVectorProduct(prob.loss_fn, prob.params)
+    gen = torch.Generator().manual_seed(1)
+    cold = top_hessian_eigenvalue(
+        nearby, None, max_iters=500, tol=1e-6, generator=gen, algorithm="lanczos"
+    )
+    warm = top_hessian_eigenvalue(
+        nearby, first.eigenvector, max_iters=500, tol=1e-6, algorithm="lanczos"
+    )
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations
+    exact = _dominant(prob.hessian())
+    assert warm.eigenvalue == pytest.approx(exact, rel=1e-5)
+    assert cold.eigenvalue == pytest.approx(exact, rel=1e-5)
+
+
+def _diagonal_quadratic(eigs: tuple[float, ...]) -> HessianVectorProduct:
+    a = torch.diag(torch.tensor(eigs, dtype=DTYPE))
+    return HessianVectorProduct(
+        lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(len(eigs), dtype=DTYPE)}
+    )
+
+
+@pytest.mark.parametrize(
+    "eigs", [(3.0, -7.0, 1.0, 2.0, 5.0, 0.5), (3.0, -4.0, 1.0, 2.0, 6.5, -0.5, 0.1)]
+)
+def test_lanczos_is_exact_on_a_quadratic_in_at_most_n_products(eigs: tuple[float, ...]) -> None:
+    op = _diagonal_quadratic(eigs)
+    n = len(eigs)
+    dominant = max(eigs, key=abs)
+    gen = torch.Generator().manual_seed(3)
+    # tol 0: only an invariant subspace (breakdown after at most n products) can stop it
+    res = top_hessian_eigenvalue(
+        op, None, max_iters=50, tol=0.0, generator=gen, algorithm="lanczos"
+    )
+    assert res.converged and res.iterations <= n
+    assert res.eigenvalue == pytest.approx(dominant, rel=1e-12)
+    assert abs(float(res.eigenvector["w"][eigs.index(dominant)])) == pytest.approx(1.0, rel=1e-10)
+    # power iteration from the same start is still inexact after n products
+    gen = torch.Generator().manual_seed(3)
+    power = top_hessian_eigenvalue(op, None, max_iters=n, tol=0.0, generator=gen)
+    assert abs(power.eigenvalue - dominant) > 1e-6
+    # the cap is honoured
+    capped = top_hessian_eigenvalue(op, None, max_iters=2, tol=0.0, algorithm="lanczos")
+    assert capped.iterations == 2 and not capped.converged
+
+
+def test_lanczos_breakdown_in_an_invariant_subspace() -> None:
+    op = _diagonal_quadratic((5.0, -1.0, 2.0, 0.5, -8.0))
+    # a start in span{e_1, e_3}: the Krylov space is invariant after two products
+    start = {"w": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], dtype=DTYPE)}
+    res = top_hessian_eigenvalue(op, start, max_iters=10, tol=0.0, algorithm="lanczos")
+    assert res.converged and res.iterations == 2
+    assert res.eigenvalue == pytest.approx(5.0, rel=1e-14)  # exact within the subspace
+    torch.testing.assert_close(res.eigenvector["w"], torch.eye(5, dtype=DTYPE)[0])
+    # an eigenvector as the start (a converged warm start): one product
+    exact = top_hessian_eigenvalue(
+        op, {"w": torch.eye(5, dtype=DTYPE)[4]}, tol=0.0, algorithm="lanczos"
+    )
+    assert (exact.eigenvalue, exact.iterations, exact.converged) == (-8.0, 1, True)
+    # a zero Hessian: eigenvalue 0 after one product
+    zero = HessianVectorProduct(lambda p: (2 * p["w"]).sum(), {"w": torch.ones(3, dtype=DTYPE)})
+    res = top_hessian_eigenvalue(zero, None, algorithm="lanczos")
+    assert (res.eigenvalue, res.iterations, res.converged) == (0.0, 1, True)
+    assert float(dict_norm(res.eigenvector)) == pytest.approx(1.0)
+
+
+def test_lanczos_cold_start_rng_dtypes_and_errors() -> None:
+    prob = Problem("torch", False, True)
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    state = torch.get_rng_state()
+    a = top_hessian_eigenvalue(op, None, max_iters=5, algorithm="lanczos")
+    b = top_hessian_eigenvalue(op, None, max_iters=5, algorithm="lanczos")
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is never touched
+    assert a.eigenvalue == b.eigenvalue
+    # the same cold start as power iteration: the first product gives the same estimate
+    p1 = top_hessian_eigenvalue(op, None, max_iters=1)
+    l1 = top_hessian_eigenvalue(op, None, max_iters=1, algorithm="lanczos")
+    assert l1.eigenvalue == pytest.approx(p1.eigenvalue, rel=1e-12) and not l1.converged
+    # mixed precisions: worked in the widest, handed back in each parameter's dtype
+    mixed = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5], dtype=DTYPE)}
+
+    def loss_fn(p: TensorDict) -> Tensor:
+        return (p["a"].double() ** 2).sum() * 1.5 + (p["b"] ** 2).sum() + (p["a"][0] * p["b"]).sum()
+
+    res = top_hessian_eigenvalue(
+        HessianVectorProduct(loss_fn, mixed), None, tol=0.0, algorithm="lanczos"
+    )
+    hess = torch.tensor([[3.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 0.0, 2.0]], dtype=DTYPE)
+    assert res.converged and res.eigenvalue == pytest.approx(_dominant(hess), rel=1e-6)
+    assert res.eigenvector["a"].dtype == torch.float32 and res.eigenvector["b"].dtype == DTYPE
+    # a non-finite product stops it
+    nan = top_hessian_eigenvalue(
+        lambda v: {"w": torch.full_like(v["w"], math.nan)},
+        {"w": torch.ones(3, dtype=DTYPE)},
+        algorithm="lanczos",
+    )
+    assert math.isnan(nan.eigenvalue) and not nan.converged and nan.iterations == 1
+    with pytest.raises(ValueError, match="`algorithm` to be one of 'power', 'lanczos'"):
+        top_hessian_eigenvalue(op, None, algorithm="qr")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="norm"):
+        top_hessian_eigenvalue(
+            op, {k: torch.zeros_like(p) for k, p in prob.params.items()}, algorithm="lanczos"
+        )
+
+
+def test_lanczos_basis_never_holds_more_than_max_iters_vectors() -> None:
+    for capacity in (1, 3, 20, 37):
+        basis = curvature._Basis(5, capacity, DTYPE, torch.device("cpu"))
+        for _ in range(capacity):
+            basis.append(torch.ones(5, dtype=DTYPE))
+        assert sum(b.shape[0] for b in basis._blocks) == capacity == basis.size

@@ -268,6 +268,7 @@ def compute_smoothness(
     init: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
     hvp_method: str = "reverse",
+    eig_algorithm: str = "power",
     collective: Collective | None = None,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
@@ -278,12 +279,16 @@ def compute_smoothness(
         batch: the step's batch; ``batch_idx`` its index; ``rng`` the step's random state.
         step_sizes: absolute step sizes :math:`\eta`.
         hessian: also compute the Hessian quantities.
-        power_iters: most Hessian-vector products of the power iteration.
-        tol: relative change of the eigenvalue estimate that stops the power iteration.
+        power_iters: most Hessian-vector products of the eigenvalue iteration (for Lanczos also
+            the most parameter-sized vectors kept in memory).
+        tol: relative change of the eigenvalue estimate that stops the iteration.
         init: warm start (the previous measurement's eigenvector) or ``None``.
         generator: random source of a cold start (never the global RNG).
         hvp_method: ``"reverse"`` (keeps the first-order graph: each product is one backward),
             ``"forward"`` or ``"auto"`` (forward-over-reverse, reverse fallback).
+        eig_algorithm: ``"power"`` (power iteration) or ``"lanczos"`` (Lanczos with full
+            reorthogonalisation: the same quantity in fewer products); see
+            :func:`~lightning_bn.diagnostics.curvature.top_hessian_eigenvalue`.
         collective: cross-rank averaging (DDP semantics); Hessian-vector products are averaged
             like gradients.
 
@@ -291,8 +296,8 @@ def compute_smoothness(
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
         :math:`\lVert g_t - \nabla L(W^t - \eta g_t)\rVert_2` over the grid), ``beta_eff``
         (:math:`\max_\eta` of that norm over :math:`\lVert \eta g_t \rVert_2`), and with
-        ``hessian``: ``hessian_top_eig`` (dominant eigenvalue by power iteration; with its sign),
-        ``hessian_iters``, ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
+        ``hessian``: ``hessian_top_eig`` (dominant, i.e. largest-magnitude, eigenvalue with its
+        sign), ``hessian_iters`` (Hessian-vector products it took), ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
     """
     coll = collective if collective is not None else Collective()
     names = probe.trainable_names()
@@ -346,7 +351,13 @@ def compute_smoothness(
         if init is not None and init.keys() == trainable.keys():
             start = {k: init[k].to(trainable[k]) for k in trainable}
         eig = top_hessian_eigenvalue(
-            hvp_fn, start, max_iters=power_iters, tol=tol, generator=generator, like=trainable
+            hvp_fn,
+            start,
+            max_iters=power_iters,
+            tol=tol,
+            generator=generator,
+            like=trainable,
+            algorithm=eig_algorithm,  # type: ignore[arg-type]
         )
         eigenvector = eig.eigenvector
         metrics["hessian_top_eig"] = eig.eigenvalue
