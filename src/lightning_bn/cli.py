@@ -1,0 +1,324 @@
+"""The ``lightning-bn`` command: reproduce the paper's experiments, or redraw a finished run.
+
+Usage::
+
+    lightning-bn reproduce [digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
+                           [--steps N] [--seed S] [--data-dir DIR] [--variants K,K,...]
+                           [--archs A,A,...] [--measure-every N] [--wandb MODE] ...
+    lightning-bn plot RUN_DIR
+
+Invalid arguments end the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from lightning_bn.reproduce.plan import ARCHS, EXPERIMENTS, KINDS, build_plan, format_lr
+
+if TYPE_CHECKING:
+    from lightning_bn.reproduce import RedrawResult
+
+__all__ = ["build_parser", "main"]
+
+_WANDB_CHOICES = ("auto", "online", "offline", "off")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2), no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        one_line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {one_line} (see `{self.prog} --help`)\n")
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a learning rate (a number > 0), got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in choices]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}, got {text!r}"
+            )
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-bn`` argument parser (sub-commands ``reproduce`` and ``plot``)."""
+    parser = _Parser(
+        prog="lightning-bn",
+        description='Reproduce "How Does Batch Normalization Help Optimization?" '
+        "(Santurkar et al., 2018) with PyTorch Lightning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="train the paper's variants, draw its figures and check its findings",
+        description="Train standard, BatchNorm, noisy-BatchNorm, ℓ1/ℓ2/ℓ∞ and LayerNorm "
+        "variants with every diagnostic callback on, then write figures and summary.md.",
+    )
+    rep.add_argument(
+        "experiment",
+        nargs="?",
+        default="digits",
+        choices=EXPERIMENTS,
+        metavar="EXPERIMENT",
+        help=f"one of {', '.join(EXPERIMENTS)} (default: digits)",
+    )
+    rep.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced budget (digits: the MLP only, 400 steps; under 3 minutes on 2 CPU cores)",
+    )
+    rep.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder (default: ./lightning-bn-runs/<experiment>-<YYYYmmdd-HHMMSS>)",
+    )
+    rep.add_argument(
+        "--lr",
+        type=_learning_rate,
+        nargs="+",
+        metavar="LR",
+        help="learning rates; the smallest is the base one, the largest the 'larger' one "
+        "(default: digits 0.1 1.0, dln 1e-6, vgg-cifar10 0.1 0.5)",
+    )
+    rep.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps per run")
+    rep.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (0)")
+    rep.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="vgg-cifar10: folder with the CIFAR-10 python batch files (nothing is downloaded)",
+    )
+    rep.add_argument(
+        "--variants",
+        type=_names(KINDS),
+        metavar="K,K,...",
+        help=f"variants to train, among {', '.join(KINDS)}",
+    )
+    all_archs = tuple(dict.fromkeys(a for archs in ARCHS.values() for a in archs))
+    rep.add_argument(
+        "--archs",
+        type=_names(all_archs),
+        metavar="A,A,...",
+        help="architectures (digits: mlp, cnn)",
+    )
+    rep.add_argument(
+        "--measure-every",
+        type=_positive_int,
+        metavar="N",
+        help="steps between diagnostic measurements (default: steps // 20)",
+    )
+    rep.add_argument(
+        "--wandb",
+        choices=_WANDB_CHOICES,
+        default="auto",
+        help="W&B: auto (online if an API key is configured, else offline), online, offline, off",
+    )
+    rep.add_argument(
+        "--wandb-project", default="lightning-bn", metavar="NAME", help="W&B project (lightning-bn)"
+    )
+    rep.add_argument(
+        "--accelerator",
+        metavar="NAME",
+        help="Lightning accelerator (default: cpu; auto for vgg-cifar10)",
+    )
+    rep.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default 1, fastest for these small models; 0: torch's default)",
+    )
+    rep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    # Tiny models and few measurements: the test suite's end-to-end budget.
+    rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    rep.set_defaults(handler=_reproduce, subparser=rep)
+
+    plot = sub.add_parser(
+        "plot",
+        help="redraw the figures and summary.md of a finished run from its CSV files",
+        description="Redraw the figures and summary.md of a reproduce run from its CSV files.",
+    )
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a reproduce run folder")
+    plot.set_defaults(handler=_plot, subparser=plot)
+    return parser
+
+
+def _check_extras(parser: argparse.ArgumentParser, experiment: str | None) -> None:
+    # matplotlib (figures) and scikit-learn (the digits) are optional dependencies of the package.
+    needed = ["matplotlib"] + (["sklearn"] if experiment == "digits" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
+        parser.error(f"this command needs {names}: pip install 'lightning-bn[examples]'")
+
+
+def _check_cifar(parser: argparse.ArgumentParser, data_dir: Path | None) -> str:
+    if data_dir is None:
+        parser.error(
+            "vgg-cifar10 needs --data-dir DIR, the folder of the CIFAR-10 python batch "
+            "files (data_batch_1..5, test_batch); nothing is downloaded"
+        )
+    from lightning_bn.experiments import CIFAR10DataModule
+
+    try:
+        CIFAR10DataModule(data_dir).setup("fit")
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"--data-dir: {err}")
+    return str(data_dir)
+
+
+def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from lightning_bn.reproduce import reproduce
+    from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
+
+    _check_extras(parser, args.experiment)
+    if args.experiment != "vgg-cifar10" and args.data_dir is not None:
+        parser.error("--data-dir applies to vgg-cifar10 only")
+    data_dir = _check_cifar(parser, args.data_dir) if args.experiment == "vgg-cifar10" else None
+    try:
+        plan = build_plan(
+            args.experiment,
+            quick=args.quick,
+            steps=args.steps,
+            lrs=args.lr,
+            seed=args.seed,
+            kinds=args.variants,
+            archs=args.archs,
+            measure_every=args.measure_every,
+            data_dir=data_dir,
+            accelerator=args.accelerator,
+            threads=args.threads or None,
+            tiny=args.tiny,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    out: Path = args.out if args.out is not None else default_out_dir(args.experiment)
+    if (out / "run.json").exists():
+        parser.error(f"--out {str(out)!r} already holds a run; choose another folder")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} exists and is not a folder")
+    mode = resolve_wandb_mode(args.wandb)
+
+    n = len(plan.variants())
+    print(
+        f"lightning-bn reproduce {plan.experiment}{' --quick' if plan.quick else ''}: {n} runs "
+        f"({', '.join(plan.archs)} × {len(plan.kinds)} variants × lr "
+        f"{', '.join(format_lr(lr) for lr in plan.lrs)}), {plan.steps} steps each, "
+        f"diagnostics every {plan.measure_every} steps; W&B {mode}; output {out}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    try:
+        result = reproduce(
+            plan,
+            out,
+            wandb=mode,
+            project=args.wandb_project,
+            progress=not args.no_progress,
+            echo=lambda line: print(line, flush=True),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the runs finished so far are in {out} "
+            f"(`lightning-bn plot {out}` draws them)",
+            file=sys.stderr,
+        )
+        return 130
+    _report(result, time.perf_counter() - start, mode)
+    return 0
+
+
+def _report(result: RedrawResult, seconds: float, mode: str) -> None:
+    print("\nFindings of the paper:")
+    for finding in result.findings:
+        print(f"  {finding.status:<15} {finding.claim}")
+    folder = result.run.path
+    print(f"\nsummary: {result.summary}")
+    print(f"figures: {len(result.figures)} PNG files in {folder / 'figures'}")
+    if mode == "offline":
+        print(
+            f"W&B: offline runs in {folder / 'wandb'} (upload: wandb sync {folder / 'wandb'}/offline-run-*)"
+        )
+    elif mode == "online":
+        print("W&B: runs logged online (project and group in the run config)")
+    print(f"total time: {seconds:.1f} s")
+
+
+def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from lightning_bn.reproduce import RunFormatError, redraw
+
+    _check_extras(parser, None)
+    try:
+        result = redraw(args.run_dir)
+    except RunFormatError as err:
+        parser.error(str(err))
+    print(f"summary: {result.summary}")
+    print(f"figures: {len(result.figures)} PNG files in {result.run.path / 'figures'}")
+    for finding in result.findings:
+        print(f"  {finding.status:<15} {finding.claim}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lightning-bn`` command.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (0 on success; argument errors exit with 2 through ``SystemExit``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    status: int = args.handler(args.subparser, args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
