@@ -18,7 +18,7 @@ from lightning_bn.layers import (
     create_norm_layer,
 )
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
