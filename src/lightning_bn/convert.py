@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_bn.layers._base import _BatchStatNorm
 from lightning_bn.layers.layer_norm import LayerNorm
-from lightning_bn.layers.registry import resolve_norm_kind
+from lightning_bn.layers.registry import is_channels_last, resolve_norm_kind
 
 __all__ = ["SWAPPABLE_TYPES", "swap_norm_layers"]
 
@@ -32,14 +32,6 @@ def _num_features(module: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-def _is_channels_last(module: nn.Module) -> bool:
-    if isinstance(module, nn.LayerNorm):
-        return True
-    if isinstance(module, LayerNorm):
-        return not module.channels_first
-    return bool(getattr(module, "channels_last", False))
-
-
 def _inherited_kwargs(old: nn.Module, factory: Any) -> dict[str, Any]:
     """Settings of ``old`` that carry over to the new layer, and the layout flag it needs."""
     kwargs: dict[str, Any] = {}
@@ -56,7 +48,7 @@ def _inherited_kwargs(old: nn.Module, factory: Any) -> dict[str, Any]:
         if affine is None:
             affine = bool(getattr(old, "elementwise_affine", True))
         kwargs.update(affine=affine)
-    channels_last = _is_channels_last(old)
+    channels_last = is_channels_last(old)
     if isinstance(factory, type) and issubclass(factory, LayerNorm):
         kwargs["channels_first"] = not channels_last
     elif isinstance(factory, type) and issubclass(factory, _BatchStatNorm):

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_bn.diagnostics.noise import NoiseSample, NoiseSampler
 from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
+from lightning_bn.layers.registry import is_channels_last
 
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 
@@ -218,7 +219,7 @@ class NoiseInjectionCallback(Callback):
         self._trainer = trainer
         self._rank = int(trainer.global_rank)
         self._names = [name for name, _ in found]
-        self._channels_last = [_is_channels_last(module) for _, module in found]
+        self._channels_last = [is_channels_last(module) for _, module in found]
         self._handles = [
             module.register_forward_hook(functools.partial(self._forward_hook, index))
             for index, (_, module) in enumerate(found)
@@ -350,15 +351,6 @@ def _new_generator(device: torch.device) -> torch.Generator:
         return torch.Generator(device=device)
     except RuntimeError:  # a device without its own generators: draw on the CPU, then move
         return torch.Generator()
-
-
-def _is_channels_last(module: nn.Module) -> bool:
-    """Whether the module's output has its units (features) in the last dimension."""
-    if isinstance(module, (nn.LayerNorm, nn.Linear)):
-        return True
-    if isinstance(module, LayerNorm):
-        return not module.channels_first
-    return bool(getattr(module, "channels_last", False))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -12,7 +12,13 @@ from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm
 
-__all__ = ["NORM_LAYERS", "create_norm_layer", "is_batch_stat_norm", "resolve_norm_kind"]
+__all__ = [
+    "NORM_LAYERS",
+    "create_norm_layer",
+    "is_batch_stat_norm",
+    "is_channels_last",
+    "resolve_norm_kind",
+]
 
 
 def _identity(num_features: int, **kwargs: Any) -> nn.Module:
@@ -74,3 +80,14 @@ def create_norm_layer(kind: str | type[nn.Module], num_features: int, **kwargs: 
 def is_batch_stat_norm(module: nn.Module) -> bool:
     """True for layers that normalise with batch statistics (torch and ours)."""
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchStatNorm))
+
+
+def is_channels_last(module: nn.Module) -> bool:
+    """Whether the module's features (units) sit in the last dimension of its input and output:
+    ``torch.nn.LayerNorm``, ``torch.nn.Linear``, our :class:`LayerNorm` without
+    ``channels_first``, or any layer with ``channels_last=True``; otherwise dimension 1."""
+    if isinstance(module, (nn.LayerNorm, nn.Linear)):
+        return True
+    if isinstance(module, LayerNorm):
+        return not module.channels_first
+    return bool(getattr(module, "channels_last", False))
