@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,15 +23,6 @@ from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
 _DIGITS = load_digits()
 X = torch.tensor(_DIGITS.data, dtype=torch.float32) / 16.0
 Y = torch.tensor(_DIGITS.target)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _loader(n: int = 128, batch_size: int = 32, shuffle: bool = False) -> DataLoader:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,15 +20,6 @@ from lightning_bn.layers import BatchNorm
 
 DTYPE = torch.float64
 BN_KINDS = ["torch", "ours"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensors: intra-op threads only add contention (50x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _bn(kind: str, channels: int, dim: int, eps: float) -> nn.Module:
