@@ -82,7 +82,44 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-class ClassificationModule(pl.LightningModule):
+class _ModelModule(pl.LightningModule):
+    """Shared wiring of the experiment modules: a wrapped model, the three steps routed to
+    ``_shared_step(batch, stage)``, and the optimiser chosen by name."""
+
+    _optimizer_name: str
+
+    def _wrap(self, model: Any, lr: Any, optimizer: Any, momentum: Any, weight_decay: Any) -> None:
+        self.model = _check_model(model)
+        self._optimizer_name = _check_optim_args(lr, optimizer, momentum, weight_decay)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Output of the wrapped model."""
+        return self.model(x)
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Loss of the batch (a scalar tensor); logs the ``train/*`` metrics."""
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Logs the ``val/*`` metrics (epoch averages)."""
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Logs the ``test/*`` metrics (epoch averages)."""
+        return self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD (with ``momentum``) or Adam over all parameters, with ``lr`` and ``weight_decay``."""
+        hp = self.hparams
+        return _build_optimizer(
+            self.parameters(), self._optimizer_name, hp["lr"], hp["momentum"], hp["weight_decay"]
+        )
+
+
+class ClassificationModule(_ModelModule):
     """Cross-entropy classification with plain SGD (the paper's setting) or Adam.
 
     Args:
@@ -116,13 +153,8 @@ class ClassificationModule(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        self.model = _check_model(model)
-        self._optimizer_name = _check_optim_args(lr, optimizer, momentum, weight_decay)
+        self._wrap(model, lr, optimizer, momentum, weight_decay)
         self.save_hyperparameters(ignore=["model"])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits of the wrapped model."""
-        return self.model(x)
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         x, y = _unpack(batch)
@@ -133,25 +165,6 @@ class ClassificationModule(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=n)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val", batch_size=n)
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Cross-entropy of the batch (a scalar tensor); logs ``train/loss`` and ``train/acc``."""
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Logs ``val/loss`` and ``val/acc`` (epoch averages)."""
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Logs ``test/loss`` and ``test/acc`` (epoch averages)."""
-        return self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """SGD (with ``momentum``) or Adam over all parameters, with ``lr`` and ``weight_decay``."""
-        hp = self.hparams
-        return _build_optimizer(
-            self.parameters(), self._optimizer_name, hp["lr"], hp["momentum"], hp["weight_decay"]
-        )
 
 
 def squared_error_loss(pred: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -190,7 +203,7 @@ def squared_error_loss(pred: Tensor, target: Tensor, reduction: str = "mean") ->
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-class RegressionModule(pl.LightningModule):
+class RegressionModule(_ModelModule):
     r"""Least-squares regression; with :class:`DeepLinearDataModule` the paper's DLN experiment.
 
     The loss of a batch ``(x, y)`` is :func:`squared_error_loss`,
@@ -240,17 +253,12 @@ class RegressionModule(pl.LightningModule):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        self.model = _check_model(model)
-        self._optimizer_name = _check_optim_args(lr, optimizer, momentum, weight_decay)
+        self._wrap(model, lr, optimizer, momentum, weight_decay)
         if reduction not in _REDUCTIONS:
             raise ValueError(
                 f"Expected argument `reduction` to be one of 'mean', 'sum', but got {reduction!r}"
             )
         self.save_hyperparameters(ignore=["model"])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Predictions of the wrapped model."""
-        return self.model(x)
 
     def compute_loss(self, batch: Any) -> Tensor:
         """The loss of a batch ``(x, y)`` without logging (see the class docstring)."""
@@ -261,22 +269,3 @@ class RegressionModule(pl.LightningModule):
         loss = self.compute_loss(batch)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(batch[0]))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Loss of the batch (a scalar tensor); logs ``train/loss``."""
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Logs ``val/loss``."""
-        return self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Logs ``test/loss``."""
-        return self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """SGD (with ``momentum``) or Adam over all parameters, with ``lr`` and ``weight_decay``."""
-        hp = self.hparams
-        return _build_optimizer(
-            self.parameters(), self._optimizer_name, hp["lr"], hp["momentum"], hp["weight_decay"]
-        )
