@@ -161,8 +161,9 @@ class _Silenced:
 
     _NAMES = ("log", "log_dict")
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, metrics: list[nn.Module]) -> None:
         self.module = module
+        self.metrics = metrics
         self.installed: list[str] = []
         self.saved: list[tuple[nn.Module, dict[str, Any]]] = []
 
@@ -171,13 +172,9 @@ class _Silenced:
             if callable(getattr(self.module, name, None)) and name not in self.module.__dict__:
                 object.__setattr__(self.module, name, _noop)
                 self.installed.append(name)
-        for m in self.module.modules():
-            defaults = getattr(m, "_defaults", None)
-            if isinstance(defaults, dict) and defaults:
-                keys = [*defaults, "_update_count", "_computed", "_update_called"]
-                self.saved.append(
-                    (m, {k: _copy_state(m.__dict__[k]) for k in keys if k in m.__dict__})
-                )
+        for m in self.metrics:
+            keys = [*m.__dict__["_defaults"], "_update_count", "_computed", "_update_called"]
+            self.saved.append((m, {k: _copy_state(m.__dict__[k]) for k in keys if k in m.__dict__}))
 
     def __exit__(self, *exc: object) -> None:
         for name in self.installed:
@@ -186,6 +183,39 @@ class _Silenced:
         for m, state in self.saved:
             m.__dict__.update(state)
         self.saved.clear()
+
+
+class _Layout:
+    """What a probe needs to know of the module's structure, gathered once per probe.
+
+    Every buffer by its qualified name with its owner (read at each evaluation, so an in-place
+    update or a reassignment is seen), the torchmetrics-style metrics to save and restore, and
+    whether any parameter or buffer is shared (only then must ``functional_call`` tie them).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers: list[tuple[str, nn.Module, str]] = []
+        for prefix, owner in module.named_modules(remove_duplicate=False):
+            for attr, buf in owner._buffers.items():
+                if buf is not None:
+                    self.buffers.append((f"{prefix}.{attr}" if prefix else attr, owner, attr))
+        self.metrics = [
+            m
+            for m in module.modules()
+            if isinstance(m.__dict__.get("_defaults"), dict) and m.__dict__["_defaults"]
+        ]
+        n_all = len(list(module.named_parameters(remove_duplicate=False))) + len(self.buffers)
+        n_unique = len(list(module.named_parameters())) + len(list(module.named_buffers()))
+        self.tied = n_all != n_unique
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """A copy of every buffer (running statistics of the probe pass land in the copies)."""
+        out: dict[str, Tensor] = {}
+        for name, owner, attr in self.buffers:
+            buf = owner._buffers.get(attr)
+            if buf is not None:
+                out[name] = buf.clone()
+        return out
 
 
 def _copy_state(value: Any) -> Any:
@@ -269,6 +299,7 @@ class Probe:
         self._caller = _StepCaller(module, self._step)
         self._runner = _Runner(module)
         self._param_names = [n for n, _ in module.named_parameters()]
+        self._layout_cache: _Layout | None = None
 
     # --- parameter points ---------------------------------------------------------------
     def parameters(self) -> Params:
@@ -281,6 +312,13 @@ class Probe:
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+    @property
+    def _layout(self) -> _Layout:
+        # gathered at the first evaluation, after Lightning's ``configure_model`` has run
+        if self._layout_cache is None:
+            self._layout_cache = _Layout(self.module)
+        return self._layout_cache
 
     # --- evaluation -------------------------------------------------------------------------
     def _step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -302,14 +340,13 @@ class Probe:
         fresh copy, so running statistics are not updated. ``rng`` replays the real step's
         random state (dropout masks).
         """
-        state: dict[str, Tensor] = {
-            f"module.{n}": b.clone() for n, b in self.module.named_buffers(remove_duplicate=False)
-        }
+        layout = self._layout
+        state = {f"module.{n}": b for n, b in layout.fresh_buffers().items()}
         state.update({f"module.{n}": t for n, t in params.items()})
         ctx = rng.replay() if rng is not None else contextlib.nullcontext()
-        with ctx, self.context(), _Silenced(self.module):
+        with ctx, self.context(), _Silenced(self.module, layout.metrics):
             out = torch.func.functional_call(
-                self._caller, state, (batch, batch_idx), tie_weights=True, strict=False
+                self._caller, state, (batch, batch_idx), tie_weights=layout.tied, strict=False
             )
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise TypeError(f"Expected a scalar loss, got {out!r}")
@@ -415,7 +452,12 @@ class Probe:
                 slots[n].requires_grad_(True)
         point.update(slots)
         moves = [(params[n].detach(), d.detach(), slots[n]) for n, d in direction.items()]
-        buffers = dict(self.module.named_buffers(remove_duplicate=False))
+        layout = self._layout
+        buffers: dict[str, Tensor] = {}
+        for name, owner, attr in layout.buffers:
+            buf = owner._buffers.get(attr)
+            if buf is not None:
+                buffers[name] = buf
         fresh = {n: b.clone() for n, b in buffers.items()}
         state = {f"module.{n}": t for n, t in point.items()}
         state.update({f"module.{n}": t for n, t in fresh.items()})
@@ -446,8 +488,10 @@ class Probe:
                     )
                 )
 
-        with self.context(), _Silenced(self.module):
-            torch.func.functional_call(self._runner, state, (run,), tie_weights=True, strict=False)
+        with self.context(), _Silenced(self.module, layout.metrics):
+            torch.func.functional_call(
+                self._runner, state, (run,), tie_weights=layout.tied, strict=False
+            )
         return results
 
 
