@@ -26,7 +26,7 @@ A figure whose data the run lacks (no noisy-BN variant, no BatchNorm layer, ...)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,26 +297,25 @@ def _ics(run: RunData, arch: str, out: Path) -> FigureFile | None:
     )
 
 
-def _bands(
+def _per_lr(
     run: RunData,
     arch: str,
     out: Path,
-    lo: str,
-    hi: str,
+    draw: Callable[[Axes, VariantHistory], bool],
     name: str,
     ylabel: str,
     title: str,
     caption: str,
 ) -> FigureFile | None:
+    """One panel per learning rate comparing BatchNorm with the standard network."""
     lrs = run.plan.lrs
     fig = _new_figure(1, len(lrs))
     axes = _axes(fig, 1, len(lrs))
     drawn = False
     for col, lr in enumerate(lrs):
         ax = axes[0, col]
-        histories = _compared(run, arch, lr)
-        for h in histories:
-            drawn |= _band(ax, h, lo, hi)
+        for h in _compared(run, arch, lr):
+            drawn |= draw(ax, h)
         _use_log(ax)
         ax.set_title(f"lr = {format_lr(lr)}")
         ax.set_xlabel("step")
@@ -329,28 +328,29 @@ def _bands(
     return _save(fig, out / f"{name}_{arch}.png", caption)
 
 
+def _bands(
+    run: RunData,
+    arch: str,
+    out: Path,
+    lo: str,
+    hi: str,
+    name: str,
+    ylabel: str,
+    title: str,
+    caption: str,
+) -> FigureFile | None:
+    return _per_lr(run, arch, out, lambda ax, h: _band(ax, h, lo, hi), name, ylabel, title, caption)
+
+
 def _beta(run: RunData, arch: str, out: Path) -> FigureFile | None:
-    lrs = run.plan.lrs
-    fig = _new_figure(1, len(lrs))
-    axes = _axes(fig, 1, len(lrs))
-    drawn = False
-    for col, lr in enumerate(lrs):
-        ax = axes[0, col]
-        histories = _compared(run, arch, lr)
-        for h in histories:
-            drawn |= _line(ax, h, "smoothness/beta_eff", marker="o", ms=2.5)
-        _use_log(ax)
-        ax.set_title(f"lr = {format_lr(lr)}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("β_eff = max_η ‖g − ∇L(W − ηg)‖ / ‖ηg‖")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    if not drawn:
-        return None
-    fig.suptitle(f"{_title(run, arch)}: effective β-smoothness (Fig. 4c)")
-    return _save(
-        fig,
-        out / f"beta_smoothness_{arch}.png",
+    return _per_lr(
+        run,
+        arch,
+        out,
+        lambda ax, h: _line(ax, h, "smoothness/beta_eff", marker="o", ms=2.5),
+        "beta_smoothness",
+        "β_eff = max_η ‖g − ∇L(W − ηg)‖ / ‖ηg‖",
+        "effective β-smoothness (Fig. 4c)",
         f"Effective β-smoothness along the gradient, BatchNorm vs standard ({arch}; Fig. 4c).",
     )
 
