@@ -55,11 +55,8 @@ import torch
 from pyhessian import hessian as PyHessian
 from torch import Tensor, nn
 
-from lightning_bn.diagnostics.curvature import (
-    EigAlgorithm,
-    HessianVectorProduct,
-    top_hessian_eigenvalue,
-)
+from lightning_bn.diagnostics.eigen import EigAlgorithm, top_hessian_eigenvalue
+from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.probe import Probe
 
 CRITERION = nn.CrossEntropyLoss()

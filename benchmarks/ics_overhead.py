@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn import ICSCallback
 from lightning_bn.diagnostics.ics import compute_ics, resolve_layers
-from lightning_bn.probe import Probe, RNGState
+from lightning_bn.probe import Probe, RNGState, StepRecord
 
 #: Process CPU time by default: on a shared machine wall time also counts other processes' load.
 CLOCK: Callable[[], float] = time.process_time
@@ -107,10 +107,10 @@ def main() -> None:
         torch.autograd.grad(loss, params)
 
     def measure() -> None:
-        compute_ics(probe, layers, before, after, batch, 0, rng)
+        compute_ics(probe, layers, before, after, StepRecord(batch, 0, rng))
 
     def measure_grad_only() -> None:
-        compute_ics(probe, layers, before, after, batch, 0, rng, distributional=False)
+        compute_ics(probe, layers, before, after, StepRecord(batch, 0, rng), distributional=False)
 
     names = [n for n, _ in layers]
     t_pass = timeit(train_pass, args.repeats)

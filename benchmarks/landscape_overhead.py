@@ -59,7 +59,7 @@ from lightning_bn.diagnostics.landscape import (
     norm_layers,
     resolve_step_sizes,
 )
-from lightning_bn.probe import Probe, RNGState
+from lightning_bn.probe import Probe, RNGState, StepRecord
 
 LR = 0.05
 
@@ -139,6 +139,7 @@ def measurement_costs(key: str, repeats: int) -> dict[str, float]:
     probe = Probe(module)
     params = probe.parameters()
     rng = RNGState.capture()
+    step = StepRecord(batch, 0, rng)
     etas = resolve_step_sizes(LR, None, True)
     grid = len(etas)
     layers = norm_layers(module)
@@ -164,7 +165,7 @@ def measurement_costs(key: str, repeats: int) -> dict[str, float]:
     capture = LayerCapture(bn_layers)
     capture.attach()
     try:
-        probe.loss_and_grad(params, batch, 0, rng)
+        probe.loss_and_grad(params, step)
     finally:
         capture.detach()
     captured = [(capture.store[n], m) for n, m in bn_layers]
@@ -175,25 +176,29 @@ def measurement_costs(key: str, repeats: int) -> dict[str, float]:
             theorem41_bound(rec.y.detach(), rec.grad_y, rec.grad_z, rec.weight, m.eps)
 
     def lipschitz() -> None:
-        compute_lipschitz(probe, params, batch, 0, rng, etas, layers)
+        compute_lipschitz(probe, params, step, etas, layers)
 
     def smoothness(init: dict[str, Tensor] | None) -> Callable[[], None]:
         def run() -> None:
             gen = torch.Generator().manual_seed(0)
-            compute_smoothness(probe, params, batch, 0, rng, etas, init=init, generator=gen)
+            compute_smoothness(
+                probe, params, step, etas, init=init, generator=gen, eig_algorithm="power"
+            )
 
         return run
 
     def probe_forward() -> None:
         with torch.no_grad():
-            probe.loss(params, batch, 0, rng)
+            probe.loss(params, step)
 
     def probe_gradient() -> None:
-        probe.loss_and_grad(params, batch, 0, rng)
+        probe.loss_and_grad(params, step)
 
     def iterations(init: dict[str, Tensor] | None) -> tuple[int, dict[str, Tensor] | None]:
         gen = torch.Generator().manual_seed(0)
-        res = compute_smoothness(probe, params, batch, 0, rng, etas, init=init, generator=gen)
+        res = compute_smoothness(
+            probe, params, step, etas, init=init, generator=gen, eig_algorithm="power"
+        )
         return int(res.metrics["hessian_iters"]), res.eigenvector
 
     def lipschitz_arith_baseline() -> None:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     callbacks: list[L.Callback] = [
         ICSCallback(every_n_steps=args.every),  # every Linear/Conv layer by default
         LipschitzCallback(every_n_steps=args.every),  # η grid: lr × {0.5, ..., 4}
-        SmoothnessCallback(every_n_steps=args.every, power_iters=10),
+        SmoothnessCallback(every_n_steps=args.every, max_iters=10),
     ]
     if args.noise:
         callbacks.append(NoiseInjectionCallback(log_every_n_steps=args.every))

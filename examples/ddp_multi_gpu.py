@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[
             ICSCallback(every_n_steps=args.every),
             LipschitzCallback(every_n_steps=args.every),
-            SmoothnessCallback(every_n_steps=args.every, power_iters=10),
+            SmoothnessCallback(every_n_steps=args.every, max_iters=10),
         ],
         log_every_n_steps=10,
         enable_checkpointing=False,

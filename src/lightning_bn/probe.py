@@ -17,9 +17,11 @@ The loss is the module's own ``training_step(batch, batch_idx)`` (a tensor or a 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,8 @@ __all__ = [
     "Params",
     "Probe",
     "RNGState",
+    "StepRecord",
+    "accepts_batch_triple",
     "execution_order",
 ]
 
@@ -64,6 +68,73 @@ class RNGState:
             if self.cuda:
                 torch.cuda.set_rng_state_all(self.cuda)
             yield
+
+
+@dataclass
+class StepRecord:
+    """What a diagnostic needs of one measured training step, kept between Lightning's hooks.
+
+    Attributes:
+        batch: the step's batch, as ``training_step`` receives it.
+        batch_idx: its index (passed on to ``training_step``).
+        rng: the random state at the start of the step (replayed so probes see the step's dropout
+            masks), or ``None`` to use the current state.
+        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at).
+        before: the weights :math:`W^t` before the optimiser step, for diagnostics that compare
+            them with :math:`W^{t+1}` (ICS); ``None`` when not kept.
+
+    Example:
+        >>> record = StepRecord(batch=(torch.randn(4, 3), torch.randn(4, 1)), rng=RNGState.capture())
+        >>> record.batch_idx, record.step, record.before is None
+        (0, 0, True)
+    """
+
+    batch: Any
+    batch_idx: int = 0
+    rng: RNGState | None = None
+    step: int = 0
+    before: Params | None = None
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def accepts_batch_triple(index: int) -> Callable[[_F], _F]:
+    """Let a function whose positional argument ``index`` is a :class:`StepRecord` also take
+    the older form ``(batch, batch_idx, rng)`` in its place (positional or keywords).
+
+    A bare batch (``fn(..., batch)``) stands for ``StepRecord(batch)``; passing ``batch_idx`` or
+    ``rng`` separately still works but is deprecated (a :class:`DeprecationWarning`).
+    """
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            if "batch" in kwargs:
+                if len(args) != index:
+                    raise TypeError(
+                        f"{fn.__name__}(): pass the arguments before `batch` positionally"
+                    )
+                args = (*args, kwargs.pop("batch"))
+            if len(args) <= index or isinstance(args[index], StepRecord):
+                return fn(*args, **kwargs)
+            rest = list(args[index + 1 :])
+            legacy = bool(rest) or "batch_idx" in kwargs or "rng" in kwargs
+            batch_idx = rest.pop(0) if rest else kwargs.pop("batch_idx", 0)
+            rng = rest.pop(0) if rest else kwargs.pop("rng", None)
+            if legacy:
+                warnings.warn(
+                    f"{fn.__name__}(..., batch, batch_idx, rng, ...) is deprecated: pass one"
+                    " `StepRecord(batch, batch_idx, rng)` instead",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+            record = StepRecord(batch=args[index], batch_idx=batch_idx, rng=rng)
+            return fn(*args[:index], record, *rest, **kwargs)
+
+        return cast(_F, inner)
+
+    return wrap
 
 
 class Collective:
@@ -278,7 +349,7 @@ class Probe:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
         >>> probe = Probe(net, loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
         >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
-        >>> loss, grads = probe.loss_and_grad(probe.parameters(), batch)
+        >>> loss, grads = probe.loss_and_grad(probe.parameters(), StepRecord(batch))
         >>> sorted(grads)[:2]
         ['0.bias', '0.weight']
     """
@@ -327,37 +398,36 @@ class Probe:
         step: Callable[[Any, int], Any] = getattr(self.module, "training_step")  # noqa: B009
         return _loss_from_output(step(batch, batch_idx))
 
-    def loss(
-        self,
-        params: Mapping[str, Tensor],
-        batch: Any,
-        batch_idx: int = 0,
-        rng: RNGState | None = None,
-    ) -> Tensor:
-        """The loss at ``params`` on ``batch`` (differentiable w.r.t. the tensors in ``params``).
+    @accepts_batch_triple(2)
+    def loss(self, params: Mapping[str, Tensor], step: StepRecord) -> Tensor:
+        """The loss at ``params`` on the step's batch (differentiable w.r.t. ``params``' tensors).
 
         Parameters missing from ``params`` take the module's current values; every buffer is a
-        fresh copy, so running statistics are not updated. ``rng`` replays the real step's
-        random state (dropout masks).
+        fresh copy, so running statistics are not updated. ``step.rng`` replays the real step's
+        random state (dropout masks). Every method of the probe takes the step as one
+        :class:`StepRecord`; a bare batch stands for ``StepRecord(batch)``.
         """
         layout = self._layout
         state = {f"module.{n}": b for n, b in layout.fresh_buffers().items()}
         state.update({f"module.{n}": t for n, t in params.items()})
-        ctx = rng.replay() if rng is not None else contextlib.nullcontext()
+        ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
         with ctx, self.context(), _Silenced(self.module, layout.metrics):
             out = torch.func.functional_call(
-                self._caller, state, (batch, batch_idx), tie_weights=layout.tied, strict=False
+                self._caller,
+                state,
+                (step.batch, step.batch_idx),
+                tie_weights=layout.tied,
+                strict=False,
             )
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise TypeError(f"Expected a scalar loss, got {out!r}")
         return out.reshape(())
 
+    @accepts_batch_triple(2)
     def loss_and_grad(
         self,
         params: Mapping[str, Tensor],
-        batch: Any,
-        batch_idx: int = 0,
-        rng: RNGState | None = None,
+        step: StepRecord,
         wrt: Sequence[str] | None = None,
         create_graph: bool = False,
     ) -> tuple[Tensor, Params]:
@@ -372,7 +442,7 @@ class Probe:
         leaves = {n: point[n].clone().requires_grad_(True) for n in names}
         point.update(leaves)
         with torch.enable_grad():
-            loss = self.loss(point, batch, batch_idx, rng)
+            loss = self.loss(point, step)
             grads = torch.autograd.grad(
                 loss, [leaves[n] for n in names], allow_unused=True, create_graph=create_graph
             )
@@ -382,14 +452,13 @@ class Probe:
         }
         return (loss if create_graph else loss.detach()), out
 
+    @accepts_batch_triple(4)
     def losses_along(
         self,
         params: Mapping[str, Tensor],
         direction: Mapping[str, Tensor],
         step_sizes: Sequence[float],
-        batch: Any,
-        batch_idx: int = 0,
-        rng: RNGState | None = None,
+        step: StepRecord,
     ) -> Tensor:
         r"""The losses :math:`L(W - \eta d)` for every :math:`\eta` in ``step_sizes``, no gradient.
 
@@ -407,17 +476,16 @@ class Probe:
         Returns:
             ``(len(step_sizes),)``, detached.
         """
-        results = self._along(params, direction, step_sizes, batch, batch_idx, rng, None)
+        results = self._along(params, direction, step_sizes, step, None)
         return torch.stack([loss for loss, _ in results])
 
+    @accepts_batch_triple(4)
     def loss_and_grad_along(
         self,
         params: Mapping[str, Tensor],
         direction: Mapping[str, Tensor],
         step_sizes: Sequence[float],
-        batch: Any,
-        batch_idx: int = 0,
-        rng: RNGState | None = None,
+        step: StepRecord,
         wrt: Sequence[str] | None = None,
     ) -> list[tuple[Tensor, Params]]:
         r"""The loss and its gradient at :math:`W - \eta d` for every :math:`\eta`, in order.
@@ -427,16 +495,14 @@ class Probe:
         :meth:`losses_along`.
         """
         names = list(wrt) if wrt is not None else self.trainable_names()
-        return self._along(params, direction, step_sizes, batch, batch_idx, rng, names)
+        return self._along(params, direction, step_sizes, step, names)
 
     def _along(
         self,
         params: Mapping[str, Tensor],
         direction: Mapping[str, Tensor],
         step_sizes: Sequence[float],
-        batch: Any,
-        batch_idx: int,
-        rng: RNGState | None,
+        step: StepRecord,
         wrt: list[str] | None,
     ) -> list[tuple[Tensor, Params]]:
         unknown = sorted(set(direction) - set(params))
@@ -471,9 +537,9 @@ class Probe:
                         torch.add(p, d, alpha=-eta, out=slot)
                     if copies:  # every point starts from the module's buffers, as in `loss`
                         torch._foreach_copy_(copies, originals)
-                ctx = rng.replay() if rng is not None else contextlib.nullcontext()
+                ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
                 with ctx, torch.set_grad_enabled(wrt is not None):
-                    loss = _scalar_loss(self._step(batch, batch_idx))
+                    loss = _scalar_loss(self._step(step.batch, step.batch_idx))
                     if wrt is None:
                         results.append((loss.detach(), {}))
                         continue

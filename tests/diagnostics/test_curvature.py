@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_bn.diagnostics import curvature
+from lightning_bn.diagnostics import eigen
+from lightning_bn.diagnostics import hvp as hvp_module
 from lightning_bn.diagnostics.curvature import (
     EigResult,
     HessianVectorProduct,
@@ -113,8 +114,8 @@ def test_hvp_matches_full_hessian(kind: str, conv: bool, inside: bool) -> None:
     for method in methods:
         _assert_close(prob.flat(hvp(prob.loss_fn, prob.params, v, method=method)), expected)
     # both forward-mode implementations, whichever one the public path picked
-    primals, tangents = curvature._prepare(prob.params, v)
-    _assert_close(prob.flat(curvature._hvp_dual(prob.loss_fn, primals, tangents)), expected)
+    primals, tangents = hvp_module._prepare(prob.params, v)
+    _assert_close(prob.flat(hvp_module._hvp_dual(prob.loss_fn, primals, tangents)), expected)
     for method in methods:
         op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
         _assert_close(prob.flat(op(v)), expected)
@@ -510,7 +511,7 @@ def test_lanczos_cold_start_rng_dtypes_and_errors() -> None:
 
 def test_lanczos_basis_never_holds_more_than_max_iters_vectors() -> None:
     for capacity in (1, 3, 20, 37):
-        basis = curvature._Basis(5, capacity, DTYPE, torch.device("cpu"))
+        basis = eigen._Basis(5, capacity, DTYPE, torch.device("cpu"))
         for _ in range(capacity):
             basis.append(torch.ones(5, dtype=DTYPE))
         assert sum(b.shape[0] for b in basis._blocks) == capacity == basis.size

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bn.probe import Collective, Probe, RNGState
+from lightning_bn._validation import check_int
+from lightning_bn.probe import Collective, Probe, RNGState, StepRecord
 from lightning_bn.wandb_panels import (
     PAPER_SUMMARIES,
     PanelHistory,
@@ -53,21 +54,14 @@ class DiagnosticCallback(Callback):
     measure_after_step: bool = False
 
     def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | None = None) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"Expected argument `every_n_steps` to be a positive integer, but got {every_n_steps!r}"
-            )
+        check_int("every_n_steps", every_n_steps, minimum=1)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected argument `loss_fn` to be callable, but got {loss_fn!r}")
         self.every_n_steps = every_n_steps
         self.loss_fn = loss_fn
         self.collective = Collective()
         self._probe: Probe | None = None
-        self._pending: dict[str, Any] | None = None
+        self._record: StepRecord | None = None  # the step being measured, between hooks
         self.measured_steps: list[int] = []
         self.panel_history = PanelHistory()
 
@@ -100,15 +94,14 @@ class DiagnosticCallback(Callback):
             prepare = getattr(other, "prepare_batch", None)
             if other is not self and callable(prepare):
                 prepare(trainer)
-        self._pending = {
-            "step": trainer.global_step,
-            "batch": batch,
-            "batch_idx": batch_idx,
-            "rng": RNGState.capture(),
-        }
-        if self.measure_after_step:
-            self._pending["before"] = self.probe.parameters()
-        else:
+        self._record = StepRecord(
+            batch=batch,
+            batch_idx=batch_idx,
+            rng=RNGState.capture(),
+            step=trainer.global_step,
+            before=self.probe.parameters() if self.measure_after_step else None,
+        )
+        if not self.measure_after_step:
             self._measure(trainer, pl_module)
 
     @override
@@ -120,9 +113,9 @@ class DiagnosticCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._pending is not None and self.measure_after_step:
+        if self._record is not None and self.measure_after_step:
             self._measure(trainer, pl_module)
-        self._pending = None
+        self._record = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -137,7 +130,7 @@ class DiagnosticCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._pending = None
+        self._record = None
         self._probe = None
 
     @override
@@ -161,8 +154,8 @@ class DiagnosticCallback(Callback):
         """The constructor arguments, for the W&B run config (subclasses add theirs)."""
         return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn}
 
-    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
-        """Return the metrics of one measurement (keys already prefixed)."""
+    def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
+        """Return the metrics of one measurement of ``record`` (keys already prefixed)."""
         raise NotImplementedError
 
     # --- helpers -------------------------------------------------------------------------------
@@ -194,21 +187,21 @@ class DiagnosticCallback(Callback):
             )
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pending = self._pending
-        assert pending is not None
+        record = self._record
+        assert record is not None
         try:
-            metrics = self._compute(trainer, pending)
+            metrics = self._compute(trainer, record)
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
-                f"{type(self).__name__} skipped the measurement at step {pending['step']}:"
+                f"{type(self).__name__} skipped the measurement at step {record.step}:"
                 f" {type(exc).__name__}: {exc}."
                 " The model and optimiser are untouched and training goes on.",
                 DiagnosticWarning,
                 stacklevel=2,
             )
             return
-        self.measured_steps.append(int(pending["step"]))
-        self._log(trainer, metrics, int(pending["step"]))
+        self.measured_steps.append(record.step)
+        self._log(trainer, metrics, record.step)
 
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
         if not metrics:

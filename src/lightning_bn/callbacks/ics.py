@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_bn._validation import check_bool
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import compute_ics, resolve_layers
+from lightning_bn.probe import StepRecord
 
 __all__ = ["ICSCallback"]
 
@@ -95,7 +97,7 @@ class ICSCallback(DiagnosticCallback):
                         f" but got {sel!r}"
                     )
         self.layers = layers
-        self.distributional = bool(distributional)
+        self.distributional = check_bool("distributional", distributional)
         self._layers: list[tuple[str, nn.Module]] = []
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -110,15 +112,14 @@ class ICSCallback(DiagnosticCallback):
         layers = None if self.layers is None else [getattr(s, "__name__", s) for s in self.layers]
         return {**super()._settings(), "layers": layers, "distributional": self.distributional}
 
-    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
+    def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
+        assert record.before is not None  # measure_after_step: the base kept W^t
         results = compute_ics(
             self.probe,
             self._layers,
-            before=pending["before"],
-            after=self.probe.parameters(),
-            batch=pending["batch"],
-            batch_idx=pending["batch_idx"],
-            rng=pending["rng"],
+            record.before,
+            self.probe.parameters(),
+            record,
             collective=self.collective,
             distributional=self.distributional,
         )

@@ -10,8 +10,10 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_bn._validation import check_bool
 from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning, LossFn
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_step_sizes
+from lightning_bn.probe import StepRecord
 
 __all__ = ["LipschitzCallback", "check_step_sizes"]
 
@@ -90,7 +92,7 @@ class LipschitzCallback(DiagnosticCallback):
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
         self.step_sizes = check_step_sizes(step_sizes)
-        self.relative_to_lr = bool(relative_to_lr)
+        self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self._norm_layers: list[tuple[str, nn.Module]] = []
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -103,19 +105,12 @@ class LipschitzCallback(DiagnosticCallback):
             "relative_to_lr": self.relative_to_lr,
         }
 
-    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
+    def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
         values = compute_lipschitz(
-            self.probe,
-            self.probe.parameters(),
-            pending["batch"],
-            pending["batch_idx"],
-            pending["rng"],
-            etas,
-            self._norm_layers,
-            self.collective,
+            self.probe, self.probe.parameters(), record, etas, self._norm_layers, self.collective
         )
-        self._warn_on_violation(values, int(pending["step"]))
+        self._warn_on_violation(values, record.step)
         return {f"lipschitz/{k}": v for k, v in values.items()}
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:

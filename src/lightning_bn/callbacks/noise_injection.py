@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.noise import NoiseSample, NoiseSampler
 from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
 from lightning_bn.layers.registry import is_channels_last
@@ -354,10 +355,7 @@ def _new_generator(device: torch.device) -> torch.Generator:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"Expected argument `{name}` to be {kind}, but got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 def _check_targets(targets: Any) -> tuple[_Target, ...] | None:

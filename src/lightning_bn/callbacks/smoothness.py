@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_bn._validation import check_bool, check_choice, check_float, check_int
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.callbacks.lipschitz import _current_lr, check_step_sizes
-from lightning_bn.diagnostics.landscape import compute_smoothness, resolve_step_sizes
-from lightning_bn.probe import Params
+from lightning_bn.diagnostics.landscape import (
+    compute_smoothness,
+    resolve_max_iters,
+    resolve_step_sizes,
+)
+from lightning_bn.paramvec import dict_clone
+from lightning_bn.probe import Params, StepRecord
 
 __all__ = ["SmoothnessCallback"]
 
@@ -36,25 +41,20 @@ class SmoothnessCallback(DiagnosticCallback):
     ``hessian=True`` the dominant eigenvalue of the Hessian :math:`H = \nabla^2 L(W^t)` from
     Hessian-vector products (warm-started from the previous measurement's eigenvector, kept in
     :meth:`state_dict`; it stops when the estimate changes by less than ``tol`` relative, or after
-    ``power_iters`` products) and the curvature along the gradient
+    ``max_iters`` products) and the curvature along the gradient
     :math:`g^\top H g / \lVert g\rVert^2`. The eigenvalue is the one of largest magnitude,
     logged with its sign (:math:`|\lambda| = \lVert H\rVert_2`, the local β-smoothness).
 
     How the eigenvalue is found (``eig_algorithm``): the issue that specified this callback asked
-    for power iteration, and ``"power"`` still does exactly that. The default is ``"lanczos"``
-    (Lanczos with full reorthogonalisation, the Ritz value of largest magnitude; see
-    :func:`~lightning_bn.diagnostics.curvature.top_hessian_eigenvalue`): it estimates the same
-    quantity, and at the same ``tol`` it is both faster and closer to the exact value, warm and
-    cold. Measured on CPU (one thread) on train-mode BatchNorm MLPs along SGD training, at the
-    defaults (tol 1e-3, at most 20 products; medians of 8 measurements, the reference being
-    Lanczos at tol 1e-10): 86k parameters, every 500 steps, warm: power 18.5 products / 64.5 ms /
-    relative error 4.7e-3, Lanczos 9 / 40.7 ms / 1.9e-4; cold: power 19 / 69.1 ms / 7.2e-3,
-    Lanczos 10 / 45.3 ms / 1.5e-4; 567k parameters, every 100 steps, warm: power 15.5 / 251 ms /
-    9.5e-4, Lanczos 7.5 / 142 ms / 1.0e-4; cold: power 16 / 223 ms / 2.6e-3, Lanczos 9 / 175 ms
-    / 1.2e-4. The price is memory: Lanczos keeps every basis vector, up to
-    ``power_iters`` float32 copies of the trainable parameters (20 × the model's size at the
-    default) for the duration of one measurement; use ``"power"`` (two vectors) where that does
-    not fit.
+    for power iteration, and ``"power"`` still does exactly that. The default, here and in
+    :func:`~lightning_bn.diagnostics.landscape.compute_smoothness`, is ``"lanczos"`` (Lanczos with
+    full reorthogonalisation, the Ritz value of largest magnitude; see
+    :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`): it estimates the same
+    quantity and, at the same ``tol``, needs fewer Hessian-vector products and lands closer to
+    the exact value, warm or cold (``benchmarks/hessian_vs_pyhessian.py`` measures both). The
+    price is memory: Lanczos keeps every basis vector, up to ``max_iters`` float32 copies of the
+    trainable parameters for the duration of one measurement; use ``"power"`` (two vectors)
+    where that does not fit.
 
     Cost of one measurement: one gradient per step size, plus with the Hessian one gradient pass
     that keeps its graph and one backward through it per Hessian-vector product (a warm start
@@ -71,8 +71,8 @@ class SmoothnessCallback(DiagnosticCallback):
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of the current learning rate (else absolute).
         hessian: also compute the Hessian quantities.
-        power_iters: most Hessian-vector products of one eigenvalue estimate (either algorithm;
-            for Lanczos also the most parameter-sized vectors it keeps).
+        max_iters: most Hessian-vector products of one eigenvalue estimate (either algorithm;
+            for Lanczos also the most parameter-sized vectors it keeps); default 20.
         tol: relative change of the eigenvalue estimate that stops the iteration.
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
         hvp_method: ``"reverse"`` (default: reverse-over-reverse on a kept first-order graph, the
@@ -81,8 +81,10 @@ class SmoothnessCallback(DiagnosticCallback):
         seed: seed of the callback's own generator for the cold start (the global RNG is never
             used).
         eig_algorithm: ``"lanczos"`` (default: Lanczos with full reorthogonalisation, fewer
-            products and a closer value; memory ``power_iters`` × the model's size) or ``"power"``
+            products and a closer value; memory ``max_iters`` × the model's size) or ``"power"``
             (power iteration; two vectors of memory). See above.
+        power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
+            attribute ``power_iters`` and the run-config key of that name remain as aliases.
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -99,38 +101,23 @@ class SmoothnessCallback(DiagnosticCallback):
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         hessian: bool = True,
-        power_iters: int = 20,
+        max_iters: int | None = None,
         tol: float = 1e-3,
         loss_fn: LossFn | None = None,
         hvp_method: str = "reverse",
         seed: int = 0,
         eig_algorithm: str = "lanczos",
+        power_iters: int | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
         self.step_sizes = check_step_sizes(step_sizes)
-        self.relative_to_lr = bool(relative_to_lr)
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-            raise ValueError(
-                f"Expected argument `power_iters` to be a positive integer, but got {power_iters!r}"
-            )
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
-            raise ValueError(f"Expected argument `tol` to be a finite number >= 0, but got {tol!r}")
-        if hvp_method not in _HVP_METHODS:
-            raise ValueError(
-                f"Expected argument `hvp_method` to be one of {', '.join(map(repr, _HVP_METHODS))},"
-                f" but got {hvp_method!r}"
-            )
-        if eig_algorithm not in _EIG_ALGORITHMS:
-            raise ValueError(
-                "Expected argument `eig_algorithm` to be one of"
-                f" {', '.join(map(repr, _EIG_ALGORITHMS))}, but got {eig_algorithm!r}"
-            )
-        self.hessian = bool(hessian)
-        self.power_iters = power_iters
-        self.tol = float(tol)
-        self.hvp_method = hvp_method
-        self.eig_algorithm = eig_algorithm
-        self.seed = int(seed)
+        self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
+        self.max_iters = resolve_max_iters(max_iters, power_iters)
+        self.tol = check_float("tol", tol, minimum=0)
+        self.hvp_method = check_choice("hvp_method", hvp_method, _HVP_METHODS)
+        self.eig_algorithm = check_choice("eig_algorithm", eig_algorithm, _EIG_ALGORITHMS)
+        self.hessian = check_bool("hessian", hessian)
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.eigenvector: Params | None = None
 
@@ -140,24 +127,28 @@ class SmoothnessCallback(DiagnosticCallback):
             "step_sizes": self.step_sizes,
             "relative_to_lr": self.relative_to_lr,
             "hessian": self.hessian,
-            "power_iters": self.power_iters,
+            "max_iters": self.max_iters,
+            "power_iters": self.max_iters,  # the key's name before `max_iters` (stable config)
             "tol": self.tol,
             "hvp_method": self.hvp_method,
             "eig_algorithm": self.eig_algorithm,
             "seed": self.seed,
         }
 
-    def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
+    @property
+    def power_iters(self) -> int:
+        """Deprecated alias of :attr:`max_iters`."""
+        return self.max_iters
+
+    def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
         result = compute_smoothness(
             self.probe,
             self.probe.parameters(),
-            pending["batch"],
-            pending["batch_idx"],
-            pending["rng"],
+            record,
             etas,
             hessian=self.hessian,
-            power_iters=self.power_iters,
+            max_iters=self.max_iters,
             tol=self.tol,
             init=self.eigenvector,
             generator=self._generator,
@@ -166,7 +157,7 @@ class SmoothnessCallback(DiagnosticCallback):
             collective=self.collective,
         )
         if result.eigenvector is not None:
-            self.eigenvector = {k: v.detach().clone() for k, v in result.eigenvector.items()}
+            self.eigenvector = dict_clone(result.eigenvector)
         return {f"smoothness/{k}": v for k, v in result.metrics.items()}
 
     @override

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_bn._validation import check_float
+
 __all__ = [
     "Theorem41Result",
     "Theorem42Result",
@@ -329,8 +331,7 @@ def _per_channel(
                 f"Expected `{name}` to have the shape of `y` {tuple(y.shape)}, "
                 f"but got {tuple(t.shape)}"
             )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"Expected argument `eps` to be a finite number >= 0, but got {eps!r}")
+    check_float("eps", eps, minimum=0)
     dtype = torch.promote_types(torch.promote_types(y.dtype, grad_z.dtype), torch.float32)
     y2 = _flat_channels(y, channel_dim).to(dtype)
     g2 = _flat_channels(grad_z, channel_dim).to(dtype)

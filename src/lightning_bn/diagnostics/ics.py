@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.probe import Collective, Params, Probe, RNGState, execution_order
+from lightning_bn.paramvec import dict_dot, dict_norm, dict_sub
+from lightning_bn.probe import (
+    Collective,
+    Params,
+    Probe,
+    StepRecord,
+    accepts_batch_triple,
+    execution_order,
+)
 
 __all__ = ["ICSLayer", "compute_ics", "input_units", "resolve_layers", "unit_shift"]
 
@@ -108,14 +116,13 @@ def _owner(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
+@accepts_batch_triple(4)
 def compute_ics(
     probe: Probe,
     layers: Sequence[tuple[str, nn.Module]],
     before: Params,
     after: Params,
-    batch: Any,
-    batch_idx: int = 0,
-    rng: RNGState | None = None,
+    step: StepRecord,
     collective: Collective | None = None,
     distributional: bool = True,
 ) -> dict[str, dict[str, float]]:
@@ -126,8 +133,8 @@ def compute_ics(
         layers: ``(qualified name, module)`` of the measured layers.
         before: :math:`W^t` (every parameter of the model).
         after: :math:`W^{t+1}`, what the optimiser step produced.
-        batch: the step's batch; ``batch_idx`` its index for ``training_step``.
-        rng: the random state of the real step (same dropout masks).
+        step: the measured step: its batch, batch index and random state (same dropout
+            masks); the older form ``batch, batch_idx, rng`` in its place still works.
         collective: averages gradients over ranks before any norm (DDP semantics) and gathers
             the layers' inputs (the union of the ranks' batches).
         distributional: also compare each layer's input at the two parameter points.
@@ -166,7 +173,7 @@ def compute_ics(
         ]
         try:
             nonlocal grads0
-            _, grads0 = probe.loss_and_grad(before, batch, batch_idx, rng, wrt=all_wrt)
+            _, grads0 = probe.loss_and_grad(before, step, wrt=all_wrt)
         finally:
             for h in handles:
                 h.remove()
@@ -189,7 +196,7 @@ def compute_ics(
         store: dict[str, Tensor] = {}
         handle = lay.module.register_forward_pre_hook(capture(store, lay.name))
         try:
-            _, g = probe.loss_and_grad(point, batch, batch_idx, rng, wrt=list(lay.params))
+            _, g = probe.loss_and_grad(point, step, wrt=list(lay.params))
         finally:
             handle.remove()
         return g, store.get(lay.name)
@@ -199,12 +206,13 @@ def compute_ics(
     results: dict[str, dict[str, float]] = {}
     for lay, (g_mixed_local, x_mixed) in zip(chosen, mixed, strict=True):
         g_mixed = coll.mean_dict(g_mixed_local)
-        g = torch.cat([g_all[p].reshape(-1) for p in lay.params]).double()
-        gp = torch.cat([g_mixed[p].reshape(-1) for p in lay.params]).double()
-        diff = torch.linalg.vector_norm(g - gp)
-        g_norm = torch.linalg.vector_norm(g)
-        gp_norm = torch.linalg.vector_norm(gp)
-        cos = torch.dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)
+        # in float64: G and G' are close, and their difference is the logged quantity
+        g = {p: g_all[p].double() for p in lay.params}
+        gp = {p: g_mixed[p].double() for p in lay.params}
+        diff = dict_norm(dict_sub(g, gp))
+        g_norm = dict_norm(g)
+        gp_norm = dict_norm(gp)
+        cos = dict_dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)
         out = {
             "l2": float(diff),
             "cos": float(cos),

@@ -18,6 +18,7 @@ every gradient is averaged over ranks before it is used (:class:`~lightning_bn.p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.bounds import theorem41_bound
-from lightning_bn.diagnostics.curvature import (
-    HessianVectorProduct,
-    gradient_curvature,
-    top_hessian_eigenvalue,
-)
+from lightning_bn.diagnostics.curvature import gradient_curvature
+from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
+from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.layers import BatchNorm, LayerNorm
 from lightning_bn.layers._base import _BatchStatNorm
-from lightning_bn.probe import Collective, Params, Probe, RNGState
+from lightning_bn.paramvec import dict_norm, dict_sub_
+from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
 __all__ = [
     "DEFAULT_STEP_SIZES",
@@ -43,6 +44,7 @@ __all__ = [
     "compute_lipschitz",
     "compute_smoothness",
     "norm_layers",
+    "resolve_max_iters",
     "resolve_step_sizes",
 ]
 
@@ -167,33 +169,18 @@ def _layer_metrics(
     return out
 
 
-def _grad_at(
-    probe: Probe,
-    point: Params,
-    names: list[str],
-    batch: Any,
-    batch_idx: int,
-    rng: RNGState | None,
-) -> tuple[Tensor, Params]:
-    return probe.loss_and_grad(point, batch, batch_idx, rng, wrt=names)
+def _norm(tensors: Mapping[str, Tensor]) -> float:
+    """Euclidean norm of all entries: per-tensor norms in the tensors' dtype (a float32 norm is
+    accurate to about 1e-7 relative, float64 copies of every tensor would cost a sizeable part of
+    a gradient pass), combined in float64."""
+    return float(dict_norm(tensors, dtype=torch.float64))
 
 
-def _norm(tensors: Sequence[Tensor]) -> float:
-    """Euclidean norm of all entries: per-tensor norms in the tensors' dtype (one fused kernel),
-    combined in float64. A float32 norm is accurate to about 1e-7 relative; float64 copies of
-    every tensor would cost a third of a gradient pass on a small model."""
-    if not tensors:
-        return 0.0
-    norms = torch._foreach_norm(list(tensors))
-    return float(torch.linalg.vector_norm(torch.stack([n.double().cpu() for n in norms])))
-
-
+@accepts_batch_triple(2)
 def compute_lipschitz(
     probe: Probe,
     params: Params,
-    batch: Any,
-    batch_idx: int,
-    rng: RNGState | None,
+    step: StepRecord,
     step_sizes: Sequence[float],
     layers: Sequence[tuple[str, nn.Module]] = (),
     collective: Collective | None = None,
@@ -203,7 +190,8 @@ def compute_lipschitz(
     Args:
         probe: evaluates the model at a parameter point.
         params: :math:`W^t` (all parameters of the model).
-        batch: the step's batch; ``batch_idx`` its index; ``rng`` the step's random state.
+        step: the measured step (batch, batch index, random state); the older form
+            ``batch, batch_idx, rng`` in its place still works.
         step_sizes: absolute step sizes :math:`\eta`.
         layers: normalisation layers to report (``(name, module)``).
         collective: cross-rank averaging (DDP semantics).
@@ -222,7 +210,7 @@ def compute_lipschitz(
     def gradient_pass() -> tuple[Tensor, Params]:
         capture.attach()
         try:
-            return _grad_at(probe, params, names, batch, batch_idx, rng)
+            return probe.loss_and_grad(params, step, wrt=names)
         finally:
             capture.detach()
 
@@ -232,7 +220,7 @@ def compute_lipschitz(
     loss = coll.mean(loss)
 
     def grid_pass() -> Tensor:
-        return probe.losses_along(params, grad, step_sizes, batch, batch_idx, rng)
+        return probe.losses_along(params, grad, step_sizes, step)
 
     losses = coll.mean(coll.guard(grid_pass)).double()
     out = {
@@ -240,10 +228,36 @@ def compute_lipschitz(
         "loss_min": float(losses.min()),
         "loss_max": float(losses.max()),
         "loss_range": float(losses.max() - losses.min()),
-        "grad_norm": _norm(list(grad.values())),
+        "grad_norm": _norm(grad),
     }
     out.update(layer_values)
     return out
+
+
+def resolve_max_iters(
+    max_iters: int | None, power_iters: int | None, *, stacklevel: int = 2, default: int = 20
+) -> int:
+    """The cap on Hessian-vector products, from ``max_iters`` or its deprecated name.
+
+    ``power_iters`` capped Lanczos too, so the argument is now ``max_iters``; the old name still
+    works with a :class:`DeprecationWarning` (and is checked under its own name).
+
+    Raises:
+        TypeError: both names given.
+        ValueError: not an integer >= 1 (the message names the argument that was passed).
+    """
+    if power_iters is not None:
+        if max_iters is not None:
+            raise TypeError("Expected one of `max_iters` and `power_iters` (deprecated), got both")
+        warnings.warn(
+            "`power_iters` is deprecated (it caps Lanczos too): use `max_iters`",
+            DeprecationWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return check_int("power_iters", power_iters, minimum=1)
+    if max_iters is None:
+        return default
+    return check_int("max_iters", max_iters, minimum=1)
 
 
 @dataclass
@@ -254,43 +268,46 @@ class SmoothnessResult:
     eigenvector: Params | None
 
 
+@accepts_batch_triple(2)
 def compute_smoothness(
     probe: Probe,
     params: Params,
-    batch: Any,
-    batch_idx: int,
-    rng: RNGState | None,
+    step: StepRecord,
     step_sizes: Sequence[float],
     *,
     hessian: bool = True,
-    power_iters: int = 20,
+    max_iters: int | None = None,
     tol: float = 1e-3,
     init: Mapping[str, Tensor] | None = None,
     generator: torch.Generator | None = None,
     hvp_method: str = "reverse",
-    eig_algorithm: str = "power",
+    eig_algorithm: str = "lanczos",
     collective: Collective | None = None,
+    power_iters: int | None = None,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
 
     Args:
         probe: evaluates the model at a parameter point.
         params: :math:`W^t` (all parameters of the model).
-        batch: the step's batch; ``batch_idx`` its index; ``rng`` the step's random state.
+        step: the measured step (batch, batch index, random state); the older form
+            ``batch, batch_idx, rng`` in its place still works.
         step_sizes: absolute step sizes :math:`\eta`.
         hessian: also compute the Hessian quantities.
-        power_iters: most Hessian-vector products of the eigenvalue iteration (for Lanczos also
-            the most parameter-sized vectors kept in memory).
+        max_iters: most Hessian-vector products of the eigenvalue iteration, either algorithm
+            (for Lanczos also the most parameter-sized vectors kept in memory); default 20.
         tol: relative change of the eigenvalue estimate that stops the iteration.
         init: warm start (the previous measurement's eigenvector) or ``None``.
         generator: random source of a cold start (never the global RNG).
         hvp_method: ``"reverse"`` (keeps the first-order graph: each product is one backward),
             ``"forward"`` or ``"auto"`` (forward-over-reverse, reverse fallback).
-        eig_algorithm: ``"power"`` (power iteration) or ``"lanczos"`` (Lanczos with full
-            reorthogonalisation: the same quantity in fewer products); see
-            :func:`~lightning_bn.diagnostics.curvature.top_hessian_eigenvalue`.
+        eig_algorithm: ``"lanczos"`` (default, as in ``SmoothnessCallback``: Lanczos with full
+            reorthogonalisation, the same quantity in fewer products) or ``"power"`` (power
+            iteration, two vectors of memory); see
+            :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`.
         collective: cross-rank averaging (DDP semantics); Hessian-vector products are averaged
             like gradients.
+        power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`).
 
     Returns:
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
@@ -299,12 +316,13 @@ def compute_smoothness(
         ``hessian``: ``hessian_top_eig`` (dominant, i.e. largest-magnitude, eigenvalue with its
         sign), ``hessian_iters`` (Hessian-vector products it took), ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
     """
+    max_iters = resolve_max_iters(max_iters, power_iters, stacklevel=3)
     coll = collective if collective is not None else Collective()
     names = probe.trainable_names()
     trainable = {k: params[k] for k in names}
 
     def loss_fn(point: Mapping[str, Tensor]) -> Tensor:
-        return probe.loss({**params, **point}, batch, batch_idx, rng)
+        return probe.loss({**params, **point}, step)
 
     op: HessianVectorProduct | None = None
 
@@ -313,25 +331,22 @@ def compute_smoothness(
         if hessian:
             op = HessianVectorProduct(loss_fn, trainable, method=hvp_method)  # type: ignore[arg-type]
             return op.grad
-        return _grad_at(probe, params, names, batch, batch_idx, rng)[1]
+        return probe.loss_and_grad(params, step, wrt=names)[1]
 
     grad = coll.mean_dict(coll.guard(gradient_pass))
-    g_norm = _norm(list(grad.values()))
+    g_norm = _norm(grad)
 
     def grid_pass() -> list[Params]:
-        along = probe.loss_and_grad_along(params, grad, step_sizes, batch, batch_idx, rng, names)
+        along = probe.loss_and_grad_along(params, grad, step_sizes, step, names)
         return [g for _, g in along]
 
     grads_local = coll.guard(grid_pass)
-    keys = list(grad)
     diffs, betas = [], []
     for eta, g_local in zip(step_sizes, grads_local, strict=True):
-        g_eta = coll.mean_dict(g_local)
-        # In place: g_eta is not used again. The difference is correctly rounded in the
-        # gradients' dtype (float64 copies, as before, cost a third of a gradient pass here).
-        delta = [g_eta[k] for k in keys]
-        torch._foreach_sub_(delta, [grad[k] for k in keys])
-        diff = _norm(delta)
+        # In place: the averaged gradient at the grid point is not used again. The difference is
+        # correctly rounded in the gradients' dtype (float64 copies would cost a sizeable part of
+        # a gradient pass).
+        diff = _norm(dict_sub_(coll.mean_dict(g_local), grad))
         diffs.append(diff)
         betas.append(diff / (abs(eta) * g_norm) if eta != 0 and g_norm > 0 else math.nan)
     metrics = {
@@ -353,7 +368,7 @@ def compute_smoothness(
         eig = top_hessian_eigenvalue(
             hvp_fn,
             start,
-            max_iters=power_iters,
+            max_iters=max_iters,
             tol=tol,
             generator=generator,
             like=trainable,

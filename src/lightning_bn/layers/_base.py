@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_bn._validation import check_float, check_int
+
 
 def check_num_features(num_features: Any) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(
-            f"Expected argument `num_features` to be a positive integer, but got {num_features!r}"
-        )
-    return num_features
+    return check_int("num_features", num_features, minimum=1)
 
 
 def check_eps(eps: Any) -> float:
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not eps >= 0
-        or math.isinf(eps)
-    ):
-        raise ValueError(f"Expected argument `eps` to be a finite number >= 0, but got {eps!r}")
-    return float(eps)
+    return check_float("eps", eps, minimum=0)
 
 
 def check_momentum(momentum: Any) -> float | None:
-    if momentum is None:
-        return None
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum <= 1
-    ):
-        raise ValueError(
-            f"Expected argument `momentum` to be None or a number in [0, 1], but got {momentum!r}"
-        )
-    return float(momentum)
+    return check_float("momentum", momentum, minimum=0, maximum=1, finite=False, optional=True)
 
 
 class _BatchStatNorm(nn.Module):

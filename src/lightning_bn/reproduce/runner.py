@@ -204,7 +204,7 @@ def _callbacks(plan: ExperimentPlan, spec: VariantSpec) -> list[Callback]:
         SmoothnessCallback(
             every_n_steps=every,
             step_sizes=plan.step_sizes,
-            power_iters=plan.power_iters,
+            max_iters=plan.power_iters,
             seed=plan.seed,
         ),
     ]

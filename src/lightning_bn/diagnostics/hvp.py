@@ -1,0 +1,318 @@
+r"""Hessian-vector products of a scalar loss of a parameter dict.
+
+Everything here works on *parameter dicts* (``dict[str, Tensor]``, e.g. a model's
+``named_parameters()`` detached; see :mod:`lightning_bn.paramvec`) and on a scalar loss function
+of such a dict,
+
+.. math::
+    L : \{W_k\}_k \mapsto \mathbb{R}, \qquad H = \nabla^2 L(W),
+
+so a caller decides how the loss is evaluated (typically
+:func:`torch.func.functional_call` on copies of the buffers, with the step's RNG state
+replayed so that every call sees the same dropout masks and batch statistics). Plain torch.
+
+Three ways to get :math:`Hv` (all exact up to rounding):
+
+* ``"forward"`` (forward-over-reverse): :math:`Hv = \partial_\epsilon \nabla L(W + \epsilon v)|_0`,
+  with ``torch.func.jvp(torch.func.grad(loss_fn), (params,), (vector,))``. When functorch refuses
+  the loss function because it mutates a tensor it did not receive as an input (the in-place
+  running-statistics update of a train-mode BatchNorm whose buffers were cloned *outside*
+  ``loss_fn``), the same product is taken with dual tensors (:mod:`torch.autograd.forward_ad`)
+  through a plain :func:`torch.autograd.grad`, which does not mind such updates.
+* ``"reverse"`` (reverse-over-reverse): :math:`Hv = \nabla_W \langle \nabla L(W), v\rangle`, i.e.
+  :func:`torch.autograd.grad` with ``create_graph=True`` and a second ``grad`` along ``v``.
+  :class:`HessianVectorProduct` builds the first-order graph once and reuses it for every product.
+* ``"auto"``: ``"forward"``, falling back to ``"reverse"`` when forward-mode AD raises (an op with
+  no forward derivative, e.g. ``grid_sampler_2d``, or a custom :class:`torch.autograd.Function`
+  without ``jvp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal, cast
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from lightning_bn._validation import check_choice
+from lightning_bn.paramvec import TensorDict
+
+__all__ = [
+    "HVPMethod",
+    "HessianVectorProduct",
+    "LossFn",
+    "TensorDict",
+    "grad_and_loss",
+    "hvp",
+]
+
+#: A scalar loss of a parameter dict.
+LossFn = Callable[[TensorDict], Tensor]
+#: How a Hessian-vector product is taken (see the module docstring).
+HVPMethod = Literal["auto", "forward", "reverse"]
+_METHODS = ("auto", "forward", "reverse")
+
+
+def hvp(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    vector: Mapping[str, Tensor],
+    *,
+    method: HVPMethod = "auto",
+) -> TensorDict:
+    r"""Hessian-vector product :math:`H v` of a scalar loss at ``params``.
+
+    .. math::
+        (Hv)_k = \sum_l \frac{\partial^2 L}{\partial W_k \, \partial W_l}(W) \, v_l .
+
+    Args:
+        loss_fn: ``loss_fn(params) -> Tensor`` returning a scalar. It is called once when the
+            first attempt works, and up to three times otherwise (torch.func, dual tensors,
+            reverse mode), so every call must see the same data, dropout masks and batch
+            statistics; in-place updates of running statistics inside it are harmless (train-mode
+            BatchNorm), as long as they do not change the output.
+        params: the point :math:`W`, ``{name: Tensor}``; not modified, detached internally.
+        vector: the direction :math:`v`, same keys and shapes as ``params``.
+        method: ``"forward"``, ``"reverse"`` or ``"auto"`` (forward, reverse if forward-mode AD
+            raises); see the module docstring.
+
+    Returns:
+        ``{name: Tensor}`` with the shapes of ``params``, detached.
+
+    Raises:
+        ValueError: an unknown ``method``, mismatched keys or shapes, or a non-scalar loss.
+        RuntimeError: the product cannot be taken with the chosen method (for ``"auto"``: the error
+            of the reverse-mode attempt, chained to the forward-mode one).
+    """
+    _check_method(method)
+    primals, tangents = _prepare(params, vector)
+    if method == "reverse":
+        return _hvp_reverse(loss_fn, primals, tangents)
+    try:
+        return _hvp_forward(loss_fn, primals, tangents)
+    except RuntimeError as forward_error:
+        if method == "forward":
+            raise
+        try:
+            return _hvp_reverse(loss_fn, primals, tangents)
+        except RuntimeError as reverse_error:
+            raise reverse_error from forward_error
+
+
+def grad_and_loss(loss_fn: LossFn, params: Mapping[str, Tensor]) -> tuple[TensorDict, Tensor]:
+    r"""Gradient :math:`\nabla L(W)` and loss :math:`L(W)` by one plain backward pass.
+
+    Args:
+        loss_fn: ``loss_fn(params) -> Tensor`` returning a scalar.
+        params: the point :math:`W`, ``{name: Tensor}``; not modified.
+
+    Returns:
+        ``(grad, loss)``: ``grad`` has the keys and shapes of ``params`` (zeros for a parameter the
+        loss does not depend on), ``loss`` is a 0-dim tensor; both detached.
+    """
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        loss = _scalar(loss_fn(leaves))
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return _as_dict(leaves, grads), loss.detach()
+
+
+class HessianVectorProduct:
+    r"""The linear map :math:`v \mapsto H v` at a fixed point, reusing work across products.
+
+    Building it evaluates the loss and its gradient once (available as :attr:`loss` and
+    :attr:`grad`, so a caller needs no separate gradient pass). With ``method="reverse"`` (the
+    default) the first-order graph is kept and each product is one more backward pass through it
+    (a product costs one backward pass through the kept graph, where forward-over-reverse re-runs
+    the model every time); the price is the memory of that graph until the object is dropped. ``params`` are not copied (detached
+    views): do not modify them in place while the operator is in use (autograd then raises).
+    With ``"forward"``/``"auto"`` each product re-runs the model, and ``"auto"`` settles on the
+    first method that works (keeping the graph if that is ``"reverse"``).
+
+    Args:
+        loss_fn: ``loss_fn(params) -> Tensor`` returning a scalar; see :func:`hvp`.
+        params: the point :math:`W`, ``{name: Tensor}``; not modified.
+        method: ``"reverse"`` (default), ``"forward"`` or ``"auto"``.
+
+    Attributes:
+        params: the point, detached.
+        loss: :math:`L(W)`, 0-dim, detached.
+        grad: :math:`\nabla L(W)`, detached.
+        method: the method in use (``"auto"`` becomes ``"forward"`` or ``"reverse"`` after the
+            first product).
+        calls: number of products taken so far.
+
+    Example:
+        >>> import torch
+        >>> a = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> op = HessianVectorProduct(lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(2)})
+        >>> op({"w": torch.tensor([1.0, 0.0])})["w"]
+        tensor([2., 1.])
+    """
+
+    def __init__(
+        self, loss_fn: LossFn, params: Mapping[str, Tensor], *, method: HVPMethod = "reverse"
+    ) -> None:
+        _check_method(method)
+        _check_params(params)
+        self.params: TensorDict = {k: p.detach() for k, p in params.items()}
+        self.method: str = method
+        self.calls = 0
+        self._loss_fn = loss_fn
+        self._graph: tuple[TensorDict, tuple[Tensor | None, ...]] | None = None
+        if method == "reverse":
+            self.loss, self.grad = self._build_graph()
+        else:
+            self.grad, self.loss = grad_and_loss(loss_fn, self.params)
+
+    def __call__(self, vector: Mapping[str, Tensor]) -> TensorDict:
+        """Return :math:`Hv` (keys and shapes of :attr:`params`, detached)."""
+        primals, tangents = _prepare(self.params, vector)
+        self.calls += 1
+        if self._graph is None and self.method == "auto":
+            try:
+                out = _hvp_forward(self._loss_fn, primals, tangents)
+            except RuntimeError:
+                self.method = "reverse"
+                self._build_graph()
+            else:
+                self.method = "forward"
+                return out
+        if self._graph is not None:
+            leaves, grads = self._graph
+            return _reverse_product(leaves, grads, tangents)
+        return _hvp_forward(self._loss_fn, primals, tangents)
+
+    def _build_graph(self) -> tuple[Tensor, TensorDict]:
+        leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
+        self._graph = (leaves, grads)
+        return loss.detach(), _as_dict(leaves, grads)
+
+
+def _hvp_forward(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
+    def scalar_loss(p: TensorDict) -> Tensor:
+        return _scalar(loss_fn(p))
+
+    try:
+        result = torch.func.jvp(torch.func.grad(scalar_loss), (primals,), (tangents,))
+        return {k: t.detach() for k, t in cast(TensorDict, result[1]).items()}
+    except RuntimeError:
+        # functorch rejects in-place updates of captured tensors (BatchNorm running statistics
+        # when the buffers were cloned outside loss_fn); dual tensors do the same product.
+        return _hvp_dual(loss_fn, primals, tangents)
+
+
+def _hvp_dual(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
+    with torch.enable_grad(), fwAD.dual_level():
+        leaves = _leaves(primals)
+        duals = {k: fwAD.make_dual(leaves[k], tangents[k]) for k in leaves}
+        loss = _scalar(loss_fn(duals))
+        # The backward pass runs on dual tensors, so each gradient carries d/dε ∇L(W + εv).
+        grads = torch.autograd.grad(loss, list(duals.values()), allow_unused=True)
+        out = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
+    return _as_dict(leaves, out)
+
+
+def _hvp_reverse(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
+    leaves, grads, _ = _first_order_graph(loss_fn, primals)
+    return _reverse_product(leaves, grads, tangents, retain_graph=False)
+
+
+def _first_order_graph(
+    loss_fn: LossFn, params: Mapping[str, Tensor]
+) -> tuple[TensorDict, tuple[Tensor | None, ...], Tensor]:
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        loss = _scalar(loss_fn(leaves))
+        grads = torch.autograd.grad(
+            loss, list(leaves.values()), create_graph=True, allow_unused=True
+        )
+    return leaves, grads, loss
+
+
+def _reverse_product(
+    leaves: TensorDict,
+    grads: tuple[Tensor | None, ...],
+    tangents: TensorDict,
+    *,
+    retain_graph: bool = True,
+) -> TensorDict:
+    # A gradient that does not require grad is constant in W: its block of H is zero.
+    pairs = [
+        (g, tangents[k])
+        for k, g in zip(leaves, grads, strict=True)
+        if g is not None and g.requires_grad
+    ]
+    if not pairs:
+        return {k: torch.zeros_like(p) for k, p in leaves.items()}
+    with torch.enable_grad():
+        out = torch.autograd.grad(
+            [g for g, _ in pairs],
+            list(leaves.values()),
+            grad_outputs=[v for _, v in pairs],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    return _as_dict(leaves, out)
+
+
+# --- Internals -----------------------------------------------------------------------------------
+def _check_method(method: object) -> None:
+    check_choice("method", method, _METHODS)
+
+
+def _check_params(params: Mapping[str, Tensor]) -> None:
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError(
+            f"Expected argument `params` to be a non-empty dict of tensors, but got {params!r}"
+        )
+    for k, p in params.items():
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            raise ValueError(
+                f"Expected argument `params` to hold floating-point tensors, but `{k}` is {p!r}"
+            )
+
+
+def _prepare(
+    params: Mapping[str, Tensor], vector: Mapping[str, Tensor]
+) -> tuple[TensorDict, TensorDict]:
+    _check_params(params)
+    if not isinstance(vector, Mapping) or vector.keys() != params.keys():
+        got = sorted(vector) if isinstance(vector, Mapping) else repr(vector)
+        raise ValueError(
+            f"Expected argument `vector` to have the keys of `params` {sorted(params)}, "
+            f"but got {got}"
+        )
+    primals = {k: p.detach() for k, p in params.items()}
+    tangents: TensorDict = {}
+    for k, p in primals.items():
+        v = vector[k]
+        if v.shape != p.shape:
+            raise ValueError(
+                f"Expected `vector[{k!r}]` to have shape {tuple(p.shape)}, but got {tuple(v.shape)}"
+            )
+        tangents[k] = v.detach().to(dtype=p.dtype, device=p.device)
+    return primals, tangents
+
+
+def _leaves(params: Mapping[str, Tensor]) -> TensorDict:
+    # detach() shares storage: no copy, and the caller's tensors keep their autograd state.
+    return {k: p.detach().requires_grad_(True) for k, p in params.items()}
+
+
+def _scalar(loss: object) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {shape}")
+    return loss.reshape(())
+
+
+def _as_dict(
+    leaves: TensorDict, values: list[Tensor | None] | tuple[Tensor | None, ...]
+) -> TensorDict:
+    return {
+        k: torch.zeros_like(p) if g is None else g.detach()
+        for (k, p), g in zip(leaves.items(), values, strict=True)
+    }
