@@ -103,8 +103,9 @@ def accepts_batch_triple(index: int) -> Callable[[_F], _F]:
     """Let a function whose positional argument ``index`` is a :class:`StepRecord` also take
     the older form ``(batch, batch_idx, rng)`` in its place (positional or keywords).
 
-    A bare batch (``fn(..., batch)``) stands for ``StepRecord(batch)``; passing ``batch_idx`` or
-    ``rng`` separately still works but is deprecated (a :class:`DeprecationWarning`).
+    A bare batch (``fn(..., batch, ...)``) stands for ``StepRecord(batch)``; passing ``batch_idx``
+    (an ``int`` right after the batch, or a keyword) and ``rng`` separately still works but is
+    deprecated (a :class:`DeprecationWarning`).
     """
 
     def wrap(fn: _F) -> _F:
@@ -119,9 +120,15 @@ def accepts_batch_triple(index: int) -> Callable[[_F], _F]:
             if len(args) <= index or isinstance(args[index], StepRecord):
                 return fn(*args, **kwargs)
             rest = list(args[index + 1 :])
-            legacy = bool(rest) or "batch_idx" in kwargs or "rng" in kwargs
-            batch_idx = rest.pop(0) if rest else kwargs.pop("batch_idx", 0)
-            rng = rest.pop(0) if rest else kwargs.pop("rng", None)
+            # the old form has an int batch index right after the batch; in the new form what
+            # follows the step is never an int (step sizes, `wrt`, a Collective, None)
+            positional = bool(rest) and isinstance(rest[0], int) and not isinstance(rest[0], bool)
+            legacy = positional or "batch_idx" in kwargs or "rng" in kwargs
+            batch_idx = rest.pop(0) if positional else kwargs.pop("batch_idx", 0)
+            if positional and rest and (rest[0] is None or isinstance(rest[0], RNGState)):
+                rng = rest.pop(0)
+            else:
+                rng = kwargs.pop("rng", None)
             if legacy:
                 warnings.warn(
                     f"{fn.__name__}(..., batch, batch_idx, rng, ...) is deprecated: pass one"
