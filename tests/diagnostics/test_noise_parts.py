@@ -143,7 +143,9 @@ def test_statistics_reset_and_bad_size() -> None:
 # --- injector ----------------------------------------------------------------------------------
 def test_injector_uses_the_stream_seeds_and_records_first_pass_only() -> None:
     sampler = NoiseSampler()
-    injector = NoiseInjector(sampler, NoiseSeedStream(4), [False, True], rank=1)
+    targets = [("a", torch.nn.BatchNorm1d(3)), ("b", torch.nn.LayerNorm(2))]
+    injector = NoiseInjector(sampler, NoiseSeedStream(4), targets, rank=1)
+    assert injector.names == ["a", "b"] and injector.channels_last == [False, True]
     with pytest.raises(RuntimeError, match="call new_batch"):
         injector(0, torch.randn(3, 2))
     injector.new_batch(record=True)
@@ -156,7 +158,7 @@ def test_injector_uses_the_stream_seeds_and_records_first_pass_only() -> None:
     assert torch.equal(injector(1, x), y)  # every pass of the batch: the same noise
     injector(1, x * 100)  # a later pass of the same batch is not recorded
     assert injector.recorded == {1}
-    metrics = injector.metrics(["a", "b"])
+    metrics = injector.metrics()
     assert metrics["noise/b/clean_mean"] == pytest.approx(x.double().mean().item(), rel=1e-12)
     assert "noise/a/clean_mean" not in metrics and injector.record is False
     injector.new_batch(record=False)

@@ -19,7 +19,6 @@ from lightning_bn.diagnostics.noise import (
     NoiseSeedStream,
     resolve_noise_targets,
 )
-from lightning_bn.layers.registry import is_channels_last
 from lightning_bn.selection import Selector, check_selectors, selector_repr
 
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
@@ -28,10 +27,9 @@ __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 class NoiseInjectionCallback(Callback):
     r"""Make the output distribution of every normalisation layer unstable: "noisy BatchNorm".
 
-    Santurkar et al. (2018, Fig. 2, Appendix A) add random, time-varying scale and shift noise
-    right after every BatchNorm layer, so that layer inputs are *less* stable than without
-    BatchNorm, and find that this network still trains about as well as plain BatchNorm and much
-    better than the one without. This callback runs that experiment on any LightningModule.
+    Santurkar et al. (2018, Fig. 2, App. A) add time-varying noise after every BatchNorm layer, so
+    that layer inputs are *less* stable than without BatchNorm: the network still trains about as
+    well as with BatchNorm. This callback runs that experiment on any LightningModule.
 
     For each target's output :math:`a` at every training step (spec §4; the constants are
     reconstructed, hence arguments): per unit :math:`\mu_j \sim U(-n_\mu, n_\mu)`,
@@ -47,10 +45,8 @@ class NoiseInjectionCallback(Callback):
       training stage (not validation, test, predict, the sanity check or ``model.eval()``).
     - Fresh noise at every training batch; every forward pass of the same batch (an LBFGS closure,
       the passes of lightning-bn's diagnostic callbacks) sees the same noise.
-    - The callback's own stream (seeded with ``seed``) gives per batch and target one seed for
-      :math:`\mu_j, \sigma_j`, shared by all DDP processes, and one for :math:`m, s`, combined with
-      the rank. The global RNG is untouched; ``state_dict`` saves the stream, so a resumed run
-      continues the same noise sequence.
+    - Its own seed stream: :math:`\mu_j, \sigma_j` shared by all DDP processes, :math:`m, s`
+      their own; the global RNG untouched; ``state_dict`` saves the stream for resuming.
     - Forward hooks are registered at the start of ``fit`` and removed at its end (also on an
       exception): afterwards the model behaves exactly as without the callback.
 
@@ -79,12 +75,11 @@ class NoiseInjectionCallback(Callback):
     Logged metrics, per target (``<name>`` is its qualified module name, e.g. ``net.1``), once
     per logging step, over all entries of the output and all processes:
 
-    - ``noise/<name>/mu_mean``: mean of the sampled per-unit shifts :math:`\mu_j`;
-    - ``noise/<name>/sigma_mean``: mean of the sampled per-unit scales :math:`\sigma_j`;
-    - ``noise/<name>/clean_mean``, ``noise/<name>/clean_std``: mean and standard deviation of the
-      layer's output before the noise;
-    - ``noise/<name>/out_mean``, ``noise/<name>/out_std``: the same after the noise, which is what
-      the next layer receives (the paper's "distributional instability").
+    - ``noise/<name>/mu_mean``, ``noise/<name>/sigma_mean``: means of the draws :math:`\mu_j`,
+      :math:`\sigma_j`;
+    - ``noise/<name>/clean_mean``, ``noise/<name>/clean_std``: the output before the noise;
+    - ``noise/<name>/out_mean``, ``noise/<name>/out_std``: after it, what the next layer
+      receives (the paper's "distributional instability").
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -110,7 +105,6 @@ class NoiseInjectionCallback(Callback):
         self._stream = NoiseSeedStream(self.seed)
         self._generator = self._stream.generator  # the stream's position: what state_dict saves
         self._batches_seen = 0
-        self._names: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._trainer: pl.Trainer | None = None
         self._injector: NoiseInjector | None = None
@@ -125,13 +119,13 @@ class NoiseInjectionCallback(Callback):
     @property
     def target_names(self) -> list[str]:
         """Qualified names of the modules that get noise (filled at the start of ``fit``)."""
-        return list(self._names)
+        return [] if self._injector is None else list(self._injector.names)
 
     @property
     def _records(self) -> dict[int, str]:
         """Targets whose statistics the last batch recorded, index to name."""
-        recorded = self._injector.recorded if self._injector is not None else set()
-        return {index: self._names[index] for index in sorted(recorded)}
+        injector = self._injector
+        return {} if injector is None else {i: injector.names[i] for i in sorted(injector.recorded)}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -195,20 +189,13 @@ class NoiseInjectionCallback(Callback):
             self._injector.new_batch(record=log)
         self._batches_seen += 1
 
-    # --- wiring ---------------------------------------------------------------------------
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         found = resolve_noise_targets(pl_module, self.targets)
         self._trainer = trainer
-        self._names = [name for name, _ in found]
         # statistics on the root device: updates stay on the activations' device, sync works
-        self._injector = NoiseInjector(
-            self.sampler,
-            self._stream,
-            [is_channels_last(module) for _, module in found],
-            rank=int(trainer.global_rank),
-            device=trainer.strategy.root_device,
-        )
+        device, rank = trainer.strategy.root_device, int(trainer.global_rank)
+        self._injector = NoiseInjector(self.sampler, self._stream, found, rank, device)
         self._handles = [
             module.register_forward_hook(functools.partial(self._forward_hook, index))
             for index, (_, module) in enumerate(found)
@@ -218,19 +205,17 @@ class NoiseInjectionCallback(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._trainer = None  # the hooks are gone; the injector keeps the last batch's record
+        self._trainer = None  # the injector stays: its record of the last batch, for tests
         self._stream.release()
         self._prepared_batch = None
 
     def _forward_hook(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
         trainer, injector = self._trainer, self._injector
-        if not (module.training and trainer and trainer.training and injector):
+        if not (module.training and trainer and trainer.training and injector and injector.ready):
             return None  # noise only in training, in the trainer's training stage
-        if injector.seeds is None:
-            return None  # no training batch prepared yet
         if not isinstance(output, Tensor):
             raise TypeError(
-                f"NoiseInjectionCallback needs a tensor output from `{self._names[index]}` "
+                f"NoiseInjectionCallback needs a tensor output from `{injector.names[index]}` "
                 f"({type(module).__name__}), but got {type(output).__name__}"
             )
         return injector(index, output)
@@ -238,7 +223,7 @@ class NoiseInjectionCallback(Callback):
     def _log_stats(self, trainer: pl.Trainer) -> None:
         assert self._injector is not None  # record is only set on an attached injector
         # every rank reaches this point at the same batch: the collective in metrics() is safe
-        metrics = self._injector.metrics(self._names)
+        metrics = self._injector.metrics()
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers if metrics else ():  # they write from global rank zero
             logger.log_metrics(metrics, step=step)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_bn.layers.registry import NORM_TYPES
+from lightning_bn.layers.registry import NORM_TYPES, is_channels_last
 from lightning_bn.selection import Selector, describe_modules, match_modules, selector_repr
 
 __all__ = [
@@ -498,13 +498,16 @@ class NoiseInjector:
     Args:
         sampler: the noise recipe.
         stream: the seed stream (owned by the caller, which saves and restores it).
-        channels_last: per target, whether its units are the last dimension.
+        targets: the ``(qualified name, module)`` pairs that get noise (e.g. from
+            :func:`resolve_noise_targets`); a unit is the last dimension of a module's output
+            where :func:`~lightning_bn.layers.registry.is_channels_last` says so, else dimension 1.
         rank: this process's global rank (the per-entry seeds depend on it).
         device: where :attr:`stats` keeps its states (the activations' device avoids copies).
 
     Example:
         >>> import torch
-        >>> injector = NoiseInjector(NoiseSampler(), NoiseSeedStream(0), [False])
+        >>> from torch import nn
+        >>> injector = NoiseInjector(NoiseSampler(), NoiseSeedStream(0), [("bn", nn.BatchNorm1d(3))])
         >>> injector.new_batch(record=True)
         >>> a = torch.randn(8, 3)
         >>> torch.equal(injector(0, a), injector(0, a))
@@ -515,18 +518,24 @@ class NoiseInjector:
         self,
         sampler: NoiseSampler,
         stream: NoiseSeedStream,
-        channels_last: Sequence[bool],
+        targets: Sequence[tuple[str, nn.Module]],
         rank: int = 0,
         device: torch.device | str | None = None,
     ) -> None:
         self.sampler = sampler
         self.stream = stream
-        self.channels_last = list(channels_last)
+        self.names = [name for name, _ in targets]
+        self.channels_last = [is_channels_last(module) for _, module in targets]
         self.rank = rank
         self.stats = NoiseStatistics(len(self.channels_last)).to(device or "cpu")
         self.seeds: list[tuple[int, int]] | None = None
         self.record = False
         self.recorded: set[int] = set()  # targets recorded in this batch
+
+    @property
+    def ready(self) -> bool:
+        """Whether a batch's seeds are drawn (:meth:`new_batch` was called)."""
+        return self.seeds is not None
 
     def new_batch(self, record: bool = False) -> None:
         """Draw the next batch's seeds; with ``record``, reset :attr:`stats` to collect it."""
@@ -556,7 +565,7 @@ class NoiseInjector:
             self.stats.update(index, x, sample)
         return sample.output
 
-    def metrics(self, names: Sequence[str], prefix: str = "noise") -> dict[str, float]:
+    def metrics(self, prefix: str = "noise") -> dict[str, float]:
         """Stop recording and return the batch's statistics, summed over ranks, as
         ``{f"{prefix}/{name}/{stat}": value}`` (:meth:`NoiseStatistics.to_metrics`).
 
@@ -567,4 +576,5 @@ class NoiseInjector:
         with warnings.catch_warnings():  # a rank where no target ran still joins the reduction
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
             stats = self.stats.compute()
-        return NoiseStatistics.to_metrics({k: v.cpu() for k, v in stats.items()}, names, prefix)
+        stats = {key: value.cpu() for key, value in stats.items()}
+        return NoiseStatistics.to_metrics(stats, self.names, prefix)
