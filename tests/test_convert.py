@@ -173,3 +173,18 @@ def test_nothing_matched_names_contained_types() -> None:
         swap_norm_layers(resnet18(), "l1", include="nothing.*")
     with pytest.raises(ValueError, match="Expected argument `kind` to be one of"):
         swap_norm_layers(resnet18(), "weightnorm")
+
+
+def test_swap_sets_the_layout_flag_without_the_deprecated_alias() -> None:
+    import warnings
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Flatten(), nn.LayerNorm(12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        swap_norm_layers(net, "layernorm")
+    assert isinstance(net[1], LayerNorm) and net[1].channels_last is False
+    assert isinstance(net[3], LayerNorm) and net[3].channels_last is True
+    x = torch.randn(5, 2, 2, 2)
+    # the reference: GroupNorm(1, C) over the map, torch's LayerNorm over the features
+    expected = nn.LayerNorm(12)(nn.Flatten()(nn.GroupNorm(1, 3)(net[0](x))))
+    assert torch.allclose(net(x), expected, atol=1e-5)

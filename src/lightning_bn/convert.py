@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_bn.layers._base import _BatchStatNorm
 from lightning_bn.layers.layer_norm import LayerNorm
-from lightning_bn.layers.registry import is_channels_last, resolve_norm_kind
+from lightning_bn.layers.registry import (
+    SWAPPABLE_NORM_TYPES,
+    accepts_channels_last,
+    is_batch_stat_norm,
+    is_channels_last,
+    resolve_norm_kind,
+)
+from lightning_bn.selection import match_modules
 
 __all__ = ["SWAPPABLE_TYPES", "swap_norm_layers"]
 
-#: Module types that :func:`swap_norm_layers` replaces.
-SWAPPABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm (and the lazy variants)
-    _BatchStatNorm,  # our BatchNorm, LpNorm, L1Norm, L2Norm, LinfNorm
-    LayerNorm,
-    nn.LayerNorm,
-)
+#: Module types that :func:`swap_norm_layers` replaces (the registry's
+#: :data:`~lightning_bn.layers.SWAPPABLE_NORM_TYPES`, under its 0.1.0 name).
+SWAPPABLE_TYPES: tuple[type[nn.Module], ...] = SWAPPABLE_NORM_TYPES
 
 
 def _num_features(module: nn.Module) -> int | None:
@@ -35,7 +36,7 @@ def _num_features(module: nn.Module) -> int | None:
 def _inherited_kwargs(old: nn.Module, factory: Any) -> dict[str, Any]:
     """Settings of ``old`` that carry over to the new layer, and the layout flag it needs."""
     kwargs: dict[str, Any] = {}
-    if isinstance(old, (nn.modules.batchnorm._BatchNorm, _BatchStatNorm)):
+    if is_batch_stat_norm(old):
         kwargs.update(
             eps=old.eps,
             momentum=old.momentum,
@@ -48,11 +49,8 @@ def _inherited_kwargs(old: nn.Module, factory: Any) -> dict[str, Any]:
         if affine is None:
             affine = bool(getattr(old, "elementwise_affine", True))
         kwargs.update(affine=affine)
-    channels_last = is_channels_last(old)
-    if isinstance(factory, type) and issubclass(factory, LayerNorm):
-        kwargs["channels_first"] = not channels_last
-    elif isinstance(factory, type) and issubclass(factory, _BatchStatNorm):
-        kwargs["channels_last"] = channels_last
+    if accepts_channels_last(factory):
+        kwargs["channels_last"] = is_channels_last(old)
     return kwargs
 
 
@@ -119,7 +117,7 @@ def swap_norm_layers(
     ``track_running_stats`` (unless ``layer_kwargs`` says otherwise), its device, dtype and
     train/eval mode; parameters and buffers of the same name and shape are copied (γ, β and, between
     BatchNorm types, the running statistics). The layout follows the old layer: a BatchNorm replaced
-    by :class:`LayerNorm` becomes channel-wise (``channels_first=True``), a LayerNorm over the last
+    by :class:`LayerNorm` becomes channel-wise (``channels_last=False``), a LayerNorm over the last
     dimension replaced by a batch layer gets ``channels_last=True``. ``"none"`` gives
     :class:`torch.nn.Identity` (the paper's "standard" network).
 
@@ -145,12 +143,14 @@ def swap_norm_layers(
     factory = resolve_norm_kind(kind)
     patterns = [include] if isinstance(include, str) else (list(include) if include else None)
 
-    def selected(name: str, module: nn.Module) -> bool:
-        if not isinstance(module, SWAPPABLE_TYPES):
-            return False
-        return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    targets = [name for name, m in model.named_modules() if selected(name, m)]
+    selection = match_modules(
+        model,
+        patterns,
+        default=SWAPPABLE_NORM_TYPES,
+        within=SWAPPABLE_NORM_TYPES,
+        include_root=True,
+    )
+    targets = [name for name, _ in selection.modules]
     if not targets:
         found = _contained_norm_types(model)
         contained = ", ".join(found) if found else "no normalisation layer"

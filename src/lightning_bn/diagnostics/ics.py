@@ -31,6 +31,7 @@ from lightning_bn.probe import (
     accepts_batch_triple,
     execution_order,
 )
+from lightning_bn.selection import match_modules
 
 __all__ = ["ICSLayer", "compute_ics", "input_units", "resolve_layers", "unit_shift"]
 
@@ -82,34 +83,30 @@ def unit_shift(before: Tensor, after: Tensor) -> dict[str, float]:
     }
 
 
+# the layers ICS measures when none are chosen: every Linear and Conv1d/2d/3d
+_DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 def resolve_layers(
     module: nn.Module, selectors: Sequence[str | type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
     """Modules chosen by qualified-name globs or types (default: Linear and Conv1d/2d/3d).
 
+    Selection is :func:`lightning_bn.selection.match_modules` (a union, in registration order).
+
     Raises:
         ValueError: a selector matches no module (names the selector).
     """
-    import fnmatch
-
-    named = [(n, m) for n, m in module.named_modules() if n]
-    if selectors is None:
-        default = (nn.Linear, nn.modules.conv._ConvNd)
-        return [(n, m) for n, m in named if isinstance(m, default)]
-    chosen: dict[str, nn.Module] = {}
-    for sel in selectors:
-        if isinstance(sel, str):
-            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, sel)]
-        else:
-            hits = [(n, m) for n, m in named if isinstance(m, sel)]
-        if not hits:
-            what = repr(sel) if isinstance(sel, str) else sel.__name__
-            raise ValueError(
-                f"Layer selector {what} matches no module of {type(module).__name__}; "
-                f"module names look like {[n for n, _ in named[:5]]}"
-            )
-        chosen.update(hits)
-    return [(n, m) for n, m in named if n in chosen]
+    selection = match_modules(module, selectors, default=_DEFAULT_LAYER_TYPES)
+    if selection.unmatched:
+        sel = selection.unmatched[0]
+        what = repr(sel) if isinstance(sel, str) else sel.__name__
+        names = [n for n, _ in module.named_modules() if n]
+        raise ValueError(
+            f"Layer selector {what} matches no module of {type(module).__name__}; "
+            f"module names look like {names[:5]}"
+        )
+    return selection.modules
 
 
 def _owner(param_name: str) -> str:

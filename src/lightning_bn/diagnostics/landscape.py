@@ -31,8 +31,7 @@ from lightning_bn.diagnostics.bounds import theorem41_bound
 from lightning_bn.diagnostics.curvature import gradient_curvature
 from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
-from lightning_bn.layers import BatchNorm, LayerNorm
-from lightning_bn.layers._base import _BatchStatNorm
+from lightning_bn.layers import NORM_TYPES, is_batchnorm
 from lightning_bn.paramvec import dict_norm, dict_sub_
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
@@ -51,14 +50,9 @@ __all__ = [
 #: The default grid, relative to the learning rate: 0.5, 0.8, ..., 3.8 and 4.0 (13 values).
 DEFAULT_STEP_SIZES: tuple[float, ...] = (*(round(0.5 + 0.3 * k, 10) for k in range(12)), 4.0)
 
-#: Layers whose input-gradient norm the Lipschitz diagnostic logs.
-NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    _BatchStatNorm,
-    LayerNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-)
+#: Layers whose input-gradient norm the Lipschitz diagnostic logs: every normalisation layer
+#: (the registry's :data:`~lightning_bn.layers.NORM_TYPES`).
+NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = NORM_TYPES
 
 
 def resolve_step_sizes(
@@ -77,7 +71,7 @@ def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm)) and module.training
+    return is_batchnorm(module) and module.training
 
 
 @dataclass

@@ -21,19 +21,55 @@ is a standard deviation). A unit is a feature of an ``(N, C)`` output or a chann
 position. With ``channels_last=True`` the unit is the last dimension (``(N, T, C)`` token features,
 the layout of :class:`torch.nn.LayerNorm`).
 
-No Lightning import here: :class:`lightning_bn.callbacks.NoiseInjectionCallback` wires this sampler
+Beside the sampler live the two other pieces of a noisy-BatchNorm run, both without a trainer:
+:class:`NoiseSeedStream`, the per-batch seeds (shared per-unit draws, per-rank per-entry draws),
+and :class:`NoiseStatistics`, the per-layer summary statistics as a :class:`torchmetrics.Metric`
+whose sum-reduced states add up across processes by themselves.
+
+No Lightning import here: :class:`lightning_bn.callbacks.NoiseInjectionCallback` wires these
 into a training run.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import Metric
 
-__all__ = ["NoiseSample", "NoiseSampler", "inject_noise"]
+from lightning_bn.layers.registry import NORM_TYPES, is_channels_last
+from lightning_bn.selection import Selector, describe_modules, match_modules, selector_repr
+
+__all__ = [
+    "DEFAULT_NOISE_TARGETS",
+    "RANK_STRIDE",
+    "SEED_BOUND",
+    "NoiseInjector",
+    "NoiseSample",
+    "NoiseSampler",
+    "NoiseSeedStream",
+    "NoiseStatistics",
+    "inject_noise",
+    "rank_seed",
+    "resolve_noise_targets",
+]
+
+#: Module types that receive noise when no targets are chosen: every normalisation layer of the
+#: registry (:data:`lightning_bn.layers.NORM_TYPES`): torch's BatchNorm1d/2d/3d, SyncBatchNorm
+#: (all ``_BatchNorm``), LayerNorm and GroupNorm, and lightning-bn's BatchNorm, ℓp norms and
+#: LayerNorm.
+DEFAULT_NOISE_TARGETS: tuple[type[nn.Module], ...] = NORM_TYPES
+
+#: Seeds drawn by :class:`NoiseSeedStream` lie in ``[0, SEED_BOUND)``.
+SEED_BOUND = 1 << 62
+#: Odd 64-bit constant (the golden ratio's): ``seed + rank * RANK_STRIDE`` modulo :math:`2^{63}`
+#: gives distinct seeds to distinct ranks (an odd stride is invertible modulo a power of two).
+RANK_STRIDE = 0x9E3779B97F4A7C15
+_SEED_MODULUS = 1 << 63
 
 
 def _check_number(name: str, value: Any, minimum: float) -> float:
@@ -241,3 +277,304 @@ def inject_noise(
     """
     sampler = NoiseSampler(mean_range, std_range, mean_jitter, std_jitter)
     return sampler(x, generator, channels_last=channels_last, entry_generator=entry_generator)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    r"""The per-entry seed of process ``rank``: :math:`(s + r \cdot \mathrm{RANK\_STRIDE}) \bmod 2^{63}`.
+
+    Rank 0 keeps ``seed``; for ``seed < SEED_BOUND`` distinct ranks below :math:`2^{63}` get
+    distinct seeds, so every process draws the per-entry noise of its own samples.
+    """
+    return (seed + rank * RANK_STRIDE) % _SEED_MODULUS
+
+
+def _new_generator(device: torch.device) -> torch.Generator:
+    try:
+        return torch.Generator(device=device)
+    except RuntimeError:  # a device without its own generators: draw on the CPU, then move
+        return torch.Generator()
+
+
+class NoiseSeedStream:
+    r"""The noise's own random stream: at each batch, two seeds per target layer.
+
+    A CPU :class:`torch.Generator` seeded with ``seed`` draws, per batch, a ``(num_targets, 2)``
+    tensor of integers in ``[0, SEED_BOUND)``: column 0 seeds the per-unit draws
+    :math:`\mu_j, \sigma_j` (the same on every process, as one process on the global batch would
+    draw them), column 1 the per-entry draws, combined with the rank by :func:`rank_seed`. The
+    global RNG is neither consumed nor disturbed, and the generator state (the same on every
+    rank) is all a resumed run needs to continue the sequence.
+
+    Args:
+        seed: seed of the stream's generator (an integer ``>= 0``; the caller checks it).
+
+    Example:
+        >>> stream = NoiseSeedStream(0)
+        >>> first = stream.draw(3, rank=0)
+        >>> len(first), first != stream.draw(3, rank=0)
+        (3, True)
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[torch.device, tuple[torch.Generator, torch.Generator]] = {}
+
+    def draw(self, num_targets: int, rank: int = 0) -> list[tuple[int, int]]:
+        """Advance the stream by one batch: ``(unit seed, entry seed of rank)`` per target."""
+        draws = torch.randint(0, SEED_BOUND, (num_targets, 2), generator=self.generator)
+        return [(int(unit), rank_seed(int(entry), rank)) for unit, entry in draws.tolist()]
+
+    def generators(
+        self, seeds: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Generator, torch.Generator]:
+        """The ``(unit, entry)`` generators on ``device`` (reused per device), seeded with ``seeds``.
+
+        A device without generators of its own gets CPU ones (the draws then move).
+        """
+        if device not in self._device_generators:
+            self._device_generators[device] = (_new_generator(device), _new_generator(device))
+        unit_generator, entry_generator = self._device_generators[device]
+        unit_generator.manual_seed(seeds[0])
+        entry_generator.manual_seed(seeds[1])
+        return unit_generator, entry_generator
+
+    def release(self) -> None:
+        """Drop the per-device generators (the stream's position is kept)."""
+        self._device_generators = {}
+
+    def get_state(self) -> Tensor:
+        """The generator's state (a ``uint8`` tensor), for checkpoints."""
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        """Continue from a state of :meth:`get_state` (also one saved on another device)."""
+        self.generator.set_state(state.to("cpu", torch.uint8))
+
+
+# the sum-reduced states of NoiseStatistics, one entry per target each
+_STATES = ("calls", "mu_sum", "sigma_sum", "count", "clean_sum", "clean_sq", "out_sum", "out_sq")
+
+
+class NoiseStatistics(Metric):
+    r"""Per-target summary statistics of noisy-BatchNorm outputs, summed across updates and ranks.
+
+    For each of ``num_targets`` layers, every :meth:`update` with a clean output :math:`a`
+    (``n`` entries) and its :class:`NoiseSample` adds one call, :math:`\bar\mu`, :math:`\bar\sigma`
+    (the means of the per-unit draws), ``n``, :math:`\sum a`, :math:`\sum a^2` and the same two
+    sums of the noisy output :math:`o`. All eight states are ``float64`` tensors of shape
+    ``(num_targets,)`` with ``dist_reduce_fx="sum"``, so :meth:`compute` under
+    ``torch.distributed`` returns the statistics over every process's entries:
+
+    .. math::
+        \text{mu\_mean} = \frac{\sum \bar\mu}{\text{calls}}, \quad
+        \text{clean\_mean} = \frac{\sum a}{n}, \quad
+        \text{clean\_std} = \sqrt{\max\Big(\frac{\sum a^2}{n} - \text{clean\_mean}^2,\ 0\Big)}
+
+    (population standard deviation), and likewise ``sigma_mean``, ``out_mean``, ``out_std``.
+
+    Args:
+        num_targets: number of target layers (``>= 0``).
+        **kwargs: keyword arguments of :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> stats = NoiseStatistics(1)
+        >>> clean = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> sample = NoiseSampler()(clean, torch.Generator().manual_seed(0))
+        >>> stats.update(0, clean, sample)
+        >>> out = stats.compute()
+        >>> float(out["clean_mean"]), round(float(out["clean_std"]) ** 2, 6)
+        (2.5, 1.25)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+
+    calls: Tensor
+    mu_sum: Tensor
+    sigma_sum: Tensor
+    count: Tensor
+    clean_sum: Tensor
+    clean_sq: Tensor
+    out_sum: Tensor
+    out_sq: Tensor
+
+    def __init__(self, num_targets: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_targets, bool) or not isinstance(num_targets, int) or num_targets < 0:
+            raise ValueError(
+                f"Expected argument `num_targets` to be an integer >= 0, but got {num_targets!r}"
+            )
+        self.num_targets = num_targets
+        for name in _STATES:
+            zeros = torch.zeros(num_targets, dtype=torch.float64)
+            self.add_state(name, default=zeros, dist_reduce_fx="sum")
+
+    def update(self, index: int, clean: Tensor, sample: NoiseSample) -> None:
+        """Add target ``index``'s clean output and its noise draw (no host synchronisation)."""
+        with torch.no_grad():
+            count = torch.tensor(float(clean.numel()), dtype=torch.float64, device=clean.device)
+            entries = [torch.ones_like(count), sample.mu.double().mean()]
+            entries += [sample.sigma.double().mean(), count]
+            for x in (clean, sample.output):
+                var, mean = torch.var_mean(x.detach().double(), correction=0)
+                entries += [count * mean, count * (var + mean.square())]
+            row = torch.stack([e.to(count.device) for e in entries]).to(self.calls.device)
+            for name, value in zip(_STATES, row, strict=True):
+                getattr(self, name)[index] += value
+
+    def compute(self) -> dict[str, Tensor]:
+        """``calls``, ``count`` and the six statistics, each ``(num_targets,)`` (``nan`` where a
+        target had no update)."""
+        calls, count = self.calls, self.count
+        out = {"calls": calls, "count": count}
+        out["mu_mean"] = self.mu_sum / calls
+        out["sigma_mean"] = self.sigma_sum / calls
+        for tag in ("clean", "out"):
+            mean = getattr(self, f"{tag}_sum") / count
+            out[f"{tag}_mean"] = mean
+            out[f"{tag}_std"] = (getattr(self, f"{tag}_sq") / count - mean.square()).clamp(0).sqrt()
+        return out
+
+    @staticmethod
+    def to_metrics(
+        stats: dict[str, Tensor], names: Sequence[str], prefix: str = "noise"
+    ) -> dict[str, float]:
+        """Flatten :meth:`compute`'s result to ``{f"{prefix}/{name}/{stat}": value}``; targets
+        without an update (no call or no entry) are left out."""
+        columns = {key: value.reshape(-1).tolist() for key, value in stats.items()}
+        metrics: dict[str, float] = {}
+        for index, name in enumerate(names):
+            if columns["calls"][index] == 0 or columns["count"][index] == 0:
+                continue  # the module did not run in this batch
+            for key in ("mu_mean", "sigma_mean", "clean_mean", "clean_std", "out_mean", "out_std"):
+                metrics[f"{prefix}/{name}/{key}"] = columns[key][index]
+        return metrics
+
+
+def resolve_noise_targets(
+    pl_module: nn.Module, targets: tuple[Selector, ...] | None
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs that get noise, in registration order.
+
+    Args:
+        pl_module: the model (never a target itself).
+        targets: globs and types (a union), or ``None`` for :data:`DEFAULT_NOISE_TARGETS`.
+
+    Raises:
+        ValueError: a glob that matches no module name, or no target at all; the message lists
+            what the model contains. (A type that matches nothing is fine if others match.)
+    """
+    selection = match_modules(pl_module, targets, default=DEFAULT_NOISE_TARGETS)
+    missing = [t for t in selection.unmatched if isinstance(t, str)]  # a type may match nothing
+    if missing:
+        raise ValueError(
+            f"NoiseInjectionCallback: the glob(s) {', '.join(map(repr, missing))} in `targets` "
+            f"matched no module name. The model contains: {describe_modules(pl_module)}"
+        )
+    if not selection.modules:
+        wanted = (
+            "normalisation layer (BatchNorm, LayerNorm, GroupNorm or lightning-bn's layers)"
+            if targets is None
+            else f"module of the types in targets={[selector_repr(t) for t in targets]}"
+        )
+        raise ValueError(
+            f"NoiseInjectionCallback found no {wanted}. The model contains: "
+            f"{describe_modules(pl_module)}"
+        )
+    return selection.modules
+
+
+class NoiseInjector:
+    r"""Noise for a fixed list of target layers, batch by batch: the trainer-free core of
+    :class:`~lightning_bn.callbacks.NoiseInjectionCallback`.
+
+    :meth:`new_batch` draws the batch's seeds from ``stream``; every call ``injector(index, a)``
+    within that batch returns target ``index``'s noisy output, drawn afresh from the same seeds (so
+    every forward pass of a batch sees the same noise). With ``record=True`` the first call per
+    target in the batch also goes into :attr:`stats`.
+
+    Args:
+        sampler: the noise recipe.
+        stream: the seed stream (owned by the caller, which saves and restores it).
+        targets: the ``(qualified name, module)`` pairs that get noise (e.g. from
+            :func:`resolve_noise_targets`); a unit is the last dimension of a module's output
+            where :func:`~lightning_bn.layers.registry.is_channels_last` says so, else dimension 1.
+        rank: this process's global rank (the per-entry seeds depend on it).
+        device: where :attr:`stats` keeps its states (the activations' device avoids copies).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> injector = NoiseInjector(NoiseSampler(), NoiseSeedStream(0), [("bn", nn.BatchNorm1d(3))])
+        >>> injector.new_batch(record=True)
+        >>> a = torch.randn(8, 3)
+        >>> torch.equal(injector(0, a), injector(0, a))
+        True
+    """
+
+    def __init__(
+        self,
+        sampler: NoiseSampler,
+        stream: NoiseSeedStream,
+        targets: Sequence[tuple[str, nn.Module]],
+        rank: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.stream = stream
+        self.names = [name for name, _ in targets]
+        self.channels_last = [is_channels_last(module) for _, module in targets]
+        self.rank = rank
+        self.stats = NoiseStatistics(len(self.channels_last)).to(device or "cpu")
+        self.seeds: list[tuple[int, int]] | None = None
+        self.record = False
+        self.recorded: set[int] = set()  # targets recorded in this batch
+
+    @property
+    def ready(self) -> bool:
+        """Whether a batch's seeds are drawn (:meth:`new_batch` was called)."""
+        return self.seeds is not None
+
+    def new_batch(self, record: bool = False) -> None:
+        """Draw the next batch's seeds; with ``record``, reset :attr:`stats` to collect it."""
+        self.seeds = self.stream.draw(len(self.channels_last), self.rank)
+        self.record = record
+        self.recorded = set()
+        if record:
+            self.stats.reset()
+
+    def __call__(self, index: int, x: Tensor) -> Tensor:
+        """Target ``index``'s output ``x`` with this batch's noise.
+
+        Raises:
+            RuntimeError: before the first :meth:`new_batch`.
+        """
+        if self.seeds is None:
+            raise RuntimeError("NoiseInjector: call new_batch() before injecting noise")
+        unit_generator, entry_generator = self.stream.generators(self.seeds[index], x.device)
+        sample = self.sampler(
+            x,
+            unit_generator,
+            channels_last=self.channels_last[index],
+            entry_generator=entry_generator,
+        )
+        if self.record and index not in self.recorded:  # the batch's first pass only
+            self.recorded.add(index)
+            self.stats.update(index, x, sample)
+        return sample.output
+
+    def metrics(self, prefix: str = "noise") -> dict[str, float]:
+        """Stop recording and return the batch's statistics, summed over ranks, as
+        ``{f"{prefix}/{name}/{stat}": value}`` (:meth:`NoiseStatistics.to_metrics`).
+
+        Under ``torch.distributed`` this is a collective: every rank must call it at the same
+        batch, also one where no target ran.
+        """
+        self.record = False
+        with warnings.catch_warnings():  # a rank where no target ran still joins the reduction
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+            stats = self.stats.compute()
+        stats = {key: value.cpu() for key, value in stats.items()}
+        return NoiseStatistics.to_metrics(stats, self.names, prefix)

@@ -58,7 +58,7 @@ def make_norm(
 
     Every layer here has its channels in dimension 1 (``(N, C)`` after a Linear layer,
     ``(N, C, H, W)`` after a convolution), so :class:`~lightning_bn.layers.LayerNorm` gets
-    ``channels_first=True`` (over ``(N, C)`` that is the same as the default last-dimension form).
+    ``channels_last=False`` (over ``(N, C)`` that is the same as the default last-dimension form).
 
     Args:
         norm: a registry name or a layer class.
@@ -71,8 +71,9 @@ def make_norm(
     """
     kwargs = dict(norm_kwargs or {})
     factory = resolve_norm_kind(norm)
-    if isinstance(factory, type) and issubclass(factory, LayerNorm):
-        kwargs.setdefault("channels_first", True)
+    layer_norm = isinstance(factory, type) and issubclass(factory, LayerNorm)
+    if layer_norm and "channels_first" not in kwargs:  # the deprecated spelling still wins
+        kwargs.setdefault("channels_last", False)
     return create_norm_layer(norm, num_features, **kwargs)
 
 

@@ -3,10 +3,22 @@
 from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm, LpNorm
-from lightning_bn.layers.registry import NORM_LAYERS, create_norm_layer, is_batch_stat_norm
+from lightning_bn.layers.registry import (
+    BATCH_STAT_NORM_TYPES,
+    NORM_LAYERS,
+    NORM_TYPES,
+    SWAPPABLE_NORM_TYPES,
+    create_norm_layer,
+    is_batch_stat_norm,
+    is_batchnorm,
+    is_norm_layer,
+)
 
 __all__ = [
+    "BATCH_STAT_NORM_TYPES",
     "NORM_LAYERS",
+    "NORM_TYPES",
+    "SWAPPABLE_NORM_TYPES",
     "BatchNorm",
     "L1Norm",
     "L2Norm",
@@ -15,4 +27,6 @@ __all__ = [
     "LpNorm",
     "create_norm_layer",
     "is_batch_stat_norm",
+    "is_batchnorm",
+    "is_norm_layer",
 ]

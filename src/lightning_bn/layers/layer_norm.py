@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,11 +21,14 @@ class LayerNorm(nn.Module):
 
     with the biased :math:`\sigma^2`, both statistics per sample:
 
-    - default (channels last): over the last dimension of ``(N, ..., C)``, exactly
+    - ``channels_last=True`` (default): over the last dimension of ``(N, ..., C)``, exactly
       :class:`torch.nn.LayerNorm` with ``normalized_shape = C``;
-    - ``channels_first=True``: over ``C`` and every spatial dimension of ``(N, C, *)`` (a feature
+    - ``channels_last=False``: over ``C`` and every spatial dimension of ``(N, C, *)`` (a feature
       map), with a per-channel γ, β: the drop-in for a BatchNorm layer in a CNN
       (equal to ``torch.nn.GroupNorm(1, C)``).
+
+    The flag has the name and meaning it has on the batch layers (where the channel sits); only
+    the default differs, as each layer's usual layout does.
 
     No batch statistics, so training and evaluation compute the same function. ``momentum`` and
     ``track_running_stats`` are accepted (and ignored) so that this layer replaces any other.
@@ -35,12 +39,16 @@ class LayerNorm(nn.Module):
         momentum: ignored (no running statistics).
         affine: learn ``weight`` and ``bias`` of shape ``(C,)``.
         track_running_stats: ignored.
-        channels_first: normalise a ``(N, C, *)`` map over ``C`` and the spatial dimensions.
+        channels_last: the features are the last dimension (default); ``False`` normalises a
+            ``(N, C, *)`` map over ``C`` and the spatial dimensions.
+        channels_first: deprecated alias of ``channels_last=not channels_first`` (0.1.0 spelling);
+            emits a :class:`DeprecationWarning`.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
     Raises:
         ValueError: bad arguments, or an input whose feature size is not ``num_features``.
+        TypeError: both ``channels_last`` and the deprecated ``channels_first`` given.
     """
 
     def __init__(
@@ -51,7 +59,8 @@ class LayerNorm(nn.Module):
         momentum: float | None = None,
         affine: bool = True,
         track_running_stats: bool = False,
-        channels_first: bool = False,
+        channels_last: bool | None = None,
+        channels_first: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -61,7 +70,15 @@ class LayerNorm(nn.Module):
         self.eps = check_eps(eps)
         check_momentum(momentum)
         self.affine = bool(affine)
-        self.channels_first = bool(channels_first)
+        if channels_first is not None:
+            if channels_last is not None:
+                raise TypeError(
+                    "LayerNorm got both `channels_last` and its deprecated alias `channels_first`; "
+                    "pass only `channels_last`"
+                )
+            _warn_channels_first()
+            channels_last = not channels_first
+        self.channels_last = True if channels_last is None else bool(channels_last)
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -72,8 +89,19 @@ class LayerNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
-            f"channels_first={self.channels_first}"
+            f"channels_last={self.channels_last}"
         )
+
+    @property
+    def channels_first(self) -> bool:
+        """Deprecated: ``not channels_last`` (the 0.1.0 spelling of the layout flag)."""
+        _warn_channels_first()
+        return not self.channels_last
+
+    @channels_first.setter
+    def channels_first(self, value: bool) -> None:
+        _warn_channels_first()
+        self.channels_last = not bool(value)
 
     def reset_parameters(self) -> None:
         if self.affine:
@@ -81,10 +109,10 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_first:
+        if not self.channels_last:
             if x.dim() < 2 or x.shape[1] != self.num_features:
                 raise ValueError(
-                    f"Expected input of shape (N, {self.num_features}, *) (channels_first=True), "
+                    f"Expected input of shape (N, {self.num_features}, *) (channels_last=False), "
                     f"got {tuple(x.shape)}"
                 )
             dims = list(range(1, x.dim()))
@@ -102,3 +130,12 @@ class LayerNorm(nn.Module):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
+
+
+def _warn_channels_first() -> None:
+    warnings.warn(
+        "LayerNorm's `channels_first` is deprecated since 0.2.0: use `channels_last` "
+        "(`channels_first=True` is `channels_last=False`), the flag of every lightning-bn layer",
+        DeprecationWarning,
+        stacklevel=3,
+    )

@@ -1,4 +1,9 @@
-"""String registry of the interchangeable normalisation layers."""
+"""The one registry of normalisation layers: names to factories, and the norm types by role.
+
+Every part of the package that asks "is this a normalisation layer?" asks here: the noise
+callback's default targets, :func:`~lightning_bn.convert.swap_norm_layers` and the landscape
+diagnostic's per-layer quantities (timm's ``create_norm.py`` plays this role there).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,39 @@ from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm
 
 __all__ = [
+    "BATCH_STAT_NORM_TYPES",
     "NORM_LAYERS",
+    "NORM_TYPES",
+    "SWAPPABLE_NORM_TYPES",
+    "accepts_channels_last",
     "create_norm_layer",
     "is_batch_stat_norm",
+    "is_batchnorm",
     "is_channels_last",
+    "is_norm_layer",
     "resolve_norm_kind",
 ]
+
+#: Layers that normalise with statistics over the batch: torch's ``_BatchNorm`` (BatchNorm1d/2d/3d,
+#: SyncBatchNorm and the lazy variants) and lightning-bn's BatchNorm and ℓp norms.
+BATCH_STAT_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    _BatchStatNorm,
+)
+
+#: Layers that :func:`~lightning_bn.convert.swap_norm_layers` replaces: the batch-statistics
+#: layers, lightning-bn's LayerNorm and :class:`torch.nn.LayerNorm` (with a 1-D shape).
+SWAPPABLE_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    *BATCH_STAT_NORM_TYPES,
+    LayerNorm,
+    nn.LayerNorm,
+)
+
+#: Every normalisation layer type: the swappable ones and :class:`torch.nn.GroupNorm`.
+NORM_TYPES: tuple[type[nn.Module], ...] = (*SWAPPABLE_NORM_TYPES, nn.GroupNorm)
+
+# lightning-bn's layers, all of which take the `channels_last` layout flag
+_OWN_LAYOUT_TYPES: tuple[type[nn.Module], ...] = (_BatchStatNorm, LayerNorm)
 
 
 def _identity(num_features: int, **kwargs: Any) -> nn.Module:
@@ -77,17 +109,31 @@ def create_norm_layer(kind: str | type[nn.Module], num_features: int, **kwargs: 
     return resolve_norm_kind(kind)(num_features, **kwargs)
 
 
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for every normalisation layer of :data:`NORM_TYPES` (torch's and ours)."""
+    return isinstance(module, NORM_TYPES)
+
+
 def is_batch_stat_norm(module: nn.Module) -> bool:
     """True for layers that normalise with batch statistics (torch and ours)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchStatNorm))
+    return isinstance(module, BATCH_STAT_NORM_TYPES)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for BatchNorm proper, the standard-deviation divisor of Theorem 4.1: torch's
+    ``_BatchNorm`` family and lightning-bn's :class:`BatchNorm` (not the ℓp norms)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
+
+
+def accepts_channels_last(factory: Callable[..., nn.Module]) -> bool:
+    """Whether ``factory`` is a lightning-bn layer class, all of which take ``channels_last``."""
+    return isinstance(factory, type) and issubclass(factory, _OWN_LAYOUT_TYPES)
 
 
 def is_channels_last(module: nn.Module) -> bool:
     """Whether the module's features (units) sit in the last dimension of its input and output:
-    ``torch.nn.LayerNorm``, ``torch.nn.Linear``, our :class:`LayerNorm` without
-    ``channels_first``, or any layer with ``channels_last=True``; otherwise dimension 1."""
+    ``torch.nn.LayerNorm``, ``torch.nn.Linear``, or any layer with ``channels_last=True`` (our
+    :class:`LayerNorm` by default); otherwise dimension 1."""
     if isinstance(module, (nn.LayerNorm, nn.Linear)):
         return True
-    if isinstance(module, LayerNorm):
-        return not module.channels_first
     return bool(getattr(module, "channels_last", False))

@@ -1,9 +1,4 @@
-"""Data of the built-in experiments: scikit-learn digits, the deep linear problem, CIFAR-10 files.
-
-Everything here works offline: the digits ship with scikit-learn, the deep linear problem is
-synthetic, and CIFAR-10 is read from the standard python-pickle batch files in a folder the user
-names (nothing is downloaded).
-"""
+"""CIFAR-10 from the standard python-pickle batch files in a folder the user names (no download)."""
 
 from __future__ import annotations
 
@@ -11,7 +6,6 @@ import math
 import os
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bn.experiments.data._common import (
+    _check_non_negative_int,
+    _check_positive_int,
+    _check_seed,
+    _drop_last,
+    _seeded_generator,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -29,303 +31,13 @@ __all__ = [
     "CIFAR10_TEST_FILE",
     "CIFAR10_TRAIN_FILES",
     "CIFAR10DataModule",
-    "DeepLinearData",
-    "DeepLinearDataModule",
-    "DigitsDataModule",
     "find_cifar10_dir",
-    "make_deep_linear_data",
     "random_crop_flip",
     "read_cifar10_batch",
     "write_cifar10_like",
 ]
 
 
-# --- argument checks ---------------------------------------------------------------------------
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}")
-    return value
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Expected argument `{name}` to be an integer >= 0, but got {value!r}")
-    return value
-
-
-def _check_seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Expected argument `seed` to be an integer >= 0, but got {value!r}")
-    return value
-
-
-def _drop_last(n: int, batch_size: int) -> bool:
-    """Drop the last training batch only when it would hold a single sample.
-
-    A batch of one breaks every batch-statistics layer in training ("Expected more than 1 value
-    per channel"), and dropping a larger remainder would waste data for no reason.
-    """
-    return n > batch_size and n % batch_size == 1
-
-
-def _seeded_generator(seed: int) -> torch.Generator:
-    # A private generator makes the shuffling order independent of the global RNG, so code that
-    # draws random numbers during training (a diagnostic, a noise layer) cannot change the data order.
-    return torch.Generator().manual_seed(seed)
-
-
-# --- scikit-learn digits -------------------------------------------------------------------------
-class DigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's handwritten digits (1797 real 8×8 grey images, 10 classes) for Lightning.
-
-    Pixels (0-16) are scaled to [0, 1], then standardised per pixel with the mean and the (biased)
-    standard deviation of the *training* split; a pixel that is constant over the training split
-    keeps its centred value (its standard deviation is replaced by 1). The train/validation split
-    is stratified by class and depends on ``seed`` only (``sklearn.model_selection
-    .train_test_split``); the training order is shuffled with a private generator seeded with
-    ``seed``, so it does not depend on the global RNG.
-
-    Attributes after :meth:`setup`: ``train_dataset`` and ``val_dataset`` (``TensorDataset`` of
-    float32 inputs and int64 labels), ``train_indices`` and ``val_indices`` (rows of
-    ``load_digits()``), ``mean`` and ``std`` (float64 numpy arrays of shape ``(64,)``, statistics of
-    the scaled training pixels).
-
-    Args:
-        batch_size: samples per training and validation batch.
-        val_fraction: share of the 1797 samples held out for validation, in (0, 1).
-        seed: seed of the split and of the shuffling.
-        as_images: yield ``(N, 1, 8, 8)`` images instead of flat ``(N, 64)`` vectors.
-        num_workers: worker processes of the data loaders.
-
-    Raises:
-        ValueError: an argument outside its range.
-
-    Example:
-        >>> dm = DigitsDataModule(batch_size=32, as_images=True)
-        >>> dm.setup("fit")
-        >>> x, y = next(iter(dm.train_dataloader()))
-        >>> tuple(x.shape), x.dtype, y.dtype
-        ((32, 1, 8, 8), torch.float32, torch.int64)
-    """
-
-    num_classes: int = 10
-    num_features: int = 64
-    image_shape: tuple[int, int, int] = (1, 8, 8)
-
-    def __init__(
-        self,
-        batch_size: int = 64,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        as_images: bool = False,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        if (
-            isinstance(val_fraction, bool)
-            or not isinstance(val_fraction, (int, float))
-            or not 0 < val_fraction < 1
-        ):
-            raise ValueError(
-                f"Expected argument `val_fraction` to be a number in (0, 1), but got {val_fraction!r}"
-            )
-        self.val_fraction = float(val_fraction)
-        self.seed = _check_seed(seed)
-        self.as_images = bool(as_images)
-        self.num_workers = _check_non_negative_int("num_workers", num_workers)
-        self.save_hyperparameters()
-        self.train_dataset: TensorDataset | None = None
-        self.val_dataset: TensorDataset | None = None
-        self.train_indices: np.ndarray | None = None
-        self.val_indices: np.ndarray | None = None
-        self.mean: np.ndarray | None = None
-        self.std: np.ndarray | None = None
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input sample: ``(1, 8, 8)`` with ``as_images``, else ``(64,)``."""
-        return self.image_shape if self.as_images else (self.num_features,)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the digits, split them and standardise with the training statistics (idempotent)."""
-        if self.train_dataset is not None:
-            return
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = np.asarray(digits.data, dtype=np.float64) / 16.0
-        labels = np.asarray(digits.target, dtype=np.int64)
-        train_idx, val_idx = train_test_split(
-            np.arange(len(labels)),
-            test_size=self.val_fraction,
-            stratify=labels,
-            random_state=self.seed,
-        )
-        train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-        mean = images[train_idx].mean(axis=0)
-        std = images[train_idx].std(axis=0)
-        std = np.where(std > 0, std, 1.0)
-        self.train_indices, self.val_indices = train_idx, val_idx
-        self.mean, self.std = mean, std
-        self.train_dataset = self._dataset((images[train_idx] - mean) / std, labels[train_idx])
-        self.val_dataset = self._dataset((images[val_idx] - mean) / std, labels[val_idx])
-
-    def _dataset(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        inputs = torch.as_tensor(x, dtype=torch.float32)
-        if self.as_images:
-            inputs = inputs.reshape(-1, *self.image_shape)
-        return TensorDataset(inputs.contiguous(), torch.as_tensor(y, dtype=torch.int64))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x, y)``."""
-        self.setup()
-        assert self.train_dataset is not None
-        n = len(self.train_dataset)
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=_drop_last(n, self.batch_size),
-            generator=_seeded_generator(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches ``(x, y)`` in a fixed order."""
-        self.setup()
-        assert self.val_dataset is not None
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-
-# --- deep linear network problem -----------------------------------------------------------------
-@dataclass(frozen=True)
-class DeepLinearData:
-    """The deep linear network problem of the paper (spec §6): recover ``A`` from ``(x, A x)``.
-
-    Attributes:
-        A: the target map, ``(dim, dim)``, entries i.i.d. ``N(0, 1)``.
-        x: inputs, ``(n_samples, dim)``, entries i.i.d. ``N(0, 1)``.
-        y: targets ``A x`` for every sample, ``(n_samples, dim)`` (``y = x @ A.T`` row-wise).
-    """
-
-    A: Tensor
-    x: Tensor
-    y: Tensor
-
-
-def make_deep_linear_data(
-    n_samples: int = 1000,
-    dim: int = 10,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> DeepLinearData:
-    """Draw ``A`` and ``x`` from a seeded generator and return them with the targets ``A x``.
-
-    ``A`` is drawn first, then ``x`` (both standard Gaussian, drawn in float64 and cast to
-    ``dtype``), so the same seed gives the same ``A`` for any ``n_samples``.
-
-    Args:
-        n_samples: number of samples ``n`` (the full batch).
-        dim: dimension of ``x`` and of the square matrix ``A``.
-        seed: seed of the private generator.
-        dtype: floating dtype of the returned tensors.
-
-    Returns:
-        :class:`DeepLinearData` with ``A`` ``(dim, dim)``, ``x`` and ``y`` ``(n_samples, dim)``.
-
-    Raises:
-        ValueError: a non-positive size or a negative seed.
-
-    Example:
-        >>> data = make_deep_linear_data(n_samples=5, dim=3)
-        >>> torch.allclose(data.y, data.x @ data.A.T)
-        True
-    """
-    _check_positive_int("n_samples", n_samples)
-    _check_positive_int("dim", dim)
-    _check_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-    x = torch.randn(n_samples, dim, generator=gen, dtype=torch.float64)
-    y = x @ a.T
-    return DeepLinearData(A=a.to(dtype), x=x.to(dtype), y=y.to(dtype))
-
-
-class _RepeatedBatch(Dataset):
-    """A map-style dataset whose every item is the same full batch ``(x, y)``."""
-
-    def __init__(self, x: Tensor, y: Tensor, length: int) -> None:
-        self.x, self.y, self.length = x, y, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        return self.x, self.y
-
-
-class DeepLinearDataModule(pl.LightningDataModule):
-    """Full-batch data of the deep linear network experiment (spec §6).
-
-    The training loader yields the same full batch ``(x, A x)`` at each of its ``steps_per_epoch``
-    steps (``batch_size=None``: no collation, no shuffling), so a ``Trainer`` with
-    ``max_steps=10_000`` runs 10k steps of full-batch gradient descent. The validation loader
-    yields the same batch once (with BatchNorm, this evaluates the network with its running
-    statistics).
-
-    Args:
-        n_samples: number of samples in the full batch.
-        dim: dimension of ``x`` and ``A``.
-        seed: seed of ``A`` and ``x`` (see :func:`make_deep_linear_data`).
-        steps_per_epoch: training steps per epoch.
-
-    Raises:
-        ValueError: an argument outside its range.
-
-    Example:
-        >>> dm = DeepLinearDataModule(n_samples=8, dim=3, steps_per_epoch=2)
-        >>> [tuple(x.shape) for x, _ in dm.train_dataloader()]
-        [(8, 3), (8, 3)]
-    """
-
-    def __init__(
-        self,
-        n_samples: int = 1000,
-        dim: int = 10,
-        seed: int = 0,
-        steps_per_epoch: int = 100,
-    ) -> None:
-        super().__init__()
-        self.n_samples = _check_positive_int("n_samples", n_samples)
-        self.dim = _check_positive_int("dim", dim)
-        self.seed = _check_seed(seed)
-        self.steps_per_epoch = _check_positive_int("steps_per_epoch", steps_per_epoch)
-        self.save_hyperparameters()
-        self.data = make_deep_linear_data(n_samples, dim, seed)
-
-    def train_dataloader(self) -> DataLoader:
-        """``steps_per_epoch`` copies of the full batch ``(x, y)``."""
-        return DataLoader(
-            _RepeatedBatch(self.data.x, self.data.y, self.steps_per_epoch), batch_size=None
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """The full batch, once."""
-        return DataLoader(_RepeatedBatch(self.data.x, self.data.y, 1), batch_size=None)
-
-
-# --- CIFAR-10 python-pickle files ----------------------------------------------------------------
 #: Training files of the CIFAR-10 python version, in order.
 CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
 #: Test file of the CIFAR-10 python version.
