@@ -104,7 +104,7 @@ class LipschitzCallback(DiagnosticCallback):
         }
 
     def _compute(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> dict[str, float]:
-        etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        etas = resolve_step_sizes(self._current_lr(trainer), self.step_sizes, self.relative_to_lr)
         values = compute_lipschitz(
             self.probe,
             self.probe.parameters(),
@@ -129,9 +129,3 @@ class LipschitzCallback(DiagnosticCallback):
                 DiagnosticWarning,
                 stacklevel=3,
             )
-
-
-def _current_lr(trainer: pl.Trainer) -> float:
-    if not trainer.optimizers:
-        raise RuntimeError("no optimiser: the step sizes are relative to its learning rate")
-    return float(trainer.optimizers[0].param_groups[0]["lr"])
