@@ -100,14 +100,17 @@ class RecordingExtras:
         self.logs: list[tuple[list[str], int]] = []
         self.ends: list[dict[str, tuple[list[int], list[float]]]] = []
 
-    def on_setup(self, trainer: pl.Trainer, callback_name: str, settings: Mapping[str, Any]) -> None:
+    def on_setup(
+        self, trainer: pl.Trainer, callback_name: str, settings: Mapping[str, Any]
+    ) -> None:
         self.setups.append((callback_name, dict(settings)))
 
     def on_log(self, trainer: pl.Trainer, keys: Iterable[str]) -> None:
         self.logs.append((list(keys), len(self.memory.calls)))
 
     def on_fit_end(self, trainer: pl.Trainer, history: MetricHistory) -> None:
-        self.ends.append({k: history.series(k) for k in history.keys()})
+        keys = history.keys()  # a list; the history is not iterable
+        self.ends.append({k: history.series(k) for k in keys})
 
 
 @pytest.fixture

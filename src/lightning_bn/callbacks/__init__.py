@@ -7,8 +7,8 @@ from lightning_bn.callbacks.noise_injection import DEFAULT_NOISE_TARGETS, NoiseI
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
 
 __all__ = [
-    "BatchPreparer",
     "DEFAULT_NOISE_TARGETS",
+    "BatchPreparer",
     "DiagnosticCallback",
     "DiagnosticWarning",
     "ICSCallback",
