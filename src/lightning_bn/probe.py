@@ -148,7 +148,8 @@ class Collective:
 
 #: What ``Metric.forward``/``update`` change besides the states: the update count (a "mean"
 #: state is reduced with it), the cached ``compute`` and ``forward`` results (Lightning logs an
-#: ``on_step`` metric from ``_forward_cache``) and the "update was called" flag.
+#: ``on_step`` metric from ``_forward_cache`` at ``self.log`` time, so restoring it is only for
+#: code that reads it later) and the "update was called" flag.
 _METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache", "_update_called")
 
 

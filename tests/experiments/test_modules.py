@@ -233,3 +233,37 @@ def test_num_classes_from_the_model_or_an_error() -> None:
         ClassificationModule(nn.Identity())
     with pytest.raises(ValueError, match="`num_classes` to be an int >= 2"):
         ClassificationModule(MLP(64, (8,), 10), num_classes=1)
+
+
+def test_logged_accuracy_is_untouched_by_diagnostic_probes() -> None:
+    """ICS probes after the optimiser step (before Lightning reads the step's metric values)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bn import ICSCallback, LipschitzCallback
+    from tests.support.models import MemoryLogger
+
+    def run(callbacks: list[Any]) -> dict[int, dict[str, float]]:
+        L.seed_everything(0, verbose=False)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        memory = MemoryLogger()
+        L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=4,
+            callbacks=callbacks,
+            logger=memory,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        ).fit(ClassificationModule(model, lr=0.5), DataLoader(TensorDataset(x, y), batch_size=16))
+        keys = ("train/acc", "train/loss")
+        return {s: {k: v[k] for k in keys} for s, v in memory.history.items() if "train/acc" in v}
+
+    plain = run([])
+    measured = run([ICSCallback(every_n_steps=1), LipschitzCallback(every_n_steps=1)])
+    assert sorted(plain) == [0, 1, 2, 3]
+    assert measured == plain
