@@ -1,5 +1,8 @@
 """lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
 
+# The W&B extras of the diagnostic callbacks register themselves on import (the callbacks'
+# base knows no logger by name); any submodule import runs this file first.
+from lightning_bn import wandb_panels as _wandb_panels  # noqa: F401
 from lightning_bn.callbacks import (
     DiagnosticWarning,
     ICSCallback,

@@ -26,6 +26,8 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 __all__ = [
     "Collective",
@@ -186,16 +188,9 @@ class Collective:
         """Concatenate the ranks' tensors along dimension 0 (sizes may differ)."""
         if self.world_size == 1:
             return tensor
-        t = tensor.detach().contiguous()
-        size = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=self.group)
-        longest = int(max(int(s) for s in sizes))
-        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+        # torchmetrics pads the ranks' tensors to a common shape, gathers and trims them again
+        parts = gather_all_tensors(tensor.detach().contiguous(), group=self.group)
+        return torch.cat(parts)
 
     def guard(self, stage: Callable[[], Any]) -> Any:
         """Run ``stage`` locally, then make every rank agree that it succeeded.
@@ -229,21 +224,30 @@ class Collective:
         return torch.device("cpu")
 
 
+#: What ``Metric.forward``/``update`` change besides the states: the update count (a "mean"
+#: state is reduced with it), the cached ``compute`` and ``forward`` results (Lightning logs an
+#: ``on_step`` metric from ``_forward_cache`` at ``self.log`` time, so restoring it is only for
+#: code that reads it later) and the "update was called" flag.
+_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache", "_update_called")
+
+
 class _Silenced:
     """Keep a probe from leaving traces outside the model.
 
-    ``module.log`` / ``module.log_dict`` are shadowed with no-ops (instance attributes), and the
-    state of every ``torchmetrics``-style metric inside the module (objects with ``_defaults``) is
-    saved and restored, so a metric updated in ``training_step`` does not count probe passes.
+    ``module.log`` / ``module.log_dict`` are shadowed with no-ops (instance attributes), and
+    every :class:`torchmetrics.Metric` inside the module is saved and restored, so a metric
+    updated in ``training_step`` does not count probe passes: its states (``metric_state``,
+    copied, since updates add in place) and the bookkeeping that ``forward``/``update`` change
+    besides them (:data:`_METRIC_BOOKKEEPING`; torchmetrics has no public setter for these).
     """
 
     _NAMES = ("log", "log_dict")
 
-    def __init__(self, module: nn.Module, metrics: list[nn.Module]) -> None:
+    def __init__(self, module: nn.Module, metrics: list[Metric]) -> None:
         self.module = module
         self.metrics = metrics
         self.installed: list[str] = []
-        self.saved: list[tuple[nn.Module, dict[str, Any]]] = []
+        self.saved: list[tuple[Metric, dict[str, Any], dict[str, Any]]] = []
 
     def __enter__(self) -> None:
         for name in self._NAMES:
@@ -251,15 +255,18 @@ class _Silenced:
                 object.__setattr__(self.module, name, _noop)
                 self.installed.append(name)
         for m in self.metrics:
-            keys = [*m.__dict__["_defaults"], "_update_count", "_computed", "_update_called"]
-            self.saved.append((m, {k: _copy_state(m.__dict__[k]) for k in keys if k in m.__dict__}))
+            states = {k: _copy_state(v) for k, v in m.metric_state.items()}
+            extra = {k: _copy_state(m.__dict__[k]) for k in _METRIC_BOOKKEEPING if k in m.__dict__}
+            self.saved.append((m, states, extra))
 
     def __exit__(self, *exc: object) -> None:
         for name in self.installed:
             object.__delattr__(self.module, name)
         self.installed.clear()
-        for m, state in self.saved:
-            m.__dict__.update(state)
+        for m, states, extra in self.saved:
+            for name, value in states.items():
+                setattr(m, name, value)  # add_state attributes are plain attributes
+            m.__dict__.update(extra)
         self.saved.clear()
 
 
@@ -267,7 +274,7 @@ class _Layout:
     """What a probe needs to know of the module's structure, gathered once per probe.
 
     Every buffer by its qualified name with its owner (read at each evaluation, so an in-place
-    update or a reassignment is seen), the torchmetrics-style metrics to save and restore, and
+    update or a reassignment is seen), the torchmetrics metrics to save and restore, and
     whether any parameter or buffer is shared (only then must ``functional_call`` tie them).
     """
 
@@ -277,11 +284,7 @@ class _Layout:
             for attr, buf in owner._buffers.items():
                 if buf is not None:
                     self.buffers.append((f"{prefix}.{attr}" if prefix else attr, owner, attr))
-        self.metrics = [
-            m
-            for m in module.modules()
-            if isinstance(m.__dict__.get("_defaults"), dict) and m.__dict__["_defaults"]
-        ]
+        self.metrics = [m for m in module.modules() if isinstance(m, Metric)]
         n_all = len(list(module.named_parameters(remove_duplicate=False))) + len(self.buffers)
         n_unique = len(list(module.named_parameters())) + len(list(module.named_buffers()))
         self.tied = n_all != n_unique

@@ -1,5 +1,9 @@
 """Weights & Biases set-up for the diagnostic callbacks: metric summaries, config, paper panels.
 
+This is the one module of lightning-bn that knows W&B. The diagnostic callbacks reach it only
+through :mod:`lightning_bn.logger_extras`: :class:`WandbExtras` is registered there when the
+package is imported and acts when a ``WandbLogger`` is among ``trainer.loggers``.
+
 Plain functions that the callbacks call with their ``trainer``; each one acts on the W&B run
 of every :class:`~lightning.pytorch.loggers.WandbLogger` in ``trainer.loggers``, on global rank
 zero only, and does nothing when there is none (so a run with a CSV or TensorBoard logger
@@ -44,7 +48,6 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
-import operator
 import re
 import weakref
 from collections.abc import Iterable, Mapping
@@ -52,6 +55,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import WandbLogger
+
+from lightning_bn.logger_extras import MetricHistory, register_logger_extras
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -63,7 +68,9 @@ __all__ = [
     "STEP_METRIC",
     "Panel",
     "PanelHistory",
+    "WandbExtras",
     "define_metrics",
+    "finish_active_run",
     "log_config",
     "log_paper_panels",
     "wandb_runs",
@@ -288,74 +295,8 @@ def log_config(trainer: Trainer, name: str, settings: Mapping[str, Any]) -> None
         run.config.update({name: value}, allow_val_change=True)
 
 
-class PanelHistory:
-    """The measurements the end-of-fit panels are drawn from: key -> {step: value}.
-
-    A callback feeds it every measurement it logs. Logging a key again at a step it already
-    holds replaces the value (a resumed run that repeats a step does not draw it twice).
-    ``state_dict``/``load_state_dict`` let a callback keep it across a checkpoint resume.
-
-    Example::
-
-        history = PanelHistory()
-        history.add(10, {"ics/model.0/l2": 0.3, "ics/model.0/cos": 0.9})
-        steps, values = history.series("ics/model.0/l2")  # ([10], [0.3])
-    """
-
-    def __init__(self) -> None:
-        """Create an empty history."""
-        self._series: dict[str, dict[int, float]] = {}
-
-    def add(self, step: int, values: Mapping[str, Any]) -> None:
-        """Record one measurement.
-
-        Args:
-            step: The trainer's ``global_step`` of the measurement.
-            values: Key -> scalar (a float, int, 0-d tensor or numpy scalar).
-
-        Raises:
-            TypeError: If ``step`` is not an integer or a value is not a scalar.
-        """
-        try:
-            if isinstance(step, bool):
-                raise TypeError
-            step = operator.index(step)
-        except TypeError:
-            raise TypeError(f"Expected argument `step` to be an int, but got {step!r}") from None
-        for key, value in values.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise TypeError(
-                    f"Expected the value of `{key}` to be a scalar, but got {value!r}"
-                ) from err
-            self._series.setdefault(key, {})[step] = number
-
-    def keys(self) -> list[str]:
-        """The keys recorded, in the order first seen."""
-        return list(self._series)
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """``(steps, values)`` of ``key``, sorted by step; empty lists for an unknown key."""
-        points = sorted(self._series.get(key, {}).items())
-        return [s for s, _ in points], [v for _, v in points]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._series
-
-    def __len__(self) -> int:
-        return len(self._series)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The history as plain lists, for a checkpoint."""
-        return {"series": {k: sorted(v.items()) for k, v in self._series.items()}}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the history with one saved by :meth:`state_dict`."""
-        self._series = {
-            str(k): {int(s): float(v) for s, v in points}
-            for k, points in state_dict["series"].items()
-        }
+PanelHistory = MetricHistory
+"""The measurements the end-of-fit panels are drawn from (:class:`~lightning_bn.logger_extras.MetricHistory`)."""
 
 
 @dataclass(frozen=True)
@@ -482,3 +423,47 @@ def log_paper_panels(
         run.log({**payload, STEP_METRIC: trainer.global_step})
         logged.extend(k for k in payload if k not in logged)
     return logged
+
+
+class WandbExtras:
+    """The W&B extras of every diagnostic callback (a :class:`~lightning_bn.logger_extras.LoggerExtras`).
+
+    - ``on_setup``: the callback's settings into the run config (:func:`log_config`);
+    - ``on_log``: a summary per key before its first value (:func:`define_metrics` with
+      :data:`PAPER_SUMMARIES`);
+    - ``on_fit_end``: the paper's charts (:func:`log_paper_panels`).
+
+    Each does nothing unless a ``WandbLogger`` is attached (and only on global rank zero).
+    """
+
+    name = "W&B"
+
+    def on_setup(self, trainer: Trainer, callback_name: str, settings: Mapping[str, Any]) -> None:
+        """Put ``settings`` in the run config under ``callback_name``."""
+        log_config(trainer, callback_name, settings)
+
+    def on_log(self, trainer: Trainer, keys: Iterable[str]) -> None:
+        """Define the summary of each new key (the paper's min/max/last)."""
+        define_metrics(trainer, PAPER_SUMMARIES, keys=keys)
+
+    def on_fit_end(self, trainer: Trainer, history: MetricHistory) -> None:
+        """Log the paper's figures as W&B line-series charts."""
+        log_paper_panels(trainer, history)
+
+
+def finish_active_run() -> None:
+    """Finish the process's current W&B run if one is open (``wandb`` imported only then).
+
+    ``WandbLogger`` reuses a run left open by an earlier ``wandb.init``; a caller that starts
+    one run per experiment calls this first.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # no run can be open if wandb was never imported
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+#: The instance registered with :func:`lightning_bn.logger_extras.register_logger_extras`.
+WANDB_EXTRAS = WandbExtras()
+register_logger_extras(WANDB_EXTRAS)

@@ -188,3 +188,82 @@ def test_squared_error_loss() -> None:
         squared_error_loss(pred, target[:, :3])
     with pytest.raises(ValueError, match="reduction"):
         squared_error_loss(pred, target, "none")
+
+
+def test_accuracy_is_top1_over_all_samples_per_step_and_epoch() -> None:
+    """train/acc per step and val/acc per epoch against argmax counted by hand (uneven batches)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.support.models import MemoryLogger
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 8, generator=gen), torch.randint(0, 4, (50,), generator=gen)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    module = ClassificationModule(model, lr=0.05)
+    assert module.train_acc.num_classes == 4  # read from the last nn.Linear
+    batches = DataLoader(TensorDataset(x, y), batch_size=16)  # 16, 16, 16, 2
+    memory = MemoryLogger()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=memory,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with torch.no_grad():
+        expected_step = (model(x[:16]).argmax(1) == y[:16]).double().mean().item()
+    trainer.fit(module, batches)  # one step
+    assert memory.history[0]["train/acc"] == pytest.approx(expected_step, abs=1e-7)
+    with torch.no_grad():
+        expected_val = (model(x).argmax(1) == y).double().mean().item()  # after the step
+    (result,) = trainer.validate(module, batches, verbose=False)  # all 50 samples, 4 batches
+    assert result["val/acc"] == pytest.approx(expected_val, abs=1e-7)
+    (val,) = [v["val/acc"] for v in memory.history.values() if "val/acc" in v]
+    assert val == pytest.approx(expected_val, abs=1e-7)
+
+
+def test_num_classes_from_the_model_or_an_error() -> None:
+    assert ClassificationModule(MLP(64, (8,), 7)).val_acc.num_classes == 7
+    assert ClassificationModule(nn.Identity(), num_classes=5).test_acc.num_classes == 5
+    with pytest.raises(ValueError, match="`num_classes`"):
+        ClassificationModule(nn.Identity())
+    with pytest.raises(ValueError, match="`num_classes` to be an int >= 2"):
+        ClassificationModule(MLP(64, (8,), 10), num_classes=1)
+
+
+def test_logged_accuracy_is_untouched_by_diagnostic_probes() -> None:
+    """ICS probes after the optimiser step (before Lightning reads the step's metric values)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_bn import ICSCallback, LipschitzCallback
+    from tests.support.models import MemoryLogger
+
+    def run(callbacks: list[Any]) -> dict[int, dict[str, float]]:
+        L.seed_everything(0, verbose=False)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        memory = MemoryLogger()
+        L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=4,
+            callbacks=callbacks,
+            logger=memory,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        ).fit(ClassificationModule(model, lr=0.5), DataLoader(TensorDataset(x, y), batch_size=16))
+        keys = ("train/acc", "train/loss")
+        return {s: {k: v[k] for k in keys} for s, v in memory.history.items() if "train/acc" in v}
+
+    plain = run([])
+    measured = run([ICSCallback(every_n_steps=1), LipschitzCallback(every_n_steps=1)])
+    assert sorted(plain) == [0, 1, 2, 3]
+    assert measured == plain

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -13,22 +13,38 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._validation import check_int
+from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord
-from lightning_bn.wandb_panels import (
-    PAPER_SUMMARIES,
-    PanelHistory,
-    define_metrics,
-    log_config,
-    log_paper_panels,
-)
 
-__all__ = ["DiagnosticCallback", "DiagnosticWarning"]
+__all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class DiagnosticWarning(UserWarning):
     """A diagnostic measurement was skipped; training went on untouched."""
+
+
+@runtime_checkable
+class BatchPreparer(Protocol):
+    """A callback that must act on a training batch before any diagnostic probe runs on it.
+
+    A diagnostic callback measures at ``on_train_batch_start``, and Lightning calls the
+    callbacks' hooks in list order, so a callback that changes what the forward pass computes
+    for this batch (:class:`~lightning_bn.callbacks.noise_injection.NoiseInjectionCallback`
+    draws the batch's noise) may not have run yet. Before it measures, every
+    :class:`DiagnosticCallback` therefore calls ``prepare_batch(trainer)`` on each other
+    callback of the trainer that implements this protocol (checked with ``isinstance``; no
+    subclassing needed), so the probes see the network that is trained at this step.
+
+    Semantics a ``prepare_batch`` must keep: it is idempotent within one training batch (it
+    may be called once per diagnostic callback and again by its own
+    ``on_train_batch_start``, and every call after the first does nothing), it uses no global
+    RNG state (the probes replay the step's RNG), and it is only called while training.
+    """
+
+    def prepare_batch(self, trainer: pl.Trainer) -> None:
+        """Get ready for the current training batch (``trainer.global_step`` is its step)."""
 
 
 def _sharded_strategy_types() -> tuple[type, ...]:
@@ -48,7 +64,11 @@ class DiagnosticCallback(Callback):
     the checks, the probe (:class:`~lightning_bn.probe.Probe`, which never touches the model), the
     DDP reductions (:class:`~lightning_bn.probe.Collective`), failure handling (a failed measurement
     is a :class:`DiagnosticWarning`, never an exception in the training loop) and logging through
-    every Lightning logger of the trainer at the measured step.
+    every Lightning logger of the trainer at the measured step (as ``LearningRateMonitor`` does).
+    What a logger offers beyond scalars (W&B summaries, config and charts) comes from the
+    registered :class:`~lightning_bn.logger_extras.LoggerExtras`, which the base calls without
+    knowing any logger by name. Before measuring it calls ``prepare_batch`` on every other
+    callback that is a :class:`BatchPreparer`.
     """
 
     measure_after_step: bool = False
@@ -63,7 +83,8 @@ class DiagnosticCallback(Callback):
         self._probe: Probe | None = None
         self._record: StepRecord | None = None  # the step being measured, between hooks
         self.measured_steps: list[int] = []
-        self.panel_history = PanelHistory()
+        #: Everything this callback logged (what logger extras draw at the end of fit).
+        self.panel_history = MetricHistory()
 
     # --- hooks ---------------------------------------------------------------------------
     @override
@@ -76,7 +97,8 @@ class DiagnosticCallback(Callback):
             pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context
         )
         self._setup(trainer, pl_module)
-        log_config(trainer, type(self).__name__, self._settings())
+        for extras in logger_extras():
+            extras.on_setup(trainer, type(self).__name__, self._settings())
         if not trainer.loggers:
             rank_zero_warn(
                 f"{type(self).__name__}: the trainer has no logger, so nothing it measures will be"
@@ -91,9 +113,8 @@ class DiagnosticCallback(Callback):
             return
         # e.g. NoiseInjectionCallback: draw this step's noise before the probes run
         for other in getattr(trainer, "callbacks", []):
-            prepare = getattr(other, "prepare_batch", None)
-            if other is not self and callable(prepare):
-                prepare(trainer)
+            if other is not self and isinstance(other, BatchPreparer):
+                other.prepare_batch(trainer)
         self._record = StepRecord(
             batch=batch,
             batch_idx=batch_idx,
@@ -119,13 +140,13 @@ class DiagnosticCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        try:
-            log_paper_panels(trainer, self.panel_history)
-        except Exception as exc:  # panels are a convenience: never fail the run for them
-            warnings.warn(
-                f"{type(self).__name__} could not log its W&B panels: {exc}",
-                DiagnosticWarning,
-                stacklevel=2,
+        for extras in logger_extras():
+            self._safe_extras(
+                extras,
+                "could not log its {} panels",
+                extras.on_fit_end,
+                trainer,
+                self.panel_history,
             )
 
     @override
@@ -151,7 +172,7 @@ class DiagnosticCallback(Callback):
         """Resolve layers and check what needs the model (runs in ``setup``)."""
 
     def _settings(self) -> dict[str, Any]:
-        """The constructor arguments, for the W&B run config (subclasses add theirs)."""
+        """The constructor arguments, for the loggers' run config (subclasses add theirs)."""
         return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn}
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
@@ -164,6 +185,13 @@ class DiagnosticCallback(Callback):
         if self._probe is None:
             raise RuntimeError(f"{type(self).__name__} is not set up: add it to a Trainer and fit")
         return self._probe
+
+    @staticmethod
+    def _current_lr(trainer: pl.Trainer) -> float:
+        """The learning rate of the first optimiser's first group (step sizes scale with it)."""
+        if not trainer.optimizers:
+            raise RuntimeError("no optimiser: the step sizes are relative to its learning rate")
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def _should_measure(self, trainer: pl.Trainer) -> bool:
         return trainer.training and trainer.global_step % self.every_n_steps == 0
@@ -203,10 +231,24 @@ class DiagnosticCallback(Callback):
         self.measured_steps.append(record.step)
         self._log(trainer, metrics, record.step)
 
+    def _safe_extras(
+        self, extras: LoggerExtras, what: str, hook: Callable[..., None], *args: Any
+    ) -> None:
+        """Run a logger-extras hook; an error is a warning (extras are a convenience)."""
+        try:
+            hook(*args)
+        except Exception as exc:
+            warnings.warn(
+                f"{type(self).__name__} {what.format(extras.name)}: {exc}",
+                DiagnosticWarning,
+                stacklevel=3,
+            )
+
     def _log(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
         if not metrics:
             return
-        define_metrics(trainer, PAPER_SUMMARIES, keys=metrics)
+        for extras in logger_extras():
+            extras.on_log(trainer, list(metrics))
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
         self.panel_history.add(step, metrics)

@@ -106,7 +106,7 @@ class LipschitzCallback(DiagnosticCallback):
         }
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        etas = resolve_step_sizes(self._current_lr(trainer), self.step_sizes, self.relative_to_lr)
         values = compute_lipschitz(
             self.probe, self.probe.parameters(), record, etas, self._norm_layers, self.collective
         )
@@ -124,9 +124,3 @@ class LipschitzCallback(DiagnosticCallback):
                 DiagnosticWarning,
                 stacklevel=3,
             )
-
-
-def _current_lr(trainer: pl.Trainer) -> float:
-    if not trainer.optimizers:
-        raise RuntimeError("no optimiser: the step sizes are relative to its learning rate")
-    return float(trainer.optimizers[0].param_groups[0]["lr"])

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_bn._validation import check_bool, check_choice, check_float, check_int
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
-from lightning_bn.callbacks.lipschitz import _current_lr, check_step_sizes
+from lightning_bn.callbacks.lipschitz import check_step_sizes
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
@@ -141,7 +141,7 @@ class SmoothnessCallback(DiagnosticCallback):
         return self.max_iters
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas = resolve_step_sizes(_current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        etas = resolve_step_sizes(self._current_lr(trainer), self.step_sizes, self.relative_to_lr)
         result = compute_smoothness(
             self.probe,
             self.probe.parameters(),

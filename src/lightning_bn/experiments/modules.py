@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 __all__ = ["OPTIMIZERS", "ClassificationModule", "RegressionModule", "squared_error_loss"]
 
@@ -119,6 +120,25 @@ class _ModelModule(pl.LightningModule):
         )
 
 
+def _infer_num_classes(model: nn.Module, num_classes: Any) -> int:
+    """``num_classes`` if given, else the model's ``num_classes`` or its last ``nn.Linear`` width."""
+    if num_classes is None:
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes is None:
+            heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            if not heads:
+                raise ValueError(
+                    "Expected argument `num_classes` (the number of logits) for a model without"
+                    " a `num_classes` attribute or an `nn.Linear` head, but got None"
+                )
+            num_classes = heads[-1].out_features
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"Expected argument `num_classes` to be an int >= 2, but got {num_classes!r}"
+        )
+    return num_classes
+
+
 class ClassificationModule(_ModelModule):
     """Cross-entropy classification with plain SGD (the paper's setting) or Adam.
 
@@ -128,14 +148,19 @@ class ClassificationModule(_ModelModule):
         optimizer: ``"sgd"`` or ``"adam"``.
         momentum: SGD momentum (the paper: none); must be 0 for Adam.
         weight_decay: L2 penalty of the optimiser.
+        num_classes: the number of logits; ``None`` (default) reads the model's
+            ``num_classes`` attribute or the width of its last ``nn.Linear``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: an optimiser argument outside its range (the message names it).
+        ValueError: an optimiser argument outside its range, or no ``num_classes`` found
+            (the message names it).
 
     Logged metrics:
         ``train/loss``, ``train/acc`` (every step), ``val/loss``, ``val/acc`` (every validation
-        epoch), ``test/loss``, ``test/acc``.
+        epoch), ``test/loss``, ``test/acc``. Accuracy is top-1 over all samples
+        (:class:`torchmetrics.classification.MulticlassAccuracy` with ``average="micro"``, one
+        per stage), so the epoch value is over the global batch under DDP as well.
 
     Example:
         >>> from lightning_bn.experiments.models import MLP
@@ -151,19 +176,28 @@ class ClassificationModule(_ModelModule):
         optimizer: str = "sgd",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self._wrap(model, lr, optimizer, momentum, weight_decay)
-        self.save_hyperparameters(ignore=["model"])
+        classes = _infer_num_classes(self.model, num_classes)
+        # num_classes is the model's: like the model, it is not a hyperparameter of the module
+        self.save_hyperparameters(ignore=["model", "num_classes"])
+        # one metric per stage: their states must not mix (torchmetrics' advice)
+        self.train_acc = MulticlassAccuracy(num_classes=classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=classes, average="micro")
 
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         x, y = _unpack(batch)
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.detach().argmax(dim=1) == y).float().mean()
+        accuracy = getattr(self, f"{stage}_acc")
+        # forward: the batch's accuracy (the step value) and the running state (the epoch value)
+        accuracy(logits.detach(), y)
         n = int(y.shape[0])
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=n)
-        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{stage}/acc", accuracy, prog_bar=stage == "val", batch_size=n)
         return loss
 
 

@@ -5,7 +5,7 @@ Layout of a run folder (default ``./lightning-bn-runs/<experiment>-<YYYYmmdd-HHM
     run.json                       the plan and the variants (what `plot` reads first)
     csv/<variant>/metrics.csv      every logged metric of a variant (Lightning CSVLogger)
     wandb/offline-run-*/           a W&B run per variant (offline unless logged in)
-    figures/*.png                  paper-style figures (see lightning_bn.plotting)
+    figures/*.png                  paper-style figures (see lightning_bn.reproduce.figures)
     summary.md                     the findings table, the runs table and the figures
 
 :func:`reproduce` trains the plan and then calls :func:`redraw`, which reads the CSV files back
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import FINDINGS, Finding, evaluate_findings
 from lightning_bn.reproduce.history import RunData, RunFormatError, VariantHistory, load_run
 from lightning_bn.reproduce.plan import (
@@ -85,8 +86,6 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     Raises:
         RunFormatError: ``run_dir`` is not a run folder.
     """
-    from lightning_bn.plotting import plot_run
-
     run = load_run(run_dir)
     findings = evaluate_findings(run)
     figures = plot_run(run)

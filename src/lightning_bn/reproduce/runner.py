@@ -53,6 +53,7 @@ from lightning_bn.experiments import (
 )
 from lightning_bn.reproduce.history import MANIFEST
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec, format_lr
+from lightning_bn.wandb_panels import finish_active_run
 
 __all__ = [
     "MANIFEST",
@@ -305,10 +306,7 @@ def _quiet() -> contextlib.ExitStack:
 def _wandb_logger(
     plan: ExperimentPlan, spec: VariantSpec, out_dir: Path, mode: str, group: str, project: str
 ) -> WandbLogger:
-    import wandb
-
-    if wandb.run is not None:  # WandbLogger would reuse a run left open
-        wandb.finish()
+    finish_active_run()  # WandbLogger would reuse a run left open
     config = {
         "variant": spec.to_dict() | {"id": spec.id, "norm": spec.norm, "noise": spec.noise},
         "plan": plan.to_dict(),
@@ -321,7 +319,8 @@ def _wandb_logger(
         job_type=plan.experiment,
         offline=mode == "offline",
         config=config,
-        settings=wandb.Settings(silent=True, console="off", disable_git=True),
+        # wandb.init accepts the settings as a mapping: no wandb import here
+        settings={"silent": True, "console": "off", "disable_git": True},
     )
     # WandbLogger always passes `anonymous` (None when unset), which wandb >= 0.2x answers with a
     # deprecation warning on every process; leaving it out changes nothing else.
@@ -402,9 +401,7 @@ def run_variant(
                 wandb_logger.experiment.summary.update(final)
         finally:
             if wandb_logger is not None:
-                import wandb
-
-                wandb.finish()
+                finish_active_run()
     return VariantResult(spec, final)
 
 
