@@ -343,6 +343,13 @@ SYNC_TYPES: dict[type[nn.Module], type[nn.Module]] = {
 _ORIGINAL = "_lbn_unsync_class"
 
 
+def _is_unknown_subclass(module: nn.Module) -> bool:
+    """A subclass of a convertible type that is not itself one (a user's layer), not converted."""
+    known = (*SYNC_TYPES, nn.modules.batchnorm._BatchNorm)
+    done = (*SYNC_TYPES.values(), nn.modules.lazy.LazyModuleMixin)
+    return isinstance(module, known) and not isinstance(module, done)
+
+
 def unsynchronised_norms(model: nn.Module) -> list[str]:
     """Qualified names (``""`` for the root) of batch-statistics layers that
     :func:`convert_sync_norm` would convert and that are not synchronised yet: this package's
@@ -382,15 +389,10 @@ def convert_sync_norm(
         cls = type(module)
         target = SYNC_TYPES.get(cls)
         if target is None:
-            known = tuple(SYNC_TYPES) + (nn.modules.batchnorm._BatchNorm,)
-            if isinstance(module, known) and not hasattr(module, _ORIGINAL):
-                if not isinstance(module, (*SYNC_TYPES.values(), nn.modules.lazy.LazyModuleMixin)):
-                    skipped.append(name)
+            if _is_unknown_subclass(module):
+                skipped.append(name)
             continue
-        if cls is nn.SyncBatchNorm:
-            group = module.process_group
-        else:
-            group = process_group
+        group = module.process_group if cls is nn.SyncBatchNorm else process_group
         module.__class__ = target
         setattr(module, _ORIGINAL, cls)
         module.process_group = group
