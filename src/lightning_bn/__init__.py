@@ -17,6 +17,7 @@ from lightning_bn.layers import (
     LpNorm,
     create_norm_layer,
 )
+from lightning_bn.plugins import SyncNorm
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "LpNorm",
     "NoiseInjectionCallback",
     "SmoothnessCallback",
+    "SyncNorm",
     "__version__",
     "create_norm_layer",
     "swap_norm_layers",

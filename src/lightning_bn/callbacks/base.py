@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.probe import Collective, Probe, RNGState
 from lightning_bn.wandb_panels import (
     PAPER_SUMMARIES,
@@ -77,6 +78,7 @@ class DiagnosticCallback(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
+        warn_unsynchronised_norms(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(
             pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.diagnostics.noise import NoiseSample, NoiseSampler
 from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
 from lightning_bn.layers.registry import is_channels_last
@@ -168,6 +169,7 @@ class NoiseInjectionCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            warn_unsynchronised_norms(trainer, pl_module)
             self._attach(trainer, pl_module)
 
     @override

@@ -265,17 +265,19 @@ class SyncLinfNorm(SyncLpNorm, LinfNorm):
         self.process_group = process_group
 
 
-class PortableSyncBatchNorm(nn.SyncBatchNorm):
-    r""":class:`torch.nn.SyncBatchNorm` that also runs on the CPU (gloo) and is twice differentiable.
+class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    r"""A synchronised torch BatchNorm that also runs on the CPU (gloo) and is twice differentiable.
 
-    Torch's ``SyncBatchNorm`` refuses CPU inputs when it would synchronise. This subclass computes
-    the same function (global mean and biased variance for the output, unbiased variance with
-    :math:`M/(M-1)` for ``running_var``, ``momentum=None`` a cumulative average) with the
-    differentiable collectives of this module wherever torch's kernel does not run, and with
-    ``use_torch_kernel=False`` on every device (torch's kernel has no double backward, so
-    Hessian-vector products through it are wrong). Outside DDP training it is
-    :func:`torch.nn.functional.batch_norm`, as torch's. Same parameters, buffers and
-    ``state_dict`` keys as :class:`torch.nn.BatchNorm1d` / ``2d`` / ``3d``.
+    Torch's :class:`torch.nn.SyncBatchNorm` refuses CPU inputs when it would synchronise (and
+    DDP refuses a CPU model that contains one). This layer computes the same function (global
+    mean and biased variance for the output, unbiased variance with :math:`M/(M-1)` for
+    ``running_var``, ``momentum=None`` a cumulative average) with the differentiable collectives of
+    this module; on CUDA/HPU/XPU inputs it runs torch's ``SyncBatchNorm`` kernel unless
+    ``use_torch_kernel=False`` (torch's kernel has no double backward, so Hessian-vector products
+    through it are wrong). Outside DDP training it is :func:`torch.nn.functional.batch_norm`, as
+    torch's BatchNorm. Same parameters, buffers and ``state_dict`` keys as
+    :class:`torch.nn.BatchNorm1d` / ``2d`` / ``3d``; it is a ``_BatchNorm``, so torch's tools
+    (``torch.optim.swa_utils.update_bn``) see it.
 
     Args:
         num_features: number of channels ``C``.
@@ -284,11 +286,29 @@ class PortableSyncBatchNorm(nn.SyncBatchNorm):
         use_torch_kernel: on CUDA/HPU/XPU inputs use torch's own synchronised kernel.
     """
 
+    process_group: Any = None
     use_torch_kernel: bool = True
 
-    def __init__(self, num_features: int, *args: Any, use_torch_kernel: bool = True, **kwargs: Any):
-        super().__init__(num_features, *args, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        use_torch_kernel: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
         self.use_torch_kernel = bool(use_torch_kernel)
+
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not 2 <= input.dim() <= 5:
@@ -300,7 +320,7 @@ class PortableSyncBatchNorm(nn.SyncBatchNorm):
             # exactly torch's unsynchronised path (also eval mode and a single process)
             return nn.modules.batchnorm._BatchNorm.forward(self, input)
         if self.use_torch_kernel and input.device.type in _TORCH_SYNC_DEVICES:
-            return super().forward(input)
+            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
@@ -370,7 +390,7 @@ def convert_sync_norm(
     object, its parameters, buffers, hooks and ``state_dict`` keys stay the same, so optimisers,
     callbacks and anything else holding a reference to it keep working, and
     :func:`revert_sync_norm` switches it back. torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``
-    become :class:`PortableSyncBatchNorm` (a ``torch.nn.SyncBatchNorm`` that also runs on the CPU),
+    become :class:`PortableSyncBatchNorm` (torch's kernel on GPUs, and it also runs on the CPU),
     this package's layers their ``Sync*`` versions. Subclasses of these types (user-defined
     layers) are left alone and returned by name.
 
