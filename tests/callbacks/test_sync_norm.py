@@ -160,7 +160,7 @@ def test_real_trainer_sync_batchnorm_warns_and_world_size_one_is_unsynchronised(
         pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"),
     ):
         _fit(strategy="ddp", sync_batchnorm=True, callbacks=[LipschitzCallback(every_n_steps=1)])
-    plain = _fit()
+    plain = _fit(strategy="ddp")
     synced = _fit(strategy="ddp", plugins=[SyncNorm()])  # one process: nothing to synchronise
     assert plain.keys() == synced.keys()
     for key in plain:
