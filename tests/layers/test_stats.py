@@ -82,7 +82,7 @@ def test_update_norm_stats_gives_the_statistics_of_one_pass() -> None:
     momenta = [getattr(m, "momentum", None) for m in net]
     expected = _closed_form(net, batches)
     update_norm_stats([(x, torch.zeros(len(x))) for x in batches], net)
-    state = net.state_dict()
+    state = dict(net.named_buffers())
     for key, value in expected.items():
         torch.testing.assert_close(state[key], value.to(state[key].dtype), msg=key)
     assert not net.training and [getattr(m, "momentum", None) for m in net] == momenta
@@ -92,8 +92,10 @@ def test_update_norm_stats_gives_the_statistics_of_one_pass() -> None:
         for x in batches:
             net2(x * 3)
     torch.optim.swa_utils.update_bn(batches, net2)
-    assert torch.allclose(net2.state_dict()["9.running_var"], expected["9.running_var"])
-    assert not torch.allclose(net2.state_dict()["4.running_divisor"], expected["4.running_divisor"])
+    assert torch.allclose(dict(net2.named_buffers())["9.running_var"], expected["9.running_var"])
+    assert not torch.allclose(
+        dict(net2.named_buffers())["4.running_divisor"], expected["4.running_divisor"]
+    )
 
 
 @pytest.mark.parametrize("swa_cls", [StochasticWeightAveraging, LightningSWA])
@@ -115,7 +117,7 @@ def test_stochastic_weight_averaging_recomputes_package_layers(swa_cls: Any) -> 
     # the statistics of one pass at the averaged weights (Lightning's final optimiser step may
     # still move the module's own weights afterwards, for torch's layers as for ours)
     expected = _closed_form(swa._average_model.net, [x for x, _ in data])
-    state = module.net.state_dict()
+    state = dict(module.net.named_buffers())
     ours = [k for k in expected if not k.startswith("9.")]
     close = [torch.allclose(state[k].double(), expected[k].double()) for k in ours]
     if swa_cls is StochasticWeightAveraging:
