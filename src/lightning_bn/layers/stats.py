@@ -48,7 +48,7 @@ def update_norm_stats(
         >>> int(net[1].num_batches_tracked)
         3
     """
-    momenta: dict[nn.Module, float | None] = {}
+    momenta: dict[Any, float | None] = {}  # the layers (torch's and ours) and their momenta
     for module in model.modules():
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchStatNorm)):
             module.reset_running_stats()

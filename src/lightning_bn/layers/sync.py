@@ -102,13 +102,13 @@ def all_reduce_sum(x: Tensor, group: Any = None) -> Tensor:
     differentiable (the backward is this function again). Every rank must call it in the same
     order, forward and backward.
     """
-    out: Tensor = _AllReduceSum.apply(x, group)  # type: ignore[no-untyped-call]
+    out: Tensor = _AllReduceSum.apply(x, group)
     return out
 
 
 def all_gather_stack(x: Tensor, group: Any = None) -> Tensor:
     """Differentiable all-gather: ``(world_size, *x.shape)``, row r from rank r (equal shapes)."""
-    out: Tensor = _AllGatherStack.apply(x, group)  # type: ignore[no-untyped-call]
+    out: Tensor = _AllGatherStack.apply(x, group)
     return out
 
 
