@@ -73,9 +73,35 @@ def time_steps(model: nn.Module, steps: int, rank: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def collectives_per_forward(norm: type[nn.Module]) -> int:
+    """Collectives one forward pass of one synchronised layer issues (counted by wrapping the
+    ``torch.distributed`` functions that :mod:`lightning_bn.layers.sync` calls)."""
+    layer = make_model(norm, sync=True)[1]
+    calls = 0
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+
+    def counting(fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name, fn in originals.items():
+            setattr(dist, name, counting(fn))
+        layer(torch.randn(8, 256))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return calls
+
+
 def worker(rank: int, store: str, steps: int, repeats: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    counts = {name: collectives_per_forward(norm) for name, norm in NORMS.items()}
     times: dict[tuple[str, bool], list[float]] = {}
     for _ in range(repeats):
         for name, norm in NORMS.items():
@@ -84,11 +110,17 @@ def worker(rank: int, store: str, steps: int, repeats: int) -> None:
                 times.setdefault((name, sync), []).append(t)
     if rank == 0:
         print(f"2 processes (gloo), torch {torch.__version__}, {steps} steps x {repeats} repeats")
-        print(f"{'norm layer':<24} {'per-process ms':>15} {'SyncNorm ms':>12} {'ratio':>7}")
+        print(
+            f"{'norm layer':<24} {'per-process ms':>15} {'SyncNorm ms':>12} {'ratio':>7}"
+            f" {'collectives/forward':>20}"
+        )
         for name in NORMS:
             plain = statistics.median(times[(name, False)]) * 1e3
             synced = statistics.median(times[(name, True)]) * 1e3
-            print(f"{name:<24} {plain:>15.2f} {synced:>12.2f} {synced / plain:>7.2f}")
+            print(
+                f"{name:<24} {plain:>15.2f} {synced:>12.2f} {synced / plain:>7.2f}"
+                f" {counts[name]:>20}"
+            )
         print(
             "torch.nn.SyncBatchNorm: not measurable on the CPU (it raises 'SyncBatchNorm expected "
             "input tensor to be on GPU'); per-process statistics are the CPU baseline."

@@ -9,9 +9,11 @@ entries per channel, uneven :math:`m_r` allowed):
     s_p = \Big(\frac1M \sum_r \sum_i |y^{(r)}_i - \mu|^p\Big)^{1/p}, \qquad
     s_\infty = \max_r \max_i |y^{(r)}_i - \mu|,
 
-with two collectives per forward (sums of ``(C,)`` vectors: one all-reduce for
-:math:`[\sum y, m]`, one all-reduce for :math:`\sum |y - \mu|^p`, or one all-gather of the
-per-process maxima for :math:`p = \infty`). The collectives are autograd functions whose backward
+with one collective per forward for BatchNorm and :math:`p = 2` (an all-gather of each
+process's count, mean and variance, merged with the parallel-variance formula, as torch's
+``SyncBatchNorm`` does) and two for :math:`p = 1, \infty` (an all-reduce of :math:`[\sum y, m]`,
+then an all-reduce of :math:`\sum |y - \mu|` or an all-gather of the per-process maxima of
+:math:`|y - \mu|`); each is a ``(C,)``-sized message and its backward one all-reduce. The collectives are autograd functions whose backward
 is again a collective (an all-reduce of the gradients), so the gradient a process gets for its
 slice is exactly the gradient of the unsynchronised layer applied to the concatenated batch, to
 every order (Hessian-vector products work). Running statistics are updated with the global
@@ -154,12 +156,31 @@ def _view(t: Tensor, x: Tensor) -> Tensor:
 def global_moments(x: Tensor, dims: list[int], group: Any) -> tuple[Tensor, Tensor, Tensor]:
     r"""Global mean, biased variance (both ``(C,)``, float32 or wider) and entry count ``M``.
 
-    Two-pass (mean first, then :math:`\frac1M\sum (y-\mu)^2`), as accurate as ``torch.var_mean``
-    on the concatenated batch; two all-reduces, both differentiable.
+    One differentiable all-gather of each process's count :math:`m_r`, mean :math:`\mu_r` and
+    biased variance :math:`\sigma_r^2` (two-pass, ``torch.var_mean``), merged as
+
+    .. math::
+        \mu = \frac1M \sum_r m_r \mu_r, \qquad
+        \sigma^2 = \frac1M \sum_r m_r \bigl(\sigma_r^2 + (\mu_r - \mu)^2\bigr)
+
+    (the parallel-variance formula torch's ``SyncBatchNorm`` uses too: as accurate as
+    ``torch.var_mean`` on the concatenated batch, no cancellation). Its backward is one all-reduce.
     """
-    mean, count = _global_centre(x, dims, group)
-    dev = x.to(mean.dtype) - _view(mean, x)
-    return mean, _global_mean_power(dev, dims, 2, count, group), count
+    xa = x.to(_acc_dtype(x))
+    m = x.numel() // x.shape[1]
+    var_r, mean_r = torch.var_mean(xa, dim=dims, correction=0)
+    local = torch.stack([torch.full_like(mean_r, float(m)), mean_r, var_r])
+    gathered = all_gather_stack(local, group)  # (world, 3, C)
+    counts, means, variances = gathered.unbind(dim=1)
+    total = counts.sum(dim=0).detach()
+    if total[0] <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel over all processes when training, "
+            f"got {int(total[0])} (input size here {torch.Size(x.shape)})"
+        )
+    mean = (counts * means).sum(dim=0) / total
+    var = (counts * (variances + (means - mean).square())).sum(dim=0) / total
+    return mean, var, total[0]
 
 
 class SyncBatchNorm(BatchNorm):
@@ -225,6 +246,10 @@ class SyncLpNorm(LpNorm):
         group = sync_group(self)
         if group is None:
             return super()._batch_stats(x, dims, m)
+        if self.p == 2 and self.centered_divisor:  # one collective: the merged moments
+            centre, var, _ = global_moments(x, dims, group)
+            divisor, update = torch.sqrt(var + self.eps), torch.sqrt(var.detach())
+            return centre.to(x.dtype), divisor.to(x.dtype), update.to(x.dtype)
         centre, count = _global_centre(x, dims, group)
         xa = x.to(centre.dtype)
         dev = xa - _view(centre, x) if self.centered_divisor else xa
