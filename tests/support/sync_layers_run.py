@@ -36,6 +36,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int]
     "linf": (lambda: LinfNorm(3), (3,), (7, 9)),
     "l1_uncentred": (lambda: LpNorm(3, 1, centered_divisor=False), (3,), (7, 9)),
     "linf_uncentred_2d": (lambda: LpNorm(2, "inf", centered_divisor=False), (2, 3, 3), (3, 2)),
+    "batchnorm_empty_rank": (lambda: BatchNorm(3), (3,), (0, 5)),
+    "linf_empty_rank": (lambda: LinfNorm(3), (3,), (5, 0)),
     "torch_bn1d": (lambda: nn.BatchNorm1d(3), (3,), (7, 9)),
     "torch_bn2d": (lambda: nn.BatchNorm2d(2, momentum=None), (2, 3, 2), (3, 5)),
     "torch_syncbn": (lambda: nn.SyncBatchNorm(3), (3,), (7, 9)),

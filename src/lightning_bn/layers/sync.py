@@ -168,7 +168,10 @@ def global_moments(x: Tensor, dims: list[int], group: Any) -> tuple[Tensor, Tens
     """
     xa = x.to(_acc_dtype(x))
     m = x.numel() // x.shape[1]
-    var_r, mean_r = torch.var_mean(xa, dim=dims, correction=0)
+    if m > 0:
+        var_r, mean_r = torch.var_mean(xa, dim=dims, correction=0)
+    else:  # a process without samples in this step contributes nothing (and no nan)
+        var_r = mean_r = xa.sum(dim=dims)
     local = torch.stack([torch.full_like(mean_r, float(m)), mean_r, var_r])
     gathered = all_gather_stack(local, group)  # (world, 3, C)
     counts, means, variances = gathered.unbind(dim=1)
@@ -254,7 +257,7 @@ class SyncLpNorm(LpNorm):
         xa = x.to(centre.dtype)
         dev = xa - _view(centre, x) if self.centered_divisor else xa
         if math.isinf(self.p):
-            local_max = dev.abs().amax(dim=dims)
+            local_max = dev.abs().amax(dim=dims) if m > 0 else dev.sum(dim=dims)  # 0: no entry
             s = all_gather_stack(local_max, group).amax(dim=0)
             divisor, update = s + self.eps, s.detach()
         else:
