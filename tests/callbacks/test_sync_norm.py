@@ -47,7 +47,8 @@ def _run(mode: str, out: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("sync_norm")
-    return {mode: _run(mode, tmp / f"{mode}.json") for mode in ("single", "ddp", "ddp-nosync")}
+    modes = ("single", "ddp", "ddp-nosync", "ddp-uneven")
+    return {mode: _run(mode, tmp / f"{mode}.json") for mode in modes}
 
 
 def _max_state_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -62,8 +63,11 @@ def _max_state_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 @pytest.mark.slow
-def test_sync_norm_ddp_equals_one_process_on_the_global_batch(runs: dict[str, Any]) -> None:
-    single, ddp = runs["single"], runs["ddp"]
+@pytest.mark.parametrize("mode", ["ddp", "ddp-uneven"])  # batches of 8 + 8 and of 7 + 9
+def test_sync_norm_ddp_equals_one_process_on_the_global_batch(
+    runs: dict[str, Any], mode: str
+) -> None:
+    single, ddp = runs["single"], runs[mode]
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert ddp["types_in_training"][1::3] == [
         "SyncBatchNorm",

@@ -1,10 +1,12 @@
 """Train a model with every batch-statistics layer, single-process or on 2 gloo ranks with SyncNorm.
 
-    python -m tests.support.ddp_sync_run {single|ddp|ddp-nosync} OUT.json
+    python -m tests.support.ddp_sync_run {single|ddp|ddp-nosync|ddp-uneven} OUT.json
 
 As ``tests.support.ddp_run``: the single process sees batches of 2B samples, each rank B of them
 (unshuffled), so the union of the ranks' batches is the single run's batch. ``ddp`` trains with
-``plugins=[SyncNorm()]``, ``ddp-nosync`` without. Rank zero writes every logged value, the final
+``plugins=[SyncNorm()]``, ``ddp-nosync`` without, ``ddp-uneven`` with SyncNorm and batches of
+7 and 9 samples. The loss is the sum over the rank's samples times world size ÷ global batch
+size, so that DDP's average over ranks is the mean over the global batch even for uneven sizes. Rank zero writes every logged value, the final
 weights and buffers, and the layer types seen during training.
 """
 
@@ -17,7 +19,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_bn import (
     BatchNorm,
@@ -30,7 +33,7 @@ from lightning_bn import (
     SmoothnessCallback,
     SyncNorm,
 )
-from tests.support.ddp_run import Data
+from tests.support.ddp_run import B, Data
 from tests.support.models import Classifier, MemoryLogger
 
 STEPS = 3
@@ -58,6 +61,29 @@ def make_net() -> nn.Module:
     ).double()
 
 
+UNEVEN = (7, 9)
+
+
+class WeightedClassifier(Classifier):
+    """Cross-entropy summed over the rank's samples, × world size ÷ global batch size."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y, reduction="sum")
+        return loss * self.trainer.world_size / (2 * B)
+
+
+class UnevenData(Data):
+    """Rank r takes UNEVEN[r] consecutive samples of each global batch of 2B."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+        start, size = sum(UNEVEN[:rank]), UNEVEN[rank]
+        n = len(self.data) // (2 * B)
+        batches = [list(range(2 * B * k + start, 2 * B * k + start + size)) for k in range(n)]
+        return DataLoader(self.data, batch_sampler=batches)
+
+
 class TypeRecorder(pl.Callback):
     """The norm layers' types while training (after the plugin converted them)."""
 
@@ -71,7 +97,7 @@ class TypeRecorder(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["single", "ddp", "ddp-nosync"])
+    parser.add_argument("mode", choices=["single", "ddp", "ddp-nosync", "ddp-uneven"])
     parser.add_argument("out")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -93,7 +119,7 @@ def main() -> None:
         accelerator="cpu",
         devices=2 if ddp else 1,
         strategy="ddp" if ddp else "auto",
-        plugins=[SyncNorm()] if args.mode == "ddp" else None,
+        plugins=[SyncNorm()] if args.mode in ("ddp", "ddp-uneven") else None,
         max_steps=STEPS,
         callbacks=callbacks,
         logger=logger,
@@ -103,8 +129,9 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = Classifier(make_net(), lr=0.1)
-    trainer.fit(module, datamodule=Data(ddp))
+    module = WeightedClassifier(make_net(), lr=0.1)
+    data = UnevenData(ddp) if args.mode == "ddp-uneven" else Data(ddp)
+    trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
         out = {
             "history": {str(k): v for k, v in logger.history.items()},
