@@ -38,9 +38,11 @@ class SyncNorm(LayerSync):
     Args:
         process_group: the group to synchronise over (``None``: all processes).
         use_torch_kernel: use torch's synchronised kernel for torch's BatchNorm layers on
-            CUDA/HPU/XPU. It has no double backward, so Hessian-vector products through it (the
-            :class:`~lightning_bn.SmoothnessCallback`'s curvature) are wrong: pass ``False`` to
-            use this package's twice-differentiable implementation there as well.
+            CUDA/HPU/XPU. Its backward uses plain (non-differentiable) all-reduces and GPU-only
+            kernels, so Hessian-vector products through it (the
+            :class:`~lightning_bn.SmoothnessCallback`'s curvature) are not those of the global
+            batch: pass ``False`` to use this package's twice-differentiable implementation there
+            as well (not run on a GPU so far).
 
     Raises:
         TypeError: ``use_torch_kernel`` not a bool.

@@ -301,8 +301,8 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     mean and biased variance for the output, unbiased variance with :math:`M/(M-1)` for
     ``running_var``, ``momentum=None`` a cumulative average) with the differentiable collectives of
     this module; on CUDA/HPU/XPU inputs it runs torch's ``SyncBatchNorm`` kernel unless
-    ``use_torch_kernel=False`` (torch's kernel has no double backward, so Hessian-vector products
-    through it are wrong). Outside DDP training it is :func:`torch.nn.functional.batch_norm`, as
+    ``use_torch_kernel=False`` (torch's backward uses plain all-reduces, so Hessian-vector products
+    through it are not those of the global batch). Outside DDP training it is :func:`torch.nn.functional.batch_norm`, as
     torch's BatchNorm. Same parameters, buffers and ``state_dict`` keys as
     :class:`torch.nn.BatchNorm1d` / ``2d`` / ``3d``; it is a ``_BatchNorm``, so torch's tools
     (``torch.optim.swa_utils.update_bn``) see it.
