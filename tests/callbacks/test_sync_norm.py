@@ -174,3 +174,23 @@ def test_real_trainer_sync_batchnorm_warns_and_world_size_one_is_unsynchronised(
 def test_sync_norm_checks_its_argument() -> None:
     with pytest.raises(TypeError, match="Expected argument `use_torch_kernel` to be a bool"):
         SyncNorm(use_torch_kernel="yes")  # type: ignore[arg-type]
+
+
+def test_sync_norm_apply_and_revert_in_place_and_warns_on_unknown_subclasses() -> None:
+    class MyNorm(BatchNorm):
+        pass
+
+    net = nn.Sequential(nn.Linear(3, 3), L1Norm(3), MyNorm(3), nn.BatchNorm2d(3))
+    plugin = SyncNorm()
+    with pytest.warns(
+        UserWarning, match=r"leaves these batch-statistics layers unsynchronised.*: 2"
+    ):
+        assert plugin.apply(net) is net
+    assert [type(m).__name__ for m in net] == [
+        "Linear",
+        "SyncL1Norm",
+        "MyNorm",
+        "PortableSyncBatchNorm",
+    ]
+    assert plugin.revert(net) is net
+    assert [type(m) for m in net] == [nn.Linear, L1Norm, MyNorm, nn.BatchNorm2d]
