@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
-from lightning_bn import BatchNorm, L1Norm, LipschitzCallback, SyncNorm
+from lightning_bn import BatchNorm, L1Norm, LipschitzCallback, NoiseInjectionCallback, SyncNorm
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from tests.support.models import Classifier, loader
 
@@ -194,3 +194,8 @@ def test_sync_norm_apply_and_revert_in_place_and_warns_on_unknown_subclasses() -
     ]
     assert plugin.revert(net) is net
     assert [type(m) for m in net] == [nn.Linear, L1Norm, MyNorm, nn.BatchNorm2d]
+
+
+def test_global_batch_noise_checks_its_argument() -> None:
+    with pytest.raises(TypeError, match="Expected argument `global_batch_noise` to be a bool"):
+        NoiseInjectionCallback(global_batch_noise=1)  # type: ignore[arg-type]

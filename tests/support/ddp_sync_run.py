@@ -3,7 +3,8 @@
     python -m tests.support.ddp_sync_run {single|ddp|ddp-nosync|ddp-uneven} OUT.json
 
 As ``tests.support.ddp_run``: the single process sees batches of 2B samples, each rank B of them
-(unshuffled), so the union of the ranks' batches is the single run's batch. ``ddp`` trains with
+(contiguous shards; ``ddp-nosync``: an unshuffled DistributedSampler), so the union of the ranks'
+batches is the single run's batch. ``ddp`` trains with
 ``plugins=[SyncNorm()]``, ``ddp-nosync`` without, ``ddp-uneven`` with SyncNorm and batches of
 7 and 9 samples. The loss is the sum over the rank's samples times world size ÷ global batch
 size, so that DDP's average over ranks is the mean over the global batch even for uneven sizes. Rank zero writes every logged value, the final
@@ -73,12 +74,17 @@ class WeightedClassifier(Classifier):
         return loss * self.trainer.world_size / (2 * B)
 
 
-class UnevenData(Data):
-    """Rank r takes UNEVEN[r] consecutive samples of each global batch of 2B."""
+class ShardedData(Data):
+    """Rank r takes sizes[r] consecutive samples of each global batch of 2B, so the ranks'
+    batches in rank order are the single process's batch (what global-batch noise assumes)."""
+
+    def __init__(self, sizes: tuple[int, int]) -> None:
+        super().__init__(ddp=True)
+        self.sizes = sizes
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank
-        start, size = sum(UNEVEN[:rank]), UNEVEN[rank]
+        start, size = sum(self.sizes[:rank]), self.sizes[rank]
         n = len(self.data) // (2 * B)
         batches = [list(range(2 * B * k + start, 2 * B * k + start + size)) for k in range(n)]
         return DataLoader(self.data, batch_sampler=batches)
@@ -110,8 +116,8 @@ def main() -> None:
             ICSCallback(every_n_steps=1),
             LipschitzCallback(every_n_steps=1),
             SmoothnessCallback(every_n_steps=2, power_iters=30, tol=1e-8),
-            # no per-entry jitter: the noise is then a function of the shared per-unit draws
-            NoiseInjectionCallback(targets="net.7", mean_jitter=0.0, std_jitter=0.0, seed=3),
+            # per-entry noise of the global batch, each rank keeping its rows
+            NoiseInjectionCallback(targets="net.7", seed=3, global_batch_noise=True),
         ]
     logger = MemoryLogger()
     pl.seed_everything(0, verbose=False)
@@ -130,7 +136,12 @@ def main() -> None:
         enable_model_summary=False,
     )
     module = WeightedClassifier(make_net(), lr=0.1)
-    data = UnevenData(ddp) if args.mode == "ddp-uneven" else Data(ddp)
+    if args.mode == "ddp-nosync":
+        data = Data(ddp)  # unshuffled DistributedSampler: interleaved samples
+    elif ddp:
+        data = ShardedData(UNEVEN if args.mode == "ddp-uneven" else (B, B))
+    else:
+        data = Data(ddp)
     trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
         out = {

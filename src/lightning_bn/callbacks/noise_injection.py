@@ -82,8 +82,9 @@ class NoiseInjectionCallback(Callback):
       per-entry :math:`m, s`; the latter is combined with the global rank. So the global RNG is
       neither consumed nor disturbed, all processes of a DDP run share :math:`\mu_j, \sigma_j` (as
       a single process training on the global batch would) while each draws the per-sample noise
-      of its own samples, and the generator state saved by ``state_dict`` is the same on every
-      rank, so a resumed run continues the same noise sequence.
+      of its own samples (or, with ``global_batch_noise``, that of the global batch), and the
+      generator state saved by ``state_dict`` is the same on every rank, so a resumed run
+      continues the same noise sequence.
     - Forward hooks are registered at the start of ``fit`` and removed at its end (also on an
       exception): afterwards the model behaves exactly as without the callback.
 
@@ -102,6 +103,16 @@ class NoiseInjectionCallback(Callback):
         seed: seed of the callback's own generator (an integer ``>= 0``).
         log_every_n_steps: log the metrics below at every ``log_every_n_steps``-th training batch,
             starting with the first (to the trainer's loggers; nothing is computed without one).
+        global_batch_noise: under DDP, draw the per-entry noise of the *global* batch on every
+            rank from one shared stream and keep the rank's own rows (the offsets come from an
+            all-gather of the per-rank batch sizes, uneven ones allowed), so that the noise of
+            each sample is the one a single process on the global batch draws; with
+            :class:`~lightning_bn.SyncNorm` the whole noisy run then equals the single-process
+            one. Costs a draw of the global batch's size per target and a small collective per
+            forward pass. The global batch is the ranks' batches in rank order: with contiguous
+            shards that is the single process's batch; an unshuffled ``DistributedSampler``
+            interleaves samples, so the same noise then goes to other samples (with the same
+            distribution). Default ``False``: each rank draws its own samples' noise.
 
     Raises:
         ValueError: in ``__init__``, a noise constant out of range, a negative or non-integer
@@ -137,7 +148,14 @@ class NoiseInjectionCallback(Callback):
         std_jitter: float = 0.1,
         seed: int = 0,
         log_every_n_steps: int = 50,
+        global_batch_noise: bool = False,
     ) -> None:
+        if not isinstance(global_batch_noise, bool):
+            raise TypeError(
+                "Expected argument `global_batch_noise` to be a bool, "
+                f"but got {global_batch_noise!r}"
+            )
+        self.global_batch_noise = global_batch_noise
         self.sampler = NoiseSampler(mean_range, std_range, mean_jitter, std_jitter)
         self.targets = _check_targets(targets)
         self.seed = _check_int("seed", seed, 0)
@@ -149,6 +167,7 @@ class NoiseInjectionCallback(Callback):
         self._handles: list[RemovableHandle] = []
         self._trainer: pl.Trainer | None = None
         self._rank = 0
+        self._world_size = 1
         self._step_seeds: list[tuple[int, int]] | None = None
         self._log_now = False
         self._records: dict[int, Tensor] = {}
@@ -220,6 +239,7 @@ class NoiseInjectionCallback(Callback):
         found = _resolve_targets(pl_module, self.targets)
         self._trainer = trainer
         self._rank = int(trainer.global_rank)
+        self._world_size = int(trainer.world_size)
         self._names = [name for name, _ in found]
         self._channels_last = [is_channels_last(module) for _, module in found]
         self._handles = [
@@ -275,12 +295,15 @@ class NoiseInjectionCallback(Callback):
                 f"({type(module).__name__}), but got {type(output).__name__}"
             )
         unit_generator, entry_generator = self._seeded_generators(index, output.device)
-        sample = self.sampler(
-            output,
-            unit_generator,
-            channels_last=self._channels_last[index],
-            entry_generator=entry_generator,
-        )
+        if self._global_draws():
+            sample = self._global_batch_sample(index, output, unit_generator, entry_generator)
+        else:
+            sample = self.sampler(
+                output,
+                unit_generator,
+                channels_last=self._channels_last[index],
+                entry_generator=entry_generator,
+            )
         if self._log_now and index not in self._records:
             self._records[index] = _summarise(output, sample)
         return sample.output
@@ -294,8 +317,38 @@ class NoiseInjectionCallback(Callback):
         unit_generator, entry_generator = self._device_generators[device]
         unit_seed, entry_seed = self._step_seeds[index]
         unit_generator.manual_seed(unit_seed)
-        entry_generator.manual_seed((entry_seed + self._rank * _RANK_STRIDE) % (1 << 63))
+        rank = 0 if self._global_draws() else self._rank  # global draws: one shared stream
+        entry_generator.manual_seed((entry_seed + rank * _RANK_STRIDE) % (1 << 63))
         return unit_generator, entry_generator
+
+    def _global_draws(self) -> bool:
+        return self.global_batch_noise and self._world_size > 1
+
+    def _global_batch_sample(
+        self,
+        index: int,
+        output: Tensor,
+        unit_generator: torch.Generator,
+        entry_generator: torch.Generator,
+    ) -> NoiseSample:
+        """The sampler's draws for the global batch (rows of every rank, in rank order), of which
+        this rank keeps its own: the noise one process on the global batch would give them."""
+        assert self._trainer is not None  # checked by _noise_active
+        size = torch.tensor([output.shape[0]], device=output.device)
+        sizes = [int(n) for n in self._trainer.strategy.all_gather(size).flatten().tolist()]
+        start = sum(sizes[: self._rank])
+        rows = slice(start, start + output.shape[0])
+        channels_last = self._channels_last[index]
+        dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+        units = output.shape[-1] if channels_last else output.shape[1]
+        mu, sigma = self.sampler.sample_units(units, unit_generator, dtype)
+        shape = (sum(sizes), *output.shape[1:])
+        shift, scale = self.sampler.sample_entries(
+            mu, sigma, shape, entry_generator, channels_last=channels_last
+        )
+        shift, scale = shift[rows].to(output.device), scale[rows].to(output.device)
+        noisy = (scale * output + shift).to(output.dtype)
+        return NoiseSample(noisy, mu.to(output.device), sigma.to(output.device), shift, scale)
 
     # --- logging --------------------------------------------------------------------------
     def _log_records(self, trainer: pl.Trainer) -> None:
