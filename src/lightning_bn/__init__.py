@@ -10,6 +10,7 @@ from lightning_bn.callbacks import (
     NoiseInjectionCallback,
     SmoothnessCallback,
 )
+from lightning_bn.callbacks.swa import StochasticWeightAveraging
 from lightning_bn.convert import swap_norm_layers
 from lightning_bn.layers import (
     BatchNorm,
@@ -20,6 +21,8 @@ from lightning_bn.layers import (
     LpNorm,
     create_norm_layer,
 )
+from lightning_bn.layers.stats import update_norm_stats
+from lightning_bn.plugins import SyncNorm
 
 __version__ = "0.1.0"
 
@@ -35,7 +38,10 @@ __all__ = [
     "LpNorm",
     "NoiseInjectionCallback",
     "SmoothnessCallback",
+    "StochasticWeightAveraging",
+    "SyncNorm",
     "__version__",
     "create_norm_layer",
     "swap_norm_layers",
+    "update_norm_stats",
 ]

@@ -64,17 +64,15 @@ def _first_tensor(module: nn.Module) -> torch.Tensor | None:
 
 
 def _copy_matching(old: nn.Module, new: nn.Module) -> None:
-    """Copy parameters and buffers of the same name and shape (affine γ, β; running stats)."""
+    """Copy the ``state_dict`` entries of the same key and shape (affine γ, β; running stats),
+    through ``load_state_dict`` so that the layers' own conversions apply (L2Norm's divisor from
+    BatchNorm's ``running_var`` and back)."""
     with torch.no_grad():
-        old_state: dict[str, torch.Tensor] = dict(old.named_parameters(recurse=False))
-        old_state.update(old.named_buffers(recurse=False))
-        for name, target in [
-            *new.named_parameters(recurse=False),
-            *new.named_buffers(recurse=False),
-        ]:
-            source = old_state.get(name)
-            if source is not None and source.shape == target.shape:
-                target.copy_(source)
+        target = new.state_dict()
+        matching = {
+            k: v for k, v in old.state_dict().items() if k in target and v.shape == target[k].shape
+        }
+        new.load_state_dict(matching, strict=False)
 
 
 def _make(old: nn.Module, factory: Any, layer_kwargs: dict[str, Any]) -> nn.Module:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._validation import check_int
+from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord
 
@@ -92,6 +93,7 @@ class DiagnosticCallback(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
+        warn_unsynchronised_norms(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(
             pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context

@@ -12,12 +12,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_bn._validation import check_int
+from lightning_bn._validation import check_bool, check_int
+from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.diagnostics.noise import (
     DEFAULT_NOISE_TARGETS,
     NoiseInjector,
     NoiseSampler,
     NoiseSeedStream,
+    batch_sizes_of_ranks,
     resolve_noise_targets,
 )
 from lightning_bn.selection import Selector, check_selectors, selector_repr
@@ -65,6 +67,11 @@ class NoiseInjectionCallback(Callback):
         seed: seed of the callback's own generator (an integer ``>= 0``).
         log_every_n_steps: log the metrics below at every ``log_every_n_steps``-th training batch,
             starting with the first (to the trainer's loggers; nothing is computed without one).
+        global_batch_noise: under DDP, draw the per-entry noise of the *global* batch (the
+            ranks' batches in rank order) from one shared stream and keep this rank's rows, so
+            that with :class:`~lightning_bn.SyncNorm` a noisy run equals the single-process one
+            when each rank holds a contiguous shard (an unshuffled ``DistributedSampler``
+            interleaves samples: same distribution, other samples). Default ``False``.
 
     Raises:
         ValueError: in ``__init__``, an argument out of range or an empty ``targets``; at
@@ -98,7 +105,9 @@ class NoiseInjectionCallback(Callback):
         std_jitter: float = 0.1,
         seed: int = 0,
         log_every_n_steps: int = 50,
+        global_batch_noise: bool = False,
     ) -> None:
+        self.global_batch_noise = check_bool("global_batch_noise", global_batch_noise)
         self.sampler = NoiseSampler(mean_range, std_range, mean_jitter, std_jitter)
         self.targets = check_selectors(targets, "targets")
         self.seed = _check_int("seed", seed, 0)
@@ -131,6 +140,7 @@ class NoiseInjectionCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            warn_unsynchronised_norms(trainer, pl_module)
             self._attach(trainer, pl_module)
 
     @override
@@ -196,7 +206,10 @@ class NoiseInjectionCallback(Callback):
         self._trainer = trainer
         # statistics on the root device: updates stay on the activations' device, sync works
         device, rank = trainer.strategy.root_device, int(trainer.global_rank)
-        self._injector = NoiseInjector(self.sampler, self._stream, found, rank, device)
+        sizes = batch_sizes_of_ranks if self.global_batch_noise and trainer.world_size > 1 else None
+        self._injector = NoiseInjector(
+            self.sampler, self._stream, found, rank, device, global_batch_sizes=sizes
+        )
         self._handles = [
             module.register_forward_hook(functools.partial(self._forward_hook, index))
             for index, (_, module) in enumerate(found)

@@ -30,8 +30,10 @@ from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.bounds import theorem41_bound
 from lightning_bn.diagnostics.curvature import gradient_curvature
 from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
+from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.layers import NORM_TYPES, is_batchnorm
+from lightning_bn.layers.sync import sync_group
 from lightning_bn.paramvec import dict_norm, dict_sub_
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
@@ -128,7 +130,9 @@ def _layer_metrics(
     rank's activations is that rank's gradient divided by N, and the squared norm over the global
     batch is the sum over ranks: :math:`\\lVert\\nabla_y L\\rVert^2 = \\frac{1}{N^2}\\sum_r
     \\lVert\\nabla_{y_r} L_r\\rVert^2`. Theorem 4.1 holds per rank (each rank normalises with its
-    own batch statistics), so its two sides are summed over ranks before the ratio.
+    own batch statistics), so its two sides are summed over ranks before the ratio; a synchronised
+    layer normalises with the global batch's statistics, and its sides are those of the global
+    batch (:func:`~lightning_bn.diagnostics.global_bounds.theorem41_shares`).
     """
     names: list[str] = []
     values: list[Tensor] = []
@@ -140,15 +144,24 @@ def _layer_metrics(
         lhs = rhs = torch.zeros((), dtype=torch.float64)
         if _is_batchnorm(module) and rec.y is not None and rec.grad_z is not None:
             channel_dim = -1 if getattr(module, "channels_last", False) else 1
-            res = theorem41_bound(
-                rec.y.detach(),
-                rec.grad_y,
-                rec.grad_z,
-                rec.weight,
-                float(getattr(module, "eps", 0.0)),
-                channel_dim=channel_dim,
-            )
-            lhs, rhs = res.lhs.double().sum(), res.rhs.double().sum()
+            eps = float(getattr(module, "eps", 0.0))
+            if sync_group(module) is not None:  # normalised with the global batch's statistics
+                shares = theorem41_shares(
+                    rec.y.detach(),
+                    rec.grad_y,
+                    rec.grad_z,
+                    rec.weight,
+                    eps,
+                    all_reduce_sum=lambda t: coll.mean(t) * coll.world_size,
+                    world_size=coll.world_size,
+                    channel_dim=channel_dim,
+                )
+                lhs, rhs = shares[0].double().sum(), shares[1].double().sum()
+            else:
+                res = theorem41_bound(
+                    rec.y.detach(), rec.grad_y, rec.grad_z, rec.weight, eps, channel_dim=channel_dim
+                )
+                lhs, rhs = res.lhs.double().sum(), res.rhs.double().sum()
         names.append(name)
         values.append(torch.stack([sq, lhs, rhs, torch.tensor(float(_is_batchnorm(module)))]))
     if not values:

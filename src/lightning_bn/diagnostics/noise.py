@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -53,6 +54,7 @@ __all__ = [
     "NoiseSampler",
     "NoiseSeedStream",
     "NoiseStatistics",
+    "batch_sizes_of_ranks",
     "inject_noise",
     "rank_seed",
     "resolve_noise_targets",
@@ -486,6 +488,19 @@ def resolve_noise_targets(
     return selection.modules
 
 
+def batch_sizes_of_ranks(x: Tensor) -> list[int]:
+    """Every rank's batch size (dimension 0 of ``x``), in rank order: one small all-gather.
+
+    In a single process (no initialised process group) it is ``[len(x)]``.
+    """
+    size = torch.tensor([x.shape[0]], device=x.device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [int(size)]
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(n) for n in sizes]
+
+
 class NoiseInjector:
     r"""Noise for a fixed list of target layers, batch by batch: the trainer-free core of
     :class:`~lightning_bn.callbacks.NoiseInjectionCallback`.
@@ -503,6 +518,10 @@ class NoiseInjector:
             where :func:`~lightning_bn.layers.registry.is_channels_last` says so, else dimension 1.
         rank: this process's global rank (the per-entry seeds depend on it).
         device: where :attr:`stats` keeps its states (the activations' device avoids copies).
+        global_batch_sizes: ``sizes(x) -> [n_0, ..., n_{R-1}]``, every rank's batch size (a
+            collective). When given, the per-entry noise is drawn for the *global* batch (the
+            ranks' batches in rank order) from one stream shared by all ranks, and this rank keeps
+            its own rows: the noise a single process on the global batch gives those samples.
 
     Example:
         >>> import torch
@@ -521,8 +540,10 @@ class NoiseInjector:
         targets: Sequence[tuple[str, nn.Module]],
         rank: int = 0,
         device: torch.device | str | None = None,
+        global_batch_sizes: Callable[[Tensor], list[int]] | None = None,
     ) -> None:
         self.sampler = sampler
+        self.global_batch_sizes = global_batch_sizes
         self.stream = stream
         self.names = [name for name, _ in targets]
         self.channels_last = [is_channels_last(module) for _, module in targets]
@@ -539,7 +560,9 @@ class NoiseInjector:
 
     def new_batch(self, record: bool = False) -> None:
         """Draw the next batch's seeds; with ``record``, reset :attr:`stats` to collect it."""
-        self.seeds = self.stream.draw(len(self.channels_last), self.rank)
+        # global-batch draws: one per-entry stream shared by every rank (rank 0's)
+        rank = 0 if self.global_batch_sizes is not None else self.rank
+        self.seeds = self.stream.draw(len(self.channels_last), rank)
         self.record = record
         self.recorded = set()
         if record:
@@ -554,16 +577,43 @@ class NoiseInjector:
         if self.seeds is None:
             raise RuntimeError("NoiseInjector: call new_batch() before injecting noise")
         unit_generator, entry_generator = self.stream.generators(self.seeds[index], x.device)
-        sample = self.sampler(
-            x,
-            unit_generator,
-            channels_last=self.channels_last[index],
-            entry_generator=entry_generator,
-        )
+        if self.global_batch_sizes is not None:
+            sample = self._global_batch_sample(index, x, unit_generator, entry_generator)
+        else:
+            sample = self.sampler(
+                x,
+                unit_generator,
+                channels_last=self.channels_last[index],
+                entry_generator=entry_generator,
+            )
         if self.record and index not in self.recorded:  # the batch's first pass only
             self.recorded.add(index)
             self.stats.update(index, x, sample)
         return sample.output
+
+    def _global_batch_sample(
+        self,
+        index: int,
+        x: Tensor,
+        unit_generator: torch.Generator,
+        entry_generator: torch.Generator,
+    ) -> NoiseSample:
+        """The sampler's draws for the global batch, of which this rank keeps its own rows."""
+        assert self.global_batch_sizes is not None
+        sizes = self.global_batch_sizes(x)
+        start = sum(sizes[: self.rank])
+        rows = slice(start, start + x.shape[0])
+        channels_last = self.channels_last[index]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        units = x.shape[-1] if channels_last else x.shape[1]
+        mu, sigma = self.sampler.sample_units(units, unit_generator, dtype)
+        shape = (sum(sizes), *x.shape[1:])
+        shift, scale = self.sampler.sample_entries(
+            mu, sigma, shape, entry_generator, channels_last=channels_last
+        )
+        shift, scale = shift[rows].to(x.device), scale[rows].to(x.device)
+        noisy = (scale * x + shift).to(x.dtype)
+        return NoiseSample(noisy, mu.to(x.device), sigma.to(x.device), shift, scale)
 
     def metrics(self, prefix: str = "noise") -> dict[str, float]:
         """Stop recording and return the batch's statistics, summed over ranks, as

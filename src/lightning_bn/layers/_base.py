@@ -86,6 +86,11 @@ class _BatchStatNorm(nn.Module):
     def _eval_divisor(self, running_scale: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _too_few_values(self, m: int) -> bool:
+        """Whether ``m`` entries per channel are too few to train on (synchronised layers count
+        the entries of every process instead)."""
+        return m <= 1
+
     # --- shared ---------------------------------------------------------------------------
     def extra_repr(self) -> str:
         s = (
@@ -131,7 +136,7 @@ class _BatchStatNorm(nn.Module):
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             m = x.numel() // c
-            if self.training and m <= 1:
+            if self.training and self._too_few_values(m):
                 raise ValueError(
                     "Expected more than 1 value per channel when training, "
                     f"got input size {torch.Size(x.shape)}"

@@ -42,6 +42,11 @@ class LpNorm(_BatchStatNorm):
     values before centring (:math:`|y|` in place of :math:`|y - \mu_B|`). In training the running
     averages of :math:`\mu_B` (``running_mean``) and of :math:`s_p` (``running_divisor``, no Bessel
     correction) are accumulated with ``momentum`` as BatchNorm does; evaluation uses them.
+    For ``p = 2`` the ``state_dict`` holds ``running_var`` :math:`= \text{running\_divisor}^2`
+    instead of ``running_divisor``, BatchNorm's key and the quantity that gives BatchNorm's
+    evaluation divisor :math:`\sqrt{\text{running\_var} + \epsilon}`, so checkpoints load both
+    ways between ``L2Norm`` and :class:`torch.nn.BatchNorm1d` (``2d``, ``3d``) or
+    :class:`BatchNorm`; loading also accepts ``running_divisor``.
 
     Args:
         num_features: number of channels ``C``.
@@ -120,6 +125,38 @@ class LpNorm(_BatchStatNorm):
         if math.isinf(self.p):
             return running_scale + self.eps
         return (running_scale.pow(self.p) + self.eps).pow(1.0 / self.p)
+
+    # --- checkpoints: p = 2 shares BatchNorm's keys ------------------------------------------
+    # The evaluation divisor of p = 2 is sqrt(running_divisor² + eps), BatchNorm's is
+    # sqrt(running_var + eps): with running_var = running_divisor² both compute the same function,
+    # so an L2 state dict is written with BatchNorm's key and either key is read.
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        if self.p != 2 or self.running_divisor is None:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        local: dict[str, Any] = {}
+        super()._save_to_state_dict(local, prefix, keep_vars)
+        for key, value in local.items():
+            if key == prefix + "running_divisor":
+                key, value = prefix + "running_var", value.detach().square()
+            destination[key] = value
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        var_key, div_key = prefix + "running_var", prefix + "running_divisor"
+        if self.p == 2 and var_key in state_dict and div_key not in state_dict:
+            state_dict[div_key] = state_dict.pop(var_key).sqrt()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class L1Norm(LpNorm):
