@@ -21,7 +21,9 @@ file                                what it shows
                                     before and after the noise (Fig. 2's instability)
 =================================== =========================================================
 
-A figure whose data the run lacks (no noisy-BN variant, no BatchNorm layer, ...) is skipped.
+A figure whose data the run lacks (no noisy-BN variant, no BatchNorm layer, ...) is skipped. With
+several seeds every curve is the median over the seeds and a light band spans the smallest to the
+largest seed (see :func:`lightning_bn.reproduce.history.seed_median`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_bn.reproduce.findings import ics_layers
-from lightning_bn.reproduce.history import RunData, VariantHistory
+from lightning_bn.reproduce.history import HI, LO, RunData, VariantHistory
 from lightning_bn.reproduce.plan import format_lr
 
 __all__ = ["KIND_STYLE", "FigureFile", "plot_run"]
@@ -187,6 +189,7 @@ def _line(
     style.update(kw)
     if steps.size:
         ax.plot(steps, _smooth(values) if smooth else values, **style)  # type: ignore[arg-type]
+        _seed_band(ax, history, key, steps, smooth, _color(kind))
     if diverged:
         stop = float(all_steps[steps.size])
         ax.axvline(stop, color=_color(kind), ls=":", lw=1.0, gid="guide")
@@ -201,6 +204,21 @@ def _line(
             rotation=90,
         )
     return True
+
+
+def _seed_band(
+    ax: Axes, history: VariantHistory, key: str, steps: np.ndarray, smooth: bool, color: str
+) -> None:
+    """Shade the range over seeds of ``key`` (the ``@lo``/``@hi`` series of a median history)."""
+    s_lo, lo = history.get(key + LO)
+    _, hi = history.get(key + HI)
+    keep = np.isin(s_lo, steps) & np.isfinite(lo) & np.isfinite(hi)
+    if keep.sum() < 2:
+        return
+    lo, hi = lo[keep], hi[keep]
+    if smooth:
+        lo, hi = _smooth(lo), _smooth(hi)
+    ax.fill_between(s_lo[keep], lo, hi, color=color, alpha=0.18, lw=0)
 
 
 def _band(ax: Axes, history: VariantHistory, lo_key: str, hi_key: str) -> bool:
