@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1029,27 +1029,37 @@ def small_batch(ctx: _Context) -> Finding:
     )
 
 
-#: The findings, in the order of the summary.
-FINDINGS: tuple[Callable[[_Context], Finding], ...] = (
-    bn_trains_faster,
-    bn_tolerates_larger_lr,
-    noisy_bn_like_bn,
-    noisy_bn_faster,
-    ics_not_smaller,
-    loss_varies_less,
-    gradients_more_predictive,
-    beta_smaller,
-    lp_norms_like_bn,
-    steps_to_accuracy,
-    init_sensitivity,
-    small_batch,
-)
+#: The findings by name (the keys of :data:`CRITERIA`), in the order of the summary.
+FINDINGS: dict[str, Callable[[_Context], Finding]] = {
+    "bn_trains_faster": bn_trains_faster,
+    "bn_larger_lr": bn_tolerates_larger_lr,
+    "noisy_bn": noisy_bn_like_bn,
+    "noisy_bn_faster": noisy_bn_faster,
+    "ics_not_smaller": ics_not_smaller,
+    "loss_variation": loss_varies_less,
+    "gradient_predictiveness": gradients_more_predictive,
+    "beta_smoothness": beta_smaller,
+    "lp_norms": lp_norms_like_bn,
+    "steps_to_accuracy": steps_to_accuracy,
+    "init_sensitivity": init_sensitivity,
+    "small_batch": small_batch,
+}
 
 
-def evaluate_findings(run: RunData) -> list[Finding]:
-    """Check every finding on every architecture of ``run`` (architecture-major order).
+def evaluate_findings(run: RunData, names: Collection[str] | None = None) -> list[Finding]:
+    """Check every finding (or those in ``names``) on every architecture of ``run``
+    (architecture-major order).
 
     A finding the run cannot evaluate (no such runs, one learning rate, no accuracy in
     regression) comes back as :data:`NOT_EVALUATED`, with the reason in ``numbers``.
+
+    Raises:
+        ValueError: an unknown name in ``names``.
     """
-    return [check(_Context(run, arch)) for arch in run.plan.archs for check in FINDINGS]
+    unknown = sorted(set(names or ()) - set(FINDINGS))
+    if unknown:
+        raise ValueError(
+            f"Expected finding names among {', '.join(FINDINGS)}, but got {', '.join(unknown)}"
+        )
+    checks = [check for name, check in FINDINGS.items() if names is None or name in names]
+    return [check(_Context(run, arch)) for arch in run.plan.archs for check in checks]
