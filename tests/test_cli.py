@@ -22,7 +22,7 @@ import pytest
 
 from lightning_bn.cli import main
 from lightning_bn.experiments import write_cifar10_like
-from lightning_bn.reproduce import FINDINGS, build_plan, load_run
+from lightning_bn.reproduce import FINDINGS, VariantSpec, build_plan, load_run
 from lightning_bn.reproduce.plan import KINDS, ExperimentPlan
 from lightning_bn.reproduce.runner import resolve_wandb_mode
 from tests.support.wandb_offline import OfflineRun, WandbFileError, read_run
@@ -209,6 +209,18 @@ def test_reproduce_dln_two_processes_with_wandb(tmp_path: Path) -> None:
         assert any(k.startswith("ics/") for k in keys)
         assert "final/val_loss" in wandb_run.summary
     assert names == set(run.histories)
+
+    # a run depends on its variant and seed only: trained again here, in this process, it
+    # ends with the same losses as in the worker process
+    from lightning_bn.reproduce.runner import run_variant
+
+    spec = VariantSpec("dln", "batchnorm", 1e-6)
+    again = run_variant(
+        run.plan, spec, tmp_path / "again", wandb_mode="off", progress=False, seed=1
+    )
+    worker = run.histories[spec.run_id(1)]
+    for key in ("final/train_loss", "final/mean_train_loss", "final/val_loss"):
+        assert again.final[key] == worker.last(key), key
 
 
 def test_init_default_keeps_the_plateau_setting(tmp_path: Path) -> None:
