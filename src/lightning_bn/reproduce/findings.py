@@ -50,7 +50,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -557,7 +557,6 @@ class Finding:
     numbers: str = ""
     matched: Comparison | None = None
     decided_by: str = ""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def status(self) -> str:
@@ -599,8 +598,16 @@ class _Context:
         reason = f"no {', '.join(missing)} run" if missing else "no seed has every run"
         return complete, [per_seed[s] for s in complete], reason
 
-    def spec(self, kind: str, lr: float | None = None, **kw: float | int | None) -> VariantSpec:
-        return VariantSpec(self.arch, kind, self.plan.base_lr if lr is None else lr, **kw)  # type: ignore[arg-type]
+    def spec(
+        self,
+        kind: str,
+        lr: float | None = None,
+        init_scale: float = 1.0,
+        batch_size: int | None = None,
+    ) -> VariantSpec:
+        """A variant of this architecture (at the base lr unless ``lr`` is given)."""
+        lr = self.plan.base_lr if lr is None else lr
+        return VariantSpec(self.arch, kind, lr, init_scale, batch_size)
 
 
 def _fmt(value: float) -> str:
