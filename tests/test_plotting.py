@@ -332,3 +332,30 @@ def test_render_summary_escapes_and_counts() -> None:
     assert len(finding_rows(text)) == 3
     assert "0.5 [0.4, 0.6]" in text
     assert "- third (mlp): x 1.0" in text  # not evaluated, listed apart
+
+
+def test_format_1_run_folders_still_load(tmp_path: Path) -> None:
+    """A folder of lightning-bn 0.1.0 (one run per variant, `variants` in run.json) loads as one
+    seed: the plan's seed."""
+    plan = build_plan("digits", quick=True, steps=40, seed=3)
+    data = plan.to_dict()
+    for key in ("seeds", "init", "init_scales", "small_batches", "extra_archs"):
+        data.pop(key)  # the 0.1.0 plan had none of these
+    variants = []
+    for spec in plan.variants()[:2]:  # standard and BatchNorm at lr 0.1
+        _write_csv(tmp_path / "csv" / spec.id / "metrics.csv", _synthetic_rows(spec, 0))
+        variants.append(
+            {"arch": spec.arch, "kind": spec.kind, "lr": spec.lr, "id": spec.id}
+            | {"csv": f"csv/{spec.id}/metrics.csv"}
+        )
+    manifest = {"format": 1, "status": "finished", "plan": data, "variants": variants}
+    (tmp_path / "run.json").write_text(json.dumps(manifest))
+    run = load_run(tmp_path)
+    assert run.seeds == [3] and run.plan.seeds == 1
+    assert run.plan.init == "default"  # 0.1.0 used PyTorch's initialisation
+    assert sorted(run.histories) == ["mlp_batchnorm_lr0.1_seed3", "mlp_standard_lr0.1_seed3"]
+    bn = run.find("mlp", "batchnorm", 0.1)
+    assert bn is not None and bn.seed == 3
+    verdicts = {f.name: f.verdict for f in redraw(tmp_path).findings}
+    assert verdicts["bn_trains_faster"] == REPRODUCED
+    assert verdicts["small_batch"] == NOT_EVALUATED

@@ -305,9 +305,12 @@ class ExperimentPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentPlan:
-        """Inverse of :meth:`to_dict` (unknown keys are ignored, missing ones take defaults)."""
+        """Inverse of :meth:`to_dict` (unknown keys are ignored, missing ones take defaults,
+        except a missing ``init``: such a plan predates the option and used ``"default"``)."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
+        # plans written before `init` existed (lightning-bn 0.1.0) used PyTorch's initialisation
+        kwargs.setdefault("init", "default")
         for key in ("archs", "kinds", "notes", "extra_archs", "large_lr_kinds", "diagnose_kinds"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(str(v) for v in kwargs[key])
