@@ -3,7 +3,8 @@
 Usage::
 
     lightning-bn reproduce [digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
-                           [--steps N] [--seed S] [--data-dir DIR] [--variants K,K,...]
+                           [--steps N] [--seed S] [--seeds N] [--init kaiming|default]
+                           [--jobs N] [--data-dir DIR] [--variants K,K,...]
                            [--archs A,A,...] [--measure-every N] [--wandb MODE] ...
     lightning-bn plot RUN_DIR
 
@@ -21,7 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from lightning_bn.reproduce.plan import ARCHS, EXPERIMENTS, KINDS, build_plan, format_lr
+from lightning_bn.reproduce.plan import (
+    ARCHS,
+    EXPERIMENTS,
+    FULL_SEEDS,
+    INITS,
+    KINDS,
+    QUICK_SEEDS,
+    build_plan,
+    default_jobs,
+    format_lr,
+)
 
 if TYPE_CHECKING:
     from lightning_bn.reproduce import RedrawResult
@@ -110,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--quick",
         action="store_true",
-        help="reduced budget (digits: the MLP only, 400 steps; under 3 minutes on 2 CPU cores)",
+        help=f"reduced budget (digits: the MLP only, 300 steps, {QUICK_SEEDS} seeds; under 3 "
+        "minutes on 2 CPU cores)",
     )
     rep.add_argument(
         "--out",
@@ -127,7 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: digits 0.1 1.0, dln 1e-6, vgg-cifar10 0.1 0.5)",
     )
     rep.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps per run")
-    rep.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed (0)")
+    rep.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="S",
+        help="base seed (0): the runs use seeds S, S+1, ...",
+    )
+    rep.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help=f"seeds per variant (default {QUICK_SEEDS} with --quick, else {FULL_SEEDS}); the "
+        "findings report the median over seeds and a 95%% interval",
+    )
+    rep.add_argument(
+        "--init",
+        choices=INITS,
+        default="kaiming",
+        help="initialisation of the MLP/CNN/VGG weights: kaiming (He, the fair baseline; "
+        "default) or default (PyTorch's, on which the deep standard MLP sits on a loss plateau)",
+    )
+    rep.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=default_jobs(),
+        metavar="N",
+        help=f"runs at a time, one process and one torch thread each (default {default_jobs()})",
+    )
     rep.add_argument(
         "--data-dir",
         type=Path,
@@ -228,6 +267,8 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             steps=args.steps,
             lrs=args.lr,
             seed=args.seed,
+            seeds=args.seeds,
+            init=args.init,
             kinds=args.variants,
             archs=args.archs,
             measure_every=args.measure_every,
@@ -245,12 +286,14 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         parser.error(f"--out {str(out)!r} exists and is not a folder")
     mode = resolve_wandb_mode(args.wandb)
 
-    n = len(plan.variants())
+    n = len(plan.runs())
     print(
         f"lightning-bn reproduce {plan.experiment}{' --quick' if plan.quick else ''}: {n} runs "
-        f"({', '.join(plan.archs)} × {len(plan.kinds)} variants × lr "
-        f"{', '.join(format_lr(lr) for lr in plan.lrs)}), {plan.steps} steps each, "
-        f"diagnostics every {plan.measure_every} steps; W&B {mode}; output {out}",
+        f"({len(plan.variants())} variants of {', '.join(plan.archs)} at lr "
+        f"{', '.join(format_lr(lr) for lr in plan.lrs)} × seeds "
+        f"{', '.join(map(str, plan.seed_list))}), {plan.steps} steps each, init {plan.init}, "
+        f"diagnostics every {plan.measure_every} steps; {args.jobs} at a time; W&B {mode}; "
+        f"output {out}",
         flush=True,
     )
     start = time.perf_counter()
@@ -260,8 +303,9 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             out,
             wandb=mode,
             project=args.wandb_project,
-            progress=not args.no_progress,
+            progress=not args.no_progress and args.jobs == 1,
             echo=lambda line: print(line, flush=True),
+            jobs=args.jobs,
         )
     except KeyboardInterrupt:
         print(
@@ -274,12 +318,24 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
+def _finding_lines(result: RedrawResult) -> list[str]:
+    lines = []
+    for f in result.findings:
+        numbers = ""
+        if f.verdict != "not evaluated":
+            lo, hi = f.interval
+            numbers = f"  {f.median:.3g} [{lo:.3g}, {hi:.3g}] vs {f.threshold:g}"
+        lines.append(f"  {f.verdict:<15} {f.title} ({f.arch}){numbers}")
+    return lines
+
+
 def _report(result: RedrawResult, seconds: float, mode: str) -> None:
-    print("\nFindings of the paper:")
-    for finding in result.findings:
-        print(f"  {finding.status:<15} {finding.claim}")
+    print("\nFindings (median over seeds [95% interval] vs threshold):")
+    for line in _finding_lines(result):
+        print(line)
     folder = result.run.path
     print(f"\nsummary: {result.summary}")
+    print(f"findings: {result.findings_file}")
     print(f"figures: {len(result.figures)} PNG files in {folder / 'figures'}")
     if mode == "offline":
         print(
@@ -287,7 +343,10 @@ def _report(result: RedrawResult, seconds: float, mode: str) -> None:
         )
     elif mode == "online":
         print("W&B: runs logged online (project and group in the run config)")
-    print(f"total time: {seconds:.1f} s")
+    cpu = result.run.manifest.get("train_cpu_seconds")
+    print(
+        f"total time: {seconds:.1f} s" + (f" (training: {cpu} s CPU over the runs)" if cpu else "")
+    )
 
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -299,9 +358,10 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except RunFormatError as err:
         parser.error(str(err))
     print(f"summary: {result.summary}")
+    print(f"findings: {result.findings_file}")
     print(f"figures: {len(result.figures)} PNG files in {result.run.path / 'figures'}")
-    for finding in result.findings:
-        print(f"  {finding.status:<15} {finding.claim}")
+    for line in _finding_lines(result):
+        print(line)
     return 0
 
 

@@ -9,6 +9,10 @@ from them; this module imports neither :mod:`lightning_bn.reproduce` nor the com
 Every figure is drawn on matplotlib's Agg canvas directly (no ``pyplot``, so the caller's
 backend and global figure state are untouched).
 
+A run that aggregates several seeds carries, beside a key's median series, the series
+``<key>@lo`` and ``<key>@hi`` (smallest and largest seed); :func:`draw_line` then shades that
+range in a light band around the median.
+
 Example::
 
     from lightning_bn.plotting import RunHistory, band_figure
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = [
     "KIND_STYLE",
     "MAX_LAYERS",
+    "SEED_HI",
+    "SEED_LO",
     "FigureFile",
     "RunHistory",
     "band_figure",
@@ -58,6 +64,9 @@ __all__ = [
 ]
 
 Series = tuple[np.ndarray, np.ndarray]
+
+#: Suffixes of the per-seed range series of a key (see :func:`draw_line`).
+SEED_LO, SEED_HI = "@lo", "@hi"
 
 #: Label and colour of each normalisation kind (the variants of a reproduce run).
 KIND_STYLE: dict[str, tuple[str, str]] = {
@@ -241,6 +250,7 @@ def draw_line(
     style.update(kw)
     if steps.size:
         ax.plot(steps, _smooth(values) if smooth else values, **style)  # type: ignore[arg-type]
+        _seed_band(ax, run, key, steps, smooth, style["color"])
     if diverged:
         stop = float(all_steps[steps.size])
         color = style["color"] if style["color"] is not None else "black"
@@ -256,6 +266,23 @@ def draw_line(
             rotation=90,
         )
     return True
+
+
+def _seed_band(
+    ax: Axes, run: RunHistory, key: str, steps: np.ndarray, smooth: bool, color: object
+) -> None:
+    """Shade the range over seeds of ``key`` (its ``@lo``/``@hi`` series), where the run has it."""
+    s_lo, lo = run.get(key + SEED_LO)
+    _, hi = run.get(key + SEED_HI)
+    if s_lo.size != hi.size:
+        return
+    keep = np.isin(s_lo, steps) & np.isfinite(lo) & np.isfinite(hi)
+    if keep.sum() < 2:
+        return
+    lo, hi = lo[keep], hi[keep]
+    if smooth:
+        lo, hi = _smooth(lo), _smooth(hi)
+    ax.fill_between(s_lo[keep], lo, hi, color=color, alpha=0.18, lw=0)
 
 
 def draw_band(ax: Axes, run: RunHistory, lo_key: str, hi_key: str) -> bool:

@@ -14,6 +14,7 @@ from lightning_bn.experiments.models import (
     DeepLinearNetwork,
     SmallCNN,
     count_parameters,
+    init_weights_,
     make_norm,
 )
 from lightning_bn.layers import BatchNorm, L1Norm, LayerNorm, LinfNorm
@@ -190,3 +191,61 @@ def test_small_cnn_pools_only_while_the_map_allows() -> None:
 def test_bad_arguments(build: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()  # type: ignore[operator]
+
+
+# --- init_weights_ ------------------------------------------------------------------------------------
+def test_kaiming_init_matches_he_variance() -> None:
+    torch.manual_seed(0)
+    model = init_weights_(MLP(64, (512, 512), 10, norm="none"), "kaiming")
+    linears = [model.blocks[0].linear, model.blocks[1].linear, model.head]
+    # hidden layers (followed by ReLU): std sqrt(2 / fan_in); the head: sqrt(1 / fan_in)
+    for layer, gain in zip(linears, (2.0, 2.0, 1.0), strict=True):
+        expected = (gain / layer.in_features) ** 0.5
+        assert layer.weight.std().item() == pytest.approx(expected, rel=0.03)
+        assert abs(layer.weight.mean().item()) < 0.05 * expected
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # He initialisation keeps the second moment of a ReLU network's activations (He et al. 2015)
+    x = torch.randn(4096, 64)
+    h = model.blocks(x)
+    h_first = torch.relu(model.blocks[0].linear(x))
+    assert (h**2).mean().item() == pytest.approx((h_first**2).mean().item(), rel=0.15)
+
+
+def test_kaiming_init_of_convolutions_and_scale() -> None:
+    torch.manual_seed(1)
+    cnn = init_weights_(SmallCNN(norm="batchnorm", widths=(64, 64)), "kaiming", scale=4.0)
+    conv = cnn.features[1].conv
+    fan_in = conv.in_channels * 9
+    assert conv.weight.std().item() == pytest.approx(4.0 * (2.0 / fan_in) ** 0.5, rel=0.03)
+    # the norm layers keep their own initialisation
+    assert torch.equal(cnn.features[1].norm.weight, torch.ones(64))
+
+
+def test_default_init_keeps_pytorch_and_scale_multiplies() -> None:
+    torch.manual_seed(2)
+    reference = MLP(64, (32,), 10, norm="batchnorm")
+    torch.manual_seed(2)
+    same = init_weights_(MLP(64, (32,), 10, norm="batchnorm"), "default")
+    torch.manual_seed(2)
+    scaled = init_weights_(MLP(64, (32,), 10, norm="batchnorm"), "default", scale=0.25)
+    for (name, p_ref), p_same, p_scaled in zip(
+        reference.named_parameters(), same.parameters(), scaled.parameters(), strict=True
+    ):
+        assert torch.equal(p_ref, p_same)
+        # weights of Linear layers scaled, biases and norm parameters untouched
+        factor = 0.25 if name.endswith("linear.weight") or name == "head.weight" else 1.0
+        assert torch.equal(p_scaled, p_ref * factor), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"init": "xavier"}, "`init`"),
+        ({"scale": 0.0}, "`scale`"),
+        ({"scale": float("nan")}, "`scale`"),
+        ({"scale": True}, "`scale`"),
+    ],
+)
+def test_init_weights_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        init_weights_(MLP(8, (4,), 2), **kwargs)  # type: ignore[arg-type]

@@ -9,7 +9,15 @@ from lightning_bn.experiments.data import (
     read_cifar10_batch,
     write_cifar10_like,
 )
-from lightning_bn.experiments.models import MLP, VGG, VGG_CONFIGS, DeepLinearNetwork, SmallCNN
+from lightning_bn.experiments.models import (
+    INIT_SCHEMES,
+    MLP,
+    VGG,
+    VGG_CONFIGS,
+    DeepLinearNetwork,
+    SmallCNN,
+    init_weights_,
+)
 from lightning_bn.experiments.modules import (
     ClassificationModule,
     RegressionModule,
@@ -17,6 +25,7 @@ from lightning_bn.experiments.modules import (
 )
 
 __all__ = [
+    "INIT_SCHEMES",
     "MLP",
     "VGG",
     "VGG_CONFIGS",
@@ -28,6 +37,7 @@ __all__ = [
     "DigitsDataModule",
     "RegressionModule",
     "SmallCNN",
+    "init_weights_",
     "make_deep_linear_data",
     "read_cifar10_batch",
     "squared_error_loss",

@@ -19,20 +19,26 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 
 from lightning_bn.layers import LayerNorm, create_norm_layer
 from lightning_bn.layers.registry import resolve_norm_kind
 
 __all__ = [
+    "INIT_SCHEMES",
     "MLP",
     "VGG",
     "VGG_CONFIGS",
     "DeepLinearNetwork",
     "SmallCNN",
     "count_parameters",
+    "init_weights_",
     "make_norm",
 ]
+
+#: Initialisations of :func:`init_weights_`.
+INIT_SCHEMES: tuple[str, ...] = ("kaiming", "default")
 
 NormKind = str | type[nn.Module]
 
@@ -459,6 +465,59 @@ class DeepLinearNetwork(nn.Module):
             if i < len(self.norms):
                 x = self.norms[i](x)
         return x
+
+
+def init_weights_(model: nn.Module, init: str = "kaiming", scale: float = 1.0) -> nn.Module:
+    r"""Initialise the Linear and convolution weights of a ReLU network in place.
+
+    ``init="kaiming"`` is what practitioners use for ReLU networks (He et al. 2015; torchvision's
+    VGG does the same for its convolutions): every Linear or convolution weight is drawn from
+    :math:`N(0, 2 / \text{fan\_in})` (``kaiming_normal_``, ``nonlinearity="relu"``), except the
+    last such layer (the classifier head, not followed by a ReLU), drawn from
+    :math:`N(0, 1 / \text{fan\_in})`; biases are set to 0. The activations then keep their scale
+    through the depth, so a deep standard network trains at a moderate learning rate.
+    ``init="default"`` keeps PyTorch's own initialisation (:math:`U(\pm 1/\sqrt{\text{fan\_in}})`
+    for weights and biases), under which a 6-layer ReLU MLP shrinks its signal by about
+    :math:`(1/\sqrt 3)^{6}` per forward pass and starts on a loss plateau.
+
+    ``scale`` then multiplies every one of those weights (biases untouched): the Ioffe & Szegedy
+    claim that BatchNorm makes training less sensitive to the initialisation scale is checked with
+    ``scale`` 0.25 and 4. Norm layers are not touched.
+
+    Args:
+        model: the network (its modules in forward order, as every model of this module is).
+        init: one of :data:`INIT_SCHEMES`.
+        scale: a finite number > 0.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: an unknown ``init`` or a bad ``scale``.
+    """
+    if init not in INIT_SCHEMES:
+        raise ValueError(
+            f"Expected argument `init` to be one of {', '.join(map(repr, INIT_SCHEMES))}, "
+            f"but got {init!r}"
+        )
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"Expected argument `scale` to be a finite number > 0, but got {scale!r}")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            if init == "kaiming":
+                last = i == len(layers) - 1
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="linear" if last else "relu")
+                if layer.bias is not None:
+                    layer.bias.zero_()
+            if scale != 1.0:
+                layer.weight.mul_(float(scale))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

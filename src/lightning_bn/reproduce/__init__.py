@@ -2,11 +2,13 @@
 
 Layout of a run folder (default ``./lightning-bn-runs/<experiment>-<YYYYmmdd-HHMMSS>``)::
 
-    run.json                       the plan and the variants (what `plot` reads first)
-    csv/<variant>/metrics.csv      every logged metric of a variant (Lightning CSVLogger)
-    wandb/offline-run-*/           a W&B run per variant (offline unless logged in)
-    figures/*.png                  paper-style figures (see lightning_bn.reproduce.figures)
+    run.json                       the plan and the runs (what `plot` reads first)
+    csv/<variant>_seed<S>/metrics.csv  every logged metric of a run (Lightning CSVLogger)
+    wandb/offline-run-*/           a W&B run per training run (offline unless logged in)
+    figures/*.png                  paper-style figures, medians and bands over seeds
+                                   (see lightning_bn.reproduce.figures)
     summary.md                     the findings table, the runs table and the figures
+    findings.json                  the findings and the runs, machine-readable
 
 :func:`reproduce` trains the plan and then calls :func:`redraw`, which reads the CSV files back
 and draws the figures and the summary: ``lightning-bn plot RUN_DIR`` is that second half alone.
@@ -15,11 +17,12 @@ Example:
     >>> from lightning_bn.reproduce import build_plan, reproduce
     >>> plan = build_plan("digits", quick=True)
     >>> result = reproduce(plan, "runs/digits")  # doctest: +SKIP
-    >>> [f.status for f in result.findings]  # doctest: +SKIP
+    >>> [f.verdict for f in result.findings]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,12 @@ from lightning_bn.reproduce.plan import (
     VariantSpec,
     build_plan,
 )
-from lightning_bn.reproduce.summary import SUMMARY, render_summary
+from lightning_bn.reproduce.summary import FINDINGS_JSON, SUMMARY, findings_json, render_summary
 
 __all__ = [
     "EXPERIMENTS",
     "FINDINGS",
+    "FINDINGS_JSON",
     "KINDS",
     "SUMMARY",
     "ExperimentPlan",
@@ -50,6 +54,7 @@ __all__ = [
     "VariantSpec",
     "build_plan",
     "evaluate_findings",
+    "findings_json",
     "load_run",
     "redraw",
     "render_summary",
@@ -66,16 +71,19 @@ class RedrawResult:
         findings: the evaluated findings.
         figures: paths of the PNG files.
         summary: path of ``summary.md``.
+        findings_file: path of ``findings.json``.
     """
 
     run: RunData
     findings: list[Finding]
     figures: list[Path]
     summary: Path
+    findings_file: Path
 
 
 def redraw(run_dir: str | Path) -> RedrawResult:
-    """Draw the figures and write ``summary.md`` of a run folder from its CSV files.
+    """Draw the figures and write ``summary.md`` and ``findings.json`` of a run folder from its
+    CSV files.
 
     Args:
         run_dir: a folder written by :func:`reproduce` (it holds ``run.json``).
@@ -91,7 +99,10 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     figures = plot_run(run)
     summary = run.path / SUMMARY
     summary.write_text(render_summary(run, findings, figures))
-    return RedrawResult(run, findings, [f.path for f in figures], summary)
+    data = findings_json(run, findings)
+    findings_file = run.path / FINDINGS_JSON
+    findings_file.write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file)
 
 
 def reproduce(
@@ -102,8 +113,9 @@ def reproduce(
     project: str = "lightning-bn",
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> RedrawResult:
-    """Train every variant of ``plan`` into ``out_dir``, then draw the figures and the summary.
+    """Train every run of ``plan`` into ``out_dir``, then draw the figures and the summary.
 
     Args:
         plan: what to train (see :func:`build_plan`).
@@ -112,7 +124,8 @@ def reproduce(
             ``"offline"`` or ``"off"``.
         project: the W&B project.
         progress: show Lightning's progress bar for each run.
-        echo: where the one-line report per finished variant goes.
+        echo: where the one-line report per finished run goes.
+        jobs: runs at a time (worker processes, one torch thread each, when > 1).
 
     Returns:
         The result of :func:`redraw` on the finished run.
@@ -127,5 +140,6 @@ def reproduce(
         project=project,
         progress=progress,
         echo=echo,
+        jobs=jobs,
     )
     return redraw(out)

@@ -21,12 +21,15 @@ import numpy as np
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [
+    "HI",
+    "LO",
     "MANIFEST",
     "RunData",
     "RunFormatError",
     "VariantHistory",
     "load_run",
     "read_metrics_csv",
+    "seed_median",
 ]
 
 #: Name of the run description at the top of a run folder.
@@ -83,14 +86,19 @@ class VariantHistory:
     Attributes:
         spec: the variant.
         series: ``key -> (steps, values)``.
+        seed: the seed of the run (``None``: a median over seeds, see :func:`seed_median`).
     """
 
     spec: VariantSpec
     series: dict[str, Series] = field(default_factory=dict)
+    seed: int | None = None
 
     @classmethod
     def from_lists(
-        cls, spec: VariantSpec, series: Mapping[str, tuple[Sequence[int], Sequence[float]]]
+        cls,
+        spec: VariantSpec,
+        series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+        seed: int | None = 0,
     ) -> VariantHistory:
         """Build a history from plain lists (tests and hand-made examples)."""
         return cls(
@@ -99,6 +107,7 @@ class VariantHistory:
                 k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
                 for k, (s, v) in series.items()
             },
+            seed,
         )
 
     def get(self, key: str) -> Series:
@@ -123,17 +132,58 @@ class VariantHistory:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
+#: Suffixes of the keys that :func:`seed_median` adds: the smallest and largest value over seeds.
+LO, HI = "@lo", "@hi"
+
+
+def seed_median(histories: Sequence[VariantHistory]) -> VariantHistory:
+    """One history holding, per key, the median over the seeds' runs, and the range as bands.
+
+    For every key, the median is taken at the steps that every run holding the key logged (a key
+    logged once per run, such as ``final/*``, which a diverged run logs at an earlier step, is
+    aligned by position instead, at the latest step); ``<key>@lo`` and ``<key>@hi`` hold the
+    smallest and largest value over the seeds at those steps (the bands of the figures). A
+    non-finite value in any seed makes the median non-finite there (the figures then mark the
+    variant as diverged).
+
+    Args:
+        histories: the runs of one variant, one per seed (at least one).
+
+    Returns:
+        The median history (``seed=None``); a single run is returned unchanged.
+    """
+    if len(histories) == 1:
+        return histories[0]
+    keys = list(dict.fromkeys(k for h in histories for k in h.series))
+    series: dict[str, Series] = {}
+    for key in keys:
+        parts = [h.series[key] for h in histories if key in h.series]
+        if all(steps.size == 1 for steps, _ in parts):
+            steps = np.asarray([max(int(s[0]) for s, _ in parts)], dtype=np.int64)
+            stacked = np.stack([v for _, v in parts])
+        else:
+            steps = parts[0][0]
+            for other, _ in parts[1:]:
+                steps = np.intersect1d(steps, other)
+            stacked = np.stack([v[np.isin(s, steps)] for s, v in parts])
+        with np.errstate(invalid="ignore"):
+            series[key] = (steps, np.median(stacked, axis=0))
+            series[key + LO] = (steps, stacked.min(axis=0))
+            series[key + HI] = (steps, stacked.max(axis=0))
+    return VariantHistory(histories[0].spec, series, None)
+
+
 @dataclass
 class RunData:
-    """A reproduce run: its plan, manifest and the history of every variant found on disk.
+    """A reproduce run: its plan, manifest and the history of every training run found on disk.
 
     Attributes:
         path: the run folder.
         plan: the experiment plan.
         manifest: the parsed ``run.json``.
-        histories: ``variant id -> history`` for every variant whose CSV file exists, in plan
-            order.
-        missing: ids of planned variants without a CSV file (an interrupted run).
+        histories: ``run id -> history`` (see :meth:`VariantSpec.run_id`) for every run whose
+            CSV file exists, in plan order.
+        missing: ids of planned runs without a CSV file (an interrupted run).
     """
 
     path: Path
@@ -142,9 +192,31 @@ class RunData:
     histories: dict[str, VariantHistory]
     missing: list[str] = field(default_factory=list)
 
-    def find(self, arch: str, kind: str, lr: float) -> VariantHistory | None:
-        """The history of a variant, or ``None`` when it was not trained."""
-        return self.histories.get(VariantSpec(arch, kind, lr).id)
+    def seed_runs(self, spec: VariantSpec) -> list[VariantHistory]:
+        """The runs of a variant, one per seed found, in seed order."""
+        runs = [h for h in self.histories.values() if h.spec == spec]
+        return sorted(runs, key=lambda h: -1 if h.seed is None else h.seed)
+
+    def find_variant(self, spec: VariantSpec) -> VariantHistory | None:
+        """The median over seeds of a variant (:func:`seed_median`), ``None`` if not trained."""
+        runs = self.seed_runs(spec)
+        return seed_median(runs) if runs else None
+
+    def find(
+        self,
+        arch: str,
+        kind: str,
+        lr: float,
+        init_scale: float = 1.0,
+        batch_size: int | None = None,
+    ) -> VariantHistory | None:
+        """The median over seeds of a variant (see :meth:`find_variant`)."""
+        return self.find_variant(VariantSpec(arch, kind, lr, init_scale, batch_size))
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds that have at least one run in this folder."""
+        return sorted({h.seed for h in self.histories.values() if h.seed is not None})
 
     @classmethod
     def from_histories(
@@ -155,7 +227,9 @@ class RunData:
             path=path or Path("."),
             plan=plan,
             manifest={"plan": plan.to_dict()},
-            histories={h.spec.id: h for h in histories},
+            histories={
+                h.spec.run_id(plan.seed if h.seed is None else h.seed): h for h in histories
+            },
         )
 
 
@@ -182,7 +256,8 @@ def load_run(run_dir: str | Path) -> RunData:
     try:
         manifest = json.loads(manifest_path.read_text())
         plan = ExperimentPlan.from_dict(manifest["plan"])
-        entries = list(manifest["variants"])
+        # format 2 lists every run (variant and seed); format 1 one run per variant
+        entries = list(manifest["runs"] if "runs" in manifest else manifest["variants"])
     except (ValueError, KeyError, TypeError) as err:
         raise RunFormatError(
             f"{str(manifest_path)!r} is not a valid run description: {err}"
@@ -191,9 +266,11 @@ def load_run(run_dir: str | Path) -> RunData:
     missing: list[str] = []
     for entry in entries:
         spec = VariantSpec.from_dict(entry)
+        seed = int(entry.get("seed", plan.seed))
+        run_id = spec.run_id(seed)
         csv_path = path / str(entry.get("csv", f"csv/{spec.id}/metrics.csv"))
         if csv_path.is_file():
-            histories[spec.id] = VariantHistory(spec, read_metrics_csv(csv_path))
+            histories[run_id] = VariantHistory(spec, read_metrics_csv(csv_path), seed)
         else:
-            missing.append(spec.id)
+            missing.append(run_id)
     return RunData(path=path, plan=plan, manifest=manifest, histories=histories, missing=missing)

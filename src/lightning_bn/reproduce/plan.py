@@ -5,9 +5,10 @@ An :class:`ExperimentPlan` is plain data (it is saved as JSON in the run folder,
 for the three experiments of the paper (spec §6):
 
 - ``digits``: a 6×128 MLP and a small CNN on scikit-learn's digits, every variant of
-  :data:`KINDS` at two learning rates. The smaller one (0.1) is one that the standard network
-  tolerates (it trains, slowly); at the larger one (1.0) the standard network degrades or
-  diverges. ``--quick`` trains the MLP only, for fewer steps.
+  :data:`KINDS` at the base learning rate 0.1 (one the He-initialised standard network trains
+  at), the standard and BatchNorm networks also at 1.0 (where the standard network diverges),
+  and, on the MLP, both with the initial weights scaled by 0.25 and 4, and BatchNorm and
+  LayerNorm at batch size 4. ``--quick`` trains the MLP only, for fewer steps and seeds.
 - ``dln``: the deep linear network (25 layers of 10×10, full-batch gradient descent, lr 1e-6),
   standard and BatchNorm.
 - ``vgg-cifar10``: VGG-11 on CIFAR-10 files, SGD at lr 0.1 and 0.5, batch 128 (meant for a GPU).
@@ -16,17 +17,25 @@ for the three experiments of the paper (spec §6):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
     "ARCHS",
+    "COMPARED_KINDS",
     "EXPERIMENTS",
+    "FULL_SEEDS",
+    "INITS",
+    "INIT_SCALES",
     "KINDS",
+    "QUICK_SEEDS",
+    "SMALL_BATCH",
     "ExperimentPlan",
     "VariantSpec",
     "build_plan",
+    "default_jobs",
     "kind_norm",
 ]
 
@@ -84,17 +93,24 @@ def format_lr(lr: float) -> str:
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """One training run: an architecture, a variant kind and a learning rate.
+    """One trained configuration: an architecture, a variant kind, a learning rate and, for the
+    initialisation and batch-size findings, a scale of the initial weights and a batch size.
+
+    Each variant is trained once per seed of the plan (see :meth:`ExperimentPlan.runs`).
 
     Attributes:
         arch: ``"mlp" | "cnn" | "dln" | "vgg"``.
         kind: one of :data:`KINDS`.
         lr: learning rate of SGD.
+        init_scale: factor applied to the initial Linear/convolution weights (1: none).
+        batch_size: samples per batch (``None``: the plan's batch size).
     """
 
     arch: str
     kind: str
     lr: float
+    init_scale: float = 1.0
+    batch_size: int | None = None
 
     @property
     def norm(self) -> str:
@@ -108,17 +124,40 @@ class VariantSpec:
 
     @property
     def id(self) -> str:
-        """A name unique within a run, usable as a folder name: ``mlp_batchnorm_lr0.1``."""
-        return f"{self.arch}_{self.kind}_lr{format_lr(self.lr)}"
+        """A name unique within a run, usable as a folder name: ``mlp_batchnorm_lr0.1``, with
+        ``_init4`` / ``_bs4`` appended for a non-default initial scale or batch size."""
+        name = f"{self.arch}_{self.kind}_lr{format_lr(self.lr)}"
+        if self.init_scale != 1.0:
+            name += f"_init{format_lr(self.init_scale)}"
+        if self.batch_size is not None:
+            name += f"_bs{self.batch_size}"
+        return name
+
+    def run_id(self, seed: int) -> str:
+        """The name of one training run of this variant: ``<id>_seed<seed>``."""
+        return f"{self.id}_seed{seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
-        return {"arch": self.arch, "kind": self.kind, "lr": self.lr}
+        return {
+            "arch": self.arch,
+            "kind": self.kind,
+            "lr": self.lr,
+            "init_scale": self.init_scale,
+            "batch_size": self.batch_size,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VariantSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(arch=str(data["arch"]), kind=str(data["kind"]), lr=float(data["lr"]))
+        """Inverse of :meth:`to_dict` (older run files without scale and batch size load too)."""
+        batch = data.get("batch_size")
+        return cls(
+            arch=str(data["arch"]),
+            kind=str(data["kind"]),
+            lr=float(data["lr"]),
+            init_scale=float(data.get("init_scale", 1.0)),
+            batch_size=None if batch is None else int(batch),
+        )
 
 
 @dataclass(frozen=True)
@@ -138,7 +177,23 @@ class ExperimentPlan:
         power_iters: most Hessian-vector products per Hessian eigenvalue estimate.
         step_sizes: the η grid of the landscape callbacks, relative to the learning rate
             (``None``: the callbacks' default ``lr × {0.5, …, 4.0}``).
-        seed: seed of the initialisation, the data order and the noise.
+        seed: the base seed: the runs of each variant use seeds ``seed, seed + 1, …``
+            (initialisation, data split and order, noise).
+        seeds: number of seeds (training runs per variant).
+        init: initialisation of the Linear/convolution weights of the MLP, CNN and VGG
+            (:data:`~lightning_bn.experiments.INIT_SCHEMES`: ``"kaiming"`` or PyTorch's
+            ``"default"``).
+        init_scales: scales of the initial weights (other than 1) trained for the
+            initialisation finding, standard and BatchNorm, at the base lr.
+        small_batches: batch sizes (other than ``batch_size``) trained for the batch-size
+            finding, BatchNorm and LayerNorm, at the base lr.
+        extra_archs: architectures on which the initialisation and batch-size variants are
+            trained (``None``: all of ``archs``).
+        large_lr_kinds: kinds trained at the learning rates above the base one (``None``: all
+            of ``kinds``).
+        diagnose_kinds: kinds on which the ICS, Lipschitz and Smoothness callbacks run (at the
+            default scale and batch size; ``None``: every variant). The findings only compare
+            the standard and BatchNorm networks' diagnostics.
         quick: the reduced budget of ``--quick``.
         tiny: tiny models (tests only).
         data_dir: the CIFAR-10 folder (``vgg-cifar10`` only).
@@ -161,6 +216,13 @@ class ExperimentPlan:
     power_iters: int = 20
     step_sizes: tuple[float, ...] | None = None
     seed: int = 0
+    seeds: int = 1
+    init: str = "kaiming"
+    init_scales: tuple[float, ...] = ()
+    small_batches: tuple[int, ...] = ()
+    extra_archs: tuple[str, ...] | None = None
+    large_lr_kinds: tuple[str, ...] | None = None
+    diagnose_kinds: tuple[str, ...] | None = None
     quick: bool = False
     tiny: bool = False
     data_dir: str | None = None
@@ -181,31 +243,81 @@ class ExperimentPlan:
         """The largest learning rate."""
         return self.lrs[-1]
 
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds of the runs: ``seed, seed + 1, …, seed + seeds − 1``."""
+        return [self.seed + i for i in range(self.seeds)]
+
     def variants(self) -> list[VariantSpec]:
-        """Every run of the plan: architecture, then learning rate, then kind."""
-        return [
-            VariantSpec(arch, kind, lr)
-            for arch in self.archs
-            for lr in self.lrs
-            for kind in self.kinds
-        ]
+        """Every variant of the plan: per architecture, each learning rate and kind, then the
+        initial-scale variants, then the small-batch variants."""
+        out: list[VariantSpec] = []
+        for arch in self.archs:
+            for lr in self.lrs:
+                for kind in self.kinds:
+                    large = lr != self.base_lr and self.large_lr_kinds is not None
+                    if large and kind not in (self.large_lr_kinds or ()):
+                        continue
+                    out.append(VariantSpec(arch, kind, lr))
+            if self.extra_archs is not None and arch not in self.extra_archs:
+                continue
+            for scale in self.init_scales:
+                for kind in ("standard", "batchnorm"):
+                    out.append(VariantSpec(arch, kind, self.base_lr, init_scale=scale))
+            for batch in self.small_batches:
+                for kind in ("batchnorm", "layernorm"):
+                    out.append(VariantSpec(arch, kind, self.base_lr, batch_size=batch))
+        return out
+
+    def runs(self) -> list[tuple[VariantSpec, int]]:
+        """Every training run: each variant once per seed (seed-major, so a cut-short run has
+        whole seeds)."""
+        return [(spec, seed) for seed in self.seed_list for spec in self.variants()]
+
+    def diagnosed(self, spec: VariantSpec) -> bool:
+        """Whether the diagnostic callbacks (ICS, Lipschitz, Smoothness) run on ``spec``."""
+        if spec.init_scale != 1.0 or spec.batch_size is not None:
+            return False
+        return self.diagnose_kinds is None or spec.kind in self.diagnose_kinds
+
+    def batch_of(self, spec: VariantSpec) -> int:
+        """The batch size of a variant."""
+        return self.batch_size if spec.batch_size is None else spec.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as a JSON-ready dict."""
         data = asdict(self)
-        for key in ("archs", "kinds", "lrs", "step_sizes", "notes"):
+        for key in (
+            "archs",
+            "kinds",
+            "lrs",
+            "step_sizes",
+            "notes",
+            "init_scales",
+            "small_batches",
+            "extra_archs",
+            "large_lr_kinds",
+            "diagnose_kinds",
+        ):
             if data[key] is not None:
                 data[key] = list(data[key])
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentPlan:
-        """Inverse of :meth:`to_dict` (unknown keys are ignored, missing ones take defaults)."""
+        """Inverse of :meth:`to_dict` (unknown keys are ignored, missing ones take defaults,
+        except a missing ``init``: such a plan predates the option and used ``"default"``)."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("archs", "kinds", "notes"):
-            if key in kwargs:
+        # plans written before `init` existed (lightning-bn 0.1.0) used PyTorch's initialisation
+        kwargs.setdefault("init", "default")
+        for key in ("archs", "kinds", "notes", "extra_archs", "large_lr_kinds", "diagnose_kinds"):
+            if kwargs.get(key) is not None:
                 kwargs[key] = tuple(str(v) for v in kwargs[key])
+        if "init_scales" in kwargs:
+            kwargs["init_scales"] = tuple(float(v) for v in kwargs["init_scales"])
+        if "small_batches" in kwargs:
+            kwargs["small_batches"] = tuple(int(v) for v in kwargs["small_batches"])
         kwargs["lrs"] = tuple(float(v) for v in kwargs["lrs"])
         if kwargs.get("step_sizes") is not None:
             kwargs["step_sizes"] = tuple(float(v) for v in kwargs["step_sizes"])
@@ -222,6 +334,26 @@ def _dln_step_sizes(n: int = 12) -> tuple[float, ...]:
     return tuple(round(math.exp(lo + (hi - lo) * i / (n - 1)), 6) for i in range(n))
 
 
+#: Initialisations of ``--init`` (the same names as
+#: :data:`lightning_bn.experiments.models.INIT_SCHEMES`, here without importing torch).
+INITS: tuple[str, ...] = ("kaiming", "default")
+
+
+def default_jobs() -> int:
+    """Runs at a time by default: 2 (the two cores of a small machine), 1 on a single core."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+#: Scales of the initial weights of the initialisation finding (besides 1).
+INIT_SCALES: tuple[float, ...] = (0.25, 4.0)
+#: Small batch size of the batch-size finding (against the plan's batch size).
+SMALL_BATCH = 4
+#: Default number of seeds: ``--quick`` and the full run.
+QUICK_SEEDS, FULL_SEEDS = 2, 3
+#: Kinds whose diagnostics the findings compare.
+COMPARED_KINDS: tuple[str, ...] = ("standard", "batchnorm")
+
+
 def build_plan(
     experiment: str = "digits",
     *,
@@ -229,6 +361,8 @@ def build_plan(
     steps: int | None = None,
     lrs: Sequence[float] | None = None,
     seed: int = 0,
+    seeds: int | None = None,
+    init: str = "kaiming",
     kinds: Sequence[str] | None = None,
     archs: Sequence[str] | None = None,
     measure_every: int | None = None,
@@ -241,54 +375,71 @@ def build_plan(
 
     Defaults per experiment (``quick`` in brackets):
 
-    ========== ================= ============================ ================ ============
-    experiment architectures     variants                     learning rates   steps
-    ========== ================= ============================ ================ ============
-    digits     mlp, cnn [mlp]    all seven                    0.1, 1.0         1000 [400]
-    dln        dln               standard, batchnorm          1e-6             10000 [1000]
-    vgg-cifar10 vgg              all seven [standard, BN,     0.1, 0.5         15000 [500]
-                                 noisy BN]
-    ========== ================= ============================ ================ ============
+    =========== ============== ============================ ============ ========== ========
+    experiment  architectures  variants                     lrs          steps      seeds
+    =========== ============== ============================ ============ ========== ========
+    digits      mlp, cnn [mlp] all seven at 0.1; standard   0.1, 1.0     1000 [300] 3 [2]
+                               and BN at 1.0; init ×0.25,
+                               ×4 and batch 4 (MLP only)
+    dln         dln            standard, batchnorm          1e-6         10000      3 [2]
+                                                                         [1000]
+    vgg-cifar10 vgg            all seven [standard, BN,     0.1, 0.5     15000      3 [2]
+                               noisy BN]; init and batch                 [500]
+                               variants
+    =========== ============== ============================ ============ ========== ========
 
-    The diagnostics measure about 20 times per run (``measure_every = steps // 20``).
+    Only the standard and BatchNorm runs at the default scale and batch size carry the
+    diagnostic callbacks (the findings compare those two); the diagnostics measure about 20
+    times per run (``measure_every = steps // 20``). Every variant is trained once per seed.
 
     Args:
         experiment: one of :data:`EXPERIMENTS`.
         quick: the reduced budget.
         steps: optimiser steps per run (overrides the default).
         lrs: learning rates (overrides the default; sorted, duplicates removed).
-        seed: seed of everything random.
+        seed: the base seed (runs use ``seed, seed + 1, …``).
+        seeds: number of seeds (default 2 with ``quick``, else 3).
+        init: ``"kaiming"`` (He initialisation, the fair baseline) or ``"default"`` (PyTorch's,
+            on which the deep standard MLP sits on a loss plateau).
         kinds: variant kinds to train (default above).
         archs: architectures to train (default above).
         measure_every: steps between diagnostic measurements (default ``steps // 20``).
         data_dir: the CIFAR-10 folder.
         accelerator: Lightning accelerator (default ``"cpu"``, ``"auto"`` for VGG).
-        threads: torch intra-op threads on CPU (``None``: leave torch's setting).
+        threads: torch intra-op threads on CPU per run (``None``: leave torch's setting).
         tiny: tiny models and few measurements, for tests.
 
     Returns:
         The plan.
 
     Raises:
-        ValueError: an unknown experiment, kind or architecture, or a value out of range.
+        ValueError: an unknown experiment, kind, architecture or initialisation, or a value out
+            of range.
     """
     if experiment not in EXPERIMENTS:
         raise ValueError(
             f"Expected an experiment, one of {', '.join(EXPERIMENTS)}, but got {experiment!r}"
         )
+    if init not in INITS:
+        raise ValueError(f"Expected `init` to be one of {', '.join(INITS)}, but got {init!r}")
     notes: list[str] = []
     task = "regression" if experiment == "dln" else "classification"
+    init_scales: tuple[float, ...] = INIT_SCALES
+    small_batches: tuple[int, ...] = (SMALL_BATCH,)
+    extra_archs: tuple[str, ...] | None = None
+    large_lr_kinds: tuple[str, ...] | None = COMPARED_KINDS
     if experiment == "digits":
         default_archs: tuple[str, ...] = ("mlp",) if quick else ("mlp", "cnn")
         default_kinds = KINDS
         default_lrs: tuple[float, ...] = (0.1, 1.0)
-        default_steps = 400 if quick else 1000
+        default_steps = 300 if quick else 1000
         batch_size = 64
         default_accelerator = "cpu"
+        extra_archs = ("mlp",)
         if quick and archs is None:
             notes.append(
-                "--quick trains the MLP only (the full run adds the small CNN); every finding is "
-                "still evaluated, on the MLP."
+                "--quick leaves out the small CNN, trains 300 steps instead of 1000 and 2 seeds "
+                "instead of 3; every finding is still evaluated, on the MLP."
             )
     elif experiment == "dln":
         default_archs = ("dln",)
@@ -297,6 +448,9 @@ def build_plan(
         default_steps = 1000 if quick else 10_000
         batch_size = 1000
         default_accelerator = "cpu"
+        # Full-batch gradient descent on a fixed problem: no batch size to vary, and the
+        # network has its own initialisation (DeepLinearNetwork).
+        init_scales, small_batches = (), ()
     else:
         default_archs = ("vgg",)
         default_kinds = ("standard", "batchnorm", "noisy-batchnorm") if quick else KINDS
@@ -307,7 +461,7 @@ def build_plan(
         if quick and kinds is None:
             notes.append(
                 "--quick trains the standard, BatchNorm and noisy-BatchNorm VGG only; the "
-                "ℓp-norm finding needs the full run."
+                "ℓp-norm and batch-size findings need the full run."
             )
 
     chosen_archs = tuple(archs) if archs else default_archs
@@ -320,6 +474,10 @@ def build_plan(
     chosen_kinds = tuple(k for k in KINDS if k in set(kinds)) if kinds else default_kinds
     for kind in kinds or ():
         kind_norm(kind)
+    if "layernorm" not in chosen_kinds or "batchnorm" not in chosen_kinds:
+        small_batches = ()
+    if "standard" not in chosen_kinds or "batchnorm" not in chosen_kinds:
+        init_scales = ()
     chosen_lrs = tuple(sorted({float(v) for v in lrs})) if lrs else default_lrs
     for lr in chosen_lrs:
         if not (math.isfinite(lr) and lr > 0):
@@ -327,10 +485,17 @@ def build_plan(
     n_steps = default_steps if steps is None else int(steps)
     if n_steps < 1:
         raise ValueError(f"Expected `steps` >= 1, but got {steps!r}")
+    n_seeds = (QUICK_SEEDS if quick else FULL_SEEDS) if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"Expected `seeds` >= 1, but got {seeds!r}")
     per_run = 4 if tiny else MEASUREMENTS_PER_RUN
     every = measure_every if measure_every is not None else _every(n_steps, per_run)
     if every < 1:
         raise ValueError(f"Expected `measure_every` >= 1, but got {measure_every!r}")
+    if extra_archs is not None:
+        extra_archs = tuple(a for a in chosen_archs if a in extra_archs) or None
+        if extra_archs is None:  # e.g. --archs cnn: the extra variants go on the CNN
+            extra_archs = chosen_archs
     plan = ExperimentPlan(
         experiment=experiment,
         archs=chosen_archs,
@@ -343,6 +508,13 @@ def build_plan(
         power_iters=3 if tiny else 20,
         step_sizes=_dln_step_sizes() if experiment == "dln" else None,
         seed=int(seed),
+        seeds=n_seeds,
+        init=init,
+        init_scales=init_scales,
+        small_batches=small_batches,
+        extra_archs=extra_archs,
+        large_lr_kinds=large_lr_kinds,
+        diagnose_kinds=COMPARED_KINDS,
         quick=quick,
         tiny=tiny,
         data_dir=data_dir,

@@ -1,21 +1,31 @@
-"""Train the variants of an :class:`~lightning_bn.reproduce.plan.ExperimentPlan`, one by one.
+"""Train the runs of an :class:`~lightning_bn.reproduce.plan.ExperimentPlan`: every variant once
+per seed, ``jobs`` runs at a time.
 
-Each variant is one Lightning ``Trainer.fit`` with all four callbacks of the package
-(:class:`~lightning_bn.ICSCallback`, :class:`~lightning_bn.LipschitzCallback`,
-:class:`~lightning_bn.SmoothnessCallback`, and :class:`~lightning_bn.NoiseInjectionCallback` for
-noisy BatchNorm), a :class:`~lightning.pytorch.loggers.CSVLogger` and, unless W&B is off, a
-:class:`~lightning.pytorch.loggers.WandbLogger` (a W&B run per variant, offline unless an API key
-is configured). After training, the variant is validated once more (evaluation mode: no noise,
+Each run is one Lightning ``Trainer.fit`` with the package's callbacks (
+:class:`~lightning_bn.ICSCallback`, :class:`~lightning_bn.LipschitzCallback` and
+:class:`~lightning_bn.SmoothnessCallback` on the variants the findings compare, see
+:meth:`~lightning_bn.reproduce.plan.ExperimentPlan.diagnosed`;
+:class:`~lightning_bn.NoiseInjectionCallback` for noisy BatchNorm), a
+:class:`~lightning.pytorch.loggers.CSVLogger` and, unless W&B is off, a
+:class:`~lightning.pytorch.loggers.WandbLogger` (a W&B run per training run, offline unless an API
+key is configured). After training, the run is validated once more (evaluation mode: no noise,
 BatchNorm running statistics) and ``final/*`` metrics are logged at the last step, so that the
 CSV files alone hold everything the figures and the summary are drawn from.
+
+With ``jobs > 1`` the runs go to a pool of ``jobs`` worker processes (``spawn``), each with one
+torch thread: the models are small, so two single-threaded runs on two cores finish in about
+half the time of one run using both cores. A run depends only on its variant and seed, so the
+results do not depend on ``jobs``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import netrc
 import os
 import time
@@ -50,9 +60,10 @@ from lightning_bn.experiments import (
     DigitsDataModule,
     RegressionModule,
     SmallCNN,
+    init_weights_,
 )
 from lightning_bn.reproduce.history import MANIFEST
-from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec, format_lr
+from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec, default_jobs, format_lr
 from lightning_bn.wandb_panels import finish_active_run
 
 __all__ = [
@@ -61,6 +72,7 @@ __all__ = [
     "VariantResult",
     "build_datamodule",
     "build_model",
+    "default_jobs",
     "resolve_wandb_mode",
     "run_variant",
     "train_plan",
@@ -152,41 +164,58 @@ def build_model(plan: ExperimentPlan, spec: VariantSpec) -> nn.Module:
     :class:`~lightning_bn.experiments.SmallCNN`; ``dln``:
     :class:`~lightning_bn.experiments.DeepLinearNetwork` (25 layers of 10×10); ``vgg``:
     :class:`~lightning_bn.experiments.VGG` (VGG-11). ``plan.tiny`` shrinks every one of them.
+
+    The MLP, CNN and VGG are initialised with ``plan.init`` and their weights scaled by
+    ``spec.init_scale`` (:func:`~lightning_bn.experiments.init_weights_`); the DLN keeps its own
+    initialisation, scaled by ``spec.init_scale``.
     """
     norm = spec.norm
+    model: nn.Module
     if spec.arch == "mlp":
         hidden = (16, 16) if plan.tiny else (128,) * 6
-        return MLP(64, hidden, 10, norm=norm)
-    if spec.arch == "cnn":
-        return SmallCNN(norm=norm, widths=(4, 8) if plan.tiny else (32, 64, 128))
-    if spec.arch == "dln":
-        return DeepLinearNetwork(depth=4 if plan.tiny else 25, width=10, norm=norm)
-    if spec.arch == "vgg":
+        model = MLP(64, hidden, 10, norm=norm)
+    elif spec.arch == "cnn":
+        model = SmallCNN(norm=norm, widths=(4, 8) if plan.tiny else (32, 64, 128))
+    elif spec.arch == "dln":
+        return DeepLinearNetwork(
+            depth=4 if plan.tiny else 25, width=10, norm=norm, init_scale=spec.init_scale
+        )
+    elif spec.arch == "vgg":
         cfg: str | list[int | str] = [8, "M", 16, "M"] if plan.tiny else "vgg11"
-        return VGG(cfg, norm=norm)
-    raise ValueError(f"Unknown architecture {spec.arch!r}")
+        model = VGG(cfg, norm=norm)
+    else:
+        raise ValueError(f"Unknown architecture {spec.arch!r}")
+    return init_weights_(model, plan.init, spec.init_scale)
 
 
-def build_datamodule(plan: ExperimentPlan, arch: str) -> pl.LightningDataModule:
+def build_datamodule(
+    plan: ExperimentPlan, arch: str, seed: int | None = None, batch_size: int | None = None
+) -> pl.LightningDataModule:
     """The data of an architecture: digits (flat or images), the DLN problem or CIFAR-10 files.
+
+    Args:
+        plan: the plan.
+        arch: the architecture.
+        seed: seed of the split, the order and the DLN problem (default ``plan.seed``).
+        batch_size: samples per batch (default ``plan.batch_size``).
 
     Raises:
         FileNotFoundError: CIFAR-10 files missing.
         ValueError: ``vgg`` without ``plan.data_dir``.
     """
+    seed = plan.seed if seed is None else seed
+    batch = plan.batch_size if batch_size is None else batch_size
     if arch in ("mlp", "cnn"):
-        return DigitsDataModule(batch_size=plan.batch_size, seed=plan.seed, as_images=arch == "cnn")
+        return DigitsDataModule(batch_size=batch, seed=seed, as_images=arch == "cnn")
     if arch == "dln":
         return DeepLinearDataModule(
-            n_samples=plan.n_samples, dim=10, seed=plan.seed, steps_per_epoch=plan.val_every_steps
+            n_samples=plan.n_samples, dim=10, seed=seed, steps_per_epoch=plan.val_every_steps
         )
     if arch == "vgg":
         if plan.data_dir is None:
             raise ValueError("vgg-cifar10 needs a CIFAR-10 folder (data_dir)")
         workers = 0 if plan.tiny or plan.accelerator == "cpu" else min(4, os.cpu_count() or 1)
-        return CIFAR10DataModule(
-            plan.data_dir, batch_size=plan.batch_size, seed=plan.seed, num_workers=workers
-        )
+        return CIFAR10DataModule(plan.data_dir, batch_size=batch, seed=seed, num_workers=workers)
     raise ValueError(f"Unknown architecture {arch!r}")
 
 
@@ -197,20 +226,22 @@ def _build_module(plan: ExperimentPlan, spec: VariantSpec) -> pl.LightningModule
     return ClassificationModule(model, lr=spec.lr)
 
 
-def _callbacks(plan: ExperimentPlan, spec: VariantSpec) -> list[Callback]:
+def _callbacks(plan: ExperimentPlan, spec: VariantSpec, seed: int) -> list[Callback]:
     every = plan.measure_every
-    callbacks: list[Callback] = [
-        ICSCallback(every_n_steps=every),
-        LipschitzCallback(every_n_steps=every, step_sizes=plan.step_sizes),
-        SmoothnessCallback(
-            every_n_steps=every,
-            step_sizes=plan.step_sizes,
-            max_iters=plan.power_iters,
-            seed=plan.seed,
-        ),
-    ]
+    callbacks: list[Callback] = []
+    if plan.diagnosed(spec):
+        callbacks += [
+            ICSCallback(every_n_steps=every),
+            LipschitzCallback(every_n_steps=every, step_sizes=plan.step_sizes),
+            SmoothnessCallback(
+                every_n_steps=every,
+                step_sizes=plan.step_sizes,
+                max_iters=plan.power_iters,
+                seed=seed,
+            ),
+        ]
     if spec.noise:
-        callbacks.append(NoiseInjectionCallback(seed=plan.seed, log_every_n_steps=plan.log_every))
+        callbacks.append(NoiseInjectionCallback(seed=seed, log_every_n_steps=plan.log_every))
     return callbacks
 
 
@@ -277,10 +308,17 @@ class VariantResult:
     spec: VariantSpec
     final: dict[str, float]
 
+    seed: int = 0
+
     @property
     def wall_time(self) -> float:
-        """Seconds the variant took (training, diagnostics and the final validation)."""
+        """Seconds the run took (training, diagnostics and the final validation)."""
         return self.final.get("final/wall_time_s", math.nan)
+
+    @property
+    def cpu_time(self) -> float:
+        """CPU seconds of the run's process over the same span."""
+        return self.final.get("final/cpu_time_s", math.nan)
 
 
 def _quiet() -> contextlib.ExitStack:
@@ -304,15 +342,22 @@ def _quiet() -> contextlib.ExitStack:
 
 
 def _wandb_logger(
-    plan: ExperimentPlan, spec: VariantSpec, out_dir: Path, mode: str, group: str, project: str
+    plan: ExperimentPlan,
+    spec: VariantSpec,
+    seed: int,
+    out_dir: Path,
+    mode: str,
+    group: str,
+    project: str,
 ) -> WandbLogger:
     finish_active_run()  # WandbLogger would reuse a run left open
     config = {
-        "variant": spec.to_dict() | {"id": spec.id, "norm": spec.norm, "noise": spec.noise},
+        "variant": spec.to_dict()
+        | {"id": spec.id, "norm": spec.norm, "noise": spec.noise, "seed": seed},
         "plan": plan.to_dict(),
     }
     logger = WandbLogger(
-        name=spec.id,
+        name=spec.run_id(seed),
         save_dir=str(out_dir),
         project=project,
         group=group,
@@ -340,45 +385,57 @@ def run_variant(
     project: str = DEFAULT_PROJECT,
     progress: bool = True,
     datamodule: pl.LightningDataModule | None = None,
+    seed: int | None = None,
 ) -> VariantResult:
-    """Train one variant with all diagnostics and log its metrics to CSV (and W&B).
+    """Train one variant with one seed, with its diagnostics, and log its metrics to CSV (and W&B).
 
     Args:
         plan: the experiment plan.
         spec: the variant.
-        out_dir: the run folder (CSV files go to ``out_dir/csv/<variant id>/metrics.csv``, W&B
+        out_dir: the run folder (CSV files go to ``out_dir/csv/<run id>/metrics.csv``, W&B
             files to ``out_dir/wandb``).
         wandb_mode: ``"online"``, ``"offline"`` or ``"off"``.
         group: W&B group of the run (one per reproduce run).
         project: W&B project.
         progress: show Lightning's progress bar.
         datamodule: the data (built from the plan when ``None``).
+        seed: the seed of the run (default ``plan.seed``): initialisation, data split and order,
+            noise and the diagnostics' random vectors.
 
     Returns:
-        The ``final/*`` metrics of the variant.
+        The ``final/*`` metrics of the run.
     """
-    pl.seed_everything(plan.seed, verbose=False)
+    seed = plan.seed if seed is None else seed
+    pl.seed_everything(seed, verbose=False)
     module = _build_module(plan, spec)
-    data = datamodule if datamodule is not None else build_datamodule(plan, spec.arch)
+    data = (
+        datamodule
+        if datamodule is not None
+        else build_datamodule(plan, spec.arch, seed, plan.batch_of(spec))
+    )
     recorder = TrainLossRecorder()
-    csv_logger = CSVLogger(str(out_dir / "csv"), name=spec.id, version="")
+    csv_logger = CSVLogger(str(out_dir / "csv"), name=spec.run_id(seed), version="")
     loggers: list[Logger] = [csv_logger]
     wandb_logger: WandbLogger | None = None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with _quiet(), _restore_env("WANDB_MODE"):
         try:
             if wandb_mode != "off":
-                wandb_logger = _wandb_logger(plan, spec, out_dir, wandb_mode, group, project)
+                wandb_logger = _wandb_logger(plan, spec, seed, out_dir, wandb_mode, group, project)
                 loggers.append(wandb_logger)
             csv_logger.log_hyperparams(
-                spec.to_dict() | {"id": spec.id, "experiment": plan.experiment}
+                spec.to_dict() | {"id": spec.id, "seed": seed, "experiment": plan.experiment}
             )
             trainer = pl.Trainer(
                 max_steps=plan.steps,
                 accelerator=plan.accelerator,
                 devices=1,
                 logger=loggers,
-                callbacks=[*_callbacks(plan, spec), recorder, *_progress_bar(plan, progress)],
+                callbacks=[
+                    *_callbacks(plan, spec, seed),
+                    recorder,
+                    *_progress_bar(plan, progress),
+                ],
                 log_every_n_steps=plan.log_every,
                 num_sanity_val_steps=0,
                 enable_checkpointing=False,
@@ -393,7 +450,11 @@ def run_variant(
                 if f"val/{key}" in metrics:
                     final[f"final/val_{key}"] = float(metrics[f"val/{key}"])
             final["final/steps"] = float(trainer.global_step)
+            val_data = getattr(data, "val_dataset", None)
+            if val_data is not None:  # the bootstrap resamples the validation accuracy
+                final["final/val_samples"] = float(len(val_data))
             final["final/wall_time_s"] = time.perf_counter() - start
+            final["final/cpu_time_s"] = time.process_time() - cpu_start
             for logger in loggers:
                 logger.log_metrics(dict(final), step=trainer.global_step)
                 logger.save()
@@ -402,20 +463,23 @@ def run_variant(
         finally:
             if wandb_logger is not None:
                 finish_active_run()
-    return VariantResult(spec, final)
+    return VariantResult(spec, final, seed)
 
 
 def format_result(result: VariantResult, task: str) -> str:
     """One line about a finished variant: final accuracy or loss, and the time it took."""
     spec, final = result.spec, result.final
-    parts = [f"{spec.arch:<4} {spec.kind:<16} lr {format_lr(spec.lr):<7}"]
+    extra = spec.id.removeprefix(f"{spec.arch}_{spec.kind}_lr{format_lr(spec.lr)}")
+    parts = [
+        f"{spec.arch:<4} {spec.kind:<16} lr {format_lr(spec.lr):<5}{extra:<11} seed {result.seed}"
+    ]
     if task == "classification":
         parts.append(f"val acc {final.get('final/val_acc', math.nan):.3f}")
     parts.append(f"val loss {final.get('final/val_loss', math.nan):.4g}")
     parts.append(f"train loss {final.get('final/train_loss', math.nan):.4g}")
     if final.get("final/diverged"):
         parts.append(f"DIVERGED at step {int(final.get('final/diverged_step', -1))}")
-    parts.append(f"{result.wall_time:.1f} s")
+    parts.append(f"{result.wall_time:.1f} s ({result.cpu_time:.1f} s CPU)")
     return "  ".join(parts)
 
 
@@ -434,17 +498,23 @@ def _threads(plan: ExperimentPlan) -> Iterator[None]:
 
 
 def write_manifest(out_dir: Path, plan: ExperimentPlan, status: str, extra: dict[str, Any]) -> None:
-    """Write ``run.json``: the plan, the variants and where their CSV files are."""
+    """Write ``run.json``: the plan, and every run (variant and seed) with its CSV file."""
     from lightning_bn import __version__
 
     data = {
-        "format": 1,
+        "format": 2,
         "lightning_bn": __version__,
         "status": status,
         "plan": plan.to_dict(),
-        "variants": [
-            spec.to_dict() | {"id": spec.id, "csv": f"csv/{spec.id}/metrics.csv"}
-            for spec in plan.variants()
+        "runs": [
+            spec.to_dict()
+            | {
+                "id": spec.run_id(seed),
+                "variant": spec.id,
+                "seed": seed,
+                "csv": f"csv/{spec.run_id(seed)}/metrics.csv",
+            }
+            for spec, seed in plan.runs()
         ],
         **extra,
     }
@@ -461,6 +531,29 @@ def default_out_dir(experiment: str, root: Path | None = None) -> Path:
     return path
 
 
+def _run_job(
+    plan: ExperimentPlan,
+    spec: VariantSpec,
+    seed: int,
+    out_dir: Path,
+    wandb_mode: str,
+    group: str,
+    project: str,
+) -> VariantResult:
+    """One run in a worker process (one torch thread, no progress bar)."""
+    with _threads(plan):
+        return run_variant(
+            plan,
+            spec,
+            out_dir,
+            wandb_mode=wandb_mode,
+            group=group,
+            project=project,
+            progress=False,
+            seed=seed,
+        )
+
+
 def train_plan(
     plan: ExperimentPlan,
     out_dir: Path,
@@ -469,40 +562,82 @@ def train_plan(
     project: str = DEFAULT_PROJECT,
     progress: bool = True,
     echo: Echo = print,
+    jobs: int = 1,
 ) -> list[VariantResult]:
-    """Train every variant of ``plan`` into ``out_dir``, printing a line per finished variant.
+    """Train every run of ``plan`` into ``out_dir``, printing a line per finished run.
 
     Writes ``run.json`` first (status ``"running"``) and again at the end (``"finished"``, with
-    the wall time), so that a run cut short can still be plotted.
+    the wall time and the runs' summed CPU time), so that a run cut short can still be plotted.
+
+    Args:
+        plan: the plan.
+        out_dir: the run folder.
+        wandb_mode: ``"online"``, ``"offline"`` or ``"off"``.
+        project: the W&B project.
+        progress: show Lightning's progress bar (``jobs == 1`` only).
+        echo: where the line per finished run goes.
+        jobs: runs at a time (worker processes when > 1).
 
     Returns:
         The results, in plan order.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"Expected argument `jobs` to be a positive integer, but got {jobs!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now()
-    meta: dict[str, Any] = {"created": started.isoformat(timespec="seconds"), "wandb": wandb_mode}
+    meta: dict[str, Any] = {
+        "created": started.isoformat(timespec="seconds"),
+        "wandb": wandb_mode,
+        "jobs": jobs,
+    }
     write_manifest(out_dir, plan, "running", meta)
-    variants = plan.variants()
-    results: list[VariantResult] = []
+    runs = plan.runs()
+    results: dict[int, VariantResult] = {}
     start = time.perf_counter()
-    data_cache: dict[str, pl.LightningDataModule] = {}
-    with _threads(plan):
-        for i, spec in enumerate(variants, 1):
-            if spec.arch == "vgg":  # read the CIFAR-10 files once for every variant
-                data_cache.setdefault(spec.arch, build_datamodule(plan, spec.arch))
-            result = run_variant(
-                plan,
-                spec,
-                out_dir,
-                wandb_mode=wandb_mode,
-                group=out_dir.name,
-                project=project,
-                progress=progress,
-                datamodule=data_cache.get(spec.arch),
-            )
-            results.append(result)
-            width = len(str(len(variants)))
-            echo(f"[{i:>{width}}/{len(variants)}] {format_result(result, plan.task)}")
+    width = len(str(len(runs)))
+
+    def report(result: VariantResult) -> None:
+        echo(f"[{len(results):>{width}}/{len(runs)}] {format_result(result, plan.task)}")
+
+    if jobs == 1:
+        data_cache: dict[tuple[str, int, int], pl.LightningDataModule] = {}
+        with _threads(plan):
+            for i, (spec, seed) in enumerate(runs):
+                key = (spec.arch, seed, plan.batch_of(spec))
+                if spec.arch == "vgg":  # read the CIFAR-10 files once per seed and batch size
+                    data_cache.setdefault(
+                        key, build_datamodule(plan, spec.arch, seed, plan.batch_of(spec))
+                    )
+                results[i] = run_variant(
+                    plan,
+                    spec,
+                    out_dir,
+                    wandb_mode=wandb_mode,
+                    group=out_dir.name,
+                    project=project,
+                    progress=progress,
+                    datamodule=data_cache.get(key),
+                    seed=seed,
+                )
+                report(results[i])
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {
+                pool.submit(
+                    _run_job, plan, spec, seed, out_dir, wandb_mode, out_dir.name, project
+                ): i
+                for i, (spec, seed) in enumerate(runs)
+            }
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    results[futures[future]] = future.result()
+                    report(results[futures[future]])
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
     meta["train_seconds"] = round(time.perf_counter() - start, 1)
+    meta["train_cpu_seconds"] = round(sum(r.cpu_time for r in results.values()), 1)
     write_manifest(out_dir, plan, "finished", meta)
-    return results
+    return [results[i] for i in sorted(results)]
