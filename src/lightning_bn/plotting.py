@@ -48,12 +48,17 @@ __all__ = [
     "draw_layer_lines",
     "draw_line",
     "ics_figure",
+    "layer_grid_figure",
+    "layers_figure",
     "line_figure",
     "new_figure",
     "panel_figure",
     "pick_layers",
+    "plain_ticks",
     "save_figure",
+    "set_title",
     "short_layer",
+    "union_layers",
     "use_log",
 ]
 
@@ -204,6 +209,20 @@ def _smooth(values: np.ndarray, points: int = 25) -> np.ndarray:
     return out
 
 
+def set_title(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to the figure's width (a one-panel figure is narrow)."""
+    import textwrap
+
+    chars = max(30, int(fig.get_figwidth() * 13))  # about 13 characters per inch at 12 pt
+    fig.suptitle("\n".join(textwrap.wrap(title, chars)))
+
+
+def plain_ticks(ax: Axes) -> None:
+    """No offset notation on a linear y axis (``1e-5+9.999e-1``): values near 1 read as such."""
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def use_log(ax: Axes) -> None:
     """Log scale for the y axis when the drawn data are positive and span over 50×."""
     parts = [
@@ -312,7 +331,7 @@ def panel_figure(
             ax.legend(fontsize=7)
     if not drawn:
         return None
-    fig.suptitle(title)
+    set_title(fig, title)
     return fig
 
 
@@ -336,30 +355,121 @@ def line_figure(
     )
 
 
+def union_layers(runs: Sequence[RunHistory], prefix: str, suffix: str) -> list[str]:
+    """Layers of ``<prefix><layer><suffix>`` keys over all runs, matched by name, first-seen order."""
+    return list(dict.fromkeys(layer for run in runs for layer in run.layers(prefix, suffix)))
+
+
+def layer_grid_figure(
+    runs: Sequence[RunHistory],
+    layers: Sequence[str],
+    columns: Sequence[tuple[str, str, str, str]],
+    title: str,
+    limit: int = MAX_LAYERS,
+) -> Figure | None:
+    """One row per layer (at most ``limit``), one column per quantity, a line per run in each.
+
+    Args:
+        runs: the runs; a layer only some runs have is drawn for those.
+        layers: the layer names (see :func:`union_layers`).
+        columns: ``(prefix, suffix, column title, y label)`` per column; the key drawn in row
+            ``layer`` is ``<prefix><layer><suffix>``.
+        title: the figure title.
+        limit: most rows (evenly spread over ``layers``, first and last included).
+
+    Returns:
+        The figure, or ``None`` when no run has a value of any drawn key.
+    """
+    chosen = pick_layers(layers, limit)
+    if not chosen or not columns:
+        return None
+    fig, axes = new_figure(len(chosen), len(columns), width=4.0, height=2.4)
+    drawn = False
+    for row, layer in enumerate(chosen):
+        for col, (prefix, suffix, _, ylabel) in enumerate(columns):
+            ax = axes[row, col]
+            for run in runs:
+                drawn |= draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
+            use_log(ax)
+            ax.set_ylabel(f"{short_layer(layer)}\n{ylabel}" if col == 0 else ylabel, fontsize=8)
+    if not drawn:
+        return None
+    for col, (_, _, col_title, _) in enumerate(columns):
+        axes[0, col].set_title(col_title)
+        axes[-1, col].set_xlabel("step")
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
+    fig.suptitle(title)
+    return fig
+
+
+def layers_figure(
+    runs: Sequence[RunHistory],
+    prefix: str,
+    suffix: str,
+    ylabel: str,
+    title: str,
+    limit: int = MAX_LAYERS,
+    ncols: int = 3,
+    guide: float | None = None,
+) -> Figure | None:
+    """One panel per layer of ``<prefix><layer><suffix>`` (matched by name), a line per run.
+
+    Args:
+        runs: the runs; a layer only some runs have is drawn for those.
+        prefix: key prefix, such as ``"ics/"``.
+        suffix: key suffix, such as ``"/l2"``.
+        ylabel: the y-axis label.
+        title: the figure title.
+        limit: most layers drawn (evenly spread, first and last included).
+        ncols: panels per row.
+        guide: draw a dashed horizontal line at this value (a bound, such as 1).
+
+    Returns:
+        The figure, or ``None`` when no run logged such a key.
+    """
+    chosen = pick_layers(union_layers(runs, prefix, suffix), limit)
+    if not chosen:
+        return None
+    ncols = min(ncols, len(chosen))
+    nrows = -(-len(chosen) // ncols)
+    fig, axes = new_figure(nrows, ncols, width=3.8, height=2.7)
+    for i, layer in enumerate(chosen):
+        ax = axes[i // ncols, i % ncols]
+        for run in runs:
+            draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
+        if guide is not None:
+            ax.axhline(guide, color="black", ls="--", lw=0.8, gid="guide")
+        use_log(ax)
+        plain_ticks(ax)
+        ax.set_title(short_layer(layer), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for j in range(len(chosen), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    set_title(fig, title)
+    return fig
+
+
 def ics_figure(runs: Sequence[RunHistory], layers: Sequence[str], title: str) -> Figure | None:
     """‖G − G′‖₂ and cos(G, G′) per layer (rows; at most :data:`MAX_LAYERS`), a line per run.
 
     Returns:
         The figure, or ``None`` without layers.
     """
-    chosen = pick_layers(layers)
-    if not chosen:
-        return None
-    fig, axes = new_figure(len(chosen), 2, width=4.0, height=2.4)
-    for row, layer in enumerate(chosen):
-        for run in runs:
-            draw_line(axes[row, 0], run, f"ics/{layer}/l2", marker="o", ms=2.5)
-            draw_line(axes[row, 1], run, f"ics/{layer}/cos", marker="o", ms=2.5)
-        use_log(axes[row, 0])
-        axes[row, 0].set_ylabel(f"{short_layer(layer)}\n‖G − G′‖₂", fontsize=8)
-        axes[row, 1].set_ylabel("cos(G, G′)", fontsize=8)
-    axes[0, 0].set_title("ℓ2 difference (ideal 0)")
-    axes[0, 1].set_title("cosine (ideal 1)")
-    axes[-1, 0].set_xlabel("step")
-    axes[-1, 1].set_xlabel("step")
-    axes[0, 1].legend(fontsize=7)
-    fig.suptitle(title)
-    return fig
+    return layer_grid_figure(
+        runs,
+        layers,
+        [
+            ("ics/", "/l2", "ℓ2 difference (ideal 0)", "‖G − G′‖₂"),
+            ("ics/", "/cos", "cosine (ideal 1)", "cos(G, G′)"),
+        ],
+        title,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,6 @@ not hold the key). :func:`read_metrics_csv` merges the rows into one series per 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_bn.csv_log import LogFormatError, TruncatedLogError, read_csv_log
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [
@@ -35,8 +35,12 @@ MANIFEST = "run.json"
 Series = tuple[np.ndarray, np.ndarray]
 
 
-class RunFormatError(ValueError):
-    """The folder is not a reproduce run (no readable ``run.json``)."""
+class RunFormatError(LogFormatError):
+    """The folder is not a reproduce run (no readable ``run.json``), or a file is unreadable."""
+
+
+#: ``run.json`` statuses meaning that every variant finished.
+COMPLETE_STATUSES = ("finished", "completed", "done")
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, Series]:
@@ -50,30 +54,17 @@ def read_metrics_csv(path: str | Path) -> dict[str, Series]:
     Returns:
         One ``(steps int64 array, values float64 array)`` pair per metric key (``step`` and
         ``epoch`` excluded).
+
+    Raises:
+        RunFormatError: the file is unreadable or not a CSVLogger file (one line naming it).
+        TruncatedLogError: the file ends inside a row (its run was interrupted).
     """
-    points: dict[str, dict[int, float]] = {}
-    with Path(path).open(newline="") as f:
-        for row in csv.DictReader(f):
-            raw_step = row.get("step")
-            if raw_step in (None, ""):
-                continue
-            step = int(float(raw_step))
-            for key, text in row.items():
-                if key in ("step", "epoch") or key is None or text in (None, ""):
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    continue
-                points.setdefault(key, {})[step] = value
-    out: dict[str, Series] = {}
-    for key, by_step in points.items():
-        steps = sorted(by_step)
-        out[key] = (
-            np.asarray(steps, dtype=np.int64),
-            np.asarray([by_step[s] for s in steps], dtype=np.float64),
-        )
-    return out
+    try:
+        return read_csv_log(path)
+    except TruncatedLogError:
+        raise
+    except LogFormatError as err:
+        raise RunFormatError(str(err)) from None
 
 
 @dataclass
@@ -133,7 +124,11 @@ class RunData:
         manifest: the parsed ``run.json``.
         histories: ``variant id -> history`` for every variant whose CSV file exists, in plan
             order.
-        missing: ids of planned variants without a CSV file (an interrupted run).
+        missing: ids of planned variants without a complete history (an interrupted run):
+            no CSV file, or one that is in :attr:`incomplete`.
+        incomplete: ``variant id -> why`` for every variant whose training did not finish
+            (no CSV file, a CSV cut short, or no ``final/*`` metrics in a run whose
+            ``run.json`` status is not finished). These are never in :attr:`histories`.
     """
 
     path: Path
@@ -141,6 +136,7 @@ class RunData:
     manifest: dict[str, Any]
     histories: dict[str, VariantHistory]
     missing: list[str] = field(default_factory=list)
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     def find(self, arch: str, kind: str, lr: float) -> VariantHistory | None:
         """The history of a variant, or ``None`` when it was not trained."""
@@ -187,13 +183,40 @@ def load_run(run_dir: str | Path) -> RunData:
         raise RunFormatError(
             f"{str(manifest_path)!r} is not a valid run description: {err}"
         ) from err
+    status = str(manifest.get("status", "finished"))
+    finished = status in COMPLETE_STATUSES
+    listed = manifest.get("completed", manifest.get("completed_runs", []))
+    completed = {str(v) for v in listed} if isinstance(listed, list) else set()
     histories: dict[str, VariantHistory] = {}
-    missing: list[str] = []
+    incomplete: dict[str, str] = {}
     for entry in entries:
         spec = VariantSpec.from_dict(entry)
         csv_path = path / str(entry.get("csv", f"csv/{spec.id}/metrics.csv"))
-        if csv_path.is_file():
-            histories[spec.id] = VariantHistory(spec, read_metrics_csv(csv_path))
-        else:
-            missing.append(spec.id)
-    return RunData(path=path, plan=plan, manifest=manifest, histories=histories, missing=missing)
+        if not csv_path.is_file():
+            incomplete[spec.id] = f"no {csv_path.relative_to(path)}"
+            continue
+        try:
+            series = read_metrics_csv(csv_path)
+        except TruncatedLogError as err:
+            incomplete[spec.id] = str(err)
+            continue
+        entry_status = entry.get("status")
+        done = (
+            finished
+            or spec.id in completed
+            or entry_status in COMPLETE_STATUSES
+            # the reproduce runner logs final/* once a variant's training has ended
+            or (entry_status is None and "final/steps" in series)
+        )
+        if not done:
+            incomplete[spec.id] = f"run.json status {status!r} and its training did not finish"
+            continue
+        histories[spec.id] = VariantHistory(spec, series)
+    return RunData(
+        path=path,
+        plan=plan,
+        manifest=manifest,
+        histories=histories,
+        missing=list(incomplete),
+        incomplete=incomplete,
+    )
