@@ -245,10 +245,12 @@ def draw_line(
     loss: bool = False,
     **kw: object,
 ) -> bool:
-    """Draw ``run``'s series of ``key``; mark where it diverged. True if anything was drawn.
+    """Draw ``run``'s series of ``key`` up to its first non-finite value. True if anything was drawn.
 
-    ``smooth=True`` draws a trailing moving average; ``loss=True`` also ends the line where the
-    loss exceeds ten times its initial level. ``kw`` overrides the run's style.
+    A dotted vertical line marks where the series stopped, labelled "diverged" for a loss
+    (``loss=True``) and "NaN" or "inf" for any other key. ``smooth=True`` draws a trailing
+    moving average; ``loss=True`` also ends the line where the loss exceeds ten times its
+    initial level. ``kw`` overrides the run's style.
     """
     all_steps, all_values = run.get(key)
     blowup = _loss_blowup(all_values) if loss else None
@@ -264,8 +266,11 @@ def draw_line(
         stop = float(all_steps[steps.size])
         color = style["color"] if style["color"] is not None else "black"
         ax.axvline(stop, color=color, ls=":", lw=1.0, gid="guide")
+        # a run diverged when its loss did; a diagnostic's NaN or inf is said as such
+        first = float(all_values[steps.size])
+        word = "diverged" if loss else ("NaN" if np.isnan(first) else "inf")
         ax.annotate(
-            "diverged",
+            word,
             (stop, 0.97),
             xycoords=("data", "axes fraction"),
             color=color,
@@ -428,7 +433,7 @@ def layers_figure(
         guide: draw a dashed horizontal line at this value (a bound, such as 1).
 
     Returns:
-        The figure, or ``None`` when no run logged such a key.
+        The figure, or ``None`` when no run has a value of such a key.
     """
     chosen = pick_layers(union_layers(runs, prefix, suffix), limit)
     if not chosen:
@@ -436,10 +441,11 @@ def layers_figure(
     ncols = min(ncols, len(chosen))
     nrows = -(-len(chosen) // ncols)
     fig, axes = new_figure(nrows, ncols, width=3.8, height=2.7)
+    drawn = False
     for i, layer in enumerate(chosen):
         ax = axes[i // ncols, i % ncols]
         for run in runs:
-            draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
+            drawn |= draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
         if guide is not None:
             ax.axhline(guide, color="black", ls="--", lw=0.8, gid="guide")
         use_log(ax)
@@ -451,6 +457,8 @@ def layers_figure(
             ax.legend(fontsize=7)
     for j in range(len(chosen), nrows * ncols):
         axes[j // ncols, j % ncols].set_visible(False)
+    if not drawn:
+        return None
     set_title(fig, title)
     return fig
 

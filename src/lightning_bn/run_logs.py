@@ -184,6 +184,29 @@ def _reproduce_runs(folder: Path, label: str, loaded: Loaded) -> list[LoggedRun]
     ]
 
 
+def _non_finite_notes(run: LoggedRun) -> list[str]:
+    """Where the run's values stop being finite: "diverged" for the loss, NaN/inf said as such."""
+    notes: list[str] = []
+    if (step := run.diverged_at()) is not None:
+        value = run.series["train/loss"][1]
+        first = value[~np.isfinite(value)][0]
+        notes.append(f"diverged: training loss {_word(first)} from step {step}")
+    for key, (steps, values) in run.series.items():
+        bad = ~np.isfinite(values)
+        if key != "train/loss" and key.startswith(DIAGNOSTIC_PREFIXES) and bad.any():
+            where = int(steps[int(np.argmax(bad))])
+            kinds = sorted({_word(v) for v in values[bad]})
+            notes.append(
+                f"{key}: {' and '.join(kinds)} at {int(bad.sum())} of {values.size} steps "
+                f"(first at step {where}); drawn up to there"
+            )
+    return notes
+
+
+def _word(value: float) -> str:
+    return "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
 def _default_labels(paths: Sequence[Path]) -> list[str]:
     """Folder names (a metrics.csv: its folder's); parents added until they are distinct."""
 
@@ -243,7 +266,6 @@ def load_runs(
             raise LogFormatError(f"{path}: no such file or folder")
         for run in runs:
             run.series = _window(run.series, steps)
-            if (step := run.diverged_at()) is not None:
-                run.notes.append(f"{run.label}: diverged (training loss not finite from step {step})")
+            run.notes += _non_finite_notes(run)
         loaded.runs.extend(runs)
     return loaded
