@@ -204,7 +204,9 @@ def test_run_kinds_csv_file_newest_version_and_default_out(
 
 def _reproduce_folder(root: Path, logs: dict[str, Path], status: str = "finished") -> Path:
     """A reproduce run folder whose two variants are the two real runs."""
-    plan = build_plan("digits", quick=True, steps=STEPS, lrs=[0.05], kinds=["standard", "batchnorm"])
+    plan = build_plan(
+        "digits", quick=True, steps=STEPS, lrs=[0.05], kinds=["standard", "batchnorm"]
+    )
     variants = []
     for spec in plan.variants():
         source = logs["bn_csv"] if spec.kind == "batchnorm" else logs["plain"] / "metrics.csv"
@@ -350,7 +352,10 @@ def test_nan_reported_as_nan_and_divergence_as_such(
     assert "smoothness/beta_eff: NaN at 4 of 6 steps (first at step 8)" in out
     figs = _by_name(plot_runs([path]))
     (ax,) = figs["beta_smoothness"].axes
-    assert list(_labelled_lines(ax)["nan"]) == _csv_series(logs["bn_csv"], "smoothness/beta_eff")[1][:2]
+    assert (
+        list(_labelled_lines(ax)["nan"])
+        == _csv_series(logs["bn_csv"], "smoothness/beta_eff")[1][:2]
+    )
     assert [t.get_text() for t in ax.texts] == ["NaN"]  # not "diverged": only a loss diverges
     (loss_ax,) = figs["train_loss"].axes
     assert [t.get_text() for t in loss_ax.texts] == ["diverged"]
@@ -405,9 +410,6 @@ def test_plot_runs_exported_lazily() -> None:
         "assert 'plot_runs' in lightning_bn.__all__; "
         "from lightning_bn import plot_runs; print(plot_runs.__module__)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "lightning_bn.run_figures"
-

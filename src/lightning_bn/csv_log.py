@@ -102,5 +102,3 @@ def read_csv_log(path: str | Path) -> dict[str, Series]:
             np.asarray([by_step[s] for s in steps], dtype=np.float64),
         )
     return out
-
-

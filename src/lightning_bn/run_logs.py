@@ -33,8 +33,8 @@ from lightning_bn.csv_log import LogFormatError, read_csv_log
 
 __all__ = [
     "DIAGNOSTIC_PREFIXES",
-    "LogFormatError",
     "Loaded",
+    "LogFormatError",
     "LoggedRun",
     "find_metrics_csv",
     "load_runs",
@@ -219,7 +219,10 @@ def _default_labels(paths: Sequence[Path]) -> list[str]:
     for depth in range(2, 6):
         if len(set(labels)) == len(labels):
             break
-        labels = [name(p, depth) if labels.count(lab) > 1 else lab for p, lab in zip(paths, labels, strict=True)]
+        labels = [
+            name(p, depth) if labels.count(lab) > 1 else lab
+            for p, lab in zip(paths, labels, strict=True)
+        ]
     return labels
 
 
@@ -243,18 +246,18 @@ def load_runs(
         LogFormatError: a path is missing or unreadable, or holds no diagnostic key.
         ValueError: ``labels`` is not one label per path.
     """
-    paths = [Path(p) for p in paths]
+    given = [Path(p) for p in paths]
     if not paths:
         raise ValueError("Expected argument `runs` to name at least one run, but got none")
     if labels is None:
-        labels = _default_labels(paths)
+        labels = _default_labels(given)
     elif len(labels) != len(paths):
         raise ValueError(
             f"Expected argument `labels` to give one label per run ({len(paths)}), but got "
             f"{len(labels)}: {list(labels)!r}"
         )
     loaded = Loaded([])
-    for path, label in zip(paths, labels, strict=True):
+    for path, label in zip(given, labels, strict=True):
         if path.is_file():
             runs = [_csv_run(path, label, None)]
         elif path.is_dir() and (path / "run.json").is_file():
@@ -263,7 +266,7 @@ def load_runs(
             csv_path, note = find_metrics_csv(path)
             runs = [_csv_run(csv_path, label, note)]
         else:
-            raise LogFormatError(f"{path}: no such file or folder")
+            raise LogFormatError(f"{path}: does not exist (no such file or folder)")
         for run in runs:
             run.series = _window(run.series, steps)
             run.notes += _non_finite_notes(run)

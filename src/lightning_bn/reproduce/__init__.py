@@ -114,7 +114,9 @@ def _less_data(run: RunData, summary: Path) -> str | None:
     if lost:
         return f"{SUMMARY} was made with run(s) {', '.join(lost)} complete, incomplete now"
     if new["points"] < old_points:
-        return f"{SUMMARY} was made from {old_points} logged values, this redraw has {new['points']}"
+        return (
+            f"{SUMMARY} was made from {old_points} logged values, this redraw has {new['points']}"
+        )
     return None
 
 
