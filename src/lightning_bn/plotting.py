@@ -213,14 +213,30 @@ def set_title(fig: Figure, title: str) -> None:
     """The figure's title, wrapped to the figure's width (a one-panel figure is narrow)."""
     import textwrap
 
-    chars = max(30, int(fig.get_figwidth() * 13))  # about 13 characters per inch at 12 pt
+    chars = max(30, int(fig.get_figwidth() * 10))  # about 10 characters per inch at 12 pt
     fig.suptitle("\n".join(textwrap.wrap(title, chars)))
 
 
 def plain_ticks(ax: Axes) -> None:
-    """No offset notation on a linear y axis (``1e-5+9.999e-1``): values near 1 read as such."""
-    if ax.get_yscale() == "linear":
-        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    """Readable y ticks on a linear axis: no offset notation (``1e-5+9.999e-1``), and data
+    that are constant up to rounding (a first layer's ICS is exactly 0 or 1) get a range
+    around their value instead of ticks at the 13th digit."""
+    if ax.get_yscale() != "linear":
+        return
+    parts = [
+        np.asarray(line.get_ydata(), dtype=float)
+        for line in ax.get_lines()
+        if line.get_gid() != "guide"
+    ]
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if values.size:
+        lo, hi = float(values.min()), float(values.max())
+        scale = max(abs(lo), abs(hi), 1e-12)
+        if hi - lo <= 1e-9 * scale:
+            pad = 0.05 * scale if scale > 1e-12 else 1.0
+            ax.set_ylim(lo - pad, hi + pad)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
 
 
 def use_log(ax: Axes) -> None:
@@ -316,13 +332,16 @@ def panel_figure(
     draw: Callable[[Axes, RunHistory], bool],
     ylabel: str,
     title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """One column per panel ``(panel title, runs)``, ``draw(ax, run)`` for each run in it.
+
+    ``width`` is the width of one panel in inches.
 
     Returns:
         The figure, or ``None`` when nothing was drawn.
     """
-    fig, axes = new_figure(1, len(panels))
+    fig, axes = new_figure(1, len(panels), width=width)
     drawn = False
     for col, (panel_title, runs) in enumerate(panels):
         ax = axes[0, col]
@@ -346,17 +365,24 @@ def band_figure(
     hi_key: str,
     ylabel: str,
     title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """:func:`panel_figure` of the min-max bands ``lo_key``–``hi_key`` (Fig. 4a, 4b)."""
-    return panel_figure(panels, lambda ax, run: draw_band(ax, run, lo_key, hi_key), ylabel, title)
+    return panel_figure(
+        panels, lambda ax, run: draw_band(ax, run, lo_key, hi_key), ylabel, title, width
+    )
 
 
 def line_figure(
-    panels: Sequence[tuple[str, Sequence[RunHistory]]], key: str, ylabel: str, title: str
+    panels: Sequence[tuple[str, Sequence[RunHistory]]],
+    key: str,
+    ylabel: str,
+    title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """:func:`panel_figure` of one line of ``key`` per run (β_eff, Fig. 4c)."""
     return panel_figure(
-        panels, lambda ax, run: draw_line(ax, run, key, marker="o", ms=2.5), ylabel, title
+        panels, lambda ax, run: draw_line(ax, run, key, marker="o", ms=2.5), ylabel, title, width
     )
 
 
@@ -406,7 +432,7 @@ def layer_grid_figure(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
             break
-    fig.suptitle(title)
+    set_title(fig, title)
     return fig
 
 

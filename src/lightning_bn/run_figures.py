@@ -94,6 +94,9 @@ _CAPTION = {
     "layer's output before the noise (clean) and after it (what the next layer receives).",
 }
 
+#: Width in inches of a one-panel figure (room for the panel's title).
+_WIDTH = 5.6
+
 _NOISE_COLUMNS = [
     ("noise/", "/clean_mean", "mean before noise", "mean"),
     ("noise/", "/clean_std", "std before noise", "std"),
@@ -145,15 +148,16 @@ def _panel_figure(panel: Panel, runs: Sequence[RunHistory]) -> Figure | None:
         guide = 1.0 if panel.name == "thm41_ratio" else None
         return layers_figure(runs, head, tail, panel.ylabel, panel.title, guide=guide)
     if len(keys) == 2:  # a min-max band over the step sizes
-        return band_figure([("", runs)], keys[0], keys[1], panel.ylabel, panel.title)
-    return line_figure([("", runs)], keys[0], panel.ylabel, panel.title)
+        return band_figure([("", runs)], keys[0], keys[1], panel.ylabel, panel.title, _WIDTH)
+    return line_figure([("", runs)], keys[0], panel.ylabel, panel.title, _WIDTH)
 
 
 def _train_loss(runs: Sequence[RunHistory]) -> Figure | None:
     def draw(ax: Axes, run: RunHistory) -> bool:
         return draw_line(ax, run, "train/loss", smooth=True, loss=True)
 
-    return panel_figure([("", runs)], draw, "training loss (moving average)", "Training loss")
+    ylabel = "training loss (moving average)"
+    return panel_figure([("", runs)], draw, ylabel, "Training loss", _WIDTH)
 
 
 def build_figures(runs: Sequence[RunHistory]) -> FigureSet:
