@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KIND_STYLE",
     "MAX_LAYERS",
+    "Column",
     "FigureFile",
     "RunHistory",
     "band_figure",
@@ -391,10 +392,28 @@ def union_layers(runs: Sequence[RunHistory], prefix: str, suffix: str) -> list[s
     return list(dict.fromkeys(layer for run in runs for layer in run.layers(prefix, suffix)))
 
 
+class Column(NamedTuple):
+    """A column of :func:`layer_grid_figure`: the key ``<prefix><layer><suffix>`` in each row.
+
+    Attributes:
+        prefix: key prefix, such as ``"ics/"``.
+        suffix: key suffix, such as ``"/l2"``.
+        title: the column title.
+        ylabel: the y-axis label.
+        log: log scale when the data are positive and span over 50× (:func:`use_log`).
+    """
+
+    prefix: str
+    suffix: str
+    title: str
+    ylabel: str
+    log: bool = True
+
+
 def layer_grid_figure(
     runs: Sequence[RunHistory],
     layers: Sequence[str],
-    columns: Sequence[tuple[str, str, str, str]],
+    columns: Sequence[Column],
     title: str,
     limit: int = MAX_LAYERS,
 ) -> Figure | None:
@@ -403,8 +422,8 @@ def layer_grid_figure(
     Args:
         runs: the runs; a layer only some runs have is drawn for those.
         layers: the layer names (see :func:`union_layers`).
-        columns: ``(prefix, suffix, column title, y label)`` per column; the key drawn in row
-            ``layer`` is ``<prefix><layer><suffix>``.
+        columns: the quantities (see :class:`Column`); the key drawn in row ``layer`` is
+            ``<prefix><layer><suffix>``.
         title: the figure title.
         limit: most rows (evenly spread over ``layers``, first and last included).
 
@@ -417,16 +436,20 @@ def layer_grid_figure(
     fig, axes = new_figure(len(chosen), len(columns), width=4.0, height=2.4)
     drawn = False
     for row, layer in enumerate(chosen):
-        for col, (prefix, suffix, _, ylabel) in enumerate(columns):
+        for col, column in enumerate(columns):
             ax = axes[row, col]
+            key = f"{column.prefix}{layer}{column.suffix}"
             for run in runs:
-                drawn |= draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
-            use_log(ax)
+                drawn |= draw_line(ax, run, key, marker="o", ms=2.5)
+            if column.log:
+                use_log(ax)
+            plain_ticks(ax)
+            ylabel = column.ylabel
             ax.set_ylabel(f"{short_layer(layer)}\n{ylabel}" if col == 0 else ylabel, fontsize=8)
     if not drawn:
         return None
-    for col, (_, _, col_title, _) in enumerate(columns):
-        axes[0, col].set_title(col_title)
+    for col, column in enumerate(columns):
+        axes[0, col].set_title(column.title)
         axes[-1, col].set_xlabel("step")
     for ax in axes[0]:
         if ax.get_legend_handles_labels()[0]:
@@ -499,8 +522,8 @@ def ics_figure(runs: Sequence[RunHistory], layers: Sequence[str], title: str) ->
         runs,
         layers,
         [
-            ("ics/", "/l2", "ℓ2 difference (ideal 0)", "‖G − G′‖₂"),
-            ("ics/", "/cos", "cosine (ideal 1)", "cos(G, G′)"),
+            Column("ics/", "/l2", "ℓ2 difference (ideal 0)", "‖G − G′‖₂"),
+            Column("ics/", "/cos", "cosine (ideal 1)", "cos(G, G′)", log=False),
         ],
         title,
     )

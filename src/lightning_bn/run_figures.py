@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 
 from lightning_bn.panels import PAPER_PANELS, Panel
 from lightning_bn.plotting import (
+    Column,
     RunHistory,
     band_figure,
     draw_line,
@@ -98,10 +99,10 @@ _CAPTION = {
 _WIDTH = 5.6
 
 _NOISE_COLUMNS = [
-    ("noise/", "/clean_mean", "mean before noise", "mean"),
-    ("noise/", "/clean_std", "std before noise", "std"),
-    ("noise/", "/out_mean", "mean after noise", "mean"),
-    ("noise/", "/out_std", "std after noise", "std"),
+    Column("noise/", "/clean_mean", "mean before noise", "mean", log=False),
+    Column("noise/", "/clean_std", "std before noise", "std", log=False),
+    Column("noise/", "/out_mean", "mean after noise", "mean", log=False),
+    Column("noise/", "/out_std", "std after noise", "std", log=False),
 ]
 
 
@@ -241,6 +242,15 @@ def plot_runs(
     return [f.figure for f in figure_set(runs, labels, window).figures]
 
 
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
 def save_figures(figures: FigureSet, out: Path) -> Path:
     """Save the figures as ``<out>/<name>.png`` and write ``<out>/index.md``.
 
@@ -254,7 +264,8 @@ def save_figures(figures: FigureSet, out: Path) -> Path:
     loaded = figures.loaded
     if loaded is not None:
         lines += ["Runs:", ""]
-        lines += [f"- **{r.label}**: `{r.source}`" for r in loaded.runs]
+        # sources relative to index.md where they can be, so the folder can move with its runs
+        lines += [f"- **{r.label}**: `{_relative(r.source, out)}`" for r in loaded.runs]
         lines += [f"- {line}" for line in loaded.incomplete]
         lines += [f"- {note}" for r in loaded.runs for note in r.notes]
         lines.append("")
