@@ -215,7 +215,7 @@ def set_title(fig: Figure, title: str) -> None:
     import textwrap
 
     chars = max(30, int(fig.get_figwidth() * 10))  # about 10 characters per inch at 12 pt
-    fig.suptitle("\n".join(textwrap.wrap(title, chars)))
+    fig.suptitle("\n".join(textwrap.wrap(title, chars, break_on_hyphens=False)))
 
 
 def plain_ticks(ax: Axes) -> None:
