@@ -8,6 +8,8 @@ shift (``ics/...``), the loss and gradient along the gradient direction (``lipsc
 script reads back at the end. A WandbLogger works the same way (``--wandb`` for an offline run).
 
     python examples/add_callbacks.py --steps 200
+    python examples/add_callbacks.py --steps 200 --no-batchnorm --out lightning_logs/no_bn
+    lightning-bn plot lightning_logs/add_callbacks lightning_logs/no_bn --labels BN,standard
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ from lightning_bn import ICSCallback, LipschitzCallback, NoiseInjectionCallback,
 
 
 class MyClassifier(L.LightningModule):
-    """A plain MLP with BatchNorm, trained with SGD: your model goes here."""
+    """A plain MLP with BatchNorm (or without), trained with SGD: your model goes here."""
 
-    def __init__(self, lr: float = 0.1) -> None:
+    def __init__(self, lr: float = 0.1, batchnorm: bool = True) -> None:
         super().__init__()
         self.lr = lr
+
+        def norm() -> nn.Module:
+            return nn.BatchNorm1d(128) if batchnorm else nn.Identity()
+
         self.net = nn.Sequential(
-            nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(),
-            nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(64, 128), norm(), nn.ReLU(),
+            nn.Linear(128, 128), norm(), nn.ReLU(),
             nn.Linear(128, 10),
         )  # fmt: skip
 
@@ -53,9 +59,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=20, help="steps between measurements")
     parser.add_argument("--noise", action="store_true", help="inject the noisy-BN noise")
+    parser.add_argument(
+        "--no-batchnorm", action="store_true", help="the same MLP without its BatchNorm layers"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline)")
     parser.add_argument("--out", default="lightning_logs/add_callbacks")
     args = parser.parse_args(argv)
+    if args.noise and args.no_batchnorm:
+        parser.error("--noise injects noise after the BatchNorm layers: drop --no-batchnorm")
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_every_n_steps=10,
         enable_checkpointing=False,
     )
-    trainer.fit(MyClassifier(), loader)
+    trainer.fit(MyClassifier(batchnorm=not args.no_batchnorm), loader)
 
     # Read the last value of a few keys back from the CSV file.
     rows = list(csv.DictReader((Path(csv_logger.log_dir) / "metrics.csv").open()))

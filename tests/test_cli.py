@@ -290,7 +290,8 @@ def test_invalid_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 
 
 def test_plot_and_out_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert "no run.json" in _error_line(capsys, ["plot", str(tmp_path)])
+    # a folder without run.json is read as a CSVLogger folder (lightning-bn plot on any log)
+    assert "no metrics.csv in this folder" in _error_line(capsys, ["plot", str(tmp_path)])
     assert "does not exist" in _error_line(capsys, ["plot", str(tmp_path / "nothing")])
     (tmp_path / "run.json").write_text("{}")
     assert "already holds a run" in _error_line(capsys, ["reproduce", "--out", str(tmp_path)])

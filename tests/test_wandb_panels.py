@@ -54,8 +54,10 @@ PROFILE = (0.5, 2.0, 1.0)
 def _metric_keys() -> list[str]:
     keys = ["lipschitz/loss_min", "lipschitz/loss_max", "smoothness/grad_diff_min"]
     keys += ["smoothness/grad_diff_max", "smoothness/beta_eff"]
+    keys += ["smoothness/hessian_top_eig", "smoothness/grad_curvature"]
     for layer in LAYERS:
         keys += [f"ics/{layer}/l2", f"ics/{layer}/cos", f"lipschitz/{layer}/thm41_ratio"]
+        keys += [f"lipschitz/{layer}/act_grad_norm"]
     return keys
 
 
@@ -68,11 +70,14 @@ def _measurement(index: int) -> dict[str, float]:
         "smoothness/grad_diff_min": p / 4,
         "smoothness/grad_diff_max": p / 2,
         "smoothness/beta_eff": 3.0 * p,
+        "smoothness/hessian_top_eig": 5.0 * p,
+        "smoothness/grad_curvature": 2.5 * p,
     }
     for i, layer in enumerate(LAYERS):
         values[f"ics/{layer}/l2"] = p + i
         values[f"ics/{layer}/cos"] = 1.0 - p / 4 - i / 8
         values[f"lipschitz/{layer}/thm41_ratio"] = p / 8 + i / 16
+        values[f"lipschitz/{layer}/act_grad_norm"] = p * 2 + i
     return values
 
 
@@ -292,6 +297,9 @@ def test_panel_charts_logged(fitted: _Result) -> None:
         "panels/ics_l2": [(layer, f"ics/{layer}/l2") for layer in LAYERS],
         "panels/ics_cos": [(layer, f"ics/{layer}/cos") for layer in LAYERS],
         "panels/thm41_ratio": [(layer, f"lipschitz/{layer}/thm41_ratio") for layer in LAYERS],
+        "panels/act_grad_norm": [(layer, f"lipschitz/{layer}/act_grad_norm") for layer in LAYERS],
+        "panels/hessian_top_eig": [("λ_max", "smoothness/hessian_top_eig")],
+        "panels/grad_curvature": [("gᵀHg / ‖g‖²", "smoothness/grad_curvature")],
     }
     for panel in PAPER_PANELS:
         config = visualize[panel.key]["panel_config"]

@@ -1,4 +1,4 @@
-"""The ``lightning-bn`` command: reproduce the paper's experiments, or redraw a finished run.
+"""The ``lightning-bn`` command: reproduce the paper's experiments, or draw the figures of runs.
 
 Usage::
 
@@ -6,7 +6,7 @@ Usage::
                            [--steps N] [--seed S] [--seeds N] [--init kaiming|default]
                            [--jobs N] [--data-dir DIR] [--variants K,K,...]
                            [--archs A,A,...] [--measure-every N] [--wandb MODE] ...
-    lightning-bn plot RUN_DIR
+    lightning-bn plot RUN [RUN ...] [--labels A,B,...] [--out DIR] [--steps FROM:TO]
 
 Invalid arguments end the command with one line on stderr and exit status 2.
 """
@@ -80,6 +80,22 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def _labels(text: str) -> list[str]:
+    labels = [t.strip() for t in text.split(",")]
+    if not all(labels):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-empty labels, got {text!r}")
+    return labels
+
+
+def _steps(text: str) -> tuple[int | None, int | None]:
+    from lightning_bn.run_logs import parse_steps
+
+    try:
+        return parse_steps(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -220,10 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser(
         "plot",
-        help="redraw the figures and summary.md of a finished run from its CSV files",
-        description="Redraw the figures and summary.md of a reproduce run from its CSV files.",
+        help="draw the paper's figures of logged runs side by side (CSVLogger or reproduce runs)",
+        description="Draw the paper's figures (ICS, loss landscape, gradient predictiveness, "
+        "β_eff, Hessian, Theorem 4.1, noise) of one or more runs, one line or band per run. "
+        "A RUN is a Lightning CSVLogger metrics.csv, a folder holding one (the newest "
+        "version_N is taken), or a `lightning-bn reproduce` run folder; a reproduce run given "
+        "alone (no other option) gets its own figures and summary.md redrawn.",
     )
-    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a reproduce run folder")
+    plot.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="a metrics.csv, a CSVLogger folder, or a reproduce run folder",
+    )
+    plot.add_argument(
+        "--labels",
+        type=_labels,
+        metavar="A,B,...",
+        help="legend label of each RUN, comma-separated (default: the folder names)",
+    )
+    plot.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder for the PNG files and index.md (default: figures/ beside the first RUN)",
+    )
+    plot.add_argument(
+        "--steps", type=_steps, metavar="FROM:TO", help="draw only these steps (e.g. 100:500)"
+    )
     plot.set_defaults(handler=_plot, subparser=plot)
     return parser
 
@@ -350,18 +391,78 @@ def _report(result: RedrawResult, seconds: float, mode: str) -> None:
 
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from lightning_bn.reproduce import RunFormatError, redraw
+    from lightning_bn.csv_log import LogFormatError
 
     _check_extras(parser, None)
+    runs: list[Path] = args.runs
+    if args.labels is not None and len(args.labels) != len(runs):
+        parser.error(
+            f"--labels: expected one label per RUN ({len(runs)}), got {len(args.labels)}: "
+            f"{','.join(args.labels)!r}"
+        )
+    alone = args.labels is None and args.out is None and args.steps is None
     try:
-        result = redraw(args.run_dir)
-    except RunFormatError as err:
+        if alone and len(runs) == 1 and (runs[0] / "run.json").is_file():
+            return _redraw(runs[0])
+        return _plot_runs(parser, args)
+    except LogFormatError as err:
         parser.error(str(err))
+    except OSError as err:
+        # a read-only folder, a full disk: one line naming the file, not a traceback
+        where = f" {err.filename}" if err.filename else ""
+        parser.error(f"cannot write{where}: {err.strerror or err}")
+
+
+def _redraw(run_dir: Path) -> int:
+    """A reproduce run alone: its own figures and summary.md, as `reproduce` draws them."""
+    from lightning_bn.reproduce import redraw
+
+    result = redraw(run_dir)
+    for note in result.notes:
+        print(note)
     print(f"summary: {result.summary}")
     print(f"findings: {result.findings_file}")
-    print(f"figures: {len(result.figures)} PNG files in {result.run.path / 'figures'}")
+    folder = result.figures[0].parent if result.figures else result.run.path / "figures"
+    print(f"figures: {len(result.figures)} PNG files in {folder}")
     for line in _finding_lines(result):
         print(line)
+    return 0
+
+
+def _default_out(first: Path) -> Path:
+    """``figures/`` beside the first run (so never a reproduce run's own ``figures/``)."""
+    run_folder = first.parent if first.is_file() else first
+    return run_folder.resolve().parent / "figures"
+
+
+def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from lightning_bn.run_figures import figure_set, save_figures
+
+    out: Path = args.out if args.out is not None else _default_out(args.runs[0])
+    if out.name == "figures" and (out.parent / "run.json").is_file():
+        parser.error(
+            f"--out {str(out)!r} is the figures folder of a reproduce run; choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} exists and is not a folder")
+    figures = figure_set(args.runs, args.labels, args.steps or (None, None))
+    loaded = figures.loaded
+    assert loaded is not None  # figure_set always records what it read
+    for line in loaded.incomplete:
+        print(line)
+    if not loaded.runs:
+        parser.error("no complete run to draw (every run given is incomplete)")
+    for run in loaded.runs:
+        print(f"run {run.label!r}: {run.source}")
+        for note in run.notes:
+            print(f"  {note}")
+    for line in figures.skipped:
+        print(line)
+    if not figures.figures:
+        window = " in the --steps window" if args.steps else ""
+        parser.error(f"nothing to draw: no run has a diagnostic value{window}")
+    index = save_figures(figures, out)
+    print(f"figures: {len(figures.figures)} PNG files in {out} (list: {index})")
     return 0
 
 

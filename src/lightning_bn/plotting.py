@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -47,6 +47,7 @@ __all__ = [
     "MAX_LAYERS",
     "SEED_HI",
     "SEED_LO",
+    "Column",
     "FigureFile",
     "RunHistory",
     "band_figure",
@@ -54,12 +55,17 @@ __all__ = [
     "draw_layer_lines",
     "draw_line",
     "ics_figure",
+    "layer_grid_figure",
+    "layers_figure",
     "line_figure",
     "new_figure",
     "panel_figure",
     "pick_layers",
+    "plain_ticks",
     "save_figure",
+    "set_title",
     "short_layer",
+    "union_layers",
     "use_log",
 ]
 
@@ -213,6 +219,36 @@ def _smooth(values: np.ndarray, points: int = 25) -> np.ndarray:
     return out
 
 
+def set_title(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to the figure's width (a one-panel figure is narrow)."""
+    import textwrap
+
+    chars = max(30, int(fig.get_figwidth() * 10))  # about 10 characters per inch at 12 pt
+    fig.suptitle("\n".join(textwrap.wrap(title, chars, break_on_hyphens=False)))
+
+
+def plain_ticks(ax: Axes) -> None:
+    """Readable y ticks on a linear axis: no offset notation (``1e-5+9.999e-1``), and data
+    that are constant up to rounding (a first layer's ICS is exactly 0 or 1) get a range
+    around their value instead of ticks at the 13th digit."""
+    if ax.get_yscale() != "linear":
+        return
+    parts = [
+        np.asarray(line.get_ydata(), dtype=float)
+        for line in ax.get_lines()
+        if line.get_gid() != "guide"
+    ]
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if values.size:
+        lo, hi = float(values.min()), float(values.max())
+        scale = max(abs(lo), abs(hi), 1e-12)
+        if hi - lo <= 1e-9 * scale:
+            pad = 0.05 * scale if scale > 1e-12 else 1.0
+            ax.set_ylim(lo - pad, hi + pad)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+
+
 def use_log(ax: Axes) -> None:
     """Log scale for the y axis when the drawn data are positive and span over 50×."""
     parts = [
@@ -235,10 +271,12 @@ def draw_line(
     loss: bool = False,
     **kw: object,
 ) -> bool:
-    """Draw ``run``'s series of ``key``; mark where it diverged. True if anything was drawn.
+    """Draw ``run``'s series of ``key`` up to its first non-finite value. True if anything was drawn.
 
-    ``smooth=True`` draws a trailing moving average; ``loss=True`` also ends the line where the
-    loss exceeds ten times its initial level. ``kw`` overrides the run's style.
+    A dotted vertical line marks where the series stopped, labelled "diverged" for a loss
+    (``loss=True``) and "NaN" or "inf" for any other key. ``smooth=True`` draws a trailing
+    moving average; ``loss=True`` also ends the line where the loss exceeds ten times its
+    initial level. ``kw`` overrides the run's style.
     """
     all_steps, all_values = run.get(key)
     blowup = _loss_blowup(all_values) if loss else None
@@ -255,8 +293,11 @@ def draw_line(
         stop = float(all_steps[steps.size])
         color = style["color"] if style["color"] is not None else "black"
         ax.axvline(stop, color=color, ls=":", lw=1.0, gid="guide")
+        # a run diverged when its loss did; a diagnostic's NaN or inf is said as such
+        first = float(all_values[steps.size])
+        word = "diverged" if loss else ("NaN" if np.isnan(first) else "inf")
         ax.annotate(
-            "diverged",
+            word,
             (stop, 0.97),
             xycoords=("data", "axes fraction"),
             color=color,
@@ -319,13 +360,16 @@ def panel_figure(
     draw: Callable[[Axes, RunHistory], bool],
     ylabel: str,
     title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """One column per panel ``(panel title, runs)``, ``draw(ax, run)`` for each run in it.
+
+    ``width`` is the width of one panel in inches.
 
     Returns:
         The figure, or ``None`` when nothing was drawn.
     """
-    fig, axes = new_figure(1, len(panels))
+    fig, axes = new_figure(1, len(panels), width=width)
     drawn = False
     for col, (panel_title, runs) in enumerate(panels):
         ax = axes[0, col]
@@ -339,7 +383,7 @@ def panel_figure(
             ax.legend(fontsize=7)
     if not drawn:
         return None
-    fig.suptitle(title)
+    set_title(fig, title)
     return fig
 
 
@@ -349,18 +393,150 @@ def band_figure(
     hi_key: str,
     ylabel: str,
     title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """:func:`panel_figure` of the min-max bands ``lo_key``–``hi_key`` (Fig. 4a, 4b)."""
-    return panel_figure(panels, lambda ax, run: draw_band(ax, run, lo_key, hi_key), ylabel, title)
+    return panel_figure(
+        panels, lambda ax, run: draw_band(ax, run, lo_key, hi_key), ylabel, title, width
+    )
 
 
 def line_figure(
-    panels: Sequence[tuple[str, Sequence[RunHistory]]], key: str, ylabel: str, title: str
+    panels: Sequence[tuple[str, Sequence[RunHistory]]],
+    key: str,
+    ylabel: str,
+    title: str,
+    width: float = 4.2,
 ) -> Figure | None:
     """:func:`panel_figure` of one line of ``key`` per run (β_eff, Fig. 4c)."""
     return panel_figure(
-        panels, lambda ax, run: draw_line(ax, run, key, marker="o", ms=2.5), ylabel, title
+        panels, lambda ax, run: draw_line(ax, run, key, marker="o", ms=2.5), ylabel, title, width
     )
+
+
+def union_layers(runs: Sequence[RunHistory], prefix: str, suffix: str) -> list[str]:
+    """Layers of ``<prefix><layer><suffix>`` keys over all runs, matched by name, first-seen order."""
+    return list(dict.fromkeys(layer for run in runs for layer in run.layers(prefix, suffix)))
+
+
+class Column(NamedTuple):
+    """A column of :func:`layer_grid_figure`: the key ``<prefix><layer><suffix>`` in each row.
+
+    Attributes:
+        prefix: key prefix, such as ``"ics/"``.
+        suffix: key suffix, such as ``"/l2"``.
+        title: the column title.
+        ylabel: the y-axis label.
+        log: log scale when the data are positive and span over 50× (:func:`use_log`).
+    """
+
+    prefix: str
+    suffix: str
+    title: str
+    ylabel: str
+    log: bool = True
+
+
+def layer_grid_figure(
+    runs: Sequence[RunHistory],
+    layers: Sequence[str],
+    columns: Sequence[Column],
+    title: str,
+    limit: int = MAX_LAYERS,
+) -> Figure | None:
+    """One row per layer (at most ``limit``), one column per quantity, a line per run in each.
+
+    Args:
+        runs: the runs; a layer only some runs have is drawn for those.
+        layers: the layer names (see :func:`union_layers`).
+        columns: the quantities (see :class:`Column`); the key drawn in row ``layer`` is
+            ``<prefix><layer><suffix>``.
+        title: the figure title.
+        limit: most rows (evenly spread over ``layers``, first and last included).
+
+    Returns:
+        The figure, or ``None`` when no run has a value of any drawn key.
+    """
+    chosen = pick_layers(layers, limit)
+    if not chosen or not columns:
+        return None
+    fig, axes = new_figure(len(chosen), len(columns), width=4.0, height=2.4)
+    drawn = False
+    for row, layer in enumerate(chosen):
+        for col, column in enumerate(columns):
+            ax = axes[row, col]
+            key = f"{column.prefix}{layer}{column.suffix}"
+            for run in runs:
+                drawn |= draw_line(ax, run, key, marker="o", ms=2.5)
+            if column.log:
+                use_log(ax)
+            plain_ticks(ax)
+            ylabel = column.ylabel
+            ax.set_ylabel(f"{short_layer(layer)}\n{ylabel}" if col == 0 else ylabel, fontsize=8)
+    if not drawn:
+        return None
+    for col, column in enumerate(columns):
+        axes[0, col].set_title(column.title)
+        axes[-1, col].set_xlabel("step")
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
+    set_title(fig, title)
+    return fig
+
+
+def layers_figure(
+    runs: Sequence[RunHistory],
+    prefix: str,
+    suffix: str,
+    ylabel: str,
+    title: str,
+    limit: int = MAX_LAYERS,
+    ncols: int = 3,
+    guide: float | None = None,
+) -> Figure | None:
+    """One panel per layer of ``<prefix><layer><suffix>`` (matched by name), a line per run.
+
+    Args:
+        runs: the runs; a layer only some runs have is drawn for those.
+        prefix: key prefix, such as ``"ics/"``.
+        suffix: key suffix, such as ``"/l2"``.
+        ylabel: the y-axis label.
+        title: the figure title.
+        limit: most layers drawn (evenly spread, first and last included).
+        ncols: panels per row.
+        guide: draw a dashed horizontal line at this value (a bound, such as 1).
+
+    Returns:
+        The figure, or ``None`` when no run has a value of such a key.
+    """
+    chosen = pick_layers(union_layers(runs, prefix, suffix), limit)
+    if not chosen:
+        return None
+    ncols = min(ncols, len(chosen))
+    nrows = -(-len(chosen) // ncols)
+    fig, axes = new_figure(nrows, ncols, width=3.8, height=2.7)
+    drawn = False
+    for i, layer in enumerate(chosen):
+        ax = axes[i // ncols, i % ncols]
+        for run in runs:
+            drawn |= draw_line(ax, run, f"{prefix}{layer}{suffix}", marker="o", ms=2.5)
+        if guide is not None:
+            ax.axhline(guide, color="black", ls="--", lw=0.8, gid="guide")
+        use_log(ax)
+        plain_ticks(ax)
+        ax.set_title(short_layer(layer), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for j in range(len(chosen), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    if not drawn:
+        return None
+    set_title(fig, title)
+    return fig
 
 
 def ics_figure(runs: Sequence[RunHistory], layers: Sequence[str], title: str) -> Figure | None:
@@ -369,24 +545,15 @@ def ics_figure(runs: Sequence[RunHistory], layers: Sequence[str], title: str) ->
     Returns:
         The figure, or ``None`` without layers.
     """
-    chosen = pick_layers(layers)
-    if not chosen:
-        return None
-    fig, axes = new_figure(len(chosen), 2, width=4.0, height=2.4)
-    for row, layer in enumerate(chosen):
-        for run in runs:
-            draw_line(axes[row, 0], run, f"ics/{layer}/l2", marker="o", ms=2.5)
-            draw_line(axes[row, 1], run, f"ics/{layer}/cos", marker="o", ms=2.5)
-        use_log(axes[row, 0])
-        axes[row, 0].set_ylabel(f"{short_layer(layer)}\n‖G − G′‖₂", fontsize=8)
-        axes[row, 1].set_ylabel("cos(G, G′)", fontsize=8)
-    axes[0, 0].set_title("ℓ2 difference (ideal 0)")
-    axes[0, 1].set_title("cosine (ideal 1)")
-    axes[-1, 0].set_xlabel("step")
-    axes[-1, 1].set_xlabel("step")
-    axes[0, 1].legend(fontsize=7)
-    fig.suptitle(title)
-    return fig
+    return layer_grid_figure(
+        runs,
+        layers,
+        [
+            Column("ics/", "/l2", "ℓ2 difference (ideal 0)", "‖G − G′‖₂"),
+            Column("ics/", "/cos", "cosine (ideal 1)", "cos(G, G′)", log=False),
+        ],
+        title,
+    )
 
 
 def __getattr__(name: str) -> Any:

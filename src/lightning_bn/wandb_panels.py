@@ -48,15 +48,14 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
-import re
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_bn.logger_extras import MetricHistory, register_logger_extras
+from lightning_bn.panels import PAPER_PANELS, Panel
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -299,75 +298,6 @@ PanelHistory = MetricHistory
 """The measurements the end-of-fit panels are drawn from (:class:`~lightning_bn.logger_extras.MetricHistory`)."""
 
 
-@dataclass(frozen=True)
-class Panel:
-    """One W&B line-series chart built from a :class:`PanelHistory`.
-
-    Attributes:
-        key: The key the chart is logged under, such as ``"panels/loss_range"``.
-        title: The chart title.
-        lines: ``(key, label)`` per line. A key containing ``{layer}`` stands for one line
-            per layer found in the history (``"ics/{layer}/l2"``); ``{layer}`` in the label
-            is replaced by the layer name.
-    """
-
-    key: str
-    title: str
-    lines: tuple[tuple[str, str], ...]
-
-    def resolve(self, keys: Iterable[str]) -> list[tuple[str, str]]:
-        """The concrete ``(key, label)`` lines among ``keys``, in panel then history order."""
-        keys = list(keys)
-        out: list[tuple[str, str]] = []
-        for template, label in self.lines:
-            if "{layer}" not in template:
-                if template in keys:
-                    out.append((template, label))
-                continue
-            head, _, tail = template.partition("{layer}")
-            pattern = re.compile(re.escape(head) + "(?P<layer>.+)" + re.escape(tail) + r"\Z")
-            for key in keys:
-                match = pattern.match(key)
-                if match:
-                    out.append((key, label.replace("{layer}", match["layer"])))
-        return out
-
-
-PAPER_PANELS: tuple[Panel, ...] = (
-    Panel(
-        "panels/loss_range",
-        "Loss landscape: loss along the gradient, min-max over step size η (Fig. 4a)",
-        (("lipschitz/loss_min", "min over η"), ("lipschitz/loss_max", "max over η")),
-    ),
-    Panel(
-        "panels/grad_predictiveness",
-        "Gradient predictiveness: ‖∇L(x) − ∇L(x − η∇L(x))‖, min-max over η (Fig. 4b)",
-        (("smoothness/grad_diff_min", "min over η"), ("smoothness/grad_diff_max", "max over η")),
-    ),
-    Panel(
-        "panels/beta_smoothness",
-        "Effective β-smoothness (Fig. 4c)",
-        (("smoothness/beta_eff", "β_eff"),),
-    ),
-    Panel(
-        "panels/ics_l2",
-        "Internal covariate shift: ‖G − G′‖₂ per layer (Fig. 3)",
-        (("ics/{layer}/l2", "{layer}"),),
-    ),
-    Panel(
-        "panels/ics_cos",
-        "Internal covariate shift: cos(G, G′) per layer (Fig. 3)",
-        (("ics/{layer}/cos", "{layer}"),),
-    ),
-    Panel(
-        "panels/thm41_ratio",
-        "Theorem 4.1: BatchNorm gradient norm bound ratio per layer",
-        (("lipschitz/{layer}/thm41_ratio", "{layer}"),),
-    ),
-)
-"""The paper's figures as W&B panels (see :func:`log_paper_panels`)."""
-
-
 def log_paper_panels(
     trainer: Trainer,
     history: PanelHistory,
@@ -377,8 +307,11 @@ def log_paper_panels(
 
     Each panel becomes one chart against ``trainer/global_step``: the min-max bands of the
     loss landscape (``panels/loss_range``) and of gradient predictiveness
-    (``panels/grad_predictiveness``), ``panels/beta_smoothness``, and one line per layer in
-    ``panels/ics_l2``, ``panels/ics_cos`` and ``panels/thm41_ratio``. A panel with no data
+    (``panels/grad_predictiveness``), ``panels/beta_smoothness``, one line per layer in
+    ``panels/ics_l2``, ``panels/ics_cos``, ``panels/thm41_ratio`` and
+    ``panels/act_grad_norm``, and ``panels/hessian_top_eig`` and ``panels/grad_curvature``
+    (the table :data:`lightning_bn.panels.PAPER_PANELS`, which ``lightning-bn plot`` draws
+    under the same names). A panel with no data
     in ``history`` is skipped; non-finite values are left out of the charts. Call it at the
     end of fit; calling it again logs new versions of the charts (W&B shows the latest).
 

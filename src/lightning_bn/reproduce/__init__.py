@@ -23,9 +23,11 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import FINDINGS, Finding, evaluate_findings
@@ -70,8 +72,11 @@ class RedrawResult:
         run: the run read back from its CSV files.
         findings: the evaluated findings.
         figures: paths of the PNG files.
-        summary: path of ``summary.md``.
-        findings_file: path of ``findings.json``.
+        summary: path of the summary written (``summary.md``, or ``summary.partial.md`` when
+            the existing ``summary.md`` came from more data).
+        findings_file: path of ``findings.json`` (``findings.partial.json`` beside a partial
+            summary).
+        notes: lines for the user: the incomplete runs left out, a summary kept.
     """
 
     run: RunData
@@ -79,11 +84,58 @@ class RedrawResult:
     figures: list[Path]
     summary: Path
     findings_file: Path
+    notes: list[str] = field(default_factory=list)
+
+
+# summary.md ends with this comment: what it was made from, so a later redraw from less data
+# (a run cut short, a truncated CSV) does not replace it silently.
+_DATA_MARK = re.compile(r"<!-- lightning-bn data: (\{.*\}) -->")
+PARTIAL_SUMMARY = "summary.partial.md"
+PARTIAL_FINDINGS = "findings.partial.json"
+
+
+def _data_of(run: RunData) -> dict[str, Any]:
+    points = sum(int(v.size) for h in run.histories.values() for _, v in h.series.values())
+    return {"complete": sorted(run.histories), "points": points}
+
+
+def _less_data(run: RunData, summary: Path) -> str | None:
+    """Why ``run`` holds less data than the existing ``summary`` was made from, else ``None``."""
+    if not summary.is_file():
+        return None
+    old_complete: set[str] | None = None
+    old_points = 0
+    try:
+        match = _DATA_MARK.search(summary.read_text(errors="replace"))
+        if match:
+            old = json.loads(match[1])
+            old_complete, old_points = {str(v) for v in old["complete"]}, int(old["points"])
+    except (ValueError, KeyError, TypeError, OSError):
+        old_complete = None
+    new = _data_of(run)
+    if old_complete is None:
+        # made by an older version or edited by hand: keep it if this redraw lacks runs
+        if run.incomplete:
+            return f"{SUMMARY} exists and {len(run.incomplete)} run(s) are incomplete now"
+        return None
+    lost = sorted(old_complete - set(new["complete"]))
+    if lost:
+        return f"{SUMMARY} was made with run(s) {', '.join(lost)} complete, incomplete now"
+    if new["points"] < old_points:
+        return (
+            f"{SUMMARY} was made from {old_points} logged values, this redraw has {new['points']}"
+        )
+    return None
 
 
 def redraw(run_dir: str | Path) -> RedrawResult:
     """Draw the figures and write ``summary.md`` and ``findings.json`` of a run folder from its
     CSV files.
+
+    Runs whose training did not finish (an interrupted run, a CSV cut short) are left out and
+    named in ``notes`` as incomplete. An existing ``summary.md`` made from more data than the
+    folder now holds is kept: the new summary goes to ``summary.partial.md`` and its figures
+    to ``figures.partial/``, and ``notes`` says so.
 
     Args:
         run_dir: a folder written by :func:`reproduce` (it holds ``run.json``).
@@ -92,17 +144,30 @@ def redraw(run_dir: str | Path) -> RedrawResult:
         The run, its findings and the files written.
 
     Raises:
-        RunFormatError: ``run_dir`` is not a run folder.
+        RunFormatError: ``run_dir`` is not a run folder, or a file in it is unreadable.
+        OSError: the folder cannot be written.
     """
     run = load_run(run_dir)
-    findings = evaluate_findings(run)
-    figures = plot_run(run)
+    notes = [f"{vid}: incomplete ({why}); left out" for vid, why in run.incomplete.items()]
     summary = run.path / SUMMARY
-    summary.write_text(render_summary(run, findings, figures))
-    data = findings_json(run, findings)
+    figures_dir = run.path / "figures"
     findings_file = run.path / FINDINGS_JSON
+    less = _less_data(run, summary)
+    if less is not None:
+        summary = run.path / PARTIAL_SUMMARY
+        figures_dir = run.path / "figures.partial"
+        findings_file = run.path / PARTIAL_FINDINGS
+        notes.append(
+            f"{SUMMARY}, {FINDINGS_JSON} and figures/ not overwritten ({less}); wrote "
+            f"{summary.name}, {findings_file.name} and {figures_dir.name}/ instead"
+        )
+    findings = evaluate_findings(run)
+    figures = plot_run(run, figures_dir)
+    mark = f"<!-- lightning-bn data: {json.dumps(_data_of(run))} -->\n"
+    summary.write_text(render_summary(run, findings, figures) + mark)
+    data = findings_json(run, findings)
     findings_file.write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-    return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file)
+    return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file, notes)
 
 
 def reproduce(

@@ -7,7 +7,6 @@ not hold the key). :func:`read_metrics_csv` merges the rows into one series per 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_bn.csv_log import LogFormatError, TruncatedLogError, read_csv_log
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [
@@ -38,8 +38,12 @@ MANIFEST = "run.json"
 Series = tuple[np.ndarray, np.ndarray]
 
 
-class RunFormatError(ValueError):
-    """The folder is not a reproduce run (no readable ``run.json``)."""
+class RunFormatError(LogFormatError):
+    """The folder is not a reproduce run (no readable ``run.json``), or a file is unreadable."""
+
+
+#: ``run.json`` statuses meaning that every variant finished.
+COMPLETE_STATUSES = ("finished", "completed", "done")
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, Series]:
@@ -53,30 +57,17 @@ def read_metrics_csv(path: str | Path) -> dict[str, Series]:
     Returns:
         One ``(steps int64 array, values float64 array)`` pair per metric key (``step`` and
         ``epoch`` excluded).
+
+    Raises:
+        RunFormatError: the file is unreadable or not a CSVLogger file (one line naming it).
+        TruncatedLogError: the file ends inside a row (its run was interrupted).
     """
-    points: dict[str, dict[int, float]] = {}
-    with Path(path).open(newline="") as f:
-        for row in csv.DictReader(f):
-            raw_step = row.get("step")
-            if raw_step in (None, ""):
-                continue
-            step = int(float(raw_step))
-            for key, text in row.items():
-                if key in ("step", "epoch") or key is None or text in (None, ""):
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    continue
-                points.setdefault(key, {})[step] = value
-    out: dict[str, Series] = {}
-    for key, by_step in points.items():
-        steps = sorted(by_step)
-        out[key] = (
-            np.asarray(steps, dtype=np.int64),
-            np.asarray([by_step[s] for s in steps], dtype=np.float64),
-        )
-    return out
+    try:
+        return read_csv_log(path)
+    except TruncatedLogError:
+        raise
+    except LogFormatError as err:
+        raise RunFormatError(str(err)) from None
 
 
 @dataclass
@@ -181,9 +172,13 @@ class RunData:
         path: the run folder.
         plan: the experiment plan.
         manifest: the parsed ``run.json``.
-        histories: ``run id -> history`` (see :meth:`VariantSpec.run_id`) for every run whose
-            CSV file exists, in plan order.
-        missing: ids of planned runs without a CSV file (an interrupted run).
+        histories: ``run id -> history`` (see :meth:`VariantSpec.run_id`) for every run
+            (variant and seed) whose training finished, in plan order.
+        missing: ids of planned runs without a complete history (an interrupted run): no CSV
+            file, or one that is in :attr:`incomplete`.
+        incomplete: ``run id -> why`` for every run whose training did not finish (no CSV
+            file, a CSV cut short, or no ``final/*`` metrics in a run whose ``run.json`` status
+            is not finished). These are never in :attr:`histories`.
     """
 
     path: Path
@@ -191,6 +186,7 @@ class RunData:
     manifest: dict[str, Any]
     histories: dict[str, VariantHistory]
     missing: list[str] = field(default_factory=list)
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     def seed_runs(self, spec: VariantSpec) -> list[VariantHistory]:
         """The runs of a variant, one per seed found, in seed order."""
@@ -262,15 +258,43 @@ def load_run(run_dir: str | Path) -> RunData:
         raise RunFormatError(
             f"{str(manifest_path)!r} is not a valid run description: {err}"
         ) from err
+    status = str(manifest.get("status", "finished"))
+    finished = status in COMPLETE_STATUSES
+    listed = manifest.get("completed", manifest.get("completed_runs", []))
+    completed = {str(v) for v in listed} if isinstance(listed, list) else set()
     histories: dict[str, VariantHistory] = {}
-    missing: list[str] = []
+    incomplete: dict[str, str] = {}
     for entry in entries:
         spec = VariantSpec.from_dict(entry)
         seed = int(entry.get("seed", plan.seed))
         run_id = spec.run_id(seed)
         csv_path = path / str(entry.get("csv", f"csv/{spec.id}/metrics.csv"))
-        if csv_path.is_file():
-            histories[run_id] = VariantHistory(spec, read_metrics_csv(csv_path), seed)
-        else:
-            missing.append(run_id)
-    return RunData(path=path, plan=plan, manifest=manifest, histories=histories, missing=missing)
+        if not csv_path.is_file():
+            incomplete[run_id] = f"no {csv_path.relative_to(path)}"
+            continue
+        try:
+            series = read_metrics_csv(csv_path)
+        except TruncatedLogError as err:
+            incomplete[run_id] = str(err)
+            continue
+        entry_status = entry.get("status")
+        done = (
+            finished
+            or run_id in completed
+            or spec.id in completed
+            or entry_status in COMPLETE_STATUSES
+            # the reproduce runner logs final/* once a variant's training has ended
+            or (entry_status is None and "final/steps" in series)
+        )
+        if not done:
+            incomplete[run_id] = f"run.json status {status!r} and its training did not finish"
+            continue
+        histories[run_id] = VariantHistory(spec, series, seed)
+    return RunData(
+        path=path,
+        plan=plan,
+        manifest=manifest,
+        histories=histories,
+        missing=list(incomplete),
+        incomplete=incomplete,
+    )

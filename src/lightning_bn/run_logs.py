@@ -1,0 +1,274 @@
+"""Read logged runs back for ``lightning-bn plot``: CSVLogger files and reproduce run folders.
+
+A *run* given to ``lightning-bn plot`` (or :func:`lightning_bn.plot_runs`) is one of
+
+- a Lightning :class:`~lightning.pytorch.loggers.CSVLogger` ``metrics.csv`` file;
+- a folder holding one, directly or at any depth of ``version_N`` folders (the newest
+  version is taken, and the choice is said in :attr:`LoggedRun.notes`);
+- a ``lightning-bn reproduce`` run folder (it holds ``run.json``): each of its variants whose
+  training finished becomes one run; unfinished ones are listed as incomplete, never drawn.
+
+Every problem with a file (missing, unreadable, not a CSV, cut short, no diagnostic key)
+raises :class:`LogFormatError` whose message is one line naming the file and the problem.
+This module needs neither matplotlib nor Lightning.
+
+Example::
+
+    from lightning_bn.run_logs import load_runs
+
+    runs = load_runs(["lightning_logs/bn", "lightning_logs/plain"], labels=["BN", "plain"])
+    [r.label for r in runs]  # ['BN', 'plain']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lightning_bn.csv_log import LogFormatError, read_csv_log
+
+__all__ = [
+    "DIAGNOSTIC_PREFIXES",
+    "Loaded",
+    "LogFormatError",
+    "LoggedRun",
+    "find_metrics_csv",
+    "load_runs",
+    "parse_steps",
+    "read_csv_log",
+]
+
+Series = tuple[np.ndarray, np.ndarray]
+
+#: The key prefixes of lightning-bn's four diagnostic callbacks.
+DIAGNOSTIC_PREFIXES = ("ics/", "lipschitz/", "smoothness/", "noise/")
+_METRICS = "metrics.csv"
+_VERSION = re.compile(r"version_(\d+)\Z")
+
+
+@dataclass
+class LoggedRun:
+    """One run as ``lightning-bn plot`` reads it.
+
+    Attributes:
+        label: its legend entry.
+        source: the file its history was read from.
+        series: logged key -> ``(steps int64, values float64)``, sorted by step.
+        notes: lines to show the user about how it was read (the version chosen, ...).
+    """
+
+    label: str
+    source: Path
+    series: dict[str, Series] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def diverged_at(self, key: str = "train/loss") -> int | None:
+        """The first step at which ``key`` (the training loss) is not finite, else ``None``."""
+        steps, values = self.series.get(key, (np.zeros(0, np.int64), np.zeros(0)))
+        bad = ~np.isfinite(values)
+        return int(steps[int(np.argmax(bad))]) if bad.any() else None
+
+
+@dataclass
+class Loaded:
+    """What :func:`load_runs` found.
+
+    Attributes:
+        runs: the runs to draw, in the order given (a reproduce run's variants in plan order).
+        incomplete: one line per run left out because it did not finish (each says
+            "incomplete" and why).
+    """
+
+    runs: list[LoggedRun]
+    incomplete: list[str] = field(default_factory=list)
+
+
+def find_metrics_csv(folder: Path) -> tuple[Path, str | None]:
+    """The ``metrics.csv`` of a run folder: directly in it, or in its newest ``version_N``.
+
+    Args:
+        folder: the folder given by the user.
+
+    Returns:
+        The file, and a line saying which version was chosen among several (else ``None``).
+
+    Raises:
+        LogFormatError: no ``metrics.csv`` in the folder or below it.
+    """
+    direct = folder / _METRICS
+    if direct.is_file():
+        return direct, None
+    found = sorted(p for p in folder.rglob(_METRICS) if p.is_file())
+    if not found:
+        raise LogFormatError(
+            f"{folder}: no {_METRICS} in this folder or below it (expected a Lightning "
+            "CSVLogger folder, a lightning-bn reproduce run, or a metrics.csv file)"
+        )
+    if len(found) == 1:
+        return found[0], None
+
+    def newest(p: Path) -> tuple[int, float]:
+        # the highest version number wins; the modification time breaks ties between trees
+        numbers = [int(m[1]) for part in p.parent.parts if (m := _VERSION.match(part))]
+        return (numbers[-1] if numbers else -1), p.stat().st_mtime
+
+    chosen = max(found, key=newest)
+    rel = chosen.parent.relative_to(folder)
+    return chosen, f"{folder}: {len(found)} logged versions; using the newest, {rel}"
+
+
+def parse_steps(text: str) -> tuple[int | None, int | None]:
+    """``"FROM:TO"`` (either side may be empty) as ``(FROM, TO)``.
+
+    Raises:
+        ValueError: not two integers ``>= 0`` separated by ``:`` with ``FROM <= TO``.
+    """
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"expected FROM:TO (e.g. 100:500, 100: or :500), got {text!r}")
+    try:
+        lo, hi = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise ValueError(f"expected FROM:TO with integer steps, got {text!r}") from None
+    if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+        raise ValueError(f"expected steps >= 0, got {text!r}")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"expected FROM <= TO, got {text!r}")
+    return lo, hi
+
+
+def _window(series: dict[str, Series], steps: tuple[int | None, int | None]) -> dict[str, Series]:
+    lo, hi = steps
+    if lo is None and hi is None:
+        return series
+    out: dict[str, Series] = {}
+    for key, (s, v) in series.items():
+        keep = np.ones(s.shape, dtype=bool)
+        if lo is not None:
+            keep &= s >= lo
+        if hi is not None:
+            keep &= s <= hi
+        out[key] = (s[keep], v[keep])
+    return out
+
+
+def _has_diagnostics(series: dict[str, Series]) -> bool:
+    return any(key.startswith(DIAGNOSTIC_PREFIXES) for key in series)
+
+
+def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
+    series = read_csv_log(path)
+    if not _has_diagnostics(series):
+        raise LogFormatError(
+            f"{path}: no lightning-bn diagnostic key (ics/…, lipschitz/…, smoothness/…, "
+            "noise/…); were ICSCallback, LipschitzCallback, SmoothnessCallback or "
+            "NoiseInjectionCallback in the Trainer?"
+        )
+    return LoggedRun(label, path, series, [note] if note else [])
+
+
+def _reproduce_runs(folder: Path, label: str, loaded: Loaded) -> list[LoggedRun]:
+    """The finished variants of a reproduce run; unfinished ones go to ``loaded.incomplete``."""
+    from lightning_bn.reproduce.history import load_run  # its RunFormatError is a LogFormatError
+
+    run = load_run(folder)
+    for vid, reason in run.incomplete.items():
+        loaded.incomplete.append(f"{label}/{vid}: incomplete ({reason}); not drawn")
+    return [
+        LoggedRun(f"{label}/{vid}", folder / f"csv/{vid}/metrics.csv", dict(history.series))
+        for vid, history in run.histories.items()
+    ]
+
+
+def _non_finite_notes(run: LoggedRun) -> list[str]:
+    """Where the run's values stop being finite: "diverged" for the loss, NaN/inf said as such."""
+    notes: list[str] = []
+    if (step := run.diverged_at()) is not None:
+        value = run.series["train/loss"][1]
+        first = value[~np.isfinite(value)][0]
+        notes.append(f"diverged: training loss {_word(first)} from step {step}")
+    for key, (steps, values) in run.series.items():
+        bad = ~np.isfinite(values)
+        if key != "train/loss" and key.startswith(DIAGNOSTIC_PREFIXES) and bad.any():
+            where = int(steps[int(np.argmax(bad))])
+            kinds = sorted({_word(v) for v in values[bad]})
+            notes.append(
+                f"{key}: {' and '.join(kinds)} at {int(bad.sum())} of {values.size} steps "
+                f"(first at step {where}); drawn up to there"
+            )
+    return notes
+
+
+def _word(value: float) -> str:
+    return "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _default_labels(paths: Sequence[Path]) -> list[str]:
+    """Folder names (a metrics.csv: its folder's); parents added until they are distinct."""
+
+    def name(path: Path, depth: int) -> str:
+        base = path.parent if path.name == _METRICS else path
+        parts = base.resolve().parts
+        return "/".join(parts[-depth:]) if parts else str(base)
+
+    labels = [name(p, 1) for p in paths]
+    for depth in range(2, 6):
+        if len(set(labels)) == len(labels):
+            break
+        labels = [
+            name(p, depth) if labels.count(lab) > 1 else lab
+            for p, lab in zip(paths, labels, strict=True)
+        ]
+    return labels
+
+
+def load_runs(
+    paths: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    steps: tuple[int | None, int | None] = (None, None),
+) -> Loaded:
+    """Read every run given to ``lightning-bn plot``.
+
+    Args:
+        paths: metrics.csv files, CSVLogger folders or reproduce run folders.
+        labels: one legend entry per path (default: the folder names).
+        steps: keep the steps in ``[FROM, TO]`` (``None``: unbounded).
+
+    Returns:
+        The runs (their ``notes`` say which ``version_N`` was taken, where one diverged) and
+        the incomplete runs left out.
+
+    Raises:
+        LogFormatError: a path is missing or unreadable, or holds no diagnostic key.
+        ValueError: ``labels`` is not one label per path.
+    """
+    given = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("Expected argument `runs` to name at least one run, but got none")
+    if labels is None:
+        labels = _default_labels(given)
+    elif len(labels) != len(paths):
+        raise ValueError(
+            f"Expected argument `labels` to give one label per run ({len(paths)}), but got "
+            f"{len(labels)}: {list(labels)!r}"
+        )
+    loaded = Loaded([])
+    for path, label in zip(given, labels, strict=True):
+        if path.is_file():
+            runs = [_csv_run(path, label, None)]
+        elif path.is_dir() and (path / "run.json").is_file():
+            runs = _reproduce_runs(path, label, loaded)
+        elif path.is_dir():
+            csv_path, note = find_metrics_csv(path)
+            runs = [_csv_run(csv_path, label, note)]
+        else:
+            raise LogFormatError(f"{path}: does not exist (no such file or folder)")
+        for run in runs:
+            run.series = _window(run.series, steps)
+            run.notes += _non_finite_notes(run)
+        loaded.runs.extend(runs)
+    return loaded
