@@ -114,10 +114,10 @@ def copy_batch(batch: Any) -> Any:
         pairs = [(k, copy_batch(v)) for k, v in batch.items()]
         if type(batch) is dict or not isinstance(batch, MutableMapping):
             return dict(pairs)
-        out = copy.copy(batch)  # e.g. OrderedDict, Hugging Face's BatchEncoding (a UserDict)
+        copied: MutableMapping[Any, Any] = copy.copy(batch)  # OrderedDict, BatchEncoding, ...
         for k, v in pairs:
-            out[k] = v
-        return out
+            copied[k] = v
+        return copied
     return batch
 
 
@@ -157,7 +157,9 @@ class StepRecord:
         batch_idx: its index (passed on to ``training_step``).
         rng: the random state at the start of the step (replayed so probes see the step's dropout
             masks), or ``None`` to use the current state.
-        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at).
+        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at;
+            the diagnostic callbacks also show it to the module during probes).
+        epoch: the trainer's ``current_epoch`` at the measured step.
         before: the weights :math:`W^t` before the optimiser step, for diagnostics that compare
             them with :math:`W^{t+1}` (ICS); ``None`` when not kept.
 
@@ -172,6 +174,7 @@ class StepRecord:
     rng: RNGState | None = None
     step: int = 0
     before: Params | None = None
+    epoch: int = 0
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
