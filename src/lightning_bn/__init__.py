@@ -20,6 +20,7 @@ from lightning_bn.layers import (
     LpNorm,
     create_norm_layer,
 )
+from lightning_bn.probe import in_probe
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "SmoothnessCallback",
     "__version__",
     "create_norm_layer",
+    "in_probe",
     "swap_norm_layers",
 ]
