@@ -183,7 +183,9 @@ class StateRecorder(pl.Callback):
             }
         )
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, out: Any, batch: Any, i: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, out: Any, batch: Any, i: int
+    ) -> None:
         self.steps[-1]["after"] = copy.deepcopy(pl_module.state_dict())
 
 
@@ -234,7 +236,10 @@ def brute_force_ics(
         earlier = [n for _, ps in groups[:index] for n in ps]
         loss1, task1, inputs1 = run(earlier)
         gp = torch.cat(
-            [t.reshape(-1) for t in torch.autograd.grad(loss1, [task1.get_parameter(n) for n in names])]
+            [
+                t.reshape(-1)
+                for t in torch.autograd.grad(loss1, [task1.get_parameter(n) for n in names])
+            ]
         )
         expected[f"ics/{layer}/l2"] = float((g - gp).norm())
         expected[f"ics/{layer}/cos"] = float(g @ gp / (g.norm() * gp.norm()))

@@ -61,7 +61,12 @@ def test_ics_measures_the_batch_before_the_step_changed_it() -> None:
                 seen.append(batch[0].clone())
             return super().training_step(batch, batch_idx)
 
-    fit(lambda: Spy(mlp().double()), [recorder, ICSCallback(every_n_steps=1)], steps=2, logger=logger)
+    fit(
+        lambda: Spy(mlp().double()),
+        [recorder, ICSCallback(every_n_steps=1)],
+        steps=2,
+        logger=logger,
+    )
     assert seen
     originals = [r["batch"][0] for r in recorder.steps]
     assert all(any(torch.equal(s, o) for o in originals) for s in seen)
@@ -213,8 +218,9 @@ def test_nothing_measurable_refused() -> None:
         return Classifier(net.double())
 
     with pytest.raises(
-        ValueError, match=r"found no layer to measure.*contains: net \(Sequential\), net\.0 "
-        r"\(BatchNorm1d\), net\.1 \(Linear\)\. Choose .*layers="
+        ValueError,
+        match=r"found no layer to measure.*contains: net \(Sequential\), net\.0 "
+        r"\(BatchNorm1d\), net\.1 \(Linear\)\. Choose .*layers=",
     ):
         fit(make, [ICSCallback()], steps=1)
     logger = MemoryLogger()  # naming the module measures its trainable bias
