@@ -89,7 +89,8 @@ def copy_batch(batch: Any) -> Any:
     Example:
         >>> x = torch.ones(2)
         >>> out = copy_batch({"x": x, "meta": ["id", (x, 3)]})
-        >>> out["x"].div_(2); out["meta"][1][0] is x, x.tolist()
+        >>> _ = out["x"].div_(2)
+        >>> out["meta"][1][0] is x, x.tolist()
         (False, [1.0, 1.0])
     """
     if isinstance(batch, Tensor):

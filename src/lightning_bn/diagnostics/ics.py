@@ -268,6 +268,8 @@ def compute_ics(
         if any(p in seq for p in lay.params)
     }
     chosen = sorted((lay for lay in chosen if lay.name in first), key=lambda lay: first[lay.name])
+    if not chosen:  # no measured parameter is used by this forward pass
+        return {}
     inputs0: dict[str, Tensor] = {}
 
     def capture(store: dict[str, Tensor], key: str) -> Any:
