@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(mode: str, out: Path, *extra: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "PYTHONWARNINGS": "ignore",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "tests.support.ddp_run", mode, str(out), *extra],
         cwd=ROOT,
