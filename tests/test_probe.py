@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torchmetrics
 from torch import nn
 
-from lightning_bn.probe import Probe, RNGState
+from lightning_bn.probe import Probe, RNGState, StepRecord, copy_batch, in_probe
 
 
 class Tied(nn.Module):
@@ -84,3 +87,115 @@ def test_probe_leaves_metrics_and_logs_alone() -> None:
         assert torch.equal(v, state[k]), k
     assert module.logged == ["train/acc"]  # only the real step logged
     assert "log" not in module.__dict__  # the silencing shadow is gone
+
+
+class Pair(NamedTuple):
+    x: torch.Tensor
+    meta: list[Any]
+
+
+@dataclasses.dataclass
+class Inputs:
+    ids: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    tag: str = "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    x: torch.Tensor
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def test_copy_batch_copies_every_tensor_at_any_nesting() -> None:
+    t = [torch.randn(3) for _ in range(6)]
+    batch = {
+        "pair": Pair(t[0], [t[1], "name", 3]),
+        "inputs": Inputs(t[2], {"mask": t[3]}),
+        "frozen": Frozen(t[4]),
+        "ordered": OrderedDict(z=(t[5], None)),
+    }
+    originals = [x.clone() for x in _tensors(batch)]
+    out = copy_batch(batch)
+    assert type(out["pair"]) is Pair and type(out["inputs"]) is Inputs
+    assert type(out["frozen"]) is Frozen and type(out["ordered"]) is OrderedDict
+    assert out["pair"].meta[1:] == ["name", 3] and out["inputs"].tag == "a"
+    copied = _tensors(out)
+    assert len(copied) == 6
+    for c, o, orig in zip(copied, _tensors(batch), originals, strict=True):
+        assert c is not o and torch.equal(c, o)
+        c.mul_(0)  # an in-place change of the copy ...
+        assert torch.equal(o, orig)  # ... leaves the batch alone
+
+
+class Reads(nn.Module):
+    """Reads a late layer's metadata first, uses a child's weight functionally, ties a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.out = nn.Linear(4, 5, bias=False)
+        self.out.weight = self.emb.weight
+        self.unused = nn.Linear(4, 4)
+        self.late = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self.late.weight.shape == (4, 4) and self.late.weight.dtype == torch.float64
+        h = self.emb(ids)
+        h = self.attn(h, h, h)[0]
+        return self.out(self.late(h) + nn.functional.linear(h, self.attn.out_proj.weight))
+
+
+def test_use_order_traces_first_use_once() -> None:
+    torch.manual_seed(0)
+    calls = {"n": 0}
+
+    def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return module(batch).pow(2).mean()
+
+    model = Reads().double()
+    probe = Probe(model, loss_fn=loss_fn)
+    ids = torch.randint(0, 5, (3, 2))
+    order = probe.use_order(probe.parameters(), ids)
+    assert order == [
+        "emb.weight",  # the tied output weight is used here first, under its owner's name
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "late.weight",  # its shape and dtype were read first: metadata is not a use
+        "late.bias",
+    ]  # `unused` never runs
+    assert calls["n"] == 1
+    assert probe.use_order(probe.parameters(), ids) == order
+    assert calls["n"] == 1  # traced once per layout
+    model.late.bias.requires_grad_(False)  # another layout: traced again, frozen ones left out
+    assert "late.bias" not in probe.use_order(probe.parameters(), ids)
+    assert calls["n"] == 2
+
+
+def test_in_probe_is_true_only_inside_evaluations() -> None:
+    seen: list[bool] = []
+
+    def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+        seen.append(in_probe())
+        return module(batch).sum()
+
+    probe = Probe(nn.Linear(2, 1), loss_fn=loss_fn)
+    x = torch.randn(3, 2)
+    probe.loss_and_grad(probe.parameters(), x)
+    probe.losses_along(probe.parameters(), probe.parameters(), [0.1, 0.2], StepRecord(x))
+    assert seen == [True, True, True] and not in_probe()

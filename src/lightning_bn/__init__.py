@@ -27,6 +27,7 @@ from lightning_bn.layers import (
 )
 from lightning_bn.layers.stats import update_norm_stats
 from lightning_bn.plugins import SyncNorm
+from lightning_bn.probe import in_probe
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "SyncNorm",
     "__version__",
     "create_norm_layer",
+    "in_probe",
     "plot_runs",
     "swap_norm_layers",
     "update_norm_stats",

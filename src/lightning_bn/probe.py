@@ -12,20 +12,30 @@ Plain torch (no Lightning import). Every diagnostic of this package goes through
 The loss is the module's own ``training_step(batch, batch_idx)`` (a tensor or a dict with
 ``"loss"``), with its ``self.log`` / ``self.log_dict`` calls silenced during probes, unless a
 ``loss_fn(module, batch) -> Tensor`` is given.
+
+Each evaluation gets its own copy of the batch (:func:`copy_batch`), so a ``training_step`` that
+changes its batch in place (``x.div_(2)``) changes neither the real step's batch nor the next
+evaluation's. While an evaluation runs, :func:`in_probe` is ``True``: user code can skip side
+effects of its own (counters, caches, prints) there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
+import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -37,12 +47,79 @@ __all__ = [
     "RNGState",
     "StepRecord",
     "accepts_batch_triple",
+    "copy_batch",
     "execution_order",
+    "in_probe",
 ]
 
 #: A parameter point: qualified parameter name -> tensor.
 Params = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+_PROBE_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("lightning_bn_probe", default=0)
+
+
+def in_probe() -> bool:
+    """Whether the calling code runs inside a diagnostic probe's evaluation of the model.
+
+    Diagnostic callbacks evaluate the module's ``training_step`` (or ``loss_fn``) several times
+    per measured step, at parameter points that are not the model's. ``self.log`` calls and
+    torchmetrics metrics are already silenced there, and the batch is a private copy; anything
+    else the step does on the side (a counter, a cache, a print, a file) the user can skip with
+    this function. It is ``False`` during the real training step.
+
+    Example:
+        >>> from lightning_bn import in_probe
+        >>> in_probe()
+        False
+    """
+    return _PROBE_DEPTH.get() > 0
+
+
+def copy_batch(batch: Any) -> Any:
+    """A copy of ``batch`` in which every tensor is a new tensor (``clone``), at any nesting.
+
+    Tuples, lists, dicts (any ``Mapping`` whose type can be rebuilt from its items), named tuples
+    and dataclass instances are rebuilt around copied contents; other objects (numbers, strings,
+    ``None``, anything else) are shared, as they are in the original. A probe evaluates the
+    training step on such a copy, so an in-place change of the batch (``x.div_(2)``) stays in
+    the copy.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> out = copy_batch({"x": x, "meta": ["id", (x, 3)]})
+        >>> _ = out["x"].div_(2)
+        >>> out["meta"][1][0] is x, x.tolist()
+        (False, [1.0, 1.0])
+    """
+    if isinstance(batch, Tensor):
+        return batch.clone()
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        out = copy.copy(batch)  # keeps fields with init=False and works for frozen dataclasses
+        for f in dataclasses.fields(batch):
+            if hasattr(batch, f.name):
+                object.__setattr__(out, f.name, copy_batch(getattr(batch, f.name)))
+        return out
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(copy_batch(v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        items = [copy_batch(v) for v in batch]
+        if type(batch) in (tuple, list):
+            return type(batch)(items)
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return tuple(items) if isinstance(batch, tuple) else items
+    if isinstance(batch, Mapping):
+        pairs = [(k, copy_batch(v)) for k, v in batch.items()]
+        if type(batch) is dict or not isinstance(batch, MutableMapping):
+            return dict(pairs)
+        copied: MutableMapping[Any, Any] = copy.copy(batch)  # OrderedDict, BatchEncoding, ...
+        for k, v in pairs:
+            copied[k] = v
+        return copied
+    return batch
 
 
 class DiagnosticSkipped(RuntimeError):
@@ -81,7 +158,9 @@ class StepRecord:
         batch_idx: its index (passed on to ``training_step``).
         rng: the random state at the start of the step (replayed so probes see the step's dropout
             masks), or ``None`` to use the current state.
-        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at).
+        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at;
+            the diagnostic callbacks also show it to the module during probes).
+        epoch: the trainer's ``current_epoch`` at the measured step.
         before: the weights :math:`W^t` before the optimiser step, for diagnostics that compare
             them with :math:`W^{t+1}` (ICS); ``None`` when not kept.
 
@@ -96,6 +175,7 @@ class StepRecord:
     rng: RNGState | None = None
     step: int = 0
     before: Params | None = None
+    epoch: int = 0
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -248,8 +328,10 @@ class _Silenced:
         self.metrics = metrics
         self.installed: list[str] = []
         self.saved: list[tuple[Metric, dict[str, Any], dict[str, Any]]] = []
+        self._token: contextvars.Token[int] | None = None
 
     def __enter__(self) -> None:
+        self._token = _PROBE_DEPTH.set(_PROBE_DEPTH.get() + 1)  # `in_probe()` is True
         for name in self._NAMES:
             if callable(getattr(self.module, name, None)) and name not in self.module.__dict__:
                 object.__setattr__(self.module, name, _noop)
@@ -268,6 +350,9 @@ class _Silenced:
                 setattr(m, name, value)  # add_state attributes are plain attributes
             m.__dict__.update(extra)
         self.saved.clear()
+        if self._token is not None:
+            _PROBE_DEPTH.reset(self._token)
+            self._token = None
 
 
 class _Layout:
@@ -381,6 +466,9 @@ class Probe:
         self._runner = _Runner(module)
         self._param_names = [n for n, _ in module.named_parameters()]
         self._layout_cache: _Layout | None = None
+        self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
+        self._trace_result: list[str] = []
+        self._use_orders: dict[tuple[Any, ...], list[str]] = {}
 
     # --- parameter points ---------------------------------------------------------------
     def parameters(self) -> Params:
@@ -400,6 +488,44 @@ class Probe:
         if self._layout_cache is None:
             self._layout_cache = _Layout(self.module)
         return self._layout_cache
+
+    # --- order of use -------------------------------------------------------------------------
+    @accepts_batch_triple(2)
+    def use_order(self, params: Mapping[str, Tensor], step: StepRecord) -> list[str]:
+        """Trainable parameter names in the order the forward pass first *uses* them.
+
+        A parameter is used by a torch function (``F.linear``, ``torch.addmm``,
+        ``F.multi_head_attention_forward``, ``Tensor.T``, ...) that receives it and returns a
+        tensor; metadata reads (``.shape``, ``.dtype``) are not uses. Parameters handed to one
+        call count in the order of its arguments (``F.multi_head_attention_forward`` takes
+        ``in_proj_weight`` before ``out_proj.weight``). A parameter shared by several modules
+        (tied weights) appears once, under its name in ``named_parameters()``, at its first use.
+        Parameters the pass never uses are left out.
+
+        The trace (a :class:`~torch.overrides.TorchFunctionMode` around one forward pass at
+        ``params``, parameters requiring grad as in training, so that modules take their
+        training path) runs once per layout: the result is kept, keyed by the trainable
+        parameters' names and shapes, and returned again without a pass.
+        """
+        trainable = self.trainable_names()
+        key = tuple((n, tuple(params[n].shape)) for n in trainable if n in params)
+        cached = self._use_orders.get(key)
+        if cached is not None:
+            return list(cached)
+        point = {n: t.detach() for n, t in params.items()}
+        for n in trainable:
+            if n in point:
+                point[n] = point[n].clone().requires_grad_(True)
+        self._trace_names = trainable
+        try:
+            with torch.enable_grad():
+                self.loss(point, step)
+            order = list(self._trace_result)
+        finally:
+            self._trace_names = None
+            self._trace_result = []
+        self._use_orders[key] = order
+        return list(order)
 
     # --- evaluation -------------------------------------------------------------------------
     def _step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -421,14 +547,22 @@ class Probe:
         state = {f"module.{n}": b for n, b in layout.fresh_buffers().items()}
         state.update({f"module.{n}": t for n, t in params.items()})
         ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
-        with ctx, self.context(), _Silenced(self.module, layout.metrics):
+        trace = _UseTrace(state, self._trace_names) if self._trace_names is not None else None
+        with (
+            ctx,
+            self.context(),
+            _Silenced(self.module, layout.metrics),
+            trace if trace is not None else contextlib.nullcontext(),
+        ):
             out = torch.func.functional_call(
                 self._caller,
                 state,
-                (step.batch, step.batch_idx),
+                (copy_batch(step.batch), step.batch_idx),
                 tie_weights=layout.tied,
                 strict=False,
             )
+        if trace is not None:
+            self._trace_result = trace.order
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise TypeError(f"Expected a scalar loss, got {out!r}")
         return out.reshape(())
@@ -549,7 +683,7 @@ class Probe:
                         torch._foreach_copy_(copies, originals)
                 ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
                 with ctx, torch.set_grad_enabled(wrt is not None):
-                    loss = _scalar_loss(self._step(step.batch, step.batch_idx))
+                    loss = _scalar_loss(self._step(copy_batch(step.batch), step.batch_idx))
                     if wrt is None:
                         results.append((loss.detach(), {}))
                         continue
@@ -569,6 +703,45 @@ class Probe:
                 self._runner, state, (run,), tie_weights=layout.tied, strict=False
             )
         return results
+
+
+class _UseTrace(TorchFunctionMode):
+    """Record the first use of each parameter tensor of a ``functional_call`` state.
+
+    Identity (``id``) of the tensors handed to ``functional_call`` names them: inside the call
+    the module's attributes are these very tensors. Only calls that return a tensor count.
+    """
+
+    def __init__(self, state: Mapping[str, Tensor], names: Sequence[str]) -> None:
+        super().__init__()
+        wanted = set(names)
+        self.ids = {
+            id(t): n
+            for key, t in state.items()
+            if (n := key.removeprefix("module.")) in wanted and isinstance(t, Tensor)
+        }
+        self.order: list[str] = []
+        self.seen: set[str] = set()
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # `.size()` returns a tuple of ints, `.shape`/`.dtype` no tensor: metadata, not a use
+        if isinstance(out, Tensor) or (
+            isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)
+        ):
+            for leaf in tree_flatten((args, kwargs))[0]:
+                name = self.ids.get(id(leaf)) if isinstance(leaf, Tensor) else None
+                if name is not None and name not in self.seen:
+                    self.seen.add(name)
+                    self.order.append(name)
+        return out
 
 
 def _scalar_loss(out: Any) -> Tensor:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
@@ -15,7 +16,7 @@ from typing_extensions import override
 from lightning_bn._validation import check_int
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
-from lightning_bn.probe import Collective, Probe, RNGState, StepRecord
+from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
 
 __all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
 
@@ -46,6 +47,27 @@ class BatchPreparer(Protocol):
 
     def prepare_batch(self, trainer: pl.Trainer) -> None:
         """Get ready for the current training batch (``trainer.global_step`` is its step)."""
+
+
+@contextlib.contextmanager
+def _pinned_step(trainer: pl.Trainer, step: int, epoch: int) -> Iterator[None]:
+    """Show ``step`` and ``epoch`` as the trainer's ``global_step`` and ``current_epoch`` (and
+    so the module's) inside the block, then restore the counters exactly.
+
+    ICS probes run after the optimiser step, when Lightning's counter already says t + 1; a
+    loss that depends on ``self.global_step`` (warm-up terms, annealed penalties) must be
+    evaluated at step t. The counters are Lightning's progress trackers behind both properties
+    (automatic optimisation: the optimiser-step count of the fit loop's epoch loop).
+    """
+    fit_loop = trainer.fit_loop
+    counter = fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    epochs = fit_loop.epoch_progress.current
+    saved = (counter.completed, epochs.completed)
+    counter.completed, epochs.completed = step, epoch
+    try:
+        yield
+    finally:
+        counter.completed, epochs.completed = saved
 
 
 def _sharded_strategy_types() -> tuple[type, ...]:
@@ -95,9 +117,7 @@ class DiagnosticCallback(Callback):
         self._check_trainer(trainer, pl_module)
         warn_unsynchronised_norms(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
-        self._probe = Probe(
-            pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context
-        )
+        self._probe = Probe(pl_module, self.loss_fn, context=lambda: self._probe_context(trainer))
         self._setup(trainer, pl_module)
         for extras in logger_extras():
             extras.on_setup(trainer, type(self).__name__, self._settings())
@@ -118,11 +138,13 @@ class DiagnosticCallback(Callback):
             if other is not self and isinstance(other, BatchPreparer):
                 other.prepare_batch(trainer)
         self._record = StepRecord(
-            batch=batch,
+            # a private copy: the real step may change its batch in place before ICS measures
+            batch=copy_batch(batch),
             batch_idx=batch_idx,
             rng=RNGState.capture(),
             step=trainer.global_step,
             before=self.probe.parameters() if self.measure_after_step else None,
+            epoch=trainer.current_epoch,
         )
         if not self.measure_after_step:
             self._measure(trainer, pl_module)
@@ -187,6 +209,30 @@ class DiagnosticCallback(Callback):
         if self._probe is None:
             raise RuntimeError(f"{type(self).__name__} is not set up: add it to a Trainer and fit")
         return self._probe
+
+    def _probe_context(self, trainer: pl.Trainer) -> contextlib.ExitStack:
+        """What every probe evaluation runs in: the training step's precision context (autocast
+        for *-mixed) and the measured step's ``global_step``/``current_epoch``."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(trainer.precision_plugin.train_step_context())
+        if self._record is not None:
+            stack.enter_context(_pinned_step(trainer, self._record.step, self._record.epoch))
+        return stack
+
+    @staticmethod
+    def _param_lrs(trainer: pl.Trainer, pl_module: nn.Module) -> dict[str, float]:
+        """The learning rate of each trainable parameter's optimiser group, by qualified name
+        (0 for a trainable parameter no optimiser updates)."""
+        if not trainer.optimizers:
+            raise RuntimeError("no optimiser: the step sizes are relative to its learning rate")
+        by_id: dict[int, float] = {}
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    by_id.setdefault(id(p), float(group["lr"]))
+        return {
+            n: by_id.get(id(p), 0.0) for n, p in pl_module.named_parameters() if p.requires_grad
+        }
 
     @staticmethod
     def _current_lr(trainer: pl.Trainer) -> float:

@@ -10,8 +10,9 @@ from torch import nn
 
 from lightning_bn._validation import check_bool
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
-from lightning_bn.diagnostics.ics import compute_ics, resolve_layers
+from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
 from lightning_bn.probe import StepRecord
+from lightning_bn.selection import describe_modules
 
 __all__ = ["ICSCallback"]
 
@@ -19,21 +20,32 @@ __all__ = ["ICSCallback"]
 class ICSCallback(DiagnosticCallback):
     r"""Measure internal covariate shift, as the paper defines it, on any LightningModule.
 
-    For each chosen layer i (in forward-execution order) and a measured step t, with :math:`W^t`
-    the weights before and :math:`W^{t+1}` the weights after the real optimiser step (whatever the
-    optimiser, scheduler, weight decay or clipping):
+    For each layer i and a measured step t, with :math:`W^t` the weights before and
+    :math:`W^{t+1}` the weights after the real optimiser step (whatever the optimiser, scheduler,
+    weight decay or clipping):
 
     .. math::
         G_{t,i} = \nabla_{W_i} L(W^t_1, \dots, W^t_k;\ x^t, y^t), \qquad
         G'_{t,i} = \nabla_{W_i} L(W^{t+1}_1, \dots, W^{t+1}_{i-1}, W^t_i, \dots, W^t_k;\ x^t, y^t).
 
-    "Earlier layers" are all parameters of every module that runs before layer i in the forward
-    pass (norm-layer γ, β included, measured or not); layer i and everything after it stay at
-    :math:`W^t`. Both gradients use the step's batch, its dropout masks (the RNG state is replayed)
-    and batch statistics, without touching running statistics, ``.grad`` or the optimiser: a run
-    with this callback ends with the same weights, bit for bit, as one without it.
+    What a layer is: a group of trainable parameters, by default those owned directly by one
+    module, for every submodule that owns a trainable parameter of rank ≥ 2 and is not a
+    normalisation layer (``Linear``, ``Conv*``, ``Embedding``, ``nn.MultiheadAttention``'s
+    ``in_proj_weight``/``in_proj_bias`` under the attention module and its ``out_proj`` as a
+    layer of its own, Hugging Face's ``Conv1D``, custom modules using their weight
+    functionally). Layers are ordered by the forward pass's first *use* of their parameters
+    (traced once per layout, not by which module's ``forward`` ran), and "earlier than layer i"
+    is every trainable parameter first used before layer i's, norm-layer γ, β included: those
+    are at :math:`W^{t+1}` in :math:`G'`, layer i and everything after it at :math:`W^t`. A
+    parameter shared by several modules (tied embedding and output weights) is measured once,
+    under the module ``named_parameters()`` lists it with, at its first use. Both gradients use
+    a private copy of the step's batch, its dropout masks (the RNG state is replayed), the
+    step's ``global_step``, and batch statistics, without touching running statistics,
+    ``.grad`` or the optimiser: a run with this callback ends with the same weights, bit for
+    bit, as one without it.
 
-    Logged metrics (``<layer>`` is the module's qualified name), at the measured step:
+    Logged metrics (``<layer>`` is the qualified name of the module owning the layer's
+    parameters), at the measured step:
 
     - ``ics/<layer>/l2``: :math:`\|G_{t,i} - G'_{t,i}\|_2` over the layer's trainable parameters
       (ideal 0, the paper's Fig. 3 plots it);
@@ -46,6 +58,11 @@ class ICSCallback(DiagnosticCallback):
       between the unit's input values over the batch at the two parameter points, i.e. the mean
       absolute difference of the sorted values (Huang & Yu 2020).
 
+    The three input shifts need the layer's input, the first positional argument of its
+    module's ``forward``: they are logged for layers whose ``forward`` runs with a
+    floating-point tensor first, not for a layer whose parameters are used without its
+    ``forward`` (MHA's ``out_proj``) nor for an embedding (integer inputs).
+
     Cost: k measured layers take k gradient evaluations (one pass gives every :math:`G`; each other
     :math:`G'` takes one pass whose backward stops at its layer) plus a copy of the weights. The
     default ``every_n_steps=100`` keeps the whole-training overhead of a model with a handful of
@@ -57,15 +74,17 @@ class ICSCallback(DiagnosticCallback):
 
     Args:
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
-        layers: module names (globs such as ``"features.*"``) or module types; default every
-            ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+        layers: module names (globs such as ``"features.*"``) or module types; each selected
+            module is measured with the trainable parameters of its subtree (a parameter under
+            the deepest selected module holding it). Default: the rule above.
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``
             (tensor or dict with ``"loss"``), its ``self.log`` calls silenced during the passes.
         distributional: also log the input shifts (``mean_shift``, ``std_shift``, ``emd``).
 
     Raises:
-        ValueError: bad arguments; at setup, a ``layers`` entry matching no module, no layer to
-            measure, manual optimisation or gradient accumulation (a measurement is one optimiser
+        ValueError: bad arguments; at setup, a ``layers`` entry matching no module or only
+            modules without trainable parameters (a ``ReLU``), no layer to measure (the message
+            lists the model's modules), manual optimisation or gradient accumulation (a measurement is one optimiser
             step on one batch: both are refused rather than measured wrongly).
         NotImplementedError: at setup, a strategy that shards parameters (FSDP, DeepSpeed).
 
@@ -98,14 +117,17 @@ class ICSCallback(DiagnosticCallback):
                     )
         self.layers = layers
         self.distributional = check_bool("distributional", distributional)
-        self._layers: list[tuple[str, nn.Module]] = []
+        self._layers: list[ICSLayer] = []
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = resolve_layers(pl_module, self.layers)
+        self._layers = measured_layers(pl_module, self.layers)
         if not self._layers:
             raise ValueError(
-                f"ICSCallback found no layer to measure in {type(pl_module).__name__}"
-                " (default: nn.Linear and nn.Conv1d/2d/3d); pass `layers=`"
+                f"ICSCallback found no layer to measure in {type(pl_module).__name__}: by default"
+                " a layer is a submodule that directly owns a trainable parameter of rank >= 2 and"
+                " is not a normalisation layer, and there is none. The model contains:"
+                f" {describe_modules(pl_module)}. Choose modules with trainable parameters by"
+                " name or type, e.g. `ICSCallback(layers=['encoder.*', torch.nn.Linear])`"
             )
 
     def _settings(self) -> dict[str, Any]:

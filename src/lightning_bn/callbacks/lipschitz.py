@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_bn._validation import check_bool
 from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning, LossFn
-from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_step_sizes
+from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
 from lightning_bn.probe import StepRecord
 
 __all__ = ["LipschitzCallback", "check_step_sizes"]
@@ -44,7 +44,9 @@ class LipschitzCallback(DiagnosticCallback):
     At a measured step t, on the step's batch (same dropout masks, batch statistics, nothing of
     the model or optimiser touched), with :math:`g_t = \nabla L(W^t)` and the step sizes
     :math:`\eta` (default :math:`\eta = \mathrm{lr} \times \{0.5, 0.8, \dots, 3.8, 4.0\}`, lr read
-    from the optimiser's first parameter group at that step):
+    from the optimiser at that step; with several parameter groups a relative step c moves each
+    group by :math:`c \times \mathrm{lr}_\text{group} \times g_\text{group}`, so a group with
+    lr 0 stays put, and absolute step sizes move every parameter by :math:`\eta g`):
 
     - the loss :math:`L(W^t - \eta g_t)` over the grid (the paper's Fig. 4a draws the band between
       its minimum and maximum over training; a smaller band means a smoother landscape);
@@ -71,7 +73,8 @@ class LipschitzCallback(DiagnosticCallback):
     Args:
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
         step_sizes: the grid; ``None`` for the default above.
-        relative_to_lr: ``step_sizes`` are multiples of the current learning rate (else absolute).
+        relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
+            rate (else absolute, the same for every parameter).
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
 
     Raises:
@@ -106,9 +109,19 @@ class LipschitzCallback(DiagnosticCallback):
         }
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas = resolve_step_sizes(self._current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        etas, scales = resolve_steps(
+            self._param_lrs(trainer, self.probe.module),
+            self.step_sizes,
+            self.relative_to_lr,
+        )
         values = compute_lipschitz(
-            self.probe, self.probe.parameters(), record, etas, self._norm_layers, self.collective
+            self.probe,
+            self.probe.parameters(),
+            record,
+            etas,
+            self._norm_layers,
+            self.collective,
+            scales=scales,
         )
         self._warn_on_violation(values, record.step)
         return {f"lipschitz/{k}": v for k, v in values.items()}

@@ -15,7 +15,7 @@ from lightning_bn.callbacks.lipschitz import check_step_sizes
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
-    resolve_step_sizes,
+    resolve_steps,
 )
 from lightning_bn.paramvec import dict_clone
 from lightning_bn.probe import Params, StepRecord
@@ -31,7 +31,10 @@ class SmoothnessCallback(DiagnosticCallback):
 
     At a measured step t, on the step's batch (same dropout masks, batch statistics, nothing of
     the model or optimiser touched), with :math:`g_t = \nabla L(W^t)` and step sizes :math:`\eta`
-    (default :math:`\mathrm{lr} \times \{0.5, 0.8, \dots, 3.8, 4.0\}`):
+    (default :math:`\mathrm{lr} \times \{0.5, 0.8, \dots, 3.8, 4.0\}`; with several optimiser
+    parameter groups a relative step c moves each group by
+    :math:`c \times \mathrm{lr}_\text{group} \times g_\text{group}` and :math:`\lVert \eta g_t
+    \rVert_2` below is the length of that move):
 
     .. math::
         d_\eta = \lVert g_t - \nabla L(W^t - \eta g_t) \rVert_2, \qquad
@@ -69,7 +72,8 @@ class SmoothnessCallback(DiagnosticCallback):
     Args:
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
         step_sizes: the grid; ``None`` for the default above.
-        relative_to_lr: ``step_sizes`` are multiples of the current learning rate (else absolute).
+        relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
+            rate (else absolute, the same for every parameter).
         hessian: also compute the Hessian quantities.
         max_iters: most Hessian-vector products of one eigenvalue estimate (either algorithm;
             for Lanczos also the most parameter-sized vectors it keeps); default 20.
@@ -141,7 +145,11 @@ class SmoothnessCallback(DiagnosticCallback):
         return self.max_iters
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas = resolve_step_sizes(self._current_lr(trainer), self.step_sizes, self.relative_to_lr)
+        etas, scales = resolve_steps(
+            self._param_lrs(trainer, self.probe.module),
+            self.step_sizes,
+            self.relative_to_lr,
+        )
         result = compute_smoothness(
             self.probe,
             self.probe.parameters(),
@@ -155,6 +163,7 @@ class SmoothnessCallback(DiagnosticCallback):
             hvp_method=self.hvp_method,
             eig_algorithm=self.eig_algorithm,
             collective=self.collective,
+            scales=scales,
         )
         if result.eigenvector is not None:
             self.eigenvector = dict_clone(result.eigenvector)

@@ -1,6 +1,7 @@
 r"""Internal covariate shift: the gradient form of Santurkar et al. (Def. 2.1) and the distributional one.
 
-Plain torch. For layers :math:`i = 1..k` (parameterised modules in forward-execution order), weights
+Plain torch. For layers :math:`i = 1..k` (groups of trainable parameters, by default those owned
+directly by one module, ordered by the forward pass's first use of their parameters), weights
 :math:`W^t` before and :math:`W^{t+1}` after the real optimiser step, and the step's batch:
 
 .. math::
@@ -22,25 +23,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.layers.registry import is_norm_layer
 from lightning_bn.paramvec import dict_dot, dict_norm, dict_sub
-from lightning_bn.probe import (
-    Collective,
-    Params,
-    Probe,
-    StepRecord,
-    accepts_batch_triple,
-    execution_order,
-)
-from lightning_bn.selection import match_modules
+from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
+from lightning_bn.selection import describe_modules, match_modules
 
-__all__ = ["ICSLayer", "compute_ics", "input_units", "resolve_layers", "unit_shift"]
+__all__ = [
+    "ICSLayer",
+    "compute_ics",
+    "default_layers",
+    "input_units",
+    "measured_layers",
+    "resolve_layers",
+    "unit_shift",
+]
 
 _EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class ICSLayer:
-    """A measured layer: its qualified name and the names of its trainable parameters."""
+    """A measured layer: the qualified name of the module owning its parameters, the module,
+    and the qualified names of the trainable parameters measured together."""
 
     name: str
     module: nn.Module
@@ -83,40 +87,130 @@ def unit_shift(before: Tensor, after: Tensor) -> dict[str, float]:
     }
 
 
-# the layers ICS measures when none are chosen: every Linear and Conv1d/2d/3d
-_DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
+    """Trainable and frozen parameters by owner: the module under whose qualified name
+    ``root.named_parameters()`` lists them (a tied parameter is listed once, under its first
+    registration)."""
+    owned: dict[str, list[tuple[str, Tensor]]] = {}
+    for name, p in root.named_parameters():
+        owned.setdefault(name.rpartition(".")[0], []).append((name, p))
+    return owned
+
+
+def default_layers(root: nn.Module) -> list[ICSLayer]:
+    """The layers ICS measures when none are chosen, in registration order.
+
+    A layer is the trainable parameters owned directly by one module, for every submodule that
+    owns a trainable parameter of rank ≥ 2 and is not a normalisation layer
+    (:func:`lightning_bn.layers.is_norm_layer`): ``Linear``, ``Conv*``, ``Embedding``,
+    ``nn.MultiheadAttention`` (its ``in_proj_weight``/``in_proj_bias``; its ``out_proj`` is a
+    layer of its own), Hugging Face's ``Conv1D``, any custom module with a weight matrix.
+    Parameters owned by the root module itself are not measured (they have no qualified module
+    name); nor are those of normalisation layers, which still count as "earlier" in
+    :func:`compute_ics`.
+    """
+    layers: list[ICSLayer] = []
+    owned = _owned_params(root)
+    for name, module in root.named_modules():
+        own = [(n, p) for n, p in owned.get(name, []) if p.requires_grad]
+        if not name or is_norm_layer(module) or not any(p.dim() >= 2 for _, p in own):
+            continue
+        layers.append(ICSLayer(name, module, tuple(n for n, _ in own)))
+    return layers
+
+
+def _group_selected(
+    root: nn.Module, modules: Sequence[tuple[str, nn.Module]]
+) -> dict[str, tuple[str, ...]]:
+    """Each selected module's trainable parameters: those of its subtree (by their names in
+    ``root.named_parameters()``), every parameter to the deepest selected module holding it."""
+    names = list(dict.fromkeys(n for n, _ in modules))
+    groups: dict[str, list[str]] = {n: [] for n in names}
+    for pname, p in root.named_parameters():
+        if not p.requires_grad:
+            continue
+        holders = [n for n in names if not n or pname.startswith(f"{n}.")]
+        if holders:  # nested names are prefixes of each other: the longest is the deepest
+            groups[max(holders, key=len)].append(pname)
+    return {n: tuple(ps) for n, ps in groups.items()}
+
+
+def measured_layers(
+    root: nn.Module, selectors: Sequence[str | type[nn.Module]] | None
+) -> list[ICSLayer]:
+    """The layers ICS measures: :func:`default_layers`, or those ``selectors`` choose.
+
+    A selected module (by qualified-name glob or type, :func:`lightning_bn.selection.match_modules`)
+    is measured with the trainable parameters of its subtree, each parameter under the deepest
+    selected module holding it (selecting ``"attn"`` and ``"attn.out_proj"`` measures
+    ``out_proj`` on its own and the rest of ``attn`` together). A parameter tied to another
+    module is measured under the module ``named_parameters()`` lists it with.
+
+    Raises:
+        ValueError: a selector matches no module; a selector matches only modules without
+            trainable parameters of their own (e.g. a ``ReLU``); both messages name the selector
+            and list what the model contains.
+    """
+    if selectors is None:
+        return default_layers(root)
+    selection = match_modules(root, selectors)
+    if selection.unmatched:
+        sel = selection.unmatched[0]
+        raise ValueError(
+            f"Layer selector {_what(sel)} matches no module of {type(root).__name__}."
+            f" The model contains: {describe_modules(root)}"
+        )
+    groups = _group_selected(root, selection.modules)
+    trainable = {n for n, p in root.named_parameters() if p.requires_grad}
+    for sel in selectors:
+        hits = match_modules(root, [sel]).modules
+        if not any(pname.startswith(f"{n}.") for n, _ in hits for pname in trainable):
+            listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])
+            raise ValueError(
+                f"Expected every `layers` entry to select a module with trainable parameters, but"
+                f" {_what(sel)} selects only {listed}, which own none (a parameter tied to"
+                " another module is measured under the module that owns it). The model"
+                f" contains: {describe_modules(root)}"
+            )
+    return [ICSLayer(n, m, groups[n]) for n, m in selection.modules if groups[n]]
+
+
+def _what(sel: str | type[nn.Module]) -> str:
+    return repr(sel) if isinstance(sel, str) else sel.__name__
 
 
 def resolve_layers(
     module: nn.Module, selectors: Sequence[str | type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
-    """Modules chosen by qualified-name globs or types (default: Linear and Conv1d/2d/3d).
-
-    Selection is :func:`lightning_bn.selection.match_modules` (a union, in registration order).
+    """``(qualified name, module)`` of the layers :func:`measured_layers` chooses.
 
     Raises:
-        ValueError: a selector matches no module (names the selector).
+        ValueError: as :func:`measured_layers`.
     """
-    selection = match_modules(module, selectors, default=_DEFAULT_LAYER_TYPES)
-    if selection.unmatched:
-        sel = selection.unmatched[0]
-        what = repr(sel) if isinstance(sel, str) else sel.__name__
-        names = [n for n, _ in module.named_modules() if n]
-        raise ValueError(
-            f"Layer selector {what} matches no module of {type(module).__name__}; "
-            f"module names look like {names[:5]}"
-        )
-    return selection.modules
+    return [(lay.name, lay.module) for lay in measured_layers(module, selectors)]
 
 
-def _owner(param_name: str) -> str:
-    return param_name.rpartition(".")[0]
+def _as_layers(
+    root: nn.Module, layers: Sequence[ICSLayer | tuple[str, nn.Module]], trainable: set[str]
+) -> list[ICSLayer]:
+    given = [lay for lay in layers if isinstance(lay, ICSLayer)]
+    pairs = [lay for lay in layers if not isinstance(lay, ICSLayer)]
+    lookup = {id(m) for _, m in root.named_modules()}
+    if pairs:
+        groups = _group_selected(root, [(n, m) for n, m in pairs if id(m) in lookup])
+        given += [ICSLayer(n, m, groups.get(n, ())) for n, m in pairs]
+    out = []
+    for lay in given:
+        own = tuple(p for p in lay.params if p in trainable)
+        if own and id(lay.module) in lookup:
+            out.append(ICSLayer(lay.name, lay.module, own))
+    return out
 
 
 @accepts_batch_triple(4)
 def compute_ics(
     probe: Probe,
-    layers: Sequence[tuple[str, nn.Module]],
+    layers: Sequence[ICSLayer | tuple[str, nn.Module]],
     before: Params,
     after: Params,
     step: StepRecord,
@@ -125,9 +219,29 @@ def compute_ics(
 ) -> dict[str, dict[str, float]]:
     r"""Gradient-based and distributional ICS of each layer between ``before`` and ``after``.
 
+    Layers are ordered by the forward pass's first *use* of their parameters
+    (:meth:`~lightning_bn.probe.Probe.use_order`, traced once per layout), and "earlier than
+    layer i" means every trainable parameter first used before any parameter of layer i: those
+    are at :math:`W^{t+1}` in :math:`G'_{t,i}`, everything else at :math:`W^t`. In
+    ``nn.MultiheadAttention`` the order is ``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj.weight``, ``out_proj.bias`` (the order in which
+    ``F.multi_head_attention_forward`` takes them), so :math:`G'` of ``out_proj`` has
+    ``in_proj`` and everything before the attention at :math:`W^{t+1}`, although
+    ``out_proj``'s ``forward`` never runs. A tied parameter is measured once, under its owner,
+    at its first use.
+
+    Distributional shifts need the layer's input: the first positional argument of its
+    module's ``forward`` (a forward pre-hook). They are reported for a layer whose module's
+    ``forward`` is called with a floating-point tensor first; a layer whose parameters are used
+    without its ``forward`` running (MHA's ``out_proj``, a weight used by its parent) has no
+    observable input of its own and gets the gradient keys only, and so does an embedding
+    (integer inputs that no earlier layer changes).
+
     Args:
         probe: evaluates the model's loss at a parameter point.
-        layers: ``(qualified name, module)`` of the measured layers.
+        layers: the measured layers: :class:`ICSLayer` (e.g. from :func:`measured_layers`) or
+            ``(qualified name, module)`` pairs (measured with the trainable parameters of the
+            module's subtree, each under the deepest module given).
         before: :math:`W^t` (every parameter of the model).
         after: :math:`W^{t+1}`, what the optimiser step produced.
         step: the measured step: its batch, batch index and random state (same dropout
@@ -138,56 +252,54 @@ def compute_ics(
 
     Returns:
         ``{layer name: {"l2", "cos", "l2_rel", "mean_shift", "std_shift", "emd"}}`` with
-        ``l2`` = :math:`\|G - G'\|_2`, ``cos`` = :math:`\langle G, G'\rangle/(\|G\|\|G'\|)`,
-        ``l2_rel`` = :math:`\|G - G'\|_2 / \|G\|_2` over all trainable parameters of the layer
-        (weight and bias flattened together), and the input shifts of :func:`unit_shift`.
-        Layers that did not run in the forward pass are left out.
+        ``l2`` = :math:`\|G - G'\|_2`, ``cos`` = :math:`\langle G, G'\rangle/(\|G\|\|G'\|)`
+        (clamped to [-1, 1]), ``l2_rel`` = :math:`\|G - G'\|_2 / \|G\|_2` over all trainable
+        parameters of the layer (flattened together), and the input shifts of
+        :func:`unit_shift` where the input is observable (see above). Layers whose parameters
+        the forward pass does not use are left out.
     """
     coll = collective if collective is not None else Collective()
-    trainable = set(probe.trainable_names())
-    lookup = {id(m): n for n, m in probe.module.named_modules()}
-    chosen: list[ICSLayer] = []
-    for name, mod in layers:
-        own = tuple(f"{name}.{p}" for p, _ in mod.named_parameters() if f"{name}.{p}" in trainable)
-        if own and id(mod) in lookup:
-            chosen.append(ICSLayer(name, mod, own))
+    chosen = _as_layers(probe.module, layers, set(probe.trainable_names()))
+    order = coll.guard(lambda: probe.use_order(before, step))
+    seq = {n: i for i, n in enumerate(order)}
+    first = {
+        lay.name: min(seq[p] for p in lay.params if p in seq)
+        for lay in chosen
+        if any(p in seq for p in lay.params)
+    }
+    chosen = sorted((lay for lay in chosen if lay.name in first), key=lambda lay: first[lay.name])
+    if not chosen:  # no measured parameter is used by this forward pass
+        return {}
     inputs0: dict[str, Tensor] = {}
 
     def capture(store: dict[str, Tensor], key: str) -> Any:
         def hook(mod: nn.Module, args: Any) -> None:
-            if key not in store and args and isinstance(args[0], Tensor):
+            if key in store or not args or not isinstance(args[0], Tensor):
+                return
+            if args[0].is_floating_point():
                 store[key] = input_units(mod, args[0])
 
         return hook
 
-    # pass at W^t: every G and every layer's input, and the forward-execution order
+    # pass at W^t: every G and every layer's input
     all_wrt = [p for layer in chosen for p in layer.params]
-    grads0: Params = {}
 
-    def first_pass() -> None:
+    def first_pass() -> Params:
         handles = [
             lay.module.register_forward_pre_hook(capture(inputs0, lay.name)) for lay in chosen
         ]
         try:
-            nonlocal grads0
-            _, grads0 = probe.loss_and_grad(before, step, wrt=all_wrt)
+            return probe.loss_and_grad(before, step, wrt=all_wrt)[1]
         finally:
             for h in handles:
                 h.remove()
 
-    order = coll.guard(lambda: execution_order(probe.module, first_pass))
-    rank = {n: i for i, n in enumerate(order)}
-    chosen = [lay for lay in chosen if lay.name in rank]
-    chosen.sort(key=lambda lay: rank[lay.name])
+    grads0: Params = coll.guard(first_pass)
 
     def mixed_pass(lay: ICSLayer) -> tuple[Params, Tensor | None]:
-        subtree = set(lay.params) | {f"{lay.name}.{p}" for p, _ in lay.module.named_parameters()}
-        earlier = {
-            p
-            for p in before
-            if p not in subtree and rank.get(_owner(p), len(rank)) < rank[lay.name]
-        }
-        if not earlier:  # nothing runs before this layer: G' = G, same input
+        own = set(lay.params)
+        earlier = {p for p in order if seq[p] < first[lay.name] and p not in own}
+        if not earlier:  # nothing is used before this layer: G' = G, same input
             return {p: grads0[p] for p in lay.params}, inputs0.get(lay.name)
         point = {p: (after[p] if p in earlier else before[p]) for p in before}
         store: dict[str, Tensor] = {}
@@ -209,7 +321,8 @@ def compute_ics(
         diff = dict_norm(dict_sub(g, gp))
         g_norm = dict_norm(g)
         gp_norm = dict_norm(gp)
-        cos = dict_dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)
+        # rounding can put the quotient a few ulps outside [-1, 1]
+        cos = (dict_dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)).clamp(-1.0, 1.0)
         out = {
             "l2": float(diff),
             "cos": float(cos),

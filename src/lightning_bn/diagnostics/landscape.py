@@ -47,6 +47,8 @@ __all__ = [
     "norm_layers",
     "resolve_max_iters",
     "resolve_step_sizes",
+    "resolve_steps",
+    "scaled_direction",
 ]
 
 #: The default grid, relative to the learning rate: 0.5, 0.8, ..., 3.8 and 4.0 (13 values).
@@ -65,6 +67,43 @@ def resolve_step_sizes(
     if step_sizes is None or relative_to_lr:
         return [float(lr) * s for s in grid]
     return [float(s) for s in grid]
+
+
+def resolve_steps(
+    param_lrs: Mapping[str, float], step_sizes: Sequence[float] | None, relative_to_lr: bool
+) -> tuple[list[float], dict[str, float] | None]:
+    r"""Step sizes and per-parameter scales for :func:`compute_lipschitz`/:func:`compute_smoothness`.
+
+    The probe points are :math:`W - c\,(s \odot g)`: with relative step sizes (the default grid,
+    or ``relative_to_lr``) parameter p of an optimiser group with learning rate
+    :math:`\mathrm{lr}_p` moves by :math:`c\,\mathrm{lr}_p\,g_p` (a group with lr 0 stays
+    put); with absolute ones every parameter moves by :math:`\eta\, g_p`.
+
+    Args:
+        param_lrs: each trainable parameter's group learning rate, by name.
+        step_sizes: the grid (``None``: :data:`DEFAULT_STEP_SIZES`, relative).
+        relative_to_lr: whether the grid is relative to the learning rates.
+
+    Returns:
+        ``(steps, scales)``: ``scales`` is ``None`` when every parameter moves alike (absolute
+        steps, or one learning rate for all, folded into ``steps`` as :math:`c\,\mathrm{lr}`),
+        else ``param_lrs`` with ``steps`` the relative :math:`c`.
+    """
+    grid = list(step_sizes) if step_sizes is not None else list(DEFAULT_STEP_SIZES)
+    if step_sizes is not None and not relative_to_lr:
+        return [float(s) for s in grid], None
+    lrs = set(param_lrs.values())
+    if len(lrs) <= 1:
+        return resolve_step_sizes(next(iter(lrs), 0.0), grid, True), None
+    return [float(s) for s in grid], dict(param_lrs)
+
+
+def scaled_direction(grad: Mapping[str, Tensor], scales: Mapping[str, float] | None) -> Params:
+    r""":math:`s \odot g` (the gradient itself when ``scales`` is ``None``; 0 for a parameter
+    without a scale)."""
+    if scales is None:
+        return dict(grad)
+    return {n: g * scales.get(n, 0.0) for n, g in grad.items()}
 
 
 def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -191,6 +230,8 @@ def compute_lipschitz(
     step_sizes: Sequence[float],
     layers: Sequence[tuple[str, nn.Module]] = (),
     collective: Collective | None = None,
+    *,
+    scales: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     r"""Loss variation along the gradient, gradient norm and per-layer Theorem 4.1 quantities.
 
@@ -199,9 +240,12 @@ def compute_lipschitz(
         params: :math:`W^t` (all parameters of the model).
         step: the measured step (batch, batch index, random state); the older form
             ``batch, batch_idx, rng`` in its place still works.
-        step_sizes: absolute step sizes :math:`\eta`.
+        step_sizes: absolute step sizes :math:`\eta` (with ``scales``: the relative :math:`c`).
         layers: normalisation layers to report (``(name, module)``).
         collective: cross-rank averaging (DDP semantics).
+        scales: per-parameter step scales :math:`s_p` (the learning rate of each parameter's
+            optimiser group, :func:`resolve_steps`): the grid points are then
+            :math:`W - c\,(s \odot g_t)`; ``None`` moves every parameter by :math:`\eta g_t`.
 
     Returns:
         ``loss`` (:math:`L(W^t)`), ``loss_min``, ``loss_max``, ``loss_range`` of
@@ -226,8 +270,10 @@ def compute_lipschitz(
     grad = coll.mean_dict(grad_local)
     loss = coll.mean(loss)
 
+    direction = scaled_direction(grad, scales)
+
     def grid_pass() -> Tensor:
-        return probe.losses_along(params, grad, step_sizes, step)
+        return probe.losses_along(params, direction, step_sizes, step)
 
     losses = coll.mean(coll.guard(grid_pass)).double()
     out = {
@@ -291,6 +337,7 @@ def compute_smoothness(
     eig_algorithm: str = "lanczos",
     collective: Collective | None = None,
     power_iters: int | None = None,
+    scales: Mapping[str, float] | None = None,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
 
@@ -315,11 +362,16 @@ def compute_smoothness(
         collective: cross-rank averaging (DDP semantics); Hessian-vector products are averaged
             like gradients.
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`).
+        scales: per-parameter step scales :math:`s_p` (each parameter's group learning rate,
+            :func:`resolve_steps`): the grid points are :math:`W^t - c\,(s \odot g_t)` and the
+            step length in ``beta_eff`` is :math:`\lVert c\,(s \odot g_t)\rVert_2`; ``None``
+            moves every parameter by :math:`\eta g_t`.
 
     Returns:
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
         :math:`\lVert g_t - \nabla L(W^t - \eta g_t)\rVert_2` over the grid), ``beta_eff``
-        (:math:`\max_\eta` of that norm over :math:`\lVert \eta g_t \rVert_2`), and with
+        (:math:`\max_\eta` of that norm over the step's length :math:`\lVert \eta g_t
+        \rVert_2`), and with
         ``hessian``: ``hessian_top_eig`` (dominant, i.e. largest-magnitude, eigenvalue with its
         sign), ``hessian_iters`` (Hessian-vector products it took), ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
     """
@@ -342,9 +394,11 @@ def compute_smoothness(
 
     grad = coll.mean_dict(coll.guard(gradient_pass))
     g_norm = _norm(grad)
+    direction = scaled_direction(grad, scales)
+    d_norm = g_norm if scales is None else _norm(direction)
 
     def grid_pass() -> list[Params]:
-        along = probe.loss_and_grad_along(params, grad, step_sizes, step, names)
+        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names)
         return [g for _, g in along]
 
     grads_local = coll.guard(grid_pass)
@@ -355,7 +409,7 @@ def compute_smoothness(
         # a gradient pass).
         diff = _norm(dict_sub_(coll.mean_dict(g_local), grad))
         diffs.append(diff)
-        betas.append(diff / (abs(eta) * g_norm) if eta != 0 and g_norm > 0 else math.nan)
+        betas.append(diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan)
     metrics = {
         "grad_diff_min": min(diffs),
         "grad_diff_max": max(diffs),
