@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -72,9 +72,20 @@ class DiagnosticCallback(Callback):
     """
 
     measure_after_step: bool = False
+    #: First part of every logged key (``ics``, ``lipschitz``, ``smoothness``).
+    key_base: ClassVar[str] = "diagnostic"
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int = 100, loss_fn: LossFn | None = None, name: str | None = None
+    ) -> None:
         check_int("every_n_steps", every_n_steps, minimum=1)
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise TypeError(
+                f"Expected argument `name` to be None or a non-empty string without '/', but got {name!r}"
+            )
+        #: Set by the user to tell several callbacks of one class apart: keys ``<base>@<name>/...``.
+        self.name = name
+        self._derived_prefix: str | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected argument `loss_fn` to be callable, but got {loss_fn!r}")
         self.every_n_steps = every_n_steps
@@ -92,6 +103,7 @@ class DiagnosticCallback(Callback):
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
+        self._check_siblings(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(
             pl_module, self.loss_fn, context=trainer.precision_plugin.train_step_context
@@ -154,6 +166,23 @@ class DiagnosticCallback(Callback):
         self._record = None
         self._probe = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Derived from the settings (and ``name``), so that several callbacks of one class can be
+        in one Trainer and each finds its own state on resume."""
+        settings = {k: v for k, v in self._settings().items() if k != "loss_fn"}
+        return self._generate_state_key(**settings)
+
+    @property
+    def key_prefix(self) -> str:
+        """First part of the logged keys: ``<base>``, ``<base>@<name>`` with a ``name``, or
+        ``<base>@<k>`` when unnamed callbacks of one class in one Trainer would log the same
+        keys (``k``: 1, 2, ... in the Trainer's callback order)."""
+        if self.name is not None:
+            return f"{self.key_base}@{self.name}"
+        return self._derived_prefix or self.key_base
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -173,7 +202,12 @@ class DiagnosticCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         """The constructor arguments, for the loggers' run config (subclasses add theirs)."""
-        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn}
+        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn, "name": self.name}
+
+    def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
+        """What the logged keys depend on besides the prefix (e.g. layer names); two callbacks
+        of one class whose scopes meet would log the same keys. Default: the whole model."""
+        return {"*"}
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         """Return the metrics of one measurement of ``record`` (keys already prefixed)."""
@@ -212,6 +246,30 @@ class DiagnosticCallback(Callback):
             raise ValueError(
                 f"{name} measures one optimiser step on one batch and does not support gradient"
                 f" accumulation; got `accumulate_grad_batches={trainer.accumulate_grad_batches}`"
+            )
+
+    def _check_siblings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse indistinguishable callbacks of this class; derive key prefixes where needed."""
+        same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(self)]
+        keys = [cb.state_key for cb in same]
+        names = [cb.name for cb in same if cb.name is not None]
+        cls = type(self).__name__
+        if len(set(keys)) < len(keys) or len(set(names)) < len(names):
+            raise ValueError(
+                f"The Trainer has {len(same)} {cls}s with the same settings or `name`: their"
+                " states and logged keys would be mixed up; give each a distinct `name=`"
+            )
+        self._derived_prefix = None
+        unnamed = [cb for cb in same if cb.name is None]
+        if self.name is not None or len(unnamed) < 2:
+            return
+        scopes = [cb._key_scope(pl_module) for cb in unnamed]
+        if any(a & b for i, a in enumerate(scopes) for b in scopes[i + 1 :]):
+            index = next(i for i, cb in enumerate(unnamed) if cb is self) + 1
+            self._derived_prefix = f"{self.key_base}@{index}"
+            rank_zero_warn(
+                f"{cls}: {len(unnamed)} unnamed {cls}s would log the same keys; this one logs"
+                f" `{self._derived_prefix}/...` (pass `name=` to choose the prefix)"
             )
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

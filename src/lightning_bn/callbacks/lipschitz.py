@@ -73,6 +73,8 @@ class LipschitzCallback(DiagnosticCallback):
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of the current learning rate (else absolute).
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
+        name: tells several LipschitzCallbacks in one Trainer apart: keys ``lipschitz@<name>/...``
+            (unnamed ones get ``lipschitz@1/...``, ``lipschitz@2/...``).
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -89,11 +91,14 @@ class LipschitzCallback(DiagnosticCallback):
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         loss_fn: LossFn | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self._norm_layers: list[tuple[str, nn.Module]] = []
+
+    key_base = "lipschitz"
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._norm_layers = norm_layers(pl_module)
@@ -111,7 +116,7 @@ class LipschitzCallback(DiagnosticCallback):
             self.probe, self.probe.parameters(), record, etas, self._norm_layers, self.collective
         )
         self._warn_on_violation(values, record.step)
-        return {f"lipschitz/{k}": v for k, v in values.items()}
+        return {f"{self.key_prefix}/{k}": v for k, v in values.items()}
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
         bad = {
