@@ -111,7 +111,7 @@ def test_indistinguishable_callbacks_are_refused() -> None:
 
 def test_two_noise_callbacks_on_one_layer_are_refused() -> None:
     both = [NoiseInjectionCallback(seed=1), NoiseInjectionCallback(targets="net.1", seed=2)]
-    with pytest.raises(ValueError, match="same layer.*net.1"):
+    with pytest.raises(ValueError, match=r"same layer.*net\.1"):
         _fit(both)
 
 
