@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bn._validation import check_int
+from lightning_bn._validation import ArgumentTypeError, check_int
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord
 
@@ -79,10 +79,14 @@ class DiagnosticCallback(Callback):
         self, every_n_steps: int = 100, loss_fn: LossFn | None = None, name: str | None = None
     ) -> None:
         check_int("every_n_steps", every_n_steps, minimum=1)
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise TypeError(
-                f"Expected argument `name` to be None or a non-empty string without '/', but got {name!r}"
-            )
+        if name is not None:
+            expected = "None or a non-empty string without '/'"
+            if not isinstance(name, str):
+                raise ArgumentTypeError(
+                    f"Expected argument `name` to be {expected}, but got {name!r}"
+                )
+            if not name or "/" in name:
+                raise ValueError(f"Expected argument `name` to be {expected}, but got {name!r}")
         #: Set by the user to tell several callbacks of one class apart: keys ``<base>@<name>/...``.
         self.name = name
         self._derived_prefix: str | None = None
