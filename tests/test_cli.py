@@ -255,7 +255,7 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["reproduce", "--lr", "nan"], "learning rate > 0"),
         (["reproduce", "--lr", "0.1", "inf"], "learning rate > 0"),
         (["reproduce", "--steps", "0"], "positive integer"),
-        (["reproduce", "--seed", "-1"], "integer >= 0"),
+        (["reproduce", "--seed", "-1"], "integer in [0, 2**32 - 1]"),
         (["reproduce", "--seeds", "0"], "positive integer"),
         (["reproduce", "--jobs", "0"], "positive integer"),
         (["reproduce", "--init", "xavier"], "invalid choice: 'xavier'"),

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -188,3 +191,58 @@ def test_swap_sets_the_layout_flag_without_the_deprecated_alias() -> None:
     # the reference: GroupNorm(1, C) over the map, torch's LayerNorm over the features
     expected = nn.LayerNorm(12)(nn.Flatten()(nn.GroupNorm(1, 3)(net[0](x))))
     assert torch.allclose(net(x), expected, atol=1e-5)
+
+
+def test_shared_norm_layer_stays_shared() -> None:
+    # one BatchNorm used at two places (weight tying): one new layer at both, with its γ, β and
+    # running statistics, and the swapped model computes what torch's shared layer computes
+    torch.manual_seed(0)
+    shared = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        shared.weight.uniform_(0.5, 1.5)
+        shared.bias.uniform_(-0.5, 0.5)
+    inner = nn.Sequential(nn.Linear(4, 4), shared)
+    model = nn.Sequential(inner, nn.ReLU(), nn.Linear(4, 4), shared)
+    reference = copy.deepcopy(model)  # deepcopy keeps the sharing too
+    swap_norm_layers(model, "batchnorm")
+    assert isinstance(model[3], BatchNorm) and model[0][1] is model[3]
+    assert len([m for m in model.modules() if isinstance(m, BatchNorm)]) == 1
+    assert len(list(model.parameters())) == len(list(reference.parameters()))
+    x = torch.randn(16, 4)
+    torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model[3].running_mean, reference[3].running_mean)
+    # selected by one of its names, it is still swapped at both places
+    other = nn.Sequential(nn.Sequential(shared), shared)
+    swap_norm_layers(other, "l1", include="0.0")
+    assert isinstance(other[1], L1Norm) and other[0][0] is other[1]
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "error", "match"),
+    [
+        ("net", {}, TypeError, "`model` to be an nn.Module, but got str"),
+        (None, {}, TypeError, "`model` to be an nn.Module, but got NoneType"),
+        (nn.Sequential(nn.BatchNorm1d(3)), {"include": []}, ValueError, "`include`.*got \\[\\]"),
+        (nn.Sequential(nn.BatchNorm1d(3)), {"include": ()}, ValueError, "`include`"),
+        (nn.Sequential(nn.BatchNorm1d(3)), {"include": 5}, TypeError, "`include`.*got 5"),
+        (nn.Sequential(nn.BatchNorm1d(3)), {"include": [""]}, TypeError, "`include`"),
+        (nn.Sequential(nn.BatchNorm1d(3)), {"include": ["0", 1]}, TypeError, "`include`"),
+    ],
+)
+def test_swap_rejects_bad_arguments(
+    model: Any, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        swap_norm_layers(model, "l1", **kwargs)
+
+
+def test_swap_refuses_scripted_and_compiled_models() -> None:
+    eager = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    message = "scripted/compiled modules cannot be swapped; swap before scripting"
+    with pytest.raises(TypeError, match=message):
+        swap_norm_layers(torch.jit.script(eager), "l1")
+    with pytest.raises(TypeError, match=message):  # a scripted part inside an eager model
+        swap_norm_layers(nn.Sequential(torch.jit.script(nn.BatchNorm1d(3))), "l1")
+    with pytest.raises(TypeError, match=message):
+        swap_norm_layers(torch.compile(eager), "l1")
+    assert isinstance(eager[1], nn.BatchNorm1d)  # nothing changed

@@ -59,3 +59,35 @@ def test_bf16_mixed_probe_sees_the_training_precision() -> None:
         got = logger.history[record["step"]]["lipschitz/loss"]
         assert got == pytest.approx(float(record["loss"]), rel=1e-6)
         assert all(v == v for v in logger.history[record["step"]].values())  # no NaN
+
+
+def test_cuda_memory_back_to_its_value_after_every_measurement() -> None:
+    """Nothing a measurement allocates outlives it (issue 14): ``memory_allocated`` after each
+    measurement equals its value before. The first measurement of each callback is left out: it
+    may create cuBLAS workspaces, and Smoothness keeps its warm-start eigenvector, which later
+    measurements replace by one of the same size."""
+    callbacks = _callbacks()
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for cb in callbacks:
+        measure = cb._measure
+
+        def wrapped(trainer: Any, module: Any, _measure: Any = measure, _cb: Any = cb) -> None:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            _measure(trainer, module)
+            torch.cuda.synchronize()
+            seen.setdefault(type(_cb).__name__, []).append((before, torch.cuda.memory_allocated()))
+
+        cb._measure = wrapped  # type: ignore[method-assign]
+    fit(
+        lambda: Classifier(mlp(width=256, dropout=0.2)),
+        callbacks,
+        steps=8,
+        logger=MemoryLogger(),
+        accelerator="cuda",
+        dtype=torch.float32,
+    )
+    assert set(seen) == {"ICSCallback", "LipschitzCallback", "SmoothnessCallback"}
+    for name, pairs in seen.items():
+        assert len(pairs) >= 4, name
+        assert [after - before for before, after in pairs[1:]] == [0] * (len(pairs) - 1), name

@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_bn import (
     BatchNorm,
     ICSCallback,
     L1Norm,
+    LayerNorm,
     LipschitzCallback,
+    LpNorm,
     NoiseInjectionCallback,
     SmoothnessCallback,
 )
@@ -25,6 +28,15 @@ from lightning_bn._validation import (
     check_int,
 )
 from lightning_bn.diagnostics.bounds import theorem41_bound
+from lightning_bn.experiments import (
+    MLP,
+    ClassificationModule,
+    DeepLinearDataModule,
+    DeepLinearNetwork,
+    DigitsDataModule,
+    RegressionModule,
+    SmallCNN,
+)
 
 GOOD: list[tuple[Callable[..., Any], Any, dict[str, Any], Any]] = [
     (check_int, 1, {"minimum": 1}, 1),
@@ -144,3 +156,116 @@ def test_theorem41_bound_rejects_bad_eps() -> None:
         theorem41_bound(y, g, g, None, True)
     with pytest.raises(ValueError, match="`eps` to be a finite number >= 0, but got -1"):
         theorem41_bound(y, g, g, None, -1)
+
+
+def _functions() -> dict[str, Callable[..., Any]]:
+    from lightning_bn import create_norm_layer
+
+    return {"create_norm_layer": create_norm_layer}
+
+
+# Issue 14: more constructors and functions of the public API; none repeats a case above.
+MORE: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], type[Exception], str]] = [
+    # the diagnostic callbacks
+    (ICSCallback, (), {"every_n_steps": "10"}, ArgumentTypeError, "every_n_steps"),
+    (ICSCallback, (), {"every_n_steps": None}, ArgumentTypeError, "every_n_steps"),
+    (ICSCallback, (), {"distributional": None}, ArgumentTypeError, "distributional"),
+    (ICSCallback, (), {"layers": [3]}, TypeError, "layers"),
+    (ICSCallback, (), {"loss_fn": 5}, TypeError, "loss_fn"),
+    (ICSCallback, (), {"name": ""}, ValueError, "name"),
+    (ICSCallback, (), {"name": "a/b"}, ValueError, "name"),
+    (ICSCallback, (), {"name": 3}, ArgumentTypeError, "name"),
+    (LipschitzCallback, (), {"step_sizes": []}, ValueError, "step_sizes"),
+    (LipschitzCallback, (), {"step_sizes": [1.0, -1.0]}, ValueError, "step_sizes"),
+    (LipschitzCallback, (), {"step_sizes": ["a"]}, TypeError, "step_sizes"),
+    (LipschitzCallback, (), {"relative_to_lr": 0}, ArgumentTypeError, "relative_to_lr"),
+    (LipschitzCallback, (), {"every_n_steps": 1.5}, ArgumentTypeError, "every_n_steps"),
+    (SmoothnessCallback, (), {"seed": True}, ArgumentTypeError, "seed"),
+    (SmoothnessCallback, (), {"seed": None}, ArgumentTypeError, "seed"),
+    (SmoothnessCallback, (), {"tol": "small"}, ArgumentTypeError, "tol"),
+    (SmoothnessCallback, (), {"max_iters": 2.5}, ArgumentTypeError, "max_iters"),
+    (SmoothnessCallback, (), {"relative_to_lr": "no"}, ArgumentTypeError, "relative_to_lr"),
+    (SmoothnessCallback, (), {"hessian": 1}, ArgumentTypeError, "hessian"),
+    (NoiseInjectionCallback, (), {"seed": 2**70}, ValueError, "seed"),
+    (NoiseInjectionCallback, (), {"seed": "x"}, ArgumentTypeError, "seed"),
+    (NoiseInjectionCallback, (), {"seed": -5}, ValueError, "seed"),
+    (
+        NoiseInjectionCallback,
+        (),
+        {"log_every_n_steps": True},
+        ArgumentTypeError,
+        "log_every_n_steps",
+    ),
+    (NoiseInjectionCallback, (), {"mean_range": -0.1}, ValueError, "mean_range"),
+    (NoiseInjectionCallback, (), {"std_range": 0.5}, ValueError, "std_range"),
+    (NoiseInjectionCallback, (), {"std_jitter": True}, ArgumentTypeError, "std_jitter"),
+    (NoiseInjectionCallback, (), {"targets": []}, ValueError, "targets"),
+    (NoiseInjectionCallback, (), {"targets": 5}, TypeError, "targets"),
+    # layers
+    (BatchNorm, (3,), {"affine": "yes"}, ArgumentTypeError, "affine"),
+    (BatchNorm, (3,), {"track_running_stats": 1}, ArgumentTypeError, "track_running_stats"),
+    (BatchNorm, (3,), {"channels_last": None}, ArgumentTypeError, "channels_last"),
+    (BatchNorm, (3,), {"momentum": 1.5}, ValueError, "momentum"),
+    (BatchNorm, (3,), {"eps": -1e-5}, ValueError, "eps"),
+    (BatchNorm, (-1,), {}, ValueError, "num_features"),
+    (BatchNorm, (3.0,), {}, ArgumentTypeError, "num_features"),
+    (L1Norm, (3,), {"centered_divisor": "no"}, ArgumentTypeError, "centered_divisor"),
+    (LpNorm, (3,), {"p": 3}, ValueError, "p"),
+    (LpNorm, (3,), {"p": True}, ValueError, "p"),
+    (LayerNorm, (0,), {}, ValueError, "num_features"),
+    (LayerNorm, (4,), {"affine": 1}, ArgumentTypeError, "affine"),
+    (LayerNorm, (4,), {"channels_last": "last"}, ArgumentTypeError, "channels_last"),
+    (LayerNorm, (4,), {"eps": math.nan}, ValueError, "eps"),
+    ("create_norm_layer", ("none", -1), {}, ValueError, "num_features"),
+    ("create_norm_layer", ("none", True), {}, ArgumentTypeError, "num_features"),
+    ("create_norm_layer", ("groupnorm", 4), {}, ValueError, "kind"),
+    ("create_norm_layer", (4, 4), {}, TypeError, "kind"),
+    # experiments
+    (MLP, (), {"in_features": 0}, ValueError, "in_features"),
+    (MLP, (), {"in_features": True}, ArgumentTypeError, "in_features"),
+    (MLP, (), {"num_classes": 2.0}, ArgumentTypeError, "num_classes"),
+    (MLP, (), {"dropout": 1.0}, ValueError, "dropout"),
+    (MLP, (), {"hidden": [4, 0]}, ValueError, "hidden"),
+    (SmallCNN, (), {"widths": []}, ValueError, "widths"),
+    (SmallCNN, (), {"input_size": -8}, ValueError, "input_size"),
+    (DeepLinearNetwork, (), {"depth": 0}, ValueError, "depth"),
+    (DeepLinearNetwork, (), {"width": False}, ArgumentTypeError, "width"),
+    (DeepLinearDataModule, (), {"seed": 2**70}, ValueError, "seed"),
+    (DeepLinearDataModule, (), {"n_samples": "100"}, ArgumentTypeError, "n_samples"),
+    (DigitsDataModule, (), {"batch_size": 0}, ValueError, "batch_size"),
+    (DigitsDataModule, (), {"val_fraction": 1.0}, ValueError, "val_fraction"),
+    (DigitsDataModule, (), {"as_images": "yes"}, ArgumentTypeError, "as_images"),
+    (DigitsDataModule, (), {"seed": True}, ArgumentTypeError, "seed"),
+    (DigitsDataModule, (), {"num_workers": -1}, ValueError, "num_workers"),
+    (ClassificationModule, (nn.Linear(2, 2),), {"lr": 0}, ValueError, "lr"),
+    (ClassificationModule, (nn.Linear(2, 2),), {"optimizer": "lbfgs"}, ValueError, "optimizer"),
+    (ClassificationModule, (nn.Linear(2, 2),), {"momentum": 1.0}, ValueError, "momentum"),
+    (ClassificationModule, ("mlp",), {}, TypeError, "model"),
+    (RegressionModule, (nn.Linear(2, 2),), {"weight_decay": -1.0}, ValueError, "weight_decay"),
+    (RegressionModule, (nn.Linear(2, 2),), {"reduction": "max"}, ValueError, "reduction"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "kwargs", "error", "name"),
+    MORE,
+    ids=[f"{getattr(t, '__name__', t)}-{n}-{i}" for i, (t, _, _, _, n) in enumerate(MORE)],
+)
+def test_more_constructors_reject_bad_arguments(
+    target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    call = _functions()[target] if isinstance(target, str) else target
+    with pytest.raises(error) as info:
+        call(*args, **kwargs)
+    assert isinstance(info.value, error)
+    assert f"`{name}`" in str(info.value), str(info.value)
+
+
+def test_noise_seed_overflow_is_refused_before_the_stream() -> None:
+    # 2**63 - 1 is the largest seed the stream can hold; one more is refused with a clear message
+    assert NoiseInjectionCallback(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(
+        ValueError,
+        match=r"`seed` to be an integer in \[0, 2\*\*63\), but got 2\*\*63|9223372036854775808",
+    ):
+        NoiseInjectionCallback(seed=2**63)

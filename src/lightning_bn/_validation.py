@@ -46,6 +46,8 @@ def _int_range(minimum: int | None, maximum: int | None) -> str:
         return f"an integer >= {minimum}"
     if minimum is None:
         return f"an integer <= {maximum}"
+    if maximum >= 2**16 and (maximum + 1) & maximum == 0:  # 2**63 - 1 reads as "[0, 2**63)"
+        return f"an integer in [{minimum}, 2**{maximum.bit_length()})"
     return f"an integer in [{minimum}, {maximum}]"
 
 

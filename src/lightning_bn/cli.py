@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,6 +100,22 @@ def _steps(text: str) -> tuple[int | None, int | None]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+#: Lightning's ``seed_everything`` (NumPy's legacy seeding) takes seeds in [0, 2**32 - 1].
+_MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, 2**32 - 1], got {text!r}"
+        ) from None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return value
+
+
 def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [t.strip() for t in text.split(",") if t.strip()]
@@ -157,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps per run")
     rep.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         default=0,
         metavar="S",
         help="base seed (0): the runs use seeds S, S+1, ...",
@@ -293,6 +311,52 @@ def _check_cifar(parser: argparse.ArgumentParser, data_dir: Path | None) -> str:
     return str(data_dir)
 
 
+def _check_accelerator(parser: argparse.ArgumentParser, name: str) -> None:
+    """Refuse an accelerator Lightning does not know or this machine does not have (before the
+    run folder is written: Lightning would only fail once the first run starts)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    key = name  # Lightning takes the names as they are (lower case)
+    if key == "auto":
+        return
+    known = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    if key == "gpu":
+        available = CUDAAccelerator.is_available() or MPSAccelerator.is_available()
+    elif key in AcceleratorRegistry:
+        available = AcceleratorRegistry[key]["accelerator"].is_available()
+    else:
+        parser.error(f"--accelerator {name!r}: expected one of {', '.join(known)}")
+    if not available:
+        parser.error(f"--accelerator {name!r}: no such device on this machine (use cpu or auto)")
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse a run folder that cannot be created or written, creating nothing.
+
+    Probing (a temporary folder made and removed) rather than ``os.access``: permission bits do
+    not bind root, and a read-only file system or a pseudo file system answers only a real try.
+    """
+    shown = str(out)
+    if (out / "run.json").exists():
+        parser.error(f"--out {shown!r} already holds a run; choose another folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = (
+            "exists and is not a folder"
+            if existing == out
+            else f"is under the file {str(existing)!r}"
+        )
+        parser.error(f"--out {shown!r} {where}")
+    try:
+        probe = tempfile.mkdtemp(prefix=".lightning-bn-write-check-", dir=existing)
+        os.rmdir(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        parser.error(f"--out {shown!r}: cannot write in {str(existing)!r} ({reason})")
+
+
 def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from lightning_bn.reproduce import reproduce
     from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
@@ -320,11 +384,9 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         )
     except ValueError as err:
         parser.error(str(err))
+    _check_accelerator(parser, plan.accelerator)
     out: Path = args.out if args.out is not None else default_out_dir(args.experiment)
-    if (out / "run.json").exists():
-        parser.error(f"--out {str(out)!r} already holds a run; choose another folder")
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} exists and is not a folder")
+    _check_out_dir(parser, out)
     mode = resolve_wandb_mode(args.wandb)
 
     n = len(plan.runs())

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_bn._validation import ArgumentTypeError
 from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.registry import (
     SWAPPABLE_NORM_TYPES,
@@ -100,6 +101,49 @@ def _contained_norm_types(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
 
 
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}"
+            f" ({model!r:.60})"
+        )
+    # torch.compile wraps the module in an OptimizedModule (the eager one is `_orig_mod`)
+    frozen = [
+        type(m).__name__
+        for m in (model, *model.modules())
+        if isinstance(m, torch.jit.ScriptModule) or type(m).__name__ == "OptimizedModule"
+    ]
+    if frozen:
+        raise TypeError(
+            f"Expected argument `model` to be an eager nn.Module, but got a {frozen[0]}:"
+            " scripted/compiled modules cannot be swapped; swap before scripting"
+        )
+    return model
+
+
+def _check_include(include: Any) -> list[str] | None:
+    if include is None:
+        return None
+    items = [include] if isinstance(include, str) else include
+    if isinstance(items, (bytes, dict)) or not isinstance(items, Iterable):
+        raise ArgumentTypeError(
+            "Expected argument `include` to be None, a glob string or a sequence of them,"
+            f" but got {include!r}"
+        )
+    patterns = list(items)
+    if not patterns:
+        raise ValueError(
+            f"Expected argument `include` to name at least one module glob, but got {include!r}"
+            " (None swaps every normalisation layer)"
+        )
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ArgumentTypeError(
+                f"Expected argument `include` to hold non-empty glob strings, but got {include!r}"
+            )
+    return patterns
+
+
 def swap_norm_layers(
     model: nn.Module,
     kind: str | type[nn.Module],
@@ -125,12 +169,19 @@ def swap_norm_layers(
         include: glob(s) on qualified module names (``"features.*"``); only matches are swapped.
         **layer_kwargs: keyword arguments for the new layers.
 
+    A layer registered at several places (one module object shared by two parents, or twice
+    in one) is replaced by one new layer at every place: the sharing is kept. A glob in
+    ``include`` that matches one of its names selects it everywhere.
+
     Returns:
         The model, or the new layer when ``model`` itself is a normalisation layer.
 
     Raises:
-        ValueError: unknown ``kind`` (lists the valid ones), or no layer matched (names the
-            normalisation types the model does contain).
+        ValueError: unknown ``kind`` (lists the valid ones), an empty ``include``, or no layer
+            matched (names the normalisation types the model does contain).
+        TypeError: ``model`` is not an ``nn.Module``, or is scripted (``torch.jit.script``) or
+            compiled (``torch.compile``): swap before scripting; ``include`` is neither a string
+            nor an iterable of strings.
 
     Example:
         >>> from torch import nn
@@ -138,8 +189,9 @@ def swap_norm_layers(
         >>> swap_norm_layers(net, "l1")[1]
         L1Norm(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, p=1, centered_divisor=True)
     """
+    _check_model(model)
     factory = resolve_norm_kind(kind)
-    patterns = [include] if isinstance(include, str) else (list(include) if include else None)
+    patterns = _check_include(include)
 
     selection = match_modules(
         model,
@@ -159,8 +211,11 @@ def swap_norm_layers(
         )
     if "" in targets:
         return _make(model, factory, layer_kwargs)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _make(parent.get_submodule(child), factory, layer_kwargs))
+    # by identity: a module registered at several places gets one new module at all of them
+    new_by_id = {id(m): _make(m, factory, layer_kwargs) for _, m in selection.modules}
+    for parent in list(model.modules()):
+        # `_modules`, not named_children(): that one lists a module registered twice only once
+        for child_name, child in list(parent._modules.items()):
+            if id(child) in new_by_id:
+                setattr(parent, child_name, new_by_id[id(child)])
     return model

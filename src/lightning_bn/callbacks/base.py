@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bn._validation import check_int
+from lightning_bn._validation import ArgumentTypeError, check_int
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
@@ -95,9 +95,24 @@ class DiagnosticCallback(Callback):
     """
 
     measure_after_step: bool = False
+    #: First part of every logged key (``ics``, ``lipschitz``, ``smoothness``).
+    key_base: ClassVar[str] = "diagnostic"
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int = 100, loss_fn: LossFn | None = None, name: str | None = None
+    ) -> None:
         check_int("every_n_steps", every_n_steps, minimum=1)
+        if name is not None:
+            expected = "None or a non-empty string without '/'"
+            if not isinstance(name, str):
+                raise ArgumentTypeError(
+                    f"Expected argument `name` to be {expected}, but got {name!r}"
+                )
+            if not name or "/" in name:
+                raise ValueError(f"Expected argument `name` to be {expected}, but got {name!r}")
+        #: Set by the user to tell several callbacks of one class apart: keys ``<base>@<name>/...``.
+        self.name = name
+        self._derived_prefix: str | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected argument `loss_fn` to be callable, but got {loss_fn!r}")
         self.every_n_steps = every_n_steps
@@ -116,6 +131,7 @@ class DiagnosticCallback(Callback):
             return
         self._check_trainer(trainer, pl_module)
         warn_unsynchronised_norms(trainer, pl_module)
+        self._check_siblings(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(pl_module, self.loss_fn, context=lambda: self._probe_context(trainer))
         self._setup(trainer, pl_module)
@@ -178,6 +194,23 @@ class DiagnosticCallback(Callback):
         self._record = None
         self._probe = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Derived from the settings (and ``name``), so that several callbacks of one class can be
+        in one Trainer and each finds its own state on resume."""
+        settings = {k: v for k, v in self._settings().items() if k != "loss_fn"}
+        return self._generate_state_key(**settings)
+
+    @property
+    def key_prefix(self) -> str:
+        """First part of the logged keys: ``<base>``, ``<base>@<name>`` with a ``name``, or
+        ``<base>@<k>`` when unnamed callbacks of one class in one Trainer would log the same
+        keys (``k``: 1, 2, ... in the Trainer's callback order)."""
+        if self.name is not None:
+            return f"{self.key_base}@{self.name}"
+        return self._derived_prefix or self.key_base
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -197,7 +230,12 @@ class DiagnosticCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         """The constructor arguments, for the loggers' run config (subclasses add theirs)."""
-        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn}
+        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn, "name": self.name}
+
+    def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
+        """What the logged keys depend on besides the prefix (e.g. layer names); two callbacks
+        of one class whose scopes meet would log the same keys. Default: the whole model."""
+        return {"*"}
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         """Return the metrics of one measurement of ``record`` (keys already prefixed)."""
@@ -260,6 +298,30 @@ class DiagnosticCallback(Callback):
             raise ValueError(
                 f"{name} measures one optimiser step on one batch and does not support gradient"
                 f" accumulation; got `accumulate_grad_batches={trainer.accumulate_grad_batches}`"
+            )
+
+    def _check_siblings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse indistinguishable callbacks of this class; derive key prefixes where needed."""
+        same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(self)]
+        keys = [cb.state_key for cb in same]
+        names = [cb.name for cb in same if cb.name is not None]
+        cls = type(self).__name__
+        if len(set(keys)) < len(keys) or len(set(names)) < len(names):
+            raise ValueError(
+                f"The Trainer has {len(same)} {cls}s with the same settings or `name`: their"
+                " states and logged keys would be mixed up; give each a distinct `name=`"
+            )
+        self._derived_prefix = None
+        unnamed = [cb for cb in same if cb.name is None]
+        if self.name is not None or len(unnamed) < 2:
+            return
+        scopes = [cb._key_scope(pl_module) for cb in unnamed]
+        if any(a & b for i, a in enumerate(scopes) for b in scopes[i + 1 :]):
+            index = next(i for i, cb in enumerate(unnamed) if cb is self) + 1
+            self._derived_prefix = f"{self.key_base}@{index}"
+            rank_zero_warn(
+                f"{cls}: {len(unnamed)} unnamed {cls}s would log the same keys; this one logs"
+                f" `{self._derived_prefix}/...` (pass `name=` to choose the prefix)"
             )
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

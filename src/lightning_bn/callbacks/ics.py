@@ -80,6 +80,9 @@ class ICSCallback(DiagnosticCallback):
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``
             (tensor or dict with ``"loss"``), its ``self.log`` calls silenced during the passes.
         distributional: also log the input shifts (``mean_shift``, ``std_shift``, ``emd``).
+        name: tells several ICSCallbacks in one Trainer apart: keys ``ics@<name>/<layer>/...``.
+            Unnamed ones on different layers log ``ics/...``; unnamed ones that share a layer
+            get ``ics@1/...``, ``ics@2/...`` (in the Trainer's callback order).
 
     Raises:
         ValueError: bad arguments; at setup, a ``layers`` entry matching no module or only
@@ -94,6 +97,7 @@ class ICSCallback(DiagnosticCallback):
     """
 
     measure_after_step = True
+    key_base = "ics"
 
     def __init__(
         self,
@@ -101,8 +105,9 @@ class ICSCallback(DiagnosticCallback):
         layers: Sequence[str | type[nn.Module]] | None = None,
         loss_fn: LossFn | None = None,
         distributional: bool = True,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
         if isinstance(layers, (str, type)):
             layers = [layers]
         if layers is not None:
@@ -130,6 +135,12 @@ class ICSCallback(DiagnosticCallback):
                 " name or type, e.g. `ICSCallback(layers=['encoder.*', torch.nn.Linear])`"
             )
 
+    def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
+        try:
+            return {layer.name for layer in measured_layers(pl_module, self.layers)}
+        except ValueError:  # a glob that matches nothing: this callback's own setup says so
+            return set()
+
     def _settings(self) -> dict[str, Any]:
         layers = None if self.layers is None else [getattr(s, "__name__", s) for s in self.layers]
         return {**super()._settings(), "layers": layers, "distributional": self.distributional}
@@ -146,7 +157,7 @@ class ICSCallback(DiagnosticCallback):
             distributional=self.distributional,
         )
         return {
-            f"ics/{layer}/{key}": value
+            f"{self.key_prefix}/{layer}/{key}": value
             for layer, vals in results.items()
             for key, value in vals.items()
         }

@@ -76,6 +76,8 @@ class LipschitzCallback(DiagnosticCallback):
         relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
             rate (else absolute, the same for every parameter).
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
+        name: tells several LipschitzCallbacks in one Trainer apart: keys ``lipschitz@<name>/...``
+            (unnamed ones get ``lipschitz@1/...``, ``lipschitz@2/...``).
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -92,11 +94,14 @@ class LipschitzCallback(DiagnosticCallback):
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         loss_fn: LossFn | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self._norm_layers: list[tuple[str, nn.Module]] = []
+
+    key_base = "lipschitz"
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._norm_layers = norm_layers(pl_module)
@@ -124,7 +129,7 @@ class LipschitzCallback(DiagnosticCallback):
             scales=scales,
         )
         self._warn_on_violation(values, record.step)
-        return {f"lipschitz/{k}": v for k, v in values.items()}
+        return {f"{self.key_prefix}/{k}": v for k, v in values.items()}
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
         bad = {

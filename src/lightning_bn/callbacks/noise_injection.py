@@ -64,7 +64,7 @@ class NoiseInjectionCallback(Callback):
         std_range: :math:`n_\sigma`, upper end of the per-unit scale (``>= 1``).
         mean_jitter: :math:`r_\mu`, half-width of the per-entry shift (``>= 0``).
         std_jitter: :math:`r_\sigma`, standard deviation of the per-entry scale (``>= 0``).
-        seed: seed of the callback's own generator (an integer ``>= 0``).
+        seed: seed of the callback's own generator (an integer in ``[0, 2**63)``).
         log_every_n_steps: log the metrics below at every ``log_every_n_steps``-th training batch,
             starting with the first (to the trainer's loggers; nothing is computed without one).
         global_batch_noise: under DDP, draw the per-entry noise of the *global* batch (the
@@ -75,8 +75,9 @@ class NoiseInjectionCallback(Callback):
 
     Raises:
         ValueError: in ``__init__``, an argument out of range or an empty ``targets``; at
-            ``setup``, a glob that matches no module, or no target at all (the message lists
-            what the model contains).
+            ``setup``, a glob that matches no module, no target at all (the message lists
+            what the model contains), or a layer that another NoiseInjectionCallback of the
+            Trainer also targets (callbacks on different layers work side by side).
         TypeError: in ``__init__``, a ``targets`` entry that is neither a string nor an
             ``nn.Module`` subclass; during training, a target whose output is not a tensor.
 
@@ -110,8 +111,9 @@ class NoiseInjectionCallback(Callback):
         self.global_batch_noise = check_bool("global_batch_noise", global_batch_noise)
         self.sampler = NoiseSampler(mean_range, std_range, mean_jitter, std_jitter)
         self.targets = check_selectors(targets, "targets")
-        self.seed = _check_int("seed", seed, 0)
-        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, 1)
+        # the seed stream packs it into a signed 64-bit word: larger seeds would overflow there
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         self._stream = NoiseSeedStream(self.seed)
         self._generator = self._stream.generator  # the stream's position: what state_dict saves
         self._batches_seen = 0
@@ -203,6 +205,7 @@ class NoiseInjectionCallback(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         found = resolve_noise_targets(pl_module, self.targets)
+        self._check_overlap(trainer, pl_module, found)
         self._trainer = trainer
         # statistics on the root device: updates stay on the activations' device, sync works
         device, rank = trainer.strategy.root_device, int(trainer.global_rank)
@@ -214,6 +217,24 @@ class NoiseInjectionCallback(Callback):
             module.register_forward_hook(functools.partial(self._forward_hook, index))
             for index, (_, module) in enumerate(found)
         ]
+
+    def _check_overlap(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, found: Sequence[tuple[str, Any]]
+    ) -> None:
+        """Refuse a layer that another NoiseInjectionCallback also targets: it would get noise
+        twice, and both would log the same ``noise/<name>/...`` keys."""
+        mine = {id(module): name for name, module in found}
+        for other in getattr(trainer, "callbacks", []):
+            if other is self or not isinstance(other, NoiseInjectionCallback):
+                continue
+            theirs = {id(m) for _, m in resolve_noise_targets(pl_module, other.targets)}
+            shared = [name for key, name in mine.items() if key in theirs]
+            if shared:
+                raise ValueError(
+                    f"Two NoiseInjectionCallbacks target the same layer(s) {', '.join(shared)}:"
+                    " each would add its noise on top of the other's. Give them disjoint"
+                    " `targets`, or use one callback"
+                )
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -241,7 +262,3 @@ class NoiseInjectionCallback(Callback):
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers if metrics else ():  # they write from global rank zero
             logger.log_metrics(metrics, step=step)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    return check_int(name, value, minimum=minimum)

@@ -89,6 +89,8 @@ class SmoothnessCallback(DiagnosticCallback):
             (power iteration; two vectors of memory). See above.
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
+        name: tells several SmoothnessCallbacks in one Trainer apart: keys
+            ``smoothness@<name>/...`` (unnamed ones get ``smoothness@1/...``, ``smoothness@2/...``).
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -112,8 +114,9 @@ class SmoothnessCallback(DiagnosticCallback):
         seed: int = 0,
         eig_algorithm: str = "lanczos",
         power_iters: int | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self.max_iters = resolve_max_iters(max_iters, power_iters)
@@ -124,6 +127,8 @@ class SmoothnessCallback(DiagnosticCallback):
         self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.eigenvector: Params | None = None
+
+    key_base = "smoothness"
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -167,7 +172,7 @@ class SmoothnessCallback(DiagnosticCallback):
         )
         if result.eigenvector is not None:
             self.eigenvector = dict_clone(result.eigenvector)
-        return {f"smoothness/{k}": v for k, v in result.metrics.items()}
+        return {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -124,14 +124,33 @@ class _Captured:
     weight: Tensor | None = None
 
 
+def _store_grad(grads: dict[str, Tensor], key: str) -> Any:
+    """A tensor hook that writes the gradient into ``grads[key]``.
+
+    The closure holds only the plain dict of gradients, never the record or the tensor it is
+    registered on: a hook stored on a tensor that (through a closure) holds an object holding that
+    tensor is a reference cycle through autograd, which Python's collector cannot see, and kept
+    every captured activation (and its graph) alive for the rest of the process.
+    """
+
+    def hook(grad: Tensor) -> None:
+        grads[key] = grad.detach()
+
+    return hook
+
+
 @dataclass
 class LayerCapture:
     """Forward hooks that keep, per layer, its input y, output z and (after backward) their
-    gradients. Register with :meth:`attach` around one probe pass and :meth:`detach` after."""
+    gradients. Register with :meth:`attach` around one probe pass and :meth:`detach` after;
+    :meth:`clear` drops what was captured."""
 
     layers: Sequence[tuple[str, nn.Module]]
     store: dict[str, _Captured] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list)
+    # gradients written by the tensor hooks, keyed "<layer>/y" and "<layer>/z": kept apart from
+    # ``store`` so that no hook closure refers to an object that holds the hooked tensor
+    _grads: dict[str, Tensor] = field(default_factory=dict)
 
     def attach(self) -> None:
         # prepend: see the layer's own output, before hooks of others (e.g. injected noise)
@@ -140,9 +159,19 @@ class LayerCapture:
             self._handles.append(module.register_forward_hook(self._hook(name), prepend=True))
 
     def detach(self) -> None:
+        """Remove the module and tensor hooks and move the gradients into the records."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for name, rec in self.store.items():
+            rec.grad_y = self._grads.pop(f"{name}/y", rec.grad_y)
+            rec.grad_z = self._grads.pop(f"{name}/z", rec.grad_z)
+        self._grads.clear()
+
+    def clear(self) -> None:
+        """Forget every captured tensor (the activations hold the probe's autograd graph)."""
+        self.store.clear()
+        self._grads.clear()
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -152,10 +181,11 @@ class LayerCapture:
             weight = getattr(module, "weight", None)
             rec.weight = weight.detach() if isinstance(weight, Tensor) else None
             self.store[name] = rec
+            # the tensor hooks' handles are removed in detach(), after the backward
             if rec.y is not None and rec.y.requires_grad:
-                rec.y.register_hook(lambda g: setattr(rec, "grad_y", g.detach()))
+                self._handles.append(rec.y.register_hook(_store_grad(self._grads, f"{name}/y")))
             if rec.z is not None and rec.z.requires_grad:
-                rec.z.register_hook(lambda g: setattr(rec, "grad_z", g.detach()))
+                self._handles.append(rec.z.register_hook(_store_grad(self._grads, f"{name}/z")))
 
         return hook
 
@@ -265,8 +295,11 @@ def compute_lipschitz(
         finally:
             capture.detach()
 
-    loss, grad_local = coll.guard(gradient_pass)
-    layer_values = _layer_metrics(layers, capture, coll)
+    try:
+        loss, grad_local = coll.guard(gradient_pass)
+        layer_values = _layer_metrics(layers, capture, coll)
+    finally:
+        capture.clear()  # the activations and their gradients: nothing outlives the measurement
     grad = coll.mean_dict(grad_local)
     loss = coll.mean(loss)
 

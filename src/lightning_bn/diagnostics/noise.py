@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_bn._validation import ArgumentTypeError
 from lightning_bn.layers.registry import NORM_TYPES, is_channels_last
 from lightning_bn.selection import Selector, describe_modules, match_modules, selector_repr
 
@@ -75,13 +76,11 @@ _SEED_MODULUS = 1 << 63
 
 
 def _check_number(name: str, value: Any, minimum: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or math.isnan(value)
-        or math.isinf(value)
-    ):
-        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}")
+    message = f"Expected argument `{name}` to be a finite number, but got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(message)  # also a ValueError, as before
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(message)
     if value < minimum:
         raise ValueError(f"Expected argument `{name}` to be >= {minimum:g}, but got {value!r}")
     return float(value)

@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_bn._validation import check_int
 from lightning_bn.layers import LayerNorm, create_norm_layer
 from lightning_bn.layers.registry import resolve_norm_kind
 
@@ -102,9 +103,7 @@ def _check_sizes(name: str, values: Any, allow_empty: bool = True) -> tuple[int,
 
 
 def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
 class MLP(nn.Module):

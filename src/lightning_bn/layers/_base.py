@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_bn._validation import check_float, check_int
+from lightning_bn._validation import check_bool, check_float, check_int
 
 
 def check_num_features(num_features: Any) -> int:
@@ -51,9 +51,9 @@ class _BatchStatNorm(nn.Module):
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.channels_last = bool(channels_last)
+        self.affine = check_bool("affine", affine)
+        self.track_running_stats = check_bool("track_running_stats", track_running_stats)
+        self.channels_last = check_bool("channels_last", channels_last)
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -85,6 +85,11 @@ class _BatchStatNorm(nn.Module):
 
     def _eval_divisor(self, running_scale: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _synchronises(self) -> bool:
+        """Whether the batch statistics are those of several processes (then an empty local
+        batch still joins the collectives)."""
+        return False
 
     def _too_few_values(self, m: int) -> bool:
         """Whether ``m`` entries per channel are too few to train on (synchronised layers count
@@ -134,7 +139,14 @@ class _BatchStatNorm(nn.Module):
         shape = [1, c] + [1] * (x.dim() - 2)
         running_scale = self._running_scale()
         use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats:
+        if use_batch_stats and x.numel() == 0 and not self._synchronises():
+            # an empty batch, as torch's BatchNorm: an empty output, running statistics untouched
+            # (the batch counter still counts it); no statistics of nothing, no NaN, no warning
+            if self.training and self.num_batches_tracked is not None:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+            centre, divisor = x.new_zeros(c), x.new_ones(c)
+        elif use_batch_stats:
             m = x.numel() // c
             if self.training and self._too_few_values(m):
                 raise ValueError(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_bn._validation import check_bool
 from lightning_bn.layers._base import check_eps, check_momentum, check_num_features
 
 __all__ = ["LayerNorm"]
@@ -69,7 +70,8 @@ class LayerNorm(nn.Module):
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         check_momentum(momentum)
-        self.affine = bool(affine)
+        check_bool("track_running_stats", track_running_stats)
+        self.affine = check_bool("affine", affine)
         if channels_first is not None:
             if channels_last is not None:
                 raise TypeError(
@@ -77,8 +79,10 @@ class LayerNorm(nn.Module):
                     "pass only `channels_last`"
                 )
             _warn_channels_first()
-            channels_last = not channels_first
-        self.channels_last = True if channels_last is None else bool(channels_last)
+            channels_last = not check_bool("channels_first", channels_first)
+        self.channels_last = (
+            True if channels_last is None else check_bool("channels_last", channels_last)
+        )
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -125,8 +129,11 @@ class LayerNorm(nn.Module):
                 )
             dims = [-1]
             shape = [self.num_features]
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if x.numel() == 0:  # as torch.nn.LayerNorm: an empty output (no statistics, no warning)
+            y = x * 1.0
+        else:
+            var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+            y = (x - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y

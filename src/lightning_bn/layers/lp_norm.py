@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_bn._validation import check_bool
 from lightning_bn.layers._base import _BatchStatNorm
 
 __all__ = ["L1Norm", "L2Norm", "LinfNorm", "LpNorm"]
@@ -86,7 +87,7 @@ class LpNorm(_BatchStatNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         self.p = _check_p(p)
-        self.centered_divisor = bool(centered_divisor)
+        self.centered_divisor = check_bool("centered_divisor", centered_divisor)
         super().__init__(
             num_features,
             eps=eps,

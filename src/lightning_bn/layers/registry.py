@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_bn._validation import check_int
 from lightning_bn.layers._base import _BatchStatNorm
 from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.layer_norm import LayerNorm
@@ -54,6 +55,8 @@ _OWN_LAYOUT_TYPES: tuple[type[nn.Module], ...] = (_BatchStatNorm, LayerNorm)
 
 
 def _identity(num_features: int, **kwargs: Any) -> nn.Module:
+    # checked like the real layers' size, so that a swap to "none" fails where the others do
+    check_int("num_features", num_features, minimum=1)
     return nn.Identity()
 
 

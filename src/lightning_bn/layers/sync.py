@@ -205,6 +205,9 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **kwargs)
         self.process_group = process_group
 
+    def _synchronises(self) -> bool:
+        return sync_group(self) is not None
+
     def _too_few_values(self, m: int) -> bool:
         # synchronised, the count that matters is the global one (checked after the reduction)
         return sync_group(self) is None and super()._too_few_values(m)
@@ -241,6 +244,9 @@ class SyncLpNorm(LpNorm):
     ) -> None:
         super().__init__(num_features, p, **kwargs)
         self.process_group = process_group
+
+    def _synchronises(self) -> bool:
+        return sync_group(self) is not None
 
     def _too_few_values(self, m: int) -> bool:
         return sync_group(self) is None and super()._too_few_values(m)

@@ -6,23 +6,20 @@ from typing import Any
 
 import torch
 
+from lightning_bn._validation import check_int
+
 
 def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Expected argument `{name}` to be a positive integer, but got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
 def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Expected argument `{name}` to be an integer >= 0, but got {value!r}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 def _check_seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Expected argument `seed` to be an integer >= 0, but got {value!r}")
-    return value
+    # torch.Generator.manual_seed takes a 64-bit seed: larger ones overflow inside torch
+    return check_int("seed", value, minimum=0, maximum=2**63 - 1)
 
 
 def _drop_last(n: int, batch_size: int) -> bool:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_bn._validation import check_bool
 from lightning_bn.experiments.data._common import (
     _check_non_negative_int,
     _check_positive_int,
@@ -342,7 +343,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.augment = bool(augment)
+        self.augment = check_bool("augment", augment)
         self.num_workers = _check_non_negative_int("num_workers", num_workers)
         self.mean = _check_channel_stats("mean", mean)
         self.std = _check_channel_stats("std", std)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_bn._validation import check_bool
 from lightning_bn.experiments.data._common import (
     _check_non_negative_int,
     _check_positive_int,
@@ -75,7 +76,7 @@ class DigitsDataModule(pl.LightningDataModule):
             )
         self.val_fraction = float(val_fraction)
         self.seed = _check_seed(seed)
-        self.as_images = bool(as_images)
+        self.as_images = check_bool("as_images", as_images)
         self.num_workers = _check_non_negative_int("num_workers", num_workers)
         self.save_hyperparameters()
         self.train_dataset: TensorDataset | None = None
