@@ -185,8 +185,8 @@ def test_defaults_are_auto_and_logged_in_the_config(cls: type[DiagnosticCallback
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"every_n_steps": "often"}, "'auto' or an integer >= 1, but got 'often'"),
-        ({"every_n_steps": 0}, "'auto' or an integer >= 1, but got 0"),
+        ({"every_n_steps": "often"}, "'auto' or a positive integer, but got 'often'"),
+        ({"every_n_steps": 0}, "'auto' or a positive integer, but got 0"),
         ({"budget": 0.0}, r"`budget` to be in \(0, 1\], but got 0.0"),
         ({"budget": 1.5}, "`budget` to be a finite number in"),
     ],

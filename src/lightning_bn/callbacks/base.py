@@ -108,7 +108,7 @@ class DiagnosticCallback(Callback):
                 check_int("every_n_steps", every_n_steps, minimum=1)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(
-                    f"Expected argument `every_n_steps` to be 'auto' or an integer >= 1, but got"
+                    f"Expected argument `every_n_steps` to be 'auto' or a positive integer, but got"
                     f" {every_n_steps!r}"
                 ) from None
         if loss_fn is not None and not callable(loss_fn):
