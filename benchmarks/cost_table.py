@@ -47,10 +47,10 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import available, describe, make  # noqa: E402
+from _models import available, describe, make
 
-from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback  # noqa: E402
-from lightning_bn.callbacks.base import DiagnosticCallback  # noqa: E402
+from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
+from lightning_bn.callbacks.base import DiagnosticCallback
 
 CALLBACKS: dict[str, Callable[[], DiagnosticCallback]] = {
     "ICS": lambda: ICSCallback(every_n_steps=2),

@@ -14,7 +14,9 @@ measurement) and then at its interval, so a run much shorter than the longest in
 pays the first measurements without amortising them.
 
 Usage: ``python benchmarks/overhead_defaults.py [--models mlp resnet13] [--steps 2000]
-[--repeats 3] [--threads 1] [--device cpu|cuda] [--precision 32-true] [--batch N]``.
+[--repeats 3] [--threads 1] [--device cpu|cuda] [--precision 32-true] [--batch N]
+[--devices N]``; with ``--devices 2`` or more each fit is a DDP run (one batch per rank, the
+callbacks' calibration decided on rank zero and broadcast) and rank zero prints.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import describe, make  # noqa: E402
-from cost_table import Classifier, Repeat  # noqa: E402
+from _models import describe, make
+from cost_table import Classifier, Repeat
 
-from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback  # noqa: E402
+from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
 
 
-def fit(name: str, with_callbacks: bool, args: Any) -> tuple[float, float, list[Any]]:
-    """(wall, cpu) seconds of one whole fit and the callbacks used."""
+def fit(name: str, with_callbacks: bool, args: Any) -> tuple[float, float, list[Any], int]:
+    """(wall, cpu) seconds of one whole fit, the callbacks used and this process's rank."""
     torch.manual_seed(0)
     model, batch, _ = make(name, args.batch)
     callbacks: list[Any] = (
@@ -47,7 +49,8 @@ def fit(name: str, with_callbacks: bool, args: Any) -> tuple[float, float, list[
     )
     trainer = pl.Trainer(
         accelerator=args.device,
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         precision=args.precision,
         max_steps=args.steps,
         callbacks=callbacks,
@@ -63,7 +66,7 @@ def fit(name: str, with_callbacks: bool, args: Any) -> tuple[float, float, list[
     trainer.fit(module, Repeat(batch, args.steps))
     if args.device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - w0, time.process_time() - c0, callbacks
+    return time.perf_counter() - w0, time.process_time() - c0, callbacks, trainer.global_rank
 
 
 def fmt(values: list[float]) -> str:
@@ -79,22 +82,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--batch", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--devices", type=int, default=1, help="> 1: DDP, one batch per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(
-        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} thread(s),"
-        f" precision {args.precision}, {args.steps} steps per fit, {args.repeats} interleaved rounds"
+        f"torch {torch.__version__}, device {args.device} x {args.devices},"
+        f" {torch.get_num_threads()} thread(s), precision {args.precision}, {args.steps} steps"
+        f" per fit, {args.repeats} interleaved rounds"
     )
     for name in args.models:
         model, batch, _ = make(name, args.batch)
         print(f"\n{name}: {describe(model, batch)}", flush=True)
         ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
         chosen = ""
-        for _ in range(args.repeats):
-            w_none, c_none, _ = fit(name, False, args)
-            w_with, c_with, callbacks = fit(name, True, args)
+        warmup = args.devices > 1  # the first DDP fit also launches the ranks: not counted
+        for i in range(args.repeats + warmup):
+            w_none, c_none, _, _ = fit(name, False, args)
+            w_with, c_with, callbacks, rank = fit(name, True, args)
+            if rank or (warmup and i == 0):  # DDP: rank zero prints, after the warm-up round
+                continue
             ratios["cpu"].append(c_with / c_none)
             ratios["wall"].append(w_with / w_none)
             chosen = ", ".join(
@@ -108,6 +116,8 @@ def main() -> None:
                 flush=True,
             )
         for clock, r in ratios.items():
+            if not r:
+                break
             print(
                 f"  {name} ({clock} time) with / without = {statistics.median(r):.3f} (median;"
                 f" min {min(r):.3f}, all {fmt(r)}; target <= 1.10)"

@@ -155,7 +155,11 @@ def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     t.save_checkpoint(tmp_path / "a.ckpt")
     resumed = LipschitzCallback()
     t2 = trainer([resumed, Tick(clock, [1.0])], 25, default_root_dir=tmp_path)
-    t2.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4), ckpt_path=tmp_path / "a.ckpt")
+    t2.fit(
+        Classifier(mlp(dropout=0.0).double()),
+        loader(n=64, batch_size=4),
+        ckpt_path=tmp_path / "a.ckpt",
+    )
     assert resumed.every_n_steps == 10
     assert resumed.measured_steps == [0, 10, 20]
 

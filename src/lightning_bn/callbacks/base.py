@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -289,7 +289,10 @@ class DiagnosticCallback(Callback):
         self.every_n_steps, self.overhead = int(interval), float(share)
         self._calibration = None
         prefix = self.metric_prefix
-        metrics = {f"{prefix}/every_n_steps": float(self.every_n_steps), f"{prefix}/overhead": share}
+        metrics = {
+            f"{prefix}/every_n_steps": float(self.every_n_steps),
+            f"{prefix}/overhead": share,
+        }
         # straight to the loggers, not into panel_history (no panel draws the schedule)
         for extras in logger_extras():
             extras.on_log(trainer, list(metrics))
