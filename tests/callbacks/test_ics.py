@@ -225,7 +225,9 @@ def test_layer_selection_and_errors() -> None:
         fit(lambda: Classifier(mlp().double()), [ICSCallback(layers=[nn.Conv2d])], steps=1)
     with pytest.raises(ValueError, match="gradient accumulation"):
         fit(lambda: Classifier(mlp().double()), [ICSCallback()], steps=1, accumulate_grad_batches=2)
-    with pytest.raises(ValueError, match="`every_n_steps` to be a positive integer, but got 0"):
+    with pytest.raises(
+        ValueError, match="`every_n_steps` to be 'auto' or a positive integer, but got 0"
+    ):
         ICSCallback(every_n_steps=0)
     with pytest.raises(TypeError, match=r"`layers` to hold module names or nn\.Module types"):
         ICSCallback(layers=[3])  # type: ignore[list-item]

@@ -2,12 +2,16 @@
 
 Run as a script (Lightning's DDP launcher re-runs it once per extra rank):
 
-    python -m tests.support.ddp_run {single|ddp} OUT.json [--fail-rank R --fail-step S]
+    python -m tests.support.ddp_run {single|ddp} OUT.json [--fail-rank R --fail-step S] [--auto]
 
 Single-process runs see batches of 2B samples; each DDP rank sees B of them through its own
 unshuffled DistributedSampler (``use_distributed_sampler=False``), so at every step the union of
 the ranks' batches is exactly the single run's batch. Rank zero writes every logged value to
 OUT.json, with the final weights.
+
+``--auto``: a LipschitzCallback with ``every_n_steps="auto"`` on a fake clock whose measurement
+cost differs by rank (rank 0's calibration picks 10 steps, rank 1's alone would pick 500), 12
+steps; every rank writes its interval and measured steps to OUT.json.rank<R>.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ def make_net() -> nn.Module:
 
 
 class Data(pl.LightningDataModule):
-    def __init__(self, ddp: bool) -> None:
+    def __init__(self, ddp: bool, steps: int = STEPS) -> None:
         super().__init__()
         self.ddp = ddp
         gen = torch.Generator().manual_seed(0)
-        n = 2 * B * STEPS
+        n = 2 * B * steps
         self.data = TensorDataset(
             torch.randn(n, 8, generator=gen, dtype=torch.float64),
             torch.randint(0, 3, (n,), generator=gen),
@@ -65,6 +69,39 @@ class Data(pl.LightningDataModule):
             shuffle=False,
         )
         return DataLoader(self.data, batch_size=B, sampler=sampler)
+
+
+class FakeClock:
+    """A clock that only moves when told: 1 s per training step (``Tick``), and ``per_call[rank]``
+    seconds per probe loss evaluation."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(pl.Callback):
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self.clock.now += 1.0
+
+
+class SlowOnRank:
+    """A loss_fn that advances the fake clock by a rank-dependent amount per call."""
+
+    def __init__(self, clock: FakeClock, per_call: dict[int, float]) -> None:
+        self.clock, self.per_call = clock, per_call
+
+    def __call__(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        trainer = getattr(module, "_trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        self.clock.now += self.per_call[rank]
+        x, y = batch
+        return nn.functional.cross_entropy(module(x), y)
 
 
 class FailOnRank:
@@ -92,10 +129,14 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=None)
+    parser.add_argument("--auto", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     ddp = args.mode == "ddp"
+    if args.auto:
+        run_auto(ddp, args.out)
+        return
     loss_fn = FailOnRank(args.fail_rank, args.fail_step) if args.fail_rank is not None else None
     callbacks = [
         ICSCallback(every_n_steps=1, loss_fn=loss_fn),
@@ -127,6 +168,36 @@ def main() -> None:
         }
         with open(args.out, "w") as fh:
             json.dump(out, fh)
+
+
+def run_auto(ddp: bool, out: str) -> None:
+    clock = FakeClock()
+    # Lipschitz evaluates the loss 1 + len(step_sizes) = 13 times: 0.13 s on rank 0 (10 steps at
+    # budget 0.03), 13 s on rank 1 (500 steps)
+    callback = LipschitzCallback(loss_fn=SlowOnRank(clock, {0: 0.01, 1: 1.0}))
+    callback.clock = clock
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2 if ddp else 1,
+        strategy="ddp" if ddp else "auto",
+        max_steps=12,
+        callbacks=[callback, Tick(clock)],
+        logger=MemoryLogger(),
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Classifier(make_net(), lr=0.1), datamodule=Data(ddp, steps=12))
+    result = {
+        "every_n_steps": callback.every_n_steps,
+        "overhead": callback.overhead,
+        "measured_steps": callback.measured_steps,
+        "world_size": trainer.world_size,
+    }
+    with open(f"{out}.rank{trainer.global_rank}", "w") as fh:
+        json.dump(result, fh)
 
 
 if __name__ == "__main__":

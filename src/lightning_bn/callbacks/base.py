@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_bn._validation import ArgumentTypeError, check_int
+from lightning_bn._validation import ArgumentTypeError, check_float, check_int
+from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
@@ -70,6 +73,15 @@ def _pinned_step(trainer: pl.Trainer, step: int, epoch: int) -> Iterator[None]:
         counter.completed, epochs.completed = saved
 
 
+def _device_sync(module: nn.Module) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` of the module's device when it is a CUDA one, else ``None``."""
+    param = next(module.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        return None
+    device = param.device
+    return lambda: torch.cuda.synchronize(device)
+
+
 def _sharded_strategy_types() -> tuple[type, ...]:
     from lightning.pytorch import strategies
 
@@ -92,6 +104,16 @@ class DiagnosticCallback(Callback):
     registered :class:`~lightning_bn.logger_extras.LoggerExtras`, which the base calls without
     knowing any logger by name. Before measuring it calls ``prepare_batch`` on every other
     callback that is a :class:`BatchPreparer`.
+
+    **Schedule.** ``every_n_steps="auto"`` (the default) calibrates: the callback measures at the
+    first training step, times that measurement and the next few (unmeasured) training steps, and
+    fixes ``every_n_steps`` for the run as the smallest rung of 10, 20, 50, 100, 200, 500, 1000,
+    ... that keeps its share of training time at most ``budget`` (see
+    :mod:`lightning_bn.callbacks.schedule` for what is timed). Rank zero decides and broadcasts;
+    the interval is logged as ``<prefix>/every_n_steps`` (a metric and a hyperparameter), the
+    projected share as ``<prefix>/overhead``, and both are kept in :meth:`state_dict` (a resumed
+    run keeps the interval). An ``int`` is a fixed schedule, ``global_step % every_n_steps == 0``.
+    ``clock`` (default :func:`time.perf_counter`) may be replaced before fitting, e.g. by a test.
     """
 
     measure_after_step: bool = False
@@ -99,9 +121,20 @@ class DiagnosticCallback(Callback):
     key_base: ClassVar[str] = "diagnostic"
 
     def __init__(
-        self, every_n_steps: int = 100, loss_fn: LossFn | None = None, name: str | None = None
+        self,
+        every_n_steps: int | Literal["auto"] = "auto",
+        loss_fn: LossFn | None = None,
+        budget: float = 0.03,
+        name: str | None = None,
     ) -> None:
-        check_int("every_n_steps", every_n_steps, minimum=1)
+        if not (isinstance(every_n_steps, str) and every_n_steps == "auto"):
+            try:
+                check_int("every_n_steps", every_n_steps, minimum=1)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(
+                    f"Expected argument `every_n_steps` to be 'auto' or a positive integer, but got"
+                    f" {every_n_steps!r}"
+                ) from None
         if name is not None:
             expected = "None or a non-empty string without '/'"
             if not isinstance(name, str):
@@ -115,7 +148,17 @@ class DiagnosticCallback(Callback):
         self._derived_prefix: str | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected argument `loss_fn` to be callable, but got {loss_fn!r}")
-        self.every_n_steps = every_n_steps
+        self.budget = check_float("budget", budget, minimum=0, maximum=1)
+        if self.budget == 0:
+            raise ValueError(f"Expected argument `budget` to be in (0, 1], but got {budget!r}")
+        #: What the constructor was given: ``"auto"`` or a fixed interval.
+        self.schedule: int | Literal["auto"] = every_n_steps
+        #: The interval in use; ``None`` while ``"auto"`` has not decided yet.
+        self.every_n_steps: int | None = None if every_n_steps == "auto" else every_n_steps
+        #: The share of training time measured by the calibration (``None`` before it).
+        self.overhead: float | None = None
+        self.clock: Callable[[], float] = time.perf_counter
+        self._calibration: Calibration | None = None
         self.loss_fn = loss_fn
         self.collective = Collective()
         self._probe: Probe | None = None
@@ -147,8 +190,17 @@ class DiagnosticCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        calibration = self._calibration
+        if calibration is not None:  # "auto", deciding: time this (unmeasured) training step
+            calibration.start()
+            return
         if not self._should_measure(trainer):
             return
+        if self.every_n_steps is None:  # "auto": this first measurement calibrates
+            calibration = self._calibration = Calibration(
+                trainer.global_step, clock=self.clock, sync=_device_sync(pl_module)
+            )
+            calibration.start()
         # e.g. NoiseInjectionCallback: draw this step's noise before the probes run
         for other in getattr(trainer, "callbacks", []):
             if other is not self and isinstance(other, BatchPreparer):
@@ -164,6 +216,8 @@ class DiagnosticCallback(Callback):
         )
         if not self.measure_after_step:
             self._measure(trainer, pl_module)
+        if calibration is not None:
+            calibration.cost += calibration.stop() or 0.0
 
     @override
     def on_train_batch_end(
@@ -174,8 +228,21 @@ class DiagnosticCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        calibration = self._calibration
+        if calibration is not None and self._record is None:
+            # not the calibrating measurement (it leaves a record): a timed training step ends
+            elapsed = calibration.stop()
+            if elapsed is not None:
+                calibration.step_times.append(elapsed)
+            if calibration.done:
+                self._decide(trainer, calibration)
+            return
         if self._record is not None and self.measure_after_step:
+            if calibration is not None:
+                calibration.start()
             self._measure(trainer, pl_module)
+            if calibration is not None:
+                calibration.cost += calibration.stop() or 0.0
         self._record = None
 
     @override
@@ -193,6 +260,7 @@ class DiagnosticCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._record = None
         self._probe = None
+        self._calibration = None
 
     @property
     @override
@@ -216,11 +284,19 @@ class DiagnosticCallback(Callback):
         return {
             "measured_steps": list(self.measured_steps),
             "panel_history": self.panel_history.state_dict(),
+            "every_n_steps": self.every_n_steps,
+            "overhead": self.overhead,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = list(state_dict.get("measured_steps", []))
+        saved = state_dict.get("every_n_steps")
+        if self.schedule == "auto" and isinstance(saved, int):
+            # a resumed run keeps the calibrated interval (an int given to the constructor wins)
+            self.every_n_steps = saved
+            self.overhead = state_dict.get("overhead")
+            self._calibration = None
         if "panel_history" in state_dict:
             self.panel_history.load_state_dict(state_dict["panel_history"])
 
@@ -230,7 +306,12 @@ class DiagnosticCallback(Callback):
 
     def _settings(self) -> dict[str, Any]:
         """The constructor arguments, for the loggers' run config (subclasses add theirs)."""
-        return {"every_n_steps": self.every_n_steps, "loss_fn": self.loss_fn, "name": self.name}
+        return {
+            "every_n_steps": self.schedule,
+            "budget": self.budget,
+            "loss_fn": self.loss_fn,
+            "name": self.name,
+        }
 
     def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
         """What the logged keys depend on besides the prefix (e.g. layer names); two callbacks
@@ -280,7 +361,32 @@ class DiagnosticCallback(Callback):
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def _should_measure(self, trainer: pl.Trainer) -> bool:
-        return trainer.training and trainer.global_step % self.every_n_steps == 0
+        if not trainer.training:
+            return False
+        if self.every_n_steps is None:  # "auto" before calibrating: measure the first step seen
+            return self._calibration is None
+        return trainer.global_step % self.every_n_steps == 0
+
+    def _decide(self, trainer: pl.Trainer, calibration: Calibration) -> None:
+        """Fix ``every_n_steps`` from the calibration (rank zero's, broadcast) and log it."""
+        step_time = calibration.step_time()
+        interval = choose_interval(calibration.cost, step_time, self.budget)
+        share = calibration.cost / (interval * step_time) if step_time > 0 else float("inf")
+        # every rank calls broadcast at the same step (the calibration's steps are the same)
+        interval, share = trainer.strategy.broadcast((interval, share), src=0)
+        self.every_n_steps, self.overhead = int(interval), float(share)
+        self._calibration = None
+        prefix = self.key_prefix
+        metrics = {
+            f"{prefix}/every_n_steps": float(self.every_n_steps),
+            f"{prefix}/overhead": share,
+        }
+        # straight to the loggers, not into panel_history (no panel draws the schedule)
+        for extras in logger_extras():
+            extras.on_log(trainer, list(metrics))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"{prefix}/every_n_steps": self.every_n_steps})
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__

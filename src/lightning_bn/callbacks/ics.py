@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
@@ -65,15 +65,21 @@ class ICSCallback(DiagnosticCallback):
 
     Cost: k measured layers take k gradient evaluations (one pass gives every :math:`G`; each other
     :math:`G'` takes one pass whose backward stops at its layer) plus a copy of the weights. The
-    default ``every_n_steps=100`` keeps the whole-training overhead of a model with a handful of
-    layers within about 10% (``benchmarks/ics_overhead.py`` prints the measured ratio).
+    default ``every_n_steps="auto"`` times the first measurement and picks the interval that
+    keeps this share within ``budget`` (``benchmarks/cost_table.py`` prints the cost in training
+    steps, ``benchmarks/ics_overhead.py`` the measured ratio at a fixed interval).
 
     In DDP the gradients are averaged over ranks before any norm, and the inputs gathered, so the
     values equal those of one process on the union of the ranks' batches (except through per-rank
     BatchNorm statistics, which make the networks themselves differ).
 
     Args:
-        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
+            that this callback's share of training time stays within ``budget`` (see
+            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+            ``global_step % every_n_steps == 0``.
+        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
+            (default 0.03: three diagnostic callbacks together stay under about 10%).
         layers: module names (globs such as ``"features.*"``) or module types; each selected
             module is measured with the trainable parameters of its subtree (a parameter under
             the deepest selected module holding it). Default: the rule above.
@@ -101,13 +107,14 @@ class ICSCallback(DiagnosticCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | Literal["auto"] = "auto",
         layers: Sequence[str | type[nn.Module]] | None = None,
         loss_fn: LossFn | None = None,
         distributional: bool = True,
+        budget: float = 0.03,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
         if isinstance(layers, (str, type)):
             layers = [layers]
         if layers is not None:

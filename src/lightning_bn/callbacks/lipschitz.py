@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
@@ -71,7 +71,12 @@ class LipschitzCallback(DiagnosticCallback):
     ``lipschitz/<layer>/act_grad_norm``, ``lipschitz/<layer>/thm41_ratio``.
 
     Args:
-        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
+            that this callback's share of training time stays within ``budget`` (see
+            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+            ``global_step % every_n_steps == 0``.
+        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
+            (default 0.03: three diagnostic callbacks together stay under about 10%).
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
             rate (else absolute, the same for every parameter).
@@ -90,13 +95,14 @@ class LipschitzCallback(DiagnosticCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | Literal["auto"] = "auto",
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         loss_fn: LossFn | None = None,
+        budget: float = 0.03,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self._norm_layers: list[tuple[str, nn.Module]] = []

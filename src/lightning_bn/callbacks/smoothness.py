@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -61,16 +61,22 @@ class SmoothnessCallback(DiagnosticCallback):
 
     Cost of one measurement: one gradient per step size, plus with the Hessian one gradient pass
     that keeps its graph and one backward through it per Hessian-vector product (a warm start
-    usually converges in a few). That is why the default ``every_n_steps`` is 500: at 100 the 13
-    gradients and the products would add ~20% to a small model's training time; at 500 it stays
-    within ~5% (``benchmarks/landscape_overhead.py`` prints the measured ratios).
+    usually converges in a few). At a fixed 100 the 13 gradients and the products would add ~20% to
+    a small model's training time, so the default ``every_n_steps="auto"`` times the first
+    measurement and picks the interval that keeps the share within ``budget``
+    (``benchmarks/cost_table.py`` prints the cost in training steps).
 
     Logged metrics: ``smoothness/grad_diff_min``, ``smoothness/grad_diff_max``,
     ``smoothness/beta_eff``, ``smoothness/hessian_top_eig``, ``smoothness/hessian_iters``,
     ``smoothness/grad_curvature``.
 
     Args:
-        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
+            that this callback's share of training time stays within ``budget`` (see
+            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+            ``global_step % every_n_steps == 0``.
+        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
+            (default 0.03: three diagnostic callbacks together stay under about 10%).
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
             rate (else absolute, the same for every parameter).
@@ -103,7 +109,7 @@ class SmoothnessCallback(DiagnosticCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
+        every_n_steps: int | Literal["auto"] = "auto",
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         hessian: bool = True,
@@ -114,9 +120,10 @@ class SmoothnessCallback(DiagnosticCallback):
         seed: int = 0,
         eig_algorithm: str = "lanczos",
         power_iters: int | None = None,
+        budget: float = 0.03,
         name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, name=name)
+        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self.max_iters = resolve_max_iters(max_iters, power_iters)

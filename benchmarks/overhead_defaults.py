@@ -1,0 +1,128 @@
+"""Training time with the three diagnostic callbacks together at their defaults ÷ without.
+
+``ICSCallback()``, ``LipschitzCallback()`` and ``SmoothnessCallback()`` at their defaults
+(``every_n_steps="auto"``, ``budget=0.03`` each) against no callback, on the digits MLP and the
+13-conv ResNet of ``benchmarks/_models.py`` (batch 64, random data of the digits shapes, the same
+batch every step, SGD with momentum), ``--steps`` steps per fit. The two fits alternate
+(``--repeats`` rounds: none, with, none, with, ...) so that load on a shared machine hits both alike;
+every ratio, the median and the minimum are printed, in process CPU time (``time.process_time``,
+what this process computed) and wall time, with the intervals the callbacks chose and the share
+each logged (``<prefix>/overhead``). Target of issue 15: ≤ 1.10.
+
+The ratio includes the calibration: each callback measures at step 0 (cold, its most expensive
+measurement) and then at its interval, so a run much shorter than the longest interval chosen
+pays the first measurements without amortising them.
+
+Usage: ``python benchmarks/overhead_defaults.py [--models mlp resnet13] [--steps 2000]
+[--repeats 3] [--threads 1] [--device cpu|cuda] [--precision 32-true] [--batch N]
+[--devices N]``; with ``--devices 2`` or more each fit is a DDP run (one batch per rank, the
+callbacks' calibration decided on rank zero and broadcast) and rank zero prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import describe, make
+from cost_table import Classifier, Repeat
+
+from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
+
+
+def fit(name: str, with_callbacks: bool, args: Any) -> tuple[float, float, list[Any], int]:
+    """(wall, cpu) seconds of one whole fit, the callbacks used and this process's rank."""
+    torch.manual_seed(0)
+    model, batch, _ = make(name, args.batch)
+    callbacks: list[Any] = (
+        [ICSCallback(), LipschitzCallback(), SmoothnessCallback()] if with_callbacks else []
+    )
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        precision=args.precision,
+        max_steps=args.steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Classifier(model)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    w0, c0 = time.perf_counter(), time.process_time()
+    trainer.fit(module, Repeat(batch, args.steps))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - w0, time.process_time() - c0, callbacks, trainer.global_rank
+
+
+def fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "resnet13"])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--devices", type=int, default=1, help="> 1: DDP, one batch per rank")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(
+        f"torch {torch.__version__}, device {args.device} x {args.devices},"
+        f" {torch.get_num_threads()} thread(s), precision {args.precision}, {args.steps} steps"
+        f" per fit, {args.repeats} interleaved rounds"
+    )
+    for name in args.models:
+        model, batch, _ = make(name, args.batch)
+        print(f"\n{name}: {describe(model, batch)}", flush=True)
+        ratios: dict[str, list[float]] = {"cpu": [], "wall": []}
+        chosen = ""
+        warmup = args.devices > 1  # the first DDP fit also launches the ranks: not counted
+        for i in range(args.repeats + warmup):
+            w_none, c_none, _, _ = fit(name, False, args)
+            w_with, c_with, callbacks, rank = fit(name, True, args)
+            if rank or (warmup and i == 0):  # DDP: rank zero prints, after the warm-up round
+                continue
+            ratios["cpu"].append(c_with / c_none)
+            ratios["wall"].append(w_with / w_none)
+            chosen = ", ".join(
+                f"{type(cb).__name__} every {cb.every_n_steps} (share {cb.overhead:.3f},"
+                f" {len(cb.measured_steps)} measurements)"
+                for cb in callbacks
+            )
+            print(
+                f"  round: without {w_none:.1f} s wall / {c_none:.1f} s CPU, with"
+                f" {w_with:.1f} s / {c_with:.1f} s; {chosen}",
+                flush=True,
+            )
+        for clock, r in ratios.items():
+            if not r:
+                break
+            print(
+                f"  {name} ({clock} time) with / without = {statistics.median(r):.3f} (median;"
+                f" min {min(r):.3f}, all {fmt(r)}; target <= 1.10)"
+            )
+
+
+if __name__ == "__main__":
+    main()
