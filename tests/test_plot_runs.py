@@ -203,18 +203,23 @@ def test_run_kinds_csv_file_newest_version_and_default_out(
 
 
 def _reproduce_folder(root: Path, logs: dict[str, Path], status: str = "finished") -> Path:
-    """A reproduce run folder whose two variants are the two real runs."""
+    """A reproduce run folder (run.json format 2) whose two runs, the standard and BatchNorm
+    networks at the base learning rate and seed, are the two real runs."""
     plan = build_plan(
         "digits", quick=True, steps=STEPS, lrs=[0.05], kinds=["standard", "batchnorm"]
     )
-    variants = []
+    runs = []
     for spec in plan.variants():
+        if spec.init_scale != 1.0 or spec.batch_size is not None:
+            continue  # only the two base variants
         source = logs["bn_csv"] if spec.kind == "batchnorm" else logs["plain"] / "metrics.csv"
-        target = root / "csv" / spec.id / "metrics.csv"
+        run_id = spec.run_id(plan.seed)
+        target = root / "csv" / run_id / "metrics.csv"
         target.parent.mkdir(parents=True)
         shutil.copy(source, target)
-        variants.append(spec.to_dict() | {"id": spec.id, "csv": f"csv/{spec.id}/metrics.csv"})
-    manifest = {"format": 1, "status": status, "plan": plan.to_dict(), "variants": variants}
+        entry = spec.to_dict() | {"id": run_id, "variant": spec.id, "seed": plan.seed}
+        runs.append(entry | {"csv": f"csv/{run_id}/metrics.csv"})
+    manifest = {"format": 2, "status": status, "plan": plan.to_dict(), "runs": runs}
     (root / "run.json").write_text(json.dumps(manifest))
     return root
 
@@ -228,7 +233,11 @@ def test_run_kind_reproduce_folder(logs: dict[str, Path], tmp_path: Path) -> Non
     # with another run: each variant is one run; figures beside it, its own left alone
     figs = _by_name(plot_runs([run, logs["plain"]], labels=["rep", "plain"]))
     labels = list(_labelled_lines(figs["beta_smoothness"].axes[0]))
-    assert labels == ["rep/mlp_standard_lr0.05", "rep/mlp_batchnorm_lr0.05", "plain"]
+    assert labels == [
+        "rep/mlp_standard_lr0.05_seed0",
+        "rep/mlp_batchnorm_lr0.05_seed0",
+        "plain",
+    ]
     assert main(["plot", str(run), str(logs["plain"])]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (run / "figures").iterdir()} == own
     assert (tmp_path / "figures" / "index.md").is_file()
@@ -289,7 +298,7 @@ def test_interrupted_reproduce_run_draws_what_is_complete(
     logs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = _reproduce_folder(tmp_path / "run", logs, status="interrupted")
-    bn_id, std_id = "mlp_batchnorm_lr0.05", "mlp_standard_lr0.05"
+    bn_id, std_id = "mlp_batchnorm_lr0.05_seed0", "mlp_standard_lr0.05_seed0"
     manifest = json.loads((run / "run.json").read_text())
     manifest["completed"] = [std_id]
     (run / "run.json").write_text(json.dumps(manifest))
@@ -314,13 +323,13 @@ def test_truncated_csv_keeps_the_summary_made_from_more_data(
     assert main(["plot", str(run)]) == 0
     good = (run / "summary.md").read_text()
     capsys.readouterr()
-    csv_path = run / "csv" / "mlp_batchnorm_lr0.05" / "metrics.csv"
+    csv_path = run / "csv" / "mlp_batchnorm_lr0.05_seed0" / "metrics.csv"
     text = csv_path.read_text()
     csv_path.write_text(text[: len(text) // 2 - 3])  # cut mid-row, as a killed writer leaves it
     assert main(["plot", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "mlp_batchnorm_lr0.05: incomplete" in out and "truncated" in out
-    assert "summary.md and figures/ not overwritten" in out
+    assert "mlp_batchnorm_lr0.05_seed0: incomplete" in out and "truncated" in out
+    assert "summary.md, findings.json and figures/ not overwritten" in out
     assert (run / "summary.md").read_text() == good
     assert "| mlp | batchnorm |" not in (run / "summary.partial.md").read_text()
     assert (run / "figures.partial").is_dir()
