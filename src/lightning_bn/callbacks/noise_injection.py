@@ -20,6 +20,7 @@ from lightning_bn.diagnostics.noise import (
     NoiseSampler,
     NoiseSeedStream,
     batch_sizes_of_ranks,
+    check_disjoint_targets,
     resolve_noise_targets,
 )
 from lightning_bn.selection import Selector, check_selectors, selector_repr
@@ -205,7 +206,9 @@ class NoiseInjectionCallback(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         found = resolve_noise_targets(pl_module, self.targets)
-        self._check_overlap(trainer, pl_module, found)
+        # a layer another NoiseInjectionCallback also targets would get noise twice
+        peers = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, type(self))]
+        check_disjoint_targets(pl_module, found, [c.targets for c in peers if c is not self])
         self._trainer = trainer
         # statistics on the root device: updates stay on the activations' device, sync works
         device, rank = trainer.strategy.root_device, int(trainer.global_rank)
@@ -217,24 +220,6 @@ class NoiseInjectionCallback(Callback):
             module.register_forward_hook(functools.partial(self._forward_hook, index))
             for index, (_, module) in enumerate(found)
         ]
-
-    def _check_overlap(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, found: Sequence[tuple[str, Any]]
-    ) -> None:
-        """Refuse a layer that another NoiseInjectionCallback also targets: it would get noise
-        twice, and both would log the same ``noise/<name>/...`` keys."""
-        mine = {id(module): name for name, module in found}
-        for other in getattr(trainer, "callbacks", []):
-            if other is self or not isinstance(other, NoiseInjectionCallback):
-                continue
-            theirs = {id(m) for _, m in resolve_noise_targets(pl_module, other.targets)}
-            shared = [name for key, name in mine.items() if key in theirs]
-            if shared:
-                raise ValueError(
-                    f"Two NoiseInjectionCallbacks target the same layer(s) {', '.join(shared)}:"
-                    " each would add its noise on top of the other's. Give them disjoint"
-                    " `targets`, or use one callback"
-                )
 
     def _detach(self) -> None:
         for handle in self._handles:

@@ -56,6 +56,7 @@ __all__ = [
     "NoiseSeedStream",
     "NoiseStatistics",
     "batch_sizes_of_ranks",
+    "check_disjoint_targets",
     "inject_noise",
     "rank_seed",
     "resolve_noise_targets",
@@ -485,6 +486,29 @@ def resolve_noise_targets(
             f"{describe_modules(pl_module)}"
         )
     return selection.modules
+
+
+def check_disjoint_targets(
+    root: nn.Module,
+    targets: Sequence[tuple[str, nn.Module]],
+    others: Sequence[tuple[Selector, ...] | None],
+) -> None:
+    """Refuse a module of ``targets`` that another noise injector's selectors also choose: it
+    would get noise twice, and both would log the same ``noise/<name>/...`` keys.
+
+    Raises:
+        ValueError: naming the shared module(s).
+    """
+    mine = {id(module): name for name, module in targets}
+    for selectors in others:
+        theirs = {id(m) for _, m in resolve_noise_targets(root, selectors)}
+        shared = [name for key, name in mine.items() if key in theirs]
+        if shared:
+            raise ValueError(
+                f"Two NoiseInjectionCallbacks target the same layer(s) {', '.join(shared)}:"
+                " each would add its noise on top of the other's. Give them disjoint"
+                " `targets`, or use one callback"
+            )
 
 
 def batch_sizes_of_ranks(x: Tensor) -> list[int]:
