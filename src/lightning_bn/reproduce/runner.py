@@ -705,9 +705,10 @@ def train_plan(
     def completed() -> list[str]:
         return [runs[i][0].run_id(runs[i][1]) for i in sorted(results)]
 
-    def report(i: int, result: VariantResult) -> None:
+    def report(i: int, result: VariantResult, save: bool = True) -> None:
         results[i] = result
-        record("running")
+        if save:
+            record("running")
         display.run_done(
             f"[{len(results):>{width}}/{len(runs)}] {format_result(result, plan.task)}"
         )
@@ -757,13 +758,13 @@ def train_plan(
                     display.tick()
                 pool.shutdown(wait=True)
         except RunInterrupted as stop:
+            # runs that finished while the signal came in still count
+            for future, i in futures.items():
+                if i not in results and future.done() and not future.cancelled():
+                    with contextlib.suppress(Exception):
+                        report(i, future.result(), save=False)
             display.close()
             if pool is not None:
-                # runs that finished while the signal came in still count
-                for future, i in futures.items():
-                    if i not in results and future.done() and not future.cancelled():
-                        with contextlib.suppress(Exception):
-                            results[i] = future.result()
                 _stop_workers(pool, WORKER_GRACE)
             record("interrupted", signal=stop.signal_name)
             raise RunInterrupted(stop.signum, out_dir, completed(), len(runs)) from None
@@ -790,7 +791,7 @@ def _train_in_process(
     project: str,
     verbose: bool,
     display: ProgressDisplay,
-    report: Callable[[int, VariantResult], None],
+    report: Callable[[int, VariantResult], Any],
 ) -> None:
     data_cache: dict[tuple[str, int, int], pl.LightningDataModule] = {}
     with _threads(plan):
