@@ -247,9 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads (default 1, fastest for these small models; 0: torch's default)",
     )
-    rep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    rep.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the overall progress (the line per finished run stays)",
+    )
+    rep.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Lightning's progress bar of every run (--jobs 1 only)",
+    )
     # Tiny models and few measurements: the test suite's end-to-end budget.
     rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    # Seconds between two progress lines off a terminal (tests shorten it).
+    rep.add_argument("--progress-every", type=float, default=None, help=argparse.SUPPRESS)
     rep.set_defaults(handler=_reproduce, subparser=rep)
 
     plot = sub.add_parser(
@@ -358,7 +369,8 @@ def _check_out_dir(parser: argparse.ArgumentParser, out: Path) -> None:
 
 
 def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from lightning_bn.reproduce import reproduce
+    from lightning_bn.reproduce import RunInterrupted, reproduce
+    from lightning_bn.reproduce.interrupt import interrupt_guard
     from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
 
     _check_extras(parser, args.experiment)
@@ -400,24 +412,25 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         flush=True,
     )
     start = time.perf_counter()
-    try:
-        result = reproduce(
-            plan,
-            out,
-            wandb=mode,
-            project=args.wandb_project,
-            progress=not args.no_progress and args.jobs == 1,
-            echo=lambda line: print(line, flush=True),
-            jobs=args.jobs,
-        )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; the runs finished so far are in {out} "
-            f"(`lightning-bn plot {out}` draws them)",
-            file=sys.stderr,
-        )
-        return 130
-    _report(result, time.perf_counter() - start, mode)
+    # The guard (SIGINT, SIGTERM) stays installed until the line below is printed: a second
+    # Ctrl-C then still ends the command at once instead of raising KeyboardInterrupt.
+    with interrupt_guard():
+        try:
+            result = reproduce(
+                plan,
+                out,
+                wandb=mode,
+                project=args.wandb_project,
+                progress=not args.no_progress,
+                echo=lambda line: print(line, flush=True),
+                jobs=args.jobs,
+                verbose=args.verbose,
+                progress_every=args.progress_every,
+            )
+            _report(result, time.perf_counter() - start, mode)
+        except RunInterrupted as stop:
+            print(stop.message(out), file=sys.stderr, flush=True)
+            return stop.exit_code
     return 0
 
 

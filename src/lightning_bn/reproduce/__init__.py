@@ -32,6 +32,7 @@ from typing import Any
 from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import FINDINGS, Finding, evaluate_findings
 from lightning_bn.reproduce.history import RunData, RunFormatError, VariantHistory, load_run
+from lightning_bn.reproduce.interrupt import RunInterrupted, interrupt_guard
 from lightning_bn.reproduce.plan import (
     EXPERIMENTS,
     KINDS,
@@ -52,6 +53,7 @@ __all__ = [
     "RedrawResult",
     "RunData",
     "RunFormatError",
+    "RunInterrupted",
     "VariantHistory",
     "VariantSpec",
     "build_plan",
@@ -179,8 +181,15 @@ def reproduce(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     jobs: int = 1,
+    verbose: bool = False,
+    progress_every: float | None = None,
 ) -> RedrawResult:
     """Train every run of ``plan`` into ``out_dir``, then draw the figures and the summary.
+
+    SIGINT (Ctrl-C) and SIGTERM stop it within seconds with :class:`RunInterrupted` (its
+    ``exit_code`` is 130 or 143, its ``message()`` one line saying where the partial results
+    are); ``run.json`` then records ``"status": "interrupted"`` and the runs ``"completed"``. A
+    second signal ends the process at once.
 
     Args:
         plan: what to train (see :func:`build_plan`).
@@ -188,23 +197,38 @@ def reproduce(
         wandb: ``"auto"`` (online when an API key is configured, else offline), ``"online"``,
             ``"offline"`` or ``"off"``.
         project: the W&B project.
-        progress: show Lightning's progress bar for each run.
+        progress: show the overall progress: runs done / total and the time left (a bar on a
+            terminal, else a line every ``progress_every`` seconds).
         echo: where the one-line report per finished run goes.
         jobs: runs at a time (worker processes, one torch thread each, when > 1).
+        verbose: also show Lightning's progress bar of every run (``jobs == 1`` only).
+        progress_every: seconds between two progress lines off a terminal (default 30).
 
     Returns:
         The result of :func:`redraw` on the finished run.
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM received.
     """
+    from lightning_bn.reproduce.progress import LINE_EVERY
     from lightning_bn.reproduce.runner import resolve_wandb_mode, train_plan
 
     out = Path(out_dir)
-    train_plan(
-        plan,
-        out,
-        wandb_mode=resolve_wandb_mode(wandb),
-        project=project,
-        progress=progress,
-        echo=echo,
-        jobs=jobs,
-    )
-    return redraw(out)
+    with interrupt_guard() as guard:
+        guard.out_dir = out
+        train_plan(
+            plan,
+            out,
+            wandb_mode=resolve_wandb_mode(wandb),
+            project=project,
+            progress=progress,
+            echo=echo,
+            jobs=jobs,
+            verbose=verbose,
+            progress_every=LINE_EVERY if progress_every is None else progress_every,
+        )
+        try:
+            return redraw(out)
+        except RunInterrupted as stop:  # while drawing: every run is trained and recorded
+            ids = [spec.run_id(seed) for spec, seed in plan.runs()]
+            raise RunInterrupted(stop.signum, out, ids, len(ids)) from None

@@ -26,8 +26,11 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.util
 import netrc
 import os
+import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -63,12 +66,20 @@ from lightning_bn.experiments import (
     init_weights_,
 )
 from lightning_bn.reproduce.history import MANIFEST
+from lightning_bn.reproduce.interrupt import (
+    RunInterrupted,
+    block_signals,
+    interrupt_guard,
+    worker_signals,
+)
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec, default_jobs, format_lr
+from lightning_bn.reproduce.progress import LINE_EVERY, ProgressDisplay
 from lightning_bn.wandb_panels import finish_active_run
 
 __all__ = [
     "MANIFEST",
     "WANDB_CHOICES",
+    "RunInterrupted",
     "VariantResult",
     "build_datamodule",
     "build_model",
@@ -386,6 +397,7 @@ def run_variant(
     progress: bool = True,
     datamodule: pl.LightningDataModule | None = None,
     seed: int | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> VariantResult:
     """Train one variant with one seed, with its diagnostics, and log its metrics to CSV (and W&B).
 
@@ -401,6 +413,7 @@ def run_variant(
         datamodule: the data (built from the plan when ``None``).
         seed: the seed of the run (default ``plan.seed``): initialisation, data split and order,
             noise and the diagnostics' random vectors.
+        callbacks: more callbacks for the Trainer (reporting only, such as the progress display).
 
     Returns:
         The ``final/*`` metrics of the run.
@@ -434,6 +447,7 @@ def run_variant(
                 callbacks=[
                     *_callbacks(plan, spec, seed),
                     recorder,
+                    *(callbacks or []),
                     *_progress_bar(plan, progress),
                 ],
                 log_every_n_steps=plan.log_every,
@@ -498,7 +512,11 @@ def _threads(plan: ExperimentPlan) -> Iterator[None]:
 
 
 def write_manifest(out_dir: Path, plan: ExperimentPlan, status: str, extra: dict[str, Any]) -> None:
-    """Write ``run.json``: the plan, and every run (variant and seed) with its CSV file."""
+    """Write ``run.json``: the plan, and every run (variant and seed) with its CSV file.
+
+    The file is replaced in one step (a temporary file renamed over it), so that a reader, or a
+    process killed while writing, never sees half a file.
+    """
     from lightning_bn import __version__
 
     data = {
@@ -518,7 +536,16 @@ def write_manifest(out_dir: Path, plan: ExperimentPlan, status: str, extra: dict
         ],
         **extra,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{MANIFEST}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(data, indent=2) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the run from other users
+        os.replace(tmp, out_dir / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def default_out_dir(experiment: str, root: Path | None = None) -> Path:
@@ -554,6 +581,60 @@ def _run_job(
         )
 
 
+class _ProgressTick(Callback):
+    """Tell the progress display how far the run in progress is (``--jobs 1``; reporting only)."""
+
+    def __init__(self, display: ProgressDisplay) -> None:
+        self.display = display
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0
+        self.display.tick(trainer.global_step / steps if steps else None)
+
+
+#: Seconds a worker gets to exit after SIGTERM before it is killed.
+WORKER_GRACE = 3.0
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor, grace: float) -> None:
+    """Stop the pool's worker processes: SIGTERM, ``grace`` seconds, then SIGKILL; no orphans."""
+    # ProcessPoolExecutor has no public way to stop running calls: its processes are reached
+    # through `_processes` (pid -> multiprocessing.Process), stable since Python 3.2.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+            process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+            if process.is_alive():
+                process.kill()
+                process.join(5.0)
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """SIGKILL every worker (a forced exit: no waiting), and free the pool's semaphores."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            process.kill()
+    # os._exit skips multiprocessing's exit handlers: run the ones that unlink the queues'
+    # semaphores (priority >= 0; they do not wait), or its resource tracker warns about leaks.
+    with contextlib.suppress(Exception):
+        multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
+
+
 def train_plan(
     plan: ExperimentPlan,
     out_dir: Path,
@@ -563,23 +644,40 @@ def train_plan(
     progress: bool = True,
     echo: Echo = print,
     jobs: int = 1,
+    verbose: bool = False,
+    progress_every: float = LINE_EVERY,
 ) -> list[VariantResult]:
-    """Train every run of ``plan`` into ``out_dir``, printing a line per finished run.
+    """Train every run of ``plan`` into ``out_dir``, printing a line per finished run and the
+    overall progress (runs done / total, time left).
 
-    Writes ``run.json`` first (status ``"running"``) and again at the end (``"finished"``, with
-    the wall time and the runs' summed CPU time), so that a run cut short can still be plotted.
+    ``run.json`` is written first (status ``"running"``), again after every finished run (its id
+    added to ``"completed"``) and at the end (``"finished"``, with the wall time and the runs'
+    summed CPU time), so that a run cut short can still be plotted.
+
+    SIGINT (Ctrl-C) or SIGTERM stop the training within seconds: the worker processes are
+    stopped, ``run.json`` gets ``"status": "interrupted"`` (and ``"signal"``) with the runs that
+    finished under ``"completed"``, and :class:`RunInterrupted` is raised. A second signal ends
+    the process at once (see :mod:`lightning_bn.reproduce.interrupt`). Any other error records
+    ``"status": "failed"`` and propagates.
 
     Args:
         plan: the plan.
         out_dir: the run folder.
         wandb_mode: ``"online"``, ``"offline"`` or ``"off"``.
         project: the W&B project.
-        progress: show Lightning's progress bar (``jobs == 1`` only).
+        progress: show the overall progress (a bar redrawn in place on a terminal, else a line
+            every ``progress_every`` seconds).
         echo: where the line per finished run goes.
         jobs: runs at a time (worker processes when > 1).
+        verbose: show Lightning's progress bar of every run (``jobs == 1`` only); the overall
+            progress is then printed as lines, not a bar.
+        progress_every: seconds between two progress lines when not drawing a bar.
 
     Returns:
         The results, in plan order.
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM received.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Expected argument `jobs` to be a positive integer, but got {jobs!r}")
@@ -589,55 +687,132 @@ def train_plan(
         "created": started.isoformat(timespec="seconds"),
         "wandb": wandb_mode,
         "jobs": jobs,
+        "completed": [],
     }
     write_manifest(out_dir, plan, "running", meta)
     runs = plan.runs()
     results: dict[int, VariantResult] = {}
     start = time.perf_counter()
     width = len(str(len(runs)))
+    display = ProgressDisplay(
+        len(runs),
+        echo=echo,
+        enabled=progress,
+        tty=False if verbose else None,
+        every=progress_every,
+    )
 
-    def report(result: VariantResult) -> None:
-        echo(f"[{len(results):>{width}}/{len(runs)}] {format_result(result, plan.task)}")
+    def completed() -> list[str]:
+        return [runs[i][0].run_id(runs[i][1]) for i in sorted(results)]
 
-    if jobs == 1:
-        data_cache: dict[tuple[str, int, int], pl.LightningDataModule] = {}
-        with _threads(plan):
-            for i, (spec, seed) in enumerate(runs):
-                key = (spec.arch, seed, plan.batch_of(spec))
-                if spec.arch == "vgg":  # read the CIFAR-10 files once per seed and batch size
-                    data_cache.setdefault(
-                        key, build_datamodule(plan, spec.arch, seed, plan.batch_of(spec))
-                    )
-                results[i] = run_variant(
-                    plan,
-                    spec,
-                    out_dir,
-                    wandb_mode=wandb_mode,
-                    group=out_dir.name,
-                    project=project,
-                    progress=progress,
-                    datamodule=data_cache.get(key),
-                    seed=seed,
+    def report(i: int, result: VariantResult, save: bool = True) -> None:
+        results[i] = result
+        if save:
+            record("running")
+        display.run_done(
+            f"[{len(results):>{width}}/{len(runs)}] {format_result(result, plan.task)}"
+        )
+
+    def record(status: str, **extra: Any) -> None:
+        meta["completed"] = guard.completed = completed()
+        meta.update(extra)
+        write_manifest(out_dir, plan, status, meta)
+
+    with interrupt_guard() as guard:
+        guard.out_dir, guard.total, guard.completed = out_dir, len(runs), []
+        pool: concurrent.futures.ProcessPoolExecutor | None = None
+        futures: dict[concurrent.futures.Future[VariantResult], int] = {}
+
+        def force() -> None:  # a second signal: kill the workers, record, no waiting
+            if pool is not None:
+                _kill_workers(pool)
+            record("interrupted", signal=RunInterrupted(guard.signum or signal.SIGINT).signal_name)
+
+        remove_force = guard.on_force(force)
+        try:
+            display.tick()
+            if jobs == 1:
+                _train_in_process(
+                    plan, runs, out_dir, wandb_mode, project, verbose, display, report
                 )
-                report(results[i])
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = {
-                pool.submit(
-                    _run_job, plan, spec, seed, out_dir, wandb_mode, out_dir.name, project
-                ): i
-                for i, (spec, seed) in enumerate(runs)
-            }
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    results[futures[future]] = future.result()
-                    report(results[futures[future]])
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    meta["train_seconds"] = round(time.perf_counter() - start, 1)
-    meta["train_cpu_seconds"] = round(sum(r.cpu_time for r in results.values()), 1)
-    write_manifest(out_dir, plan, "finished", meta)
+            else:
+                context = multiprocessing.get_context("spawn")
+                # the workers start with SIGINT/SIGTERM blocked, until worker_signals runs
+                with block_signals():
+                    pool = concurrent.futures.ProcessPoolExecutor(
+                        jobs, mp_context=context, initializer=worker_signals
+                    )
+                    futures = {
+                        pool.submit(
+                            _run_job, plan, spec, seed, out_dir, wandb_mode, out_dir.name, project
+                        ): i
+                        for i, (spec, seed) in enumerate(runs)
+                    }
+                pending = set(futures)
+                while pending:
+                    done, pending = concurrent.futures.wait(
+                        pending, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED
+                    )
+                    for future in sorted(done, key=futures.__getitem__):
+                        report(futures[future], future.result())
+                    display.tick()
+                pool.shutdown(wait=True)
+        except RunInterrupted as stop:
+            # runs that finished while the signal came in still count
+            for future, i in futures.items():
+                if i not in results and future.done() and not future.cancelled():
+                    with contextlib.suppress(Exception):
+                        report(i, future.result(), save=False)
+            display.close()
+            if pool is not None:
+                _stop_workers(pool, WORKER_GRACE)
+            record("interrupted", signal=stop.signal_name)
+            raise RunInterrupted(stop.signum, out_dir, completed(), len(runs)) from None
+        except BaseException:
+            display.close()
+            if pool is not None:
+                _stop_workers(pool, WORKER_GRACE)
+            record("failed")
+            raise
+        finally:
+            remove_force()
+        display.close()
+        meta["train_seconds"] = round(time.perf_counter() - start, 1)
+        meta["train_cpu_seconds"] = round(sum(r.cpu_time for r in results.values()), 1)
+        record("finished")
     return [results[i] for i in sorted(results)]
+
+
+def _train_in_process(
+    plan: ExperimentPlan,
+    runs: list[tuple[VariantSpec, int]],
+    out_dir: Path,
+    wandb_mode: str,
+    project: str,
+    verbose: bool,
+    display: ProgressDisplay,
+    report: Callable[[int, VariantResult], Any],
+) -> None:
+    data_cache: dict[tuple[str, int, int], pl.LightningDataModule] = {}
+    with _threads(plan):
+        for i, (spec, seed) in enumerate(runs):
+            key = (spec.arch, seed, plan.batch_of(spec))
+            if spec.arch == "vgg":  # read the CIFAR-10 files once per seed and batch size
+                data_cache.setdefault(
+                    key, build_datamodule(plan, spec.arch, seed, plan.batch_of(spec))
+                )
+            result = run_variant(
+                plan,
+                spec,
+                out_dir,
+                wandb_mode=wandb_mode,
+                group=out_dir.name,
+                project=project,
+                progress=verbose,
+                datamodule=data_cache.get(key),
+                seed=seed,
+                # Lightning's bar (verbose) owns the line during a run: tick between runs only
+                callbacks=[] if verbose else [_ProgressTick(display)],
+            )
+            report(i, result)
+            display.tick()
