@@ -92,9 +92,9 @@ class _BatchStatNorm(nn.Module):
         return False
 
     def _too_few_values(self, m: int) -> bool:
-        """Whether ``m`` entries per channel are too few to train on (synchronised layers count
-        the entries of every process instead)."""
-        return m <= 1
+        """Whether ``m`` local entries per channel are too few to train on; a synchronising layer
+        counts the entries of every process instead (checked after its reduction)."""
+        return not self._synchronises() and m <= 1
 
     # --- shared ---------------------------------------------------------------------------
     def extra_repr(self) -> str:

@@ -208,10 +208,6 @@ class SyncBatchNorm(BatchNorm):
     def _synchronises(self) -> bool:
         return sync_group(self) is not None
 
-    def _too_few_values(self, m: int) -> bool:
-        # synchronised, the count that matters is the global one (checked after the reduction)
-        return sync_group(self) is None and super()._too_few_values(m)
-
     def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
         group = sync_group(self)
         if group is None:
@@ -247,9 +243,6 @@ class SyncLpNorm(LpNorm):
 
     def _synchronises(self) -> bool:
         return sync_group(self) is not None
-
-    def _too_few_values(self, m: int) -> bool:
-        return sync_group(self) is None and super()._too_few_values(m)
 
     def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
         group = sync_group(self)
