@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import pytest
 import torch
 import torchmetrics
 from torch import nn
@@ -199,3 +200,46 @@ def test_in_probe_is_true_only_inside_evaluations() -> None:
     probe.loss_and_grad(probe.parameters(), x)
     probe.losses_along(probe.parameters(), probe.parameters(), [0.1, 0.2], StepRecord(x))
     assert seen == [True, True, True] and not in_probe()
+
+
+class Failing(nn.Module):
+    """Raises inside its forward pass after the parameters have been swapped in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.lin(x))
+        if out.abs().max() > 0:
+            raise RuntimeError("boom")
+        return out
+
+
+def test_module_tensors_come_back_after_a_failing_evaluation() -> None:
+    model = Failing()
+    before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    probe = Probe(model, loss_fn=_loss)
+    point = {n: t + 1.0 for n, t in probe.parameters().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        probe.loss(point, torch.randn(4, 3))
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert list(after) == list(before)
+    for name, tensor in before.items():
+        assert after[name] is tensor  # the very objects, Parameters again
+    assert isinstance(model.lin.weight, nn.Parameter)
+
+
+def test_unknown_names_are_refused_and_lazy_parameters_are_found() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(2))
+    probe = Probe(model, loss_fn=_loss)
+    x = torch.randn(5, 3)
+    probe.loss({}, x)  # first evaluation before the lazy layer is materialised
+    weight = model[0].weight
+    point = {"0.weight": torch.zeros_like(weight), "0.bias": torch.ones(2)}
+    torch.testing.assert_close(probe.loss(point, x), torch.tensor(1.0))
+    assert model[0].weight is weight
+    with pytest.raises(ValueError, match=r"0\.scale"):
+        probe.loss({"0.scale": torch.ones(2)}, x)

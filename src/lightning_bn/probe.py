@@ -2,8 +2,10 @@
 
 Plain torch (no Lightning import). Every diagnostic of this package goes through :class:`Probe`:
 
-- parameters and buffers are passed to :func:`torch.func.functional_call` as copies, so norm
-  layers use batch statistics (train mode) and their running statistics stay untouched;
+- the parameter point and copies of the buffers are put into the module for the evaluation (as
+  :func:`torch.func.functional_call` does, with the tensors' owners looked up once per layout)
+  and the module's own tensors put back afterwards, so norm layers use batch statistics (train
+  mode) and their running statistics stay untouched;
 - the random state of the real training step is replayed inside :func:`torch.random.fork_rng`, so
   dropout masks equal the real step's and the training RNG stream is unchanged afterwards;
 - ``.grad``, optimiser state and module mode are never changed (gradients come from
@@ -27,7 +29,7 @@ import copy
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -359,8 +361,11 @@ class _Layout:
     """What a probe needs to know of the module's structure, gathered once per probe.
 
     Every buffer by its qualified name with its owner (read at each evaluation, so an in-place
-    update or a reassignment is seen), the torchmetrics metrics to save and restore, and
-    whether any parameter or buffer is shared (only then must ``functional_call`` tie them).
+    update or a reassignment is seen), the torchmetrics metrics to save and restore, whether any
+    parameter or buffer is shared, and where every parameter and buffer lives: for each name of
+    ``named_parameters()`` / ``named_buffers()`` the ``(dict, key)`` slots of all its aliases
+    (a tied weight has several), so that :meth:`swapped` can put a parameter point into the
+    module with plain dict writes.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -373,6 +378,15 @@ class _Layout:
         n_all = len(list(module.named_parameters(remove_duplicate=False))) + len(self.buffers)
         n_unique = len(list(module.named_parameters())) + len(list(module.named_buffers()))
         self.tied = n_all != n_unique
+        canonical = {id(t): n for n, t in module.named_parameters()}
+        canonical.update({id(t): n for n, t in module.named_buffers()})
+        self.slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        for _, owner in module.named_modules(remove_duplicate=False):
+            for store in (owner._parameters, owner._buffers):
+                for attr, tensor in store.items():
+                    name = canonical.get(id(tensor)) if tensor is not None else None
+                    if name is not None:
+                        self.slots.setdefault(name, []).append((store, attr))
 
     def fresh_buffers(self) -> dict[str, Tensor]:
         """A copy of every buffer (running statistics of the probe pass land in the copies)."""
@@ -382,6 +396,31 @@ class _Layout:
             if buf is not None:
                 out[name] = buf.clone()
         return out
+
+    def knows(self, names: Iterable[str]) -> bool:
+        """Whether every name is a parameter or buffer of the module as gathered."""
+        return all(n in self.slots for n in names)
+
+    @contextlib.contextmanager
+    def swapped(self, state: Mapping[str, Tensor]) -> Iterator[None]:
+        """The module with the tensors of ``state`` in place of its parameters and buffers.
+
+        What :func:`torch.func.functional_call` does (every alias of a tied tensor gets the
+        new tensor, the originals come back afterwards, also on an exception), with the owners
+        looked up once per layout instead of by qualified name on every call: on a small model
+        that look-up cost about a third of a forward pass. Every name must be known
+        (:meth:`knows`).
+        """
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for name, tensor in state.items():
+                for store, attr in self.slots[name]:
+                    saved.append((store, attr, store[attr]))
+                    store[attr] = tensor
+            yield
+        finally:
+            for store, attr, original in reversed(saved):
+                store[attr] = original
 
 
 def _copy_state(value: Any) -> Any:
@@ -394,29 +433,6 @@ def _copy_state(value: Any) -> Any:
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-class _StepCaller(nn.Module):
-    """Wraps ``module`` so that ``functional_call`` runs its training step instead of ``forward``."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[Any, int], Tensor]) -> None:
-        super().__init__()
-        self.module = module
-        self._fn = fn
-
-    def forward(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._fn(batch, batch_idx)
-
-
-class _Runner(nn.Module):
-    """Wraps ``module`` so that one ``functional_call`` runs a closure (several training steps)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, run: Callable[[], None]) -> None:
-        run()
 
 
 def _loss_from_output(output: Any) -> Tensor:
@@ -462,8 +478,6 @@ class Probe:
         self.module = module
         self.loss_fn = loss_fn
         self.context = context if context is not None else contextlib.nullcontext
-        self._caller = _StepCaller(module, self._step)
-        self._runner = _Runner(module)
         self._param_names = [n for n, _ in module.named_parameters()]
         self._layout_cache: _Layout | None = None
         self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
@@ -544,8 +558,8 @@ class Probe:
         :class:`StepRecord`; a bare batch stands for ``StepRecord(batch)``.
         """
         layout = self._layout
-        state = {f"module.{n}": b for n, b in layout.fresh_buffers().items()}
-        state.update({f"module.{n}": t for n, t in params.items()})
+        state = layout.fresh_buffers()
+        state.update(params)
         ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
         trace = _UseTrace(state, self._trace_names) if self._trace_names is not None else None
         with (
@@ -553,14 +567,9 @@ class Probe:
             self.context(),
             _Silenced(self.module, layout.metrics),
             trace if trace is not None else contextlib.nullcontext(),
+            self._swapped(state),
         ):
-            out = torch.func.functional_call(
-                self._caller,
-                state,
-                (copy_batch(step.batch), step.batch_idx),
-                tie_weights=layout.tied,
-                strict=False,
-            )
+            out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
             self._trace_result = trace.order
         if not isinstance(out, Tensor) or out.numel() != 1:
@@ -609,8 +618,7 @@ class Probe:
         The same values as ``[self.loss(W - eta * d) for eta in step_sizes]`` (every point sees
         fresh copies of the buffers and the replayed random state), but the model is
         reparametrised once for the whole grid and each point is written into the same tensors,
-        which saves the per-call cost of :func:`~torch.func.functional_call` (on a small model
-        about as much as the forward pass itself).
+        which saves the per-call swap of the module's tensors and the allocations.
 
         Args:
             params: the point :math:`W` (parameters missing from it take the module's values).
@@ -669,8 +677,7 @@ class Probe:
             if buf is not None:
                 buffers[name] = buf
         fresh = {n: b.clone() for n, b in buffers.items()}
-        state = {f"module.{n}": t for n, t in point.items()}
-        state.update({f"module.{n}": t for n, t in fresh.items()})
+        state = {**point, **fresh}
         originals, copies = list(buffers.values()), list(fresh.values())
         results: list[tuple[Tensor, Params]] = []
 
@@ -698,11 +705,28 @@ class Probe:
                     )
                 )
 
-        with self.context(), _Silenced(self.module, layout.metrics):
-            torch.func.functional_call(
-                self._runner, state, (run,), tie_weights=layout.tied, strict=False
-            )
+        with self.context(), _Silenced(self.module, layout.metrics), self._swapped(state):
+            run()
         return results
+
+    def _swapped(self, state: Mapping[str, Tensor]) -> contextlib.AbstractContextManager[None]:
+        """The module with ``state``'s tensors in place of its own (see :meth:`_Layout.swapped`).
+
+        Names the layout does not know (a parameter or buffer registered after the probe's first
+        evaluation, e.g. by a lazy module) make the layout be gathered again.
+
+        Raises:
+            ValueError: a name is neither a parameter nor a buffer of the module.
+        """
+        if not self._layout.knows(state):
+            self._layout_cache = _Layout(self.module)
+            unknown = sorted(n for n in state if n not in self._layout.slots)
+            if unknown:
+                raise ValueError(
+                    f"Expected names of parameters or buffers of {type(self.module).__name__},"
+                    f" but got {unknown[:5]}"
+                )
+        return self._layout.swapped(state)
 
 
 class _UseTrace(TorchFunctionMode):
