@@ -129,3 +129,25 @@ def test_noise_callbacks_on_different_layers_work_side_by_side() -> None:
         "noise/net.1/mu_mean",
     )
     assert _keys(logged, "noise/net.1/mu_mean") == alone
+
+
+def test_state_key_is_derived_once_per_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning reads `state_key` at every hook call; deriving it from the settings each time cost
+    # 5% of a small model's step, so it is frozen from `setup` to `teardown`
+    ics = ICSCallback(every_n_steps=2, layers=["net.0"])
+    noise = NoiseInjectionCallback(seed=3)
+    expected = (ics.state_key, noise.state_key)
+    calls = {"ics": 0, "noise": 0}
+    for label, cb in (("ics", ics), ("noise", noise)):
+        original = cb._state_key_settings
+
+        def counted(_label: str = label, _original: Any = original) -> dict[str, Any]:
+            calls[_label] += 1
+            return _original()
+
+        monkeypatch.setattr(cb, "_state_key_settings", counted)
+    _fit([ics, noise])  # 4 training steps, a dozen hooks each
+    assert 1 <= calls["ics"] <= 5 and 1 <= calls["noise"] <= 5  # not once per hook call (~50)
+    assert (ics.state_key, noise.state_key) == expected
+    ics.layers = ["net.4"]  # outside a run the key follows the settings again
+    assert "net.4" in ics.state_key

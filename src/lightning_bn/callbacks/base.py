@@ -10,12 +10,12 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
+from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
@@ -89,7 +89,7 @@ def _sharded_strategy_types() -> tuple[type, ...]:
     return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
 
 
-class DiagnosticCallback(Callback):
+class DiagnosticCallback(CachedStateKey):
     """Base of the diagnostic callbacks (ICS, Lipschitz, Smoothness).
 
     Subclasses implement :meth:`_compute` and choose when it runs: ``measure_after_step = False``
@@ -170,6 +170,7 @@ class DiagnosticCallback(Callback):
     # --- hooks ---------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._freeze_state_key()
         if stage != "fit":
             return
         self._check_trainer(trainer, pl_module)
@@ -258,17 +259,16 @@ class DiagnosticCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._thaw_state_key()
         self._record = None
         self._probe = None
         self._calibration = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        """Derived from the settings (and ``name``), so that several callbacks of one class can be
-        in one Trainer and each finds its own state on resume."""
-        settings = {k: v for k, v in self._settings().items() if k != "loss_fn"}
-        return self._generate_state_key(**settings)
+    def _state_key_settings(self) -> dict[str, Any]:
+        """The state key is derived from the settings (and ``name``), so that several callbacks
+        of one class can be in one Trainer and each finds its own state on resume."""
+        return {k: v for k, v in self._settings().items() if k != "loss_fn"}
 
     @property
     def key_prefix(self) -> str:

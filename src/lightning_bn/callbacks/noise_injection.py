@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bn._validation import check_bool, check_int
+from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.diagnostics.noise import (
     DEFAULT_NOISE_TARGETS,
@@ -28,7 +28,7 @@ from lightning_bn.selection import Selector, check_selectors, selector_repr
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 
 
-class NoiseInjectionCallback(Callback):
+class NoiseInjectionCallback(CachedStateKey):
     r"""Make the output distribution of every normalisation layer unstable: "noisy BatchNorm".
 
     Santurkar et al. (2018, Fig. 2, App. A) add time-varying noise after every BatchNorm layer, so
@@ -123,11 +123,9 @@ class NoiseInjectionCallback(Callback):
         self._injector: NoiseInjector | None = None
         self._prepared_batch: int | None = None
 
-    @property
-    @override
-    def state_key(self) -> str:
+    def _state_key_settings(self) -> dict[str, Any]:
         targets = None if self.targets is None else [selector_repr(t) for t in self.targets]
-        return self._generate_state_key(targets=targets, seed=self.seed)
+        return {"targets": targets, "seed": self.seed}
 
     @property
     def target_names(self) -> list[str]:
@@ -142,6 +140,7 @@ class NoiseInjectionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._freeze_state_key()
         if stage == "fit":
             warn_unsynchronised_norms(trainer, pl_module)
             self._attach(trainer, pl_module)
@@ -166,6 +165,7 @@ class NoiseInjectionCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._thaw_state_key()
         if stage == "fit":
             self._detach()
 

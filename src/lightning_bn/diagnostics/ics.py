@@ -72,6 +72,15 @@ def unit_shift(before: Tensor, after: Tensor) -> dict[str, float]:
     smallest value of unit u: in one dimension the earth mover's (Wasserstein-1) distance between
     two empirical distributions of n values is the mean absolute difference of their sorted values.
     """
+    values = _unit_shift_tensor(before, after).tolist()
+    return dict(zip(_SHIFT_KEYS, values, strict=True))
+
+
+_SHIFT_KEYS = ("mean_shift", "std_shift", "emd")
+
+
+def _unit_shift_tensor(before: Tensor, after: Tensor) -> Tensor:
+    """:func:`unit_shift`'s three values as one tensor (no host synchronisation on a GPU)."""
     both = torch.stack([before, after])  # (2, units, values): one kernel call per statistic
     var, mean = torch.var_mean(both, dim=2, correction=0)
     if both.device.type == "cpu":  # numpy sorts short rows about 20x faster than torch on CPU
@@ -80,11 +89,13 @@ def unit_shift(before: Tensor, after: Tensor) -> dict[str, float]:
     else:
         ordered = both.sort(dim=2).values
     emd = (ordered[1] - ordered[0]).abs().mean(dim=1)
-    return {
-        "mean_shift": float((mean[1] - mean[0]).abs().mean()),
-        "std_shift": float((var[1].sqrt() - var[0].sqrt()).abs().mean()),
-        "emd": float(emd.mean()),
-    }
+    return torch.stack(
+        [
+            (mean[1] - mean[0]).abs().mean().double(),
+            (var[1].sqrt() - var[0].sqrt()).abs().mean().double(),
+            emd.mean().double(),
+        ]
+    )
 
 
 def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
@@ -311,28 +322,38 @@ def compute_ics(
         return g, store.get(lay.name)
 
     mixed = coll.guard(lambda: [mixed_pass(lay) for lay in chosen])
-    g_all = coll.mean_dict(grads0)
-    results: dict[str, dict[str, float]] = {}
-    for lay, (g_mixed_local, x_mixed) in zip(chosen, mixed, strict=True):
-        g_mixed = coll.mean_dict(g_mixed_local)
+    # every gradient averaged over ranks in one all-reduce (G of all layers, then each G')
+    flat: dict[str, Tensor] = {f"g:{p}": t for p, t in grads0.items()}
+    for i, (g_mixed_local, _) in enumerate(mixed):
+        flat.update({f"{i}:{p}": t for p, t in g_mixed_local.items()})
+    averaged = coll.mean_dict(flat)
+    rows: list[Tensor] = []
+    keys: list[tuple[str, tuple[str, ...]]] = []
+    for i, (lay, (_, x_mixed)) in enumerate(zip(chosen, mixed, strict=True)):
         # in float64: G and G' are close, and their difference is the logged quantity
-        g = {p: g_all[p].double() for p in lay.params}
-        gp = {p: g_mixed[p].double() for p in lay.params}
+        g = {p: averaged[f"g:{p}"].double() for p in lay.params}
+        gp = {p: averaged[f"{i}:{p}"].double() for p in lay.params}
         diff = dict_norm(dict_sub(g, gp))
         g_norm = dict_norm(g)
         gp_norm = dict_norm(gp)
         # rounding can put the quotient a few ulps outside [-1, 1]
         cos = (dict_dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)).clamp(-1.0, 1.0)
-        out = {
-            "l2": float(diff),
-            "cos": float(cos),
-            "l2_rel": float(diff / torch.clamp(g_norm, min=_EPS)),
-        }
+        row = [diff, cos, diff / torch.clamp(g_norm, min=_EPS)]
+        names: tuple[str, ...] = ("l2", "cos", "l2_rel")
         x0 = inputs0.get(lay.name)
         if distributional and x0 is not None and x_mixed is not None:
             # gather along the values axis: the union of the ranks' batches
             x0_all = coll.gather(x0.transpose(0, 1)).transpose(0, 1)
             x1_all = coll.gather(x_mixed.transpose(0, 1)).transpose(0, 1)
-            out.update(unit_shift(x0_all, x1_all))
-        results[lay.name] = out
+            row.extend(_unit_shift_tensor(x0_all, x1_all).unbind())
+            names += _SHIFT_KEYS
+        rows.append(torch.stack(row))
+        keys.append((lay.name, names))
+    # one transfer to the host for every value of every layer
+    values = torch.cat(rows).tolist()
+    results: dict[str, dict[str, float]] = {}
+    offset = 0
+    for name, names in keys:
+        results[name] = dict(zip(names, values[offset : offset + len(names)], strict=True))
+        offset += len(names)
     return results
