@@ -309,13 +309,13 @@ def compute_lipschitz(
         return probe.losses_along(params, direction, step_sizes, step)
 
     losses = coll.mean(coll.guard(grid_pass)).double()
-    out = {
-        "loss": float(loss),
-        "loss_min": float(losses.min()),
-        "loss_max": float(losses.max()),
-        "loss_range": float(losses.max() - losses.min()),
-        "grad_norm": _norm(grad),
-    }
+    lo, hi = losses.min(), losses.max()
+    values = torch.stack(
+        [loss.double(), lo, hi, hi - lo, dict_norm(grad, dtype=torch.float64)]
+    ).tolist()  # one transfer to the host
+    out = dict(
+        zip(("loss", "loss_min", "loss_max", "loss_range", "grad_norm"), values, strict=True)
+    )
     out.update(layer_values)
     return out
 
@@ -435,14 +435,18 @@ def compute_smoothness(
         return [g for _, g in along]
 
     grads_local = coll.guard(grid_pass)
-    diffs, betas = [], []
-    for eta, g_local in zip(step_sizes, grads_local, strict=True):
-        # In place: the averaged gradient at the grid point is not used again. The difference is
-        # correctly rounded in the gradients' dtype (float64 copies would cost a sizeable part of
-        # a gradient pass).
-        diff = _norm(dict_sub_(coll.mean_dict(g_local), grad))
-        diffs.append(diff)
-        betas.append(diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan)
+    # In place: the averaged gradient at the grid point is not used again. The difference is
+    # correctly rounded in the gradients' dtype (float64 copies would cost a sizeable part of a
+    # gradient pass); the norms reach the host in one transfer.
+    norms = [
+        dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
+        for g_local in grads_local
+    ]
+    diffs = torch.stack(norms).tolist() if norms else []
+    betas = [
+        diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan
+        for eta, diff in zip(step_sizes, diffs, strict=True)
+    ]
     metrics = {
         "grad_diff_min": min(diffs),
         "grad_diff_max": max(diffs),
