@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAIN_TORCH = [
     "lightning_bn.layers",
     "lightning_bn.probe",
+    "lightning_bn.batched",
     "lightning_bn.paramvec",
     "lightning_bn.selection",
     "lightning_bn.logger_extras",

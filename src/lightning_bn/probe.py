@@ -31,7 +31,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -455,6 +455,11 @@ class Probe:
         context: a zero-argument callable returning the context every evaluation runs in, e.g.
             the trainer's precision context (``trainer.precision_plugin.train_step_context``),
             so that under mixed precision a probe computes what the training step computes.
+        vmap_chunk_size: how :meth:`losses_along` and :meth:`loss_and_grad_along` evaluate
+            their grid (:mod:`lightning_bn.batched`): ``None`` point by point, an ``int``
+            under :func:`torch.func.vmap` with at most that many points per call, ``"auto"``
+            (default) under ``vmap`` on CUDA and point by point elsewhere. Same values either
+            way (to float tolerance); a model ``vmap`` cannot run falls back to point by point.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
@@ -470,6 +475,7 @@ class Probe:
         module: nn.Module,
         loss_fn: LossFn | None = None,
         context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        vmap_chunk_size: int | Literal["auto"] | None = "auto",
     ) -> None:
         if loss_fn is None and not callable(getattr(module, "training_step", None)):
             raise TypeError(
@@ -478,6 +484,9 @@ class Probe:
         self.module = module
         self.loss_fn = loss_fn
         self.context = context if context is not None else contextlib.nullcontext
+        from lightning_bn.batched import check_vmap_chunk_size  # (imports this module)
+
+        self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         self._param_names = [n for n, _ in module.named_parameters()]
         self._layout_cache: _Layout | None = None
         self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
@@ -660,6 +669,14 @@ class Probe:
         unknown = sorted(set(direction) - set(params))
         if unknown:
             raise ValueError(f"Expected `direction` to have keys of `params`, but got {unknown}")
+        # --- batched (torch.func.vmap) evaluation of the grid, see lightning_bn.batched ---
+        if self.vmap_chunk_size is not None:
+            from lightning_bn.batched import batched_along
+
+            batched = batched_along(self, params, direction, step_sizes, step, wrt)
+            if batched is not None:
+                return batched
+        # --- sequential evaluation ---
         point = {n: t.detach() for n, t in params.items()}
         # Every moved parameter, and every parameter a gradient is taken for, gets a tensor of its
         # own (a leaf), overwritten in place (under no_grad) for each point of the grid.

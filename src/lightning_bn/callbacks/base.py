@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
+from lightning_bn.batched import VmapChunkSize, check_vmap_chunk_size
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
@@ -126,7 +127,11 @@ class DiagnosticCallback(CachedStateKey):
         loss_fn: LossFn | None = None,
         budget: float = 0.03,
         name: str | None = None,
+        vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
+        #: How the probe evaluates a grid of points (:mod:`lightning_bn.batched`); a speed
+        #: setting, left out of :meth:`_settings` (and so of ``state_key``).
+        self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         if not (isinstance(every_n_steps, str) and every_n_steps == "auto"):
             try:
                 check_int("every_n_steps", every_n_steps, minimum=1)
@@ -177,7 +182,12 @@ class DiagnosticCallback(CachedStateKey):
         warn_unsynchronised_norms(trainer, pl_module)
         self._check_siblings(trainer, pl_module)
         # the probes run under the training step's precision context (autocast for *-mixed)
-        self._probe = Probe(pl_module, self.loss_fn, context=lambda: self._probe_context(trainer))
+        self._probe = Probe(
+            pl_module,
+            self.loss_fn,
+            context=lambda: self._probe_context(trainer),
+            vmap_chunk_size=self.vmap_chunk_size,
+        )
         self._setup(trainer, pl_module)
         for extras in logger_extras():
             extras.on_setup(trainer, type(self).__name__, self._settings())

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._validation import check_bool
+from lightning_bn.batched import VmapChunkSize
 from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning, LossFn
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
 from lightning_bn.probe import StepRecord
@@ -83,6 +84,10 @@ class LipschitzCallback(DiagnosticCallback):
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
         name: tells several LipschitzCallbacks in one Trainer apart: keys ``lipschitz@<name>/...``
             (unnamed ones get ``lipschitz@1/...``, ``lipschitz@2/...``).
+        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.batched`): ``"auto"``
+            (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
+            always point by point; an ``int``, under ``vmap`` with at most that many points per
+            call. The values are the same (to float rounding).
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -101,8 +106,9 @@ class LipschitzCallback(DiagnosticCallback):
         loss_fn: LossFn | None = None,
         budget: float = 0.03,
         name: str | None = None,
+        vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
+        super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self._norm_layers: list[tuple[str, nn.Module]] = []

@@ -10,6 +10,7 @@ import torch
 from typing_extensions import override
 
 from lightning_bn._validation import check_bool, check_choice, check_float, check_int
+from lightning_bn.batched import VmapChunkSize
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.callbacks.lipschitz import check_step_sizes
 from lightning_bn.diagnostics.landscape import (
@@ -97,6 +98,10 @@ class SmoothnessCallback(DiagnosticCallback):
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         name: tells several SmoothnessCallbacks in one Trainer apart: keys
             ``smoothness@<name>/...`` (unnamed ones get ``smoothness@1/...``, ``smoothness@2/...``).
+        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.batched`): ``"auto"``
+            (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
+            always point by point; an ``int``, under ``vmap`` with at most that many points per
+            call. The values are the same (to float rounding).
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
@@ -122,8 +127,9 @@ class SmoothnessCallback(DiagnosticCallback):
         power_iters: int | None = None,
         budget: float = 0.03,
         name: str | None = None,
+        vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
+        super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
         self.step_sizes = check_step_sizes(step_sizes)
         self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
         self.max_iters = resolve_max_iters(max_iters, power_iters)
