@@ -11,9 +11,12 @@ every step), the callback at ``every_n_steps=2`` (so steps 0, 2, 4, ... are meas
 warm-up and not counted). The callback's hooks are wrapped with timers (what a measurement costs is
 the time inside them at a measured step), and a first callback times each training step from its
 ``on_train_batch_start`` to its ``on_train_batch_end`` at the unmeasured steps (forward, backward,
-optimiser step; data loading and Lightning's logging outside it; the medians are printed). After
-the fits the plain model's forward+backward pass (``loss.backward()``) and forward pass (no grad)
-are timed on the same batch, interleaved, and give the pass count its time:
+optimiser step; data loading and Lightning's logging outside it; the medians are printed). At
+each of those unmeasured steps, right after it, the same callback also times one forward+backward
+pass (``loss.backward()``) and one forward pass (no grad) of a separate plain copy of the model on
+the same batch, so that measurements, training steps and plain passes are timed side by side in
+the same fits (a change of load on a shared machine hits all three alike). The medians of the
+plain passes give the pass count its time:
 
 - ICS: ``k`` forward+backward passes for ``k`` measured layers (one pass gives every
   :math:`G_{t,i}`, each other :math:`G'_{t,i}` one pass), ``k`` read from the logged keys;
@@ -103,18 +106,25 @@ def _sub(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
 
 
 class StepTimer(pl.Callback):
-    """Times every training step (first in the callback list)."""
+    """Times every training step (first in the callback list), and at every unmeasured step after
+    it the plain model's passes (``plain``: a callable returning ``(fb, f)`` (wall, cpu) pairs),
+    so that a measurement and the passes it is compared with are timed side by side."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, plain: Callable[[], Any] | None = None) -> None:
         self.clock = clock
+        self.plain = plain
         self.steps: dict[int, tuple[float, float]] = {}
+        self.passes: list[Any] = []
         self._t0: tuple[float, float] = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._t0 = self.clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.steps[trainer.global_step - 1] = _sub(self.clock(), self._t0)
+        step = trainer.global_step - 1
+        self.steps[step] = _sub(self.clock(), self._t0)
+        if self.plain is not None and step % 2 == 1:
+            self.passes.append(self.plain())
 
 
 def wrap_hooks(callback: DiagnosticCallback, clock: Clock) -> dict[int, list[float]]:
@@ -137,10 +147,15 @@ def wrap_hooks(callback: DiagnosticCallback, clock: Clock) -> dict[int, list[flo
 
 
 def fit(
-    model: nn.Module, batch: Any, callback: DiagnosticCallback, steps: int, args: Any
-) -> tuple[dict[int, list[float]], dict[int, tuple[float, float]]]:
+    model: nn.Module,
+    batch: Any,
+    callback: DiagnosticCallback,
+    steps: int,
+    args: Any,
+    plain: Callable[[], Any] | None = None,
+) -> tuple[dict[int, list[float]], dict[int, tuple[float, float]], list[Any]]:
     clock = Clock(args.device == "cuda")
-    timer = StepTimer(clock)
+    timer = StepTimer(clock, plain)
     spent = wrap_hooks(callback, clock)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -154,38 +169,33 @@ def fit(
         enable_model_summary=False,
     )
     trainer.fit(Classifier(model), Repeat(batch, steps))
-    return spent, timer.steps
+    return spent, timer.steps, timer.passes
 
 
-def plain_passes(
-    model: nn.Module, batch: Any, repeats: int, args: Any
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Median (wall, cpu) of one forward+backward and of one forward of the plain model."""
-    device = torch.device(args.device)
-    model = model.to(device)
-    x, y = (t.to(device) for t in batch)
-    clock = Clock(args.device == "cuda")
-    dtype = torch.bfloat16 if args.precision.startswith("bf16") else None
-    fb: list[tuple[float, float]] = []
-    fw: list[tuple[float, float]] = []
+class PlainPasses:
+    """One forward+backward and one forward of the plain model per call: ``((wall, cpu), (wall,
+    cpu))``; the first call is a warm-up whose times are returned too (the caller skips it)."""
 
-    def loss() -> Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return nn.functional.cross_entropy(model(x), y)
+    def __init__(self, model: nn.Module, batch: Any, args: Any) -> None:
+        self.device = torch.device(args.device)
+        self.model = model.to(self.device)
+        self.x, self.y = (t.to(self.device) for t in batch)
+        self.clock = Clock(args.device == "cuda")
+        self.dtype = torch.bfloat16 if args.precision.startswith("bf16") else None
 
-    for i in range(repeats + 1):
-        t0 = clock()
-        model.zero_grad(set_to_none=True)
-        loss().backward()
-        t1 = clock()
+    def loss(self) -> Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return nn.functional.cross_entropy(self.model(self.x), self.y)
+
+    def __call__(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        t0 = self.clock()
+        self.model.zero_grad(set_to_none=True)
+        self.loss().backward()
+        t1 = self.clock()
         with torch.no_grad():
-            loss()
-        t2 = clock()
-        if i:
-            fb.append(_sub(t1, t0))
-            fw.append(_sub(t2, t1))
-    med = lambda xs: (statistics.median(a for a, _ in xs), statistics.median(b for _, b in xs))  # noqa: E731
-    return med(fb), med(fw)
+            self.loss()
+        t2 = self.clock()
+        return _sub(t1, t0), _sub(t2, t1)
 
 
 def measure_model(name: str, args: Any) -> None:
@@ -199,14 +209,18 @@ def measure_model(name: str, args: Any) -> None:
     steps = 2 * args.repeats + 2
     rows = []
     step_times: list[tuple[float, float]] = []
+    plain_times: list[Any] = []
+    plain_model = PlainPasses(make(name, batch_size)[0], batch, args)
+    plain_model()  # warm-up
     for label, factory in CALLBACKS.items():
         torch.manual_seed(0)
         fresh, _, _ = make(name, batch_size)
         callback = factory()
-        spent, steps_t = fit(fresh, batch, callback, steps, args)
+        spent, steps_t, timed = fit(fresh, batch, callback, steps, args, plain_model)
         measured = [spent[s] for s in callback.measured_steps if s >= 2 and s in spent]
         plain = [steps_t[s] for s in steps_t if s % 2 == 1 and s >= 1]
         step_times += plain
+        plain_times += timed
         keys = callback.panel_history.keys()
         if label == "ICS":
             k = len({key.split("/")[1] for key in keys if key.startswith("ics/")})
@@ -220,12 +234,14 @@ def measure_model(name: str, args: Any) -> None:
             passes = f"14 + 2x({mean_iters:.1f}+1) HVP"
             n_fb, n_f = 14 + 2 * (mean_iters + 1), 0
         rows.append((label, measured, passes, n_fb, n_f))
-    (fb_wall, fb_cpu), (f_wall, f_cpu) = plain_passes(make(name, batch_size)[0], batch, 5, args)
+    fb_wall, fb_cpu = (statistics.median(p[0][i] for p in plain_times) for i in (0, 1))
+    f_wall, f_cpu = (statistics.median(p[1][i] for p in plain_times) for i in (0, 1))
     col = 1 if args.device == "cpu" else 0  # CPU time on CPU, wall time on CUDA
     step = statistics.median(t[col] for t in step_times)
     unit = "CPU" if col else "wall"
     print(
-        f"  one training step {step * 1e3:.1f} ms {unit} (median of {len(step_times)});"
+        f"  one training step {step * 1e3:.1f} ms {unit} (median of {len(step_times)}; plain"
+        f" passes: medians of {len(plain_times)}, timed at the same unmeasured steps);"
         f" plain forward+backward {(fb_cpu if col else fb_wall) * 1e3:.1f} ms,"
         f" forward {(f_cpu if col else f_wall) * 1e3:.1f} ms"
     )
