@@ -30,16 +30,17 @@ Three ways to get :math:`Hv` (all exact up to rounding):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal, cast
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from lightning_bn._validation import check_choice
-from lightning_bn.paramvec import TensorDict
+from lightning_bn.paramvec import FlatLayout, TensorDict
 
 __all__ = [
+    "FlatOperator",
     "HVPMethod",
     "HessianVectorProduct",
     "LossFn",
@@ -53,6 +54,23 @@ LossFn = Callable[[TensorDict], Tensor]
 #: How a Hessian-vector product is taken (see the module docstring).
 HVPMethod = Literal["auto", "forward", "reverse"]
 _METHODS = ("auto", "forward", "reverse")
+
+
+@runtime_checkable
+class FlatOperator(Protocol):
+    r"""A map :math:`v \mapsto Hv` that also takes flat vectors (e.g. :class:`HessianVectorProduct`).
+
+    ``matvec`` takes and returns 1-D tensors in ``layout`` (the parameter dict flattened and
+    concatenated in key order, in the layout's working dtype), without the dict bookkeeping and
+    checks of ``__call__``; iterative solvers
+    (:func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`) call it once per product.
+    """
+
+    layout: FlatLayout
+
+    def __call__(self, vector: Mapping[str, Tensor], /) -> TensorDict: ...
+
+    def matvec(self, vector: Tensor, /) -> Tensor: ...
 
 
 def hvp(
@@ -126,9 +144,12 @@ class HessianVectorProduct:
     :attr:`grad`, so a caller needs no separate gradient pass). With ``method="reverse"`` (the
     default) the first-order graph is kept and each product is one more backward pass through it
     (a product costs one backward pass through the kept graph, where forward-over-reverse re-runs
-    the model every time); the price is the memory of that graph until the object is dropped. ``params`` are not copied (detached
-    views): do not modify them in place while the operator is in use (autograd then raises).
-    With ``"forward"``/``"auto"`` each product re-runs the model, and ``"auto"`` settles on the
+    the model every time); the price is the memory of that graph until the object is dropped.
+    When all parameters share one dtype and device, the loss is evaluated at views of one flat
+    copy of ``params`` (one parameter-sized copy), so that a product on flat vectors
+    (:meth:`matvec`, what the eigenvalue solvers call) is one backward pass from one tensor to one
+    tensor; otherwise at detached views of ``params`` (do not modify them in place while the
+    operator is in use: autograd then raises). With ``"forward"``/``"auto"`` each product re-runs the model, and ``"auto"`` settles on the
     first method that works (keeping the graph if that is ``"reverse"``).
 
     Args:
@@ -139,10 +160,12 @@ class HessianVectorProduct:
     Attributes:
         params: the point, detached.
         loss: :math:`L(W)`, 0-dim, detached.
-        grad: :math:`\nabla L(W)`, detached.
+        grad: :math:`\nabla L(W)`, detached (with a flat copy: views of one flat tensor).
         method: the method in use (``"auto"`` becomes ``"forward"`` or ``"reverse"`` after the
             first product).
         calls: number of products taken so far.
+        layout: the :class:`~lightning_bn.paramvec.FlatLayout` of :attr:`params`, the vectors
+            of :meth:`matvec`.
 
     Example:
         >>> import torch
@@ -158,10 +181,11 @@ class HessianVectorProduct:
         _check_method(method)
         _check_params(params)
         self.params: TensorDict = {k: p.detach() for k, p in params.items()}
+        self.layout = FlatLayout(self.params)
         self.method: str = method
         self.calls = 0
         self._loss_fn = loss_fn
-        self._graph: tuple[TensorDict, tuple[Tensor | None, ...]] | None = None
+        self._flat_graph: _FlatLeafGraph | _FlatGraph | None = None
         if method == "reverse":
             self.loss, self.grad = self._build_graph()
         else:
@@ -171,7 +195,7 @@ class HessianVectorProduct:
         """Return :math:`Hv` (keys and shapes of :attr:`params`, detached)."""
         primals, tangents = _prepare(self.params, vector)
         self.calls += 1
-        if self._graph is None and self.method == "auto":
+        if self._flat_graph is None and self.method == "auto":
             try:
                 out = _hvp_forward(self._loss_fn, primals, tangents)
             except RuntimeError:
@@ -180,15 +204,87 @@ class HessianVectorProduct:
             else:
                 self.method = "forward"
                 return out
-        if self._graph is not None:
-            leaves, grads = self._graph
-            return _reverse_product(leaves, grads, tangents)
+        if self._flat_graph is not None:
+            return self.layout.unflat(self._flat_graph.product(self.layout.flat(tangents)))
         return _hvp_forward(self._loss_fn, primals, tangents)
 
+    def matvec(self, vector: Tensor) -> Tensor:
+        r""":math:`Hv` on flat vectors: ``vector`` and the result are 1-D in :attr:`layout` (the
+        parameters flattened and concatenated in key order, in the layout's dtype); the result is
+        a new tensor.
+
+        The same product as ``__call__``, without its dict checks and conversions: with the kept
+        graph (``"reverse"``) one backward pass with ``vector`` as its ``grad_outputs``. When all
+        parameters share one dtype and device, the kept graph is that of the loss of one flat
+        leaf (the parameters are views of it), so the product needs neither a split of
+        ``vector`` nor a concatenation of the result. ``vector`` is not checked (its length must
+        be ``layout.numel``).
+        """
+        if self._flat_graph is None:  # forward-over-reverse (or "auto" before its first product)
+            return self.layout.flat(self(self.layout.unflat(vector)))
+        self.calls += 1
+        return self._flat_graph.product(vector)
+
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
+        if self.layout.uniform:
+            graph = _FlatLeafGraph(self._loss_fn, self.layout, self.params)
+            self._flat_graph = graph
+            return graph.loss, self.layout.unflat(graph.grad)
         leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
-        self._graph = (leaves, grads)
+        self._flat_graph = _FlatGraph(self.layout, leaves, grads)
         return loss.detach(), _as_dict(leaves, grads)
+
+
+class _FlatLeafGraph:
+    """The first-order graph of the loss of one flat leaf whose views are the parameters."""
+
+    def __init__(self, loss_fn: LossFn, layout: FlatLayout, params: Mapping[str, Tensor]) -> None:
+        self.layout = layout
+        self.leaf = layout.flat(params).requires_grad_(True)
+        with torch.enable_grad():
+            loss = _scalar(loss_fn(layout.unflat(self.leaf)))
+            (grad,) = torch.autograd.grad(loss, self.leaf, create_graph=True, allow_unused=True)
+        self.loss = loss.detach()
+        # None: the loss does not depend on the parameters; no grad_fn: it is linear in them
+        self.output = grad if grad is not None and grad.requires_grad else None
+        self.grad = torch.zeros_like(self.leaf) if grad is None else grad.detach()
+
+    def product(self, vector: Tensor) -> Tensor:
+        if self.output is None:
+            return torch.zeros_like(self.grad)
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad(
+                self.output, self.leaf, grad_outputs=vector, retain_graph=True, allow_unused=True
+            )
+        return torch.zeros_like(self.grad) if out is None else out
+
+
+class _FlatGraph:
+    """The kept first-order graph of per-parameter leaves, for flat products (mixed dtypes)."""
+
+    def __init__(
+        self, layout: FlatLayout, leaves: TensorDict, grads: tuple[Tensor | None, ...]
+    ) -> None:
+        self.layout = layout
+        self.inputs = list(leaves.values())
+        # a gradient that does not require grad is constant in W: its block of H is zero
+        self.index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.outputs = [cast(Tensor, grads[i]) for i in self.index]
+
+    def product(self, vector: Tensor) -> Tensor:
+        layout = self.layout
+        if not self.outputs:
+            return torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+        parts = list(layout.unflat(vector).values())
+        with torch.enable_grad():
+            out = torch.autograd.grad(
+                self.outputs,
+                self.inputs,
+                grad_outputs=[parts[i] for i in self.index],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return layout.flat(_as_dict(dict(zip(layout.keys, self.inputs, strict=True)), out))
 
 
 def _hvp_forward(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
