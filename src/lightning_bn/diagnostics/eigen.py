@@ -234,7 +234,7 @@ def _power(
 class _Basis:
     r"""The orthonormal Lanczos vectors :math:`Q_k` as rows of a few blocks.
 
-    Blocks double the capacity (4, 4, 8, 16, ... rows, capped at ``capacity`` in all), so nothing
+    Blocks double the capacity (8, 8, 16, 32, ... rows, capped at ``capacity`` in all), so nothing
     is ever copied, at most ``capacity`` rows are allocated, and a product with :math:`Q_k` or
     :math:`Q_k^\top` is one matrix-vector product per block.
     """
@@ -249,7 +249,7 @@ class _Basis:
     def append(self, v: Tensor, divisor: float = 1.0) -> Tensor:
         """Store ``v / divisor`` as the next row; return the stored row (a view)."""
         if not self._blocks or self._used[-1] == self._blocks[-1].shape[0]:
-            rows = min(max(4, self.size), self.capacity - self.size)
+            rows = min(max(8, self.size), self.capacity - self.size)
             self._blocks.append(torch.empty(rows, self.n, dtype=self.dtype, device=self.device))
             self._used.append(0)
             self._views.append(self._blocks[-1][:0])
