@@ -641,3 +641,17 @@ def test_lanczos_non_finite_product_returns_the_last_ritz_vector() -> None:
     assert math.isnan(res.eigenvalue) and res.iterations == 3 and not res.converged
     two = top_hessian_eigenvalue(op, start, max_iters=2, tol=0.0, algorithm="lanczos")
     torch.testing.assert_close(res.eigenvector["w"], two.eigenvector["w"])
+
+
+def test_smoothness_operator_is_a_flat_operator_in_one_process() -> None:
+    from lightning_bn.diagnostics.hvp import FlatOperator
+    from lightning_bn.diagnostics.landscape import _AveragedProduct
+    from lightning_bn.probe import Collective
+
+    prob = Problem("ours", True, True, seed=1)
+    hess = prob.hessian()
+    avg = _AveragedProduct(HessianVectorProduct(prob.loss_fn, prob.params), Collective())
+    assert isinstance(avg, FlatOperator) and avg.layout.keys == prob.keys
+    v = prob.flat(prob.random_vector(4))
+    _assert_close(avg.matvec(v), hess @ v)
+    _assert_close(prob.flat(avg(prob.unflat(v))), hess @ v)
