@@ -1,35 +1,38 @@
-"""Top Hessian eigenvalue: ours (Probe + HessianVectorProduct + power iteration or Lanczos) vs PyHessian.
+"""Top Hessian eigenvalue: ours (Probe + HessianVectorProduct + Lanczos or power iteration) vs PyHessian.
 
-Prints, measured side by side in one run, for both of our algorithms
-(:func:`top_hessian_eigenvalue` with ``algorithm="power"`` and ``algorithm="lanczos"``):
+Both measure the same function: the **training** loss, BatchNorm in train mode (batch
+statistics). PyHessian's ``hessian(...)`` constructor calls ``model.eval()``; here it runs with
+that call switched off (:func:`train_mode_pyhessian`: ``model.eval`` is a no-op on the instance
+for the duration of the constructor, so the model stays in train mode and its
+``loss.backward(create_graph=True)`` and every product see batch statistics). The running
+statistics its forward pass updates do not enter the train-mode loss. Ours never changes the
+mode: the Probe evaluates the module in the mode it is in, on copies of the buffers.
 
-(1) time to the top eigenvalue at the same tolerance on the same model and batch, ours ÷
-    PyHessian's (target: ours at least 2× faster, i.e. a ratio ≤ 0.5). Ours is
-    ``HessianVectorProduct(loss through Probe, params)`` (one loss and gradient pass that keeps its
-    graph) then :func:`top_hessian_eigenvalue`; PyHessian's is ``hessian(model, criterion,
-    data=(x, y), cuda=False)`` (the same kept first-order graph, built by ``loss.backward(
-    create_graph=True)``) then ``.eigenvalues(maxIter=..., tol=...)`` (power iteration). All three
-    are timed from the model and batch to the number, building the graph included, interleaved
-    over ``--repeats`` rounds (min and all values printed). All start from the same random vector
-    (PyHessian draws it from the global RNG after seeding; ours is handed the same draw as
-    ``init``): ours with power iteration does the same work as PyHessian, so that ratio is the
-    cost of the same products; ours with Lanczos needs fewer products to the same tolerance. Each
-    round uses another seed; the number of Hessian-vector products is printed for all three. Time
-    is process CPU time (one thread by default). A further line per algorithm times ours
-    warm-started as SmoothnessCallback runs it (from the eigenvector that algorithm found at an
-    earlier measurement) against PyHessian's cold start.
-(2) accuracy on a model small enough to form the full Hessian
-    (:func:`torch.autograd.functional.hessian` in float64, then :func:`torch.linalg.eigvalsh`):
-    the relative error of all three values against the exact dominant (largest-magnitude)
-    eigenvalue, over several random starts. All run on the float32 model, as in training.
+Prints, measured side by side in one run, for every model (MLPs of about 1.5k, 3.5k, 19k and 217k
+parameters, each without and with BatchNorm; tanh, no dropout):
 
-BatchNorm: PyHessian calls ``model.eval()``, so a BatchNorm layer normalises with its running
-statistics, a different function from the training loss (batch statistics) that our callbacks
-measure. The main comparison therefore uses MLPs *without* normalisation layers (and without
-dropout), where train and eval mode are the same function. For a BatchNorm MLP the script times
-both in eval mode (ours measures whatever mode the module is in: the Probe never changes it), so
-that the two compute the same thing, and prints the train-mode eigenvalue next to it to show how
-far apart the two functions are.
+(1) time to the top eigenvalue at the same tolerance (``--tol``, default 1e-3) on the same batch,
+    ours ÷ PyHessian's (target: ours with Lanczos ≤ 0.5×). Ours is ``HessianVectorProduct(loss
+    through Probe, params)`` (one loss and gradient pass that keeps its graph) then
+    :func:`top_hessian_eigenvalue` with ``algorithm="lanczos"`` (and, for the cost of the same
+    products, ``"power"``); PyHessian's is ``hessian(model, criterion, data=(x, y), cuda=False)``
+    (the same kept first-order graph, built by ``loss.backward(create_graph=True)``) then
+    ``.eigenvalues(maxIter=..., tol=...)`` (power iteration). All are timed from the model and
+    batch to the number, building the graph included, interleaved over ``--repeats`` rounds after
+    one warm-up round (median, min and all ratios printed). In each round all start from the same
+    random vector (PyHessian draws it from the global RNG after seeding; ours is handed the same
+    draw as ``init``), another seed per round; ours with power iteration then does the same work
+    as PyHessian (the ratio is the cost of the same products), ours with Lanczos needs fewer
+    products to the same tolerance. Time is process CPU time, one thread by default.
+(2) accuracy on models small enough to form the full Hessian
+    (:func:`torch.autograd.functional.hessian` in float64 of the same train-mode loss, then
+    :func:`torch.linalg.eigvalsh`): the relative error of all three values against the exact
+    dominant (largest-magnitude) eigenvalue, over several random starts, at tol 1e-3 and 1e-6. All
+    run on the float32 model, as in training.
+(3) ours warm-started as SmoothnessCallback runs it (from the eigenvector that algorithm found 100
+    SGD steps earlier) against PyHessian's cold start, on the largest model.
+
+A last table summarises (1) and (2) in the README's form.
 
 Run it in the benchmark's own environment (PyHessian is not a dependency of the project)::
 
@@ -42,12 +45,14 @@ Run it in the benchmark's own environment (PyHessian is not a dependency of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -60,7 +65,15 @@ from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.probe import Probe
 
 CRITERION = nn.CrossEntropyLoss()
-ALGORITHMS: tuple[EigAlgorithm, ...] = ("power", "lanczos")
+ALGORITHMS: tuple[EigAlgorithm, ...] = ("lanczos", "power")
+NAMES = (*ALGORITHMS, "pyhessian")
+#: (title, widths): about 1.5k, 3.5k, 19k and 217k parameters without BatchNorm.
+SIZES: tuple[tuple[str, list[int]], ...] = (
+    ("MLP 64-16-16-10", [64, 16, 16, 10]),
+    ("MLP 64-32-32-10", [64, 32, 32, 10]),
+    ("MLP 64-128-80-10", [64, 128, 80, 10]),
+    ("MLP 64-256x4-10", [64, 256, 256, 256, 256, 10]),
+)
 
 
 def mlp(widths: Sequence[int], batchnorm: bool = False) -> nn.Module:
@@ -83,7 +96,7 @@ def ours(
     init: dict[str, Tensor],
     tol: float,
     max_iters: int,
-    algorithm: EigAlgorithm = "power",
+    algorithm: EigAlgorithm = "lanczos",
 ) -> tuple[float, int]:
     """Our top eigenvalue and the number of Hessian-vector products it took."""
     probe = Probe(model, loss_fn=loss_fn)
@@ -98,12 +111,23 @@ def ours(
     return res.eigenvalue, res.iterations
 
 
+@contextlib.contextmanager
+def train_mode_pyhessian(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` is a no-op (returns the model, mode unchanged) inside the block."""
+    model.eval = lambda: model  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.eval
+
+
 def pyhessian(
     model: nn.Module, batch: Any, seed: int, tol: float, max_iters: int
 ) -> tuple[float, int]:
-    """PyHessian's top eigenvalue and the number of Hessian-vector products it took."""
+    """PyHessian's top eigenvalue (model kept in train mode) and the products it took."""
     model.zero_grad(set_to_none=True)  # its constructor accumulates into .grad
-    h = PyHessian(model, CRITERION, data=batch, cuda=False)
+    with train_mode_pyhessian(model):
+        h = PyHessian(model, CRITERION, data=batch, cuda=False)
     module = sys.modules[PyHessian.__module__]
     product = getattr(module, "hessian_vector_product")  # noqa: B009
     calls = 0
@@ -140,13 +164,28 @@ def fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def span(values: Sequence[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    title: str
+    n_params: int
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    products: dict[str, list[int]] = field(default_factory=dict)
+    ms: dict[str, float] = field(default_factory=dict)
+
+
 def compare_time(
     title: str, model: nn.Module, batch: Any, tol: float, max_iters: int, repeats: int
-) -> None:
+) -> Row:
     """Print (1): all timed from the same start vector, interleaved, one seed per round."""
-    model.eval()  # what PyHessian does; the same function for all (see the module docstring)
-    times: dict[str, list[float]] = {name: [] for name in (*ALGORITHMS, "pyhessian")}
-    products: dict[str, list[int]] = {name: [] for name in times}
+    model.train()
+    times: dict[str, list[float]] = {name: [] for name in NAMES}
+    products: dict[str, list[int]] = {name: [] for name in NAMES}
     values: dict[str, float] = {}
     for seed in range(repeats + 1):
         init = start_vector(model, seed)
@@ -164,23 +203,25 @@ def compare_time(
             continue
         for name, t in round_times.items():
             times[name].append(t)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {title} ({n_params} parameters), eval mode for all")
-    medians = ", ".join(f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in times.items())
-    rounds = ", ".join(
-        "/".join(str(products[name][i]) for name in products) for i in range(repeats)
-    )
-    last = " / ".join(f"{values[name]:.6g}" for name in products)
+    row = Row(title, sum(p.numel() for p in model.parameters()))
+    print(f"model: {title} ({row.n_params} parameters), train mode for all")
+    row.ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    medians = ", ".join(f"{name} {ms:.1f} ms" for name, ms in row.ms.items())
+    rounds = ", ".join("/".join(str(products[name][i]) for name in NAMES) for i in range(repeats))
+    last = " / ".join(f"{values[name]:.6g}" for name in NAMES)
     print(
-        f"    medians: {medians}; Hessian-vector products power/Lanczos/PyHessian per round:"
+        f"    medians: {medians}; Hessian-vector products Lanczos/power/PyHessian per round:"
         f" {rounds}; last values {last}"
     )
+    row.products = products
     for algorithm in ALGORITHMS:
         ratios = [a / b for a, b in zip(times[algorithm], times["pyhessian"], strict=True)]
+        row.ratios[algorithm] = ratios
         print(
-            f"(1) time ours ({algorithm}) / PyHessian = {min(ratios):.2f}   (min; median"
-            f" {statistics.median(ratios):.2f}, all {fmt(ratios)}; target <= 0.5)"
+            f"(1) time ours ({algorithm}) / PyHessian = {statistics.median(ratios):.2f}   (median;"
+            f" min {min(ratios):.2f}, all {fmt(ratios)}; target for Lanczos <= 0.5)"
         )
+    return row
 
 
 def compare_warm(
@@ -190,12 +231,10 @@ def compare_warm(
 
     The warm start is the eigenvector that the same algorithm found 100 SGD steps earlier (lr
     0.05, random batches of the same shape), as a callback measuring every 100 steps would have it.
-    The cold power iteration (the eigenvector before the steps, and the value after) is the
-    reference of the relative error.
+    A cold Lanczos at tol 1e-9 is the reference of the relative error.
     """
-    model.eval()
-    earlier = copy.deepcopy(model)
-    probe = Probe(earlier, loss_fn=loss_fn)
+    model = copy.deepcopy(model).train()
+    probe = Probe(copy.deepcopy(model), loss_fn=loss_fn)
     params = probe.parameters()
     op = HessianVectorProduct(lambda p: probe.loss({**params, **p}, batch), params)
     warm = {
@@ -232,9 +271,9 @@ def compare_warm(
     for algorithm in ALGORITHMS:
         r = ratios[algorithm]
         print(
-            f"    {title}, ours ({algorithm}) warm-started from its eigenvector of 100 SGD steps"
-            f" earlier (as the callback runs it) / PyHessian cold = {min(r):.2f}   (min; median"
-            f" {statistics.median(r):.2f}, all {fmt(r)}; products {', '.join(iters[algorithm])});"
+            f"(3) {title}, ours ({algorithm}) warm-started from its eigenvector of 100 SGD steps"
+            f" earlier (as the callback runs it) / PyHessian cold = {statistics.median(r):.2f}"
+            f"   (median; min {min(r):.2f}, all {fmt(r)}; products {', '.join(iters[algorithm])});"
             f" warm value {lam_warm[algorithm]:.6g}, relative error"
             f" {abs(lam_warm[algorithm] - converged) / abs(converged):.1e} against"
             f" {converged:.6g} (cold Lanczos, tol 1e-9)"
@@ -242,8 +281,8 @@ def compare_warm(
 
 
 def exact_dominant(model: nn.Module, batch: Any) -> float:
-    """The largest-magnitude eigenvalue of the full Hessian, in float64."""
-    net = copy.deepcopy(model).double()
+    """The largest-magnitude eigenvalue of the full Hessian of the train-mode loss, in float64."""
+    net = copy.deepcopy(model).double().train()
     names = [n for n, _ in net.named_parameters()]
     shapes = [p.shape for _, p in net.named_parameters()]
     flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
@@ -263,36 +302,69 @@ def exact_dominant(model: nn.Module, batch: Any) -> float:
 
 
 def compare_accuracy(
-    title: str, model: nn.Module, batch: Any, tol: float, max_iters: int, seeds: int
-) -> None:
+    title: str, model: nn.Module, batch: Any, tols: Sequence[float], max_iters: int, seeds: int
+) -> dict[float, dict[str, float]]:
+    """Print (2); return the median relative error per tolerance and name."""
+    model.train()
     exact = exact_dominant(model, batch)
-    errors: dict[str, list[float]] = {name: [] for name in (*ALGORITHMS, "pyhessian")}
-    products: dict[str, list[int]] = {name: [] for name in errors}
-    for seed in range(seeds):
-        for algorithm in ALGORITHMS:
-            lam, k = ours(model, batch, start_vector(model, seed), tol, max_iters, algorithm)
-            errors[algorithm].append(abs(lam - exact) / abs(exact))
-            products[algorithm].append(k)
-        lam_py, k_py = pyhessian(model, batch, seed, tol, max_iters)
-        errors["pyhessian"].append(abs(lam_py - exact) / abs(exact))
-        products["pyhessian"].append(k_py)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model: {title} ({n_params} parameters), exact dominant eigenvalue"
+        f"model: {title} ({n_params} parameters), train mode, exact dominant eigenvalue"
         f" (float64 eigvalsh) = {exact:.8g}"
     )
-    summary = "; ".join(
-        f"{name} median {statistics.median(e):.2e} (max {max(e):.2e},"
-        f" products median {statistics.median(products[name]):g})"
-        for name, e in errors.items()
+    out: dict[float, dict[str, float]] = {}
+    for tol in tols:
+        errors: dict[str, list[float]] = {name: [] for name in NAMES}
+        products: dict[str, list[int]] = {name: [] for name in NAMES}
+        for seed in range(seeds):
+            for algorithm in ALGORITHMS:
+                lam, k = ours(model, batch, start_vector(model, seed), tol, max_iters, algorithm)
+                errors[algorithm].append(abs(lam - exact) / abs(exact))
+                products[algorithm].append(k)
+            lam_py, k_py = pyhessian(model, batch, seed, tol, max_iters)
+            errors["pyhessian"].append(abs(lam_py - exact) / abs(exact))
+            products["pyhessian"].append(k_py)
+        summary = "; ".join(
+            f"{name} median {statistics.median(e):.2e} (max {max(e):.2e},"
+            f" products median {statistics.median(products[name]):g})"
+            for name, e in errors.items()
+        )
+        closer = ", ".join(
+            f"{a} {sum(x < y for x, y in zip(errors[a], errors['pyhessian'], strict=True))}/{seeds}"
+            for a in ALGORITHMS
+        )
+        out[tol] = {name: statistics.median(e) for name, e in errors.items()}
+        advantage = out[tol]["pyhessian"] / max(out[tol]["lanczos"], 1e-300)
+        print(f"(2) relative error at tol={tol:g}, {seeds} random starts: {summary}")
+        print(
+            f"    ours closer to exact than PyHessian: {closer}; PyHessian's median error"
+            f" / Lanczos's = {advantage:.1f}"
+        )
+    return out
+
+
+def summary(rows: Sequence[Row], accuracy: dict[str, dict[float, dict[str, float]]]) -> None:
+    print()
+    print(
+        "| model | parameters | ours (Lanczos) ÷ PyHessian, median (min) | products Lanczos /"
+        " PyHessian | ours (power) ÷ PyHessian, median | ms Lanczos / PyHessian |"
     )
-    closer = ", ".join(
-        f"{algorithm} {sum(a < b for a, b in zip(errors[algorithm], errors['pyhessian'], strict=True))}"
-        f"/{seeds}"
-        for algorithm in ALGORITHMS
-    )
-    print(f"(2) relative error at tol={tol:g}, {seeds} random starts: {summary}")
-    print(f"    ours closer to exact than PyHessian: {closer}")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        lz = r.ratios["lanczos"]
+        print(
+            f"| {r.title} | {r.n_params} | {statistics.median(lz):.2f} ({min(lz):.2f}) |"
+            f" {span(r.products['lanczos'])} / {span(r.products['pyhessian'])} |"
+            f" {statistics.median(r.ratios['power']):.2f} |"
+            f" {r.ms['lanczos']:.1f} / {r.ms['pyhessian']:.1f} |"
+        )
+    for title, by_tol in accuracy.items():
+        parts = ", ".join(
+            f"tol {tol:g}: Lanczos {e['lanczos']:.1e} vs PyHessian {e['pyhessian']:.1e}"
+            f" ({e['pyhessian'] / max(e['lanczos'], 1e-300):.0f}x)"
+            for tol, e in by_tol.items()
+        )
+        print(f"accuracy, {title}, median relative error against eigvalsh: {parts}")
 
 
 def main() -> None:
@@ -301,42 +373,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--tol", type=float, default=1e-3, help="relative tolerance (both)")
     parser.add_argument("--max-iters", type=int, default=100, help="most products (both)")
+    parser.add_argument("--seeds", type=int, default=10, help="random starts of (2)")
+    parser.add_argument(
+        "--only", default="", help="run only the models whose title contains this (no (2), (3))"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); tol={args.tol:g},"
-        f" at most {args.max_iters} Hessian-vector products for all"
+        f" at most {args.max_iters} Hessian-vector products for all; BatchNorm in train mode"
+        " for all (PyHessian's model.eval() switched off)"
     )
     torch.manual_seed(0)
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     batch = (x, y)
-
-    big = mlp([64, 256, 256, 256, 256, 10])
-    compare_time(
-        "MLP 64-256x4-10, tanh, no BatchNorm", big, batch, args.tol, args.max_iters, args.repeats
-    )
-    compare_warm("MLP 64-256x4-10", big, batch, args.tol, args.max_iters, args.repeats)
-    bn = mlp([64, 256, 256, 256, 256, 10], batchnorm=True)
-    bn.train()
-    lam_train, _ = ours(bn, batch, start_vector(bn, 0), 1e-9, 2000, "lanczos")
-    bn.eval()
-    compare_time(
-        "MLP 64-256x4-10, tanh, BatchNorm", bn, batch, args.tol, args.max_iters, args.repeats
-    )
-    lam_eval, _ = ours(bn, batch, start_vector(bn, 0), 1e-9, 2000, "lanczos")
-    print(
-        f"    BatchNorm: the eigenvalue in train mode (batch statistics, what the callbacks"
-        f" measure) = {lam_train:.6g}; in eval mode (running statistics, what PyHessian"
-        f" measures) = {lam_eval:.6g} (both converged: Lanczos, tol 1e-9)"
-    )
-    small = mlp([64, 16, 16, 10])
-    compare_time(
-        "MLP 64-16-16-10, tanh, no BatchNorm", small, batch, args.tol, args.max_iters, args.repeats
-    )
-    compare_accuracy(
-        "MLP 64-16-16-10, tanh, no BatchNorm", small, batch, args.tol, args.max_iters, 10
-    )
-    compare_accuracy("MLP 64-16-16-10, tanh, no BatchNorm", small, batch, 1e-6, args.max_iters, 10)
+    rows: list[Row] = []
+    for (title, widths), bn in itertools.product(SIZES, (False, True)):
+        full = f"{title}, tanh, {'BatchNorm' if bn else 'no BatchNorm'}"
+        if args.only not in full:
+            continue
+        torch.manual_seed(1)
+        model = mlp(widths, batchnorm=bn)
+        rows.append(compare_time(full, model, batch, args.tol, args.max_iters, args.repeats))
+    accuracy: dict[str, dict[float, dict[str, float]]] = {}
+    if not args.only:
+        title, widths = SIZES[-1]
+        torch.manual_seed(1)
+        compare_warm(title, mlp(widths), batch, args.tol, args.max_iters, args.repeats)
+        title, widths = SIZES[0]
+        for bn in (False, True):
+            full = f"{title}, tanh, {'BatchNorm' if bn else 'no BatchNorm'}"
+            torch.manual_seed(1)
+            model = mlp(widths, batchnorm=bn)
+            accuracy[full] = compare_accuracy(
+                full, model, batch, (args.tol, 1e-6), args.max_iters, args.seeds
+            )
+    summary(rows, accuracy)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,12 @@ class FlatLayout:
         """Length :math:`n` of the flat vector."""
         return sum(self.numels)
 
+    @property
+    def uniform(self) -> bool:
+        """Whether every tensor has the working dtype and device (no conversion either way:
+        :meth:`unflat` returns plain views)."""
+        return self._same
+
     def flat(self, d: Mapping[str, Tensor]) -> Tensor:
         """A new flat tensor (``torch.cat`` copies: never a view of ``d``), without autograd.
 

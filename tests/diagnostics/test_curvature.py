@@ -515,3 +515,143 @@ def test_lanczos_basis_never_holds_more_than_max_iters_vectors() -> None:
         for _ in range(capacity):
             basis.append(torch.ones(5, dtype=DTYPE))
         assert sum(b.shape[0] for b in basis._blocks) == capacity == basis.size
+
+
+# --- products on flat vectors (what the eigenvalue solvers call) ---------------------------------
+@pytest.mark.parametrize("method", ["reverse", "forward", "auto"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_matvec_matches_full_hessian(method: HVPMethod, seed: int) -> None:
+    prob = Problem("ours", False, True, seed=seed)
+    hess = prob.hessian()
+    op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
+    assert op.layout.keys == prob.keys and op.layout.numel == hess.shape[0]
+    for k in (1, 2):
+        v = prob.flat(prob.random_vector(k))
+        out = op.matvec(v)
+        assert out.shape == v.shape and out.dtype == DTYPE and not out.requires_grad
+        _assert_close(out, hess @ v)
+        # the dict form gives the same product
+        _assert_close(prob.flat(op(prob.unflat(v))), hess @ v)
+    assert op.calls == 4
+
+
+def test_matvec_with_mixed_dtypes_unused_and_linear_parameters() -> None:
+    # "a" float32, "b" float64, "c" unused by the loss, "d" only linear in it (a constant gradient)
+    params = {
+        "a": torch.tensor([1.0, 2.0]),
+        "b": torch.tensor([0.5, -1.0], dtype=DTYPE),
+        "c": torch.ones(3, dtype=DTYPE),
+        "d": torch.ones(2, dtype=DTYPE),
+    }
+
+    def loss_fn(p: TensorDict) -> Tensor:
+        a, b = p["a"].double(), p["b"]
+        return (a**2 * b).sum() + torch.sin(b).sum() + 3.0 * p["d"].sum()
+
+    names, sizes = list(params), [p.numel() for p in params.values()]
+
+    def flat_loss(w: Tensor) -> Tensor:
+        parts = dict(zip(names, w.split(sizes), strict=True))
+        return loss_fn({**parts, "a": parts["a"].float()})
+
+    w0 = torch.cat([p.double().reshape(-1) for p in params.values()])
+    hess = torch.autograd.functional.hessian(flat_loss, w0)
+    op = HessianVectorProduct(loss_fn, params)
+    assert not op.layout.uniform and op.layout.dtype == DTYPE
+    v = torch.linspace(-1.0, 2.0, w0.numel(), dtype=DTYPE)
+    expected = hess @ v
+    assert float(expected[2:].abs().max()) > 0 and float(expected[4:].abs().max()) == 0
+    torch.testing.assert_close(op.matvec(v), expected, rtol=1e-6, atol=1e-6)
+    linear = HessianVectorProduct(lambda p: 2.0 * p["d"].sum(), {"d": params["d"]})
+    assert torch.equal(linear.matvec(torch.ones(2, dtype=DTYPE)), torch.zeros(2, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("algorithm", ["power", "lanczos"])
+def test_flat_and_dict_paths_agree_and_match_eigvalsh(algorithm: str) -> None:
+    prob = Problem("torch", False, True, seed=2)
+    exact = _dominant(prob.hessian())
+    op = HessianVectorProduct(prob.loss_fn, prob.params)
+    start = prob.random_vector(5)
+    matvecs = 0
+    original = op.matvec
+
+    def counted(v: Tensor) -> Tensor:
+        nonlocal matvecs
+        matvecs += 1
+        return original(v)
+
+    op.matvec = counted  # type: ignore[method-assign]
+    kwargs = {"max_iters": 500, "tol": 1e-10, "algorithm": algorithm}
+    flat = top_hessian_eigenvalue(op, start, **kwargs)  # type: ignore[arg-type]
+    assert matvecs == flat.iterations  # through matvec, one call per product
+    as_dict = top_hessian_eigenvalue(lambda v: op(v), start, **kwargs)  # type: ignore[arg-type]
+    # another key order: the layouts differ, so the dict path runs
+    reordered = {k: start[k] for k in reversed(prob.keys)}
+    other = top_hessian_eigenvalue(op, reordered, **kwargs)  # type: ignore[arg-type]
+    assert matvecs == flat.iterations
+    for res in (flat, as_dict, other):
+        assert res.converged and res.eigenvalue == pytest.approx(exact, rel=1e-6)
+        assert list(res.eigenvector) in (prob.keys, list(reversed(prob.keys)))
+    assert as_dict.iterations == flat.iterations
+    assert flat.eigenvalue == pytest.approx(as_dict.eigenvalue, rel=1e-12)
+    torch.testing.assert_close(prob.flat(flat.eigenvector), prob.flat(as_dict.eigenvector))
+    torch.testing.assert_close(prob.flat(flat.eigenvector), prob.flat(other.eigenvector))
+
+
+def test_lanczos_beyond_the_first_tridiagonal_buffer() -> None:
+    # 70 distinct eigenvalues: at tol 0 Lanczos runs until breakdown, past the 32-row buffer
+    eigs = tuple(float(x) for x in torch.linspace(-3.0, 7.0, 70, dtype=DTYPE))
+    op = _diagonal_quadratic(eigs)
+    res = top_hessian_eigenvalue(
+        op,
+        None,
+        max_iters=200,
+        tol=0.0,
+        generator=torch.Generator().manual_seed(1),
+        algorithm="lanczos",
+    )
+    assert res.converged and 32 < res.iterations <= 70
+    assert res.eigenvalue == pytest.approx(7.0, rel=1e-10)
+    assert abs(float(res.eigenvector["w"][-1])) == pytest.approx(1.0, rel=1e-8)
+    tri = eigen._Tridiagonal(100)
+    alphas = [float(i % 7) - 2.0 for i in range(70)]
+    betas = [0.0] + [0.3 + 0.01 * i for i in range(69)]
+    for a, b in zip(alphas, betas, strict=True):
+        tri.append(a, b)
+    dense = torch.diag(torch.tensor(alphas, dtype=DTYPE))
+    dense += torch.diag(torch.tensor(betas[1:], dtype=DTYPE), -1)
+    dense += torch.diag(torch.tensor(betas[1:], dtype=DTYPE), 1)
+    torch.testing.assert_close(
+        torch.tensor(tri.eigvalsh(), dtype=DTYPE), torch.linalg.eigvalsh(dense)
+    )
+
+
+def test_lanczos_non_finite_product_returns_the_last_ritz_vector() -> None:
+    op = _diagonal_quadratic((3.0, -1.0, 2.0, 0.5, -6.0))
+    start = {"w": torch.tensor([1.0, 0.3, -0.7, 0.2, 0.4], dtype=DTYPE)}
+    calls = 0
+
+    def breaks_at_third(v: TensorDict) -> TensorDict:
+        nonlocal calls
+        calls += 1
+        out = op(v)
+        return {"w": torch.full_like(out["w"], math.nan)} if calls == 3 else out
+
+    res = top_hessian_eigenvalue(breaks_at_third, start, tol=0.0, algorithm="lanczos")
+    assert math.isnan(res.eigenvalue) and res.iterations == 3 and not res.converged
+    two = top_hessian_eigenvalue(op, start, max_iters=2, tol=0.0, algorithm="lanczos")
+    torch.testing.assert_close(res.eigenvector["w"], two.eigenvector["w"])
+
+
+def test_smoothness_operator_is_a_flat_operator_in_one_process() -> None:
+    from lightning_bn.diagnostics.hvp import FlatOperator
+    from lightning_bn.diagnostics.landscape import _AveragedProduct
+    from lightning_bn.probe import Collective
+
+    prob = Problem("ours", True, True, seed=1)
+    hess = prob.hessian()
+    avg = _AveragedProduct(HessianVectorProduct(prob.loss_fn, prob.params), Collective())
+    assert isinstance(avg, FlatOperator) and avg.layout.keys == prob.keys
+    v = prob.flat(prob.random_vector(4))
+    _assert_close(avg.matvec(v), hess @ v)
+    _assert_close(prob.flat(avg(prob.unflat(v))), hess @ v)

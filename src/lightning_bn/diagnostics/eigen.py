@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
 from lightning_bn._validation import check_choice, check_float, check_int
-from lightning_bn.diagnostics.hvp import HessianVectorProduct
-from lightning_bn.paramvec import FlatLayout, TensorDict, dict_dot, dict_norm, dict_normalise
+from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
+from lightning_bn.paramvec import FlatLayout, TensorDict
 
 __all__ = ["EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
 
@@ -131,6 +131,11 @@ def top_hessian_eigenvalue(
 
     Args:
         hvp_fn: :math:`v \mapsto Hv` on parameter dicts, e.g. a :class:`HessianVectorProduct`.
+            A :class:`~lightning_bn.diagnostics.hvp.FlatOperator` (one with ``layout`` and
+            ``matvec``, as :class:`HessianVectorProduct`) whose layout is that of the start
+            vector (same keys in the same order, shapes, dtypes, devices) is called through
+            ``matvec`` on flat vectors, without dict bookkeeping per product; any other callable
+            on dict views of the flat iterates.
         init: starting vector (a warm start, e.g. the previous call's ``eigenvector``; normalised
             here), or ``None`` for a random Gaussian unit vector.
         max_iters: most Hessian-vector products (``>= 1``); for Lanczos also the most vectors
@@ -171,33 +176,65 @@ def top_hessian_eigenvalue(
                 "but got neither (pass `like=params` or a HessianVectorProduct as `hvp_fn`)"
             )
         init = _random_like(like, generator)
+    layout, matvec = _flat_operator(hvp_fn, init)
+    q = layout.flat(init)
+    norm = float(torch.linalg.vector_norm(q))
+    if not 0.0 < norm < math.inf:
+        raise ValueError(f"Cannot normalise a vector of norm {norm}")
+    q.div_(norm)
     if algorithm == "lanczos":
-        return _lanczos(hvp_fn, init, max_iters, tol)
-    v = dict_normalise(init)
+        return _lanczos(matvec, layout, q, max_iters, tol)
+    return _power(matvec, layout, q, max_iters, tol)
 
+
+def _flat_operator(
+    hvp_fn: Callable[[TensorDict], TensorDict], init: Mapping[str, Tensor]
+) -> tuple[FlatLayout, Callable[[Tensor], Tensor]]:
+    r"""The layout of ``init`` and :math:`v \mapsto Hv` on flat vectors in it.
+
+    ``hvp_fn.matvec`` when ``hvp_fn`` is a :class:`FlatOperator` whose layout is that of
+    ``init`` (keys in the same order, shapes, dtypes, devices), else ``hvp_fn`` on dict views.
+    """
+    layout = FlatLayout(init)
+    if isinstance(hvp_fn, FlatOperator) and _same_layout(hvp_fn.layout, layout):
+        return hvp_fn.layout, hvp_fn.matvec
+
+    def matvec(v: Tensor) -> Tensor:
+        return layout.flat(hvp_fn(layout.unflat(v)))
+
+    return layout, matvec
+
+
+def _same_layout(a: FlatLayout, b: FlatLayout) -> bool:
+    return (a.keys, a.shapes, a.dtypes, a.devices) == (b.keys, b.shapes, b.dtypes, b.devices)
+
+
+def _power(
+    matvec: Callable[[Tensor], Tensor], layout: FlatLayout, v: Tensor, max_iters: int, tol: float
+) -> EigResult:
+    """Power iteration on flat vectors from the unit vector ``v``; see :func:`top_hessian_eigenvalue`."""
     eigenvalue = math.nan
     previous: float | None = None
     for k in range(1, max_iters + 1):
-        hv = hvp_fn(v)
+        hv = matvec(v)
         with torch.no_grad():
-            rayleigh = dict_dot(v, hv)
-            stats = torch.stack([rayleigh, dict_norm(hv).to(rayleigh.dtype)])
-        eigenvalue, hv_norm = (float(s) for s in stats.tolist())
+            stats = torch.stack([torch.dot(v, hv), torch.linalg.vector_norm(hv)])
+        eigenvalue, hv_norm = stats.tolist()  # the one host transfer per product
         if not (math.isfinite(eigenvalue) and math.isfinite(hv_norm)):
-            return EigResult(math.nan, v, k, False)
+            return EigResult(math.nan, layout.unflat(v), k, False)
         if hv_norm == 0.0:
-            return EigResult(0.0, v, k, True)
-        v = {key: t / hv_norm for key, t in hv.items()}
+            return EigResult(0.0, layout.unflat(v), k, True)
+        v = hv.div_(hv_norm)
         if previous is not None and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
-            return EigResult(eigenvalue, v, k, True)
+            return EigResult(eigenvalue, layout.unflat(v), k, True)
         previous = eigenvalue
-    return EigResult(eigenvalue, v, max_iters, False)
+    return EigResult(eigenvalue, layout.unflat(v), max_iters, False)
 
 
 class _Basis:
     r"""The orthonormal Lanczos vectors :math:`Q_k` as rows of a few blocks.
 
-    Blocks double the capacity (4, 4, 8, 16, ... rows, capped at ``capacity`` in all), so nothing
+    Blocks double the capacity (8, 8, 16, 32, ... rows, capped at ``capacity`` in all), so nothing
     is ever copied, at most ``capacity`` rows are allocated, and a product with :math:`Q_k` or
     :math:`Q_k^\top` is one matrix-vector product per block.
     """
@@ -207,25 +244,29 @@ class _Basis:
         self.size = 0
         self._blocks: list[Tensor] = []
         self._used: list[int] = []
+        self._views: list[Tensor] = []  # the used rows of every block
 
-    def append(self, v: Tensor) -> Tensor:
-        """Store ``v`` as the next row; return the stored row (a view)."""
+    def append(self, v: Tensor, divisor: float = 1.0) -> Tensor:
+        """Store ``v / divisor`` as the next row; return the stored row (a view)."""
         if not self._blocks or self._used[-1] == self._blocks[-1].shape[0]:
-            rows = min(max(4, self.size), self.capacity - self.size)
+            rows = min(max(8, self.size), self.capacity - self.size)
             self._blocks.append(torch.empty(rows, self.n, dtype=self.dtype, device=self.device))
             self._used.append(0)
-        row = self._blocks[-1][self._used[-1]]
-        row.copy_(v)
-        self._used[-1] += 1
+            self._views.append(self._blocks[-1][:0])
+        block, used = self._blocks[-1], self._used[-1]
+        row = block[used]
+        torch.div(v, divisor, out=row)
+        self._used[-1] = used + 1
+        self._views[-1] = block[: used + 1]
         self.size += 1
         return row
 
-    def _views(self) -> list[Tensor]:
-        return [b[:u] for b, u in zip(self._blocks, self._used, strict=True)]
-
     def project_out(self, w: Tensor) -> None:
         r""":math:`w \leftarrow (I - QQ^\top) w` in place (classical Gram-Schmidt)."""
-        views = self._views()
+        views = self._views
+        if len(views) == 1:
+            w.addmv_(views[0].T, views[0] @ w, alpha=-1.0)
+            return
         coeffs = [b @ w for b in views]  # all coefficients first, then one update per block
         for b, c in zip(views, coeffs, strict=True):
             w.addmv_(b.T, c, alpha=-1.0)
@@ -236,7 +277,7 @@ class _Basis:
         out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         s = s.to(device=self.device, dtype=self.dtype)
         start = 0
-        for b in self._views():
+        for b in self._views:
             part = s[start : start + b.shape[0]]
             if part.numel():
                 out.addmv_(b[: part.numel()].T, part)
@@ -244,68 +285,100 @@ class _Basis:
         return out
 
 
+class _Tridiagonal:
+    r"""The Lanczos matrix :math:`T_k` (float64, on the CPU), grown one row at a time.
+
+    Stored dense in a buffer that doubles when full (from at most 32 rows), lower triangle only
+    (what :func:`torch.linalg.eigh` reads).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._buffer = torch.zeros(min(capacity, 32), min(capacity, 32), dtype=torch.float64)
+        self.size = 0
+
+    def append(self, alpha: float, beta: float) -> None:
+        """Add the diagonal entry ``alpha`` below the off-diagonal ``beta`` (unused at first)."""
+        k = self.size
+        if k == self._buffer.shape[0]:
+            grown = self._buffer.new_zeros(2 * k, 2 * k)
+            grown[:k, :k] = self._buffer
+            self._buffer = grown
+        self._buffer[k, k] = alpha
+        if k:
+            self._buffer[k, k - 1] = beta
+        self.size = k + 1
+
+    def eigvalsh(self) -> list[float]:
+        """The Ritz values, ascending."""
+        return cast(list[float], torch.linalg.eigvalsh(self.matrix()).tolist())
+
+    def matrix(self) -> Tensor:
+        return self._buffer[: self.size, : self.size]
+
+
 def _lanczos(
-    hvp_fn: Callable[[TensorDict], TensorDict],
-    init: Mapping[str, Tensor],
-    max_iters: int,
-    tol: float,
+    matvec: Callable[[Tensor], Tensor], layout: FlatLayout, q: Tensor, max_iters: int, tol: float
 ) -> EigResult:
-    """Lanczos with full reorthogonalisation; see :func:`top_hessian_eigenvalue`."""
-    layout = FlatLayout(init)
-    q = layout.flat(init)
-    norm = float(torch.linalg.vector_norm(q))
-    if not 0.0 < norm < math.inf:
-        raise ValueError(f"Cannot normalise a vector of norm {norm}")
+    r"""Lanczos with full reorthogonalisation from the unit vector ``q``; see
+    :func:`top_hessian_eigenvalue`.
+
+    Per product: a handful of vector operations, one host transfer (the new
+    :math:`\alpha_k`, :math:`\lVert Hq_k \rVert`, :math:`\beta_k`) and the eigenvalues of the
+    small :math:`T_k`; the eigenvectors of :math:`T_k` only once, for the returned Ritz vector.
+    """
     basis = _Basis(q.numel(), max_iters, q.dtype, q.device)
-    q = basis.append(q.div_(norm))
+    q = basis.append(q)
     q_prev: Tensor | None = None
     eps = torch.finfo(q.dtype).eps
-    alphas: list[float] = []
-    betas: list[float] = []
+    tri = _Tridiagonal(max_iters)
+    beta = 0.0
     scale = 0.0  # max_j ‖H q_j‖, a lower bound of ‖H‖
     previous: float | None = None
-    ritz: Tensor | None = None  # coefficients of the current Ritz vector in the basis
     for k in range(1, max_iters + 1):
-        w = layout.flat(hvp_fn(layout.unflat(q)))
+        w = matvec(q)
         with torch.no_grad():
             hq_norm_t = torch.linalg.vector_norm(w)
             # three-term recurrence, then one classical Gram-Schmidt pass against the whole basis
             # (the recurrence is the first of "twice is enough": what is left along q_1..q_k is
             # rounding, which one more pass removes to working precision)
             if q_prev is not None:
-                w.sub_(q_prev, alpha=betas[-1])
+                w.sub_(q_prev, alpha=beta)
             alpha_t = torch.dot(q, w)  # q_kᵀ H q_k, since q_k ⟂ q_{k-1}
             w.addcmul_(q, alpha_t, value=-1.0)
             basis.project_out(w)
             stats = torch.stack([alpha_t, hq_norm_t, torch.linalg.vector_norm(w)])
-        alpha, hq_norm, beta = stats.double().tolist()
-        if not all(math.isfinite(x) for x in (alpha, hq_norm, beta)):
+        alpha, hq_norm, new_beta = stats.tolist()  # the one host transfer per product
+        if not (math.isfinite(alpha) and math.isfinite(hq_norm) and math.isfinite(new_beta)):
             # the last finite Ritz vector (the start vector after a first bad product)
-            vector = q.clone() if ritz is None else basis.combine(ritz)
+            vector = q.clone() if k == 1 else _ritz_vector(tri, basis)
             return EigResult(math.nan, layout.unflat(vector / vector.norm()), k, False)
-        alphas.append(alpha)
+        tri.append(alpha, beta)
         scale = max(scale, hq_norm)
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:  # eigh reads the lower triangle only
-            tri.diagonal(-1).copy_(torch.tensor(betas, dtype=torch.float64))
-        values, vectors = torch.linalg.eigh(tri)
-        ends = values.tolist()  # ascending: the extremes are at the ends
+        ends = tri.eigvalsh()  # ascending: the extremes are at the ends
         low, high = ends[0], ends[-1]
-        i = 0 if -low > high else k - 1  # largest magnitude (the positive one in a tie)
-        theta = (low if i == 0 else high) + 0.0  # + 0.0: no -0.0
-        ritz = vectors[:, i]
-        breakdown = beta <= _BREAKDOWN * eps * scale
+        # largest magnitude (the positive one in a tie); + 0.0: no -0.0
+        theta = (low if -low > high else high) + 0.0
+        breakdown = new_beta <= _BREAKDOWN * eps * scale
         settled = previous is not None and abs(theta - previous) <= tol * abs(theta)
         if breakdown or settled or k == max_iters:
-            if ritz[0].item() < 0:  # a deterministic sign: q_1ᵀy ≥ 0
-                ritz = -ritz
-            vector = basis.combine(ritz)
-            vector /= torch.linalg.vector_norm(vector)
+            vector = _ritz_vector(tri, basis)
             return EigResult(theta, layout.unflat(vector), k, breakdown or settled)
-        previous = theta
-        betas.append(beta)
-        q_prev, q = q, basis.append(w.div_(beta))
+        previous, beta = theta, new_beta
+        q_prev, q = q, basis.append(w, beta)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _ritz_vector(tri: _Tridiagonal, basis: _Basis) -> Tensor:
+    r"""The unit Ritz vector :math:`Q_k s` of the dominant Ritz value of :math:`T_k` (an end of
+    its spectrum: the lowest if it is below 0 and larger in magnitude than the highest), with
+    :math:`q_1^\top Q_k s = s_1 \ge 0`."""
+    values, vectors = torch.linalg.eigh(tri.matrix())
+    low, high = float(values[0]), float(values[-1])
+    ritz = vectors[:, 0 if -low > high else -1]
+    if ritz[0].item() < 0:  # a deterministic sign
+        ritz = -ritz
+    vector = basis.combine(ritz)
+    return vector.div_(torch.linalg.vector_norm(vector))
 
 
 def _random_like(template: Mapping[str, Tensor], generator: torch.Generator | None) -> TensorDict:

@@ -30,16 +30,17 @@ Three ways to get :math:`Hv` (all exact up to rounding):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal, cast
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from lightning_bn._validation import check_choice
-from lightning_bn.paramvec import TensorDict
+from lightning_bn.paramvec import FlatLayout, TensorDict
 
 __all__ = [
+    "FlatOperator",
     "HVPMethod",
     "HessianVectorProduct",
     "LossFn",
@@ -53,6 +54,23 @@ LossFn = Callable[[TensorDict], Tensor]
 #: How a Hessian-vector product is taken (see the module docstring).
 HVPMethod = Literal["auto", "forward", "reverse"]
 _METHODS = ("auto", "forward", "reverse")
+
+
+@runtime_checkable
+class FlatOperator(Protocol):
+    r"""A map :math:`v \mapsto Hv` that also takes flat vectors (e.g. :class:`HessianVectorProduct`).
+
+    ``matvec`` takes and returns 1-D tensors in ``layout`` (the parameter dict flattened and
+    concatenated in key order, in the layout's working dtype), without the dict bookkeeping and
+    checks of ``__call__``; iterative solvers
+    (:func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`) call it once per product.
+    """
+
+    layout: FlatLayout
+
+    def __call__(self, vector: Mapping[str, Tensor], /) -> TensorDict: ...
+
+    def matvec(self, vector: Tensor, /) -> Tensor: ...
 
 
 def hvp(
@@ -126,9 +144,10 @@ class HessianVectorProduct:
     :attr:`grad`, so a caller needs no separate gradient pass). With ``method="reverse"`` (the
     default) the first-order graph is kept and each product is one more backward pass through it
     (a product costs one backward pass through the kept graph, where forward-over-reverse re-runs
-    the model every time); the price is the memory of that graph until the object is dropped. ``params`` are not copied (detached
-    views): do not modify them in place while the operator is in use (autograd then raises).
-    With ``"forward"``/``"auto"`` each product re-runs the model, and ``"auto"`` settles on the
+    the model every time); the price is the memory of that graph until the object is dropped.
+    ``params`` are not copied (detached views): do not modify them in place while the operator
+    is in use (autograd then raises). :meth:`matvec` takes the same product on flat vectors, as
+    the eigenvalue solvers call it. With ``"forward"``/``"auto"`` each product re-runs the model, and ``"auto"`` settles on the
     first method that works (keeping the graph if that is ``"reverse"``).
 
     Args:
@@ -143,6 +162,8 @@ class HessianVectorProduct:
         method: the method in use (``"auto"`` becomes ``"forward"`` or ``"reverse"`` after the
             first product).
         calls: number of products taken so far.
+        layout: the :class:`~lightning_bn.paramvec.FlatLayout` of :attr:`params`, the vectors
+            of :meth:`matvec`.
 
     Example:
         >>> import torch
@@ -158,10 +179,11 @@ class HessianVectorProduct:
         _check_method(method)
         _check_params(params)
         self.params: TensorDict = {k: p.detach() for k, p in params.items()}
+        self.layout = FlatLayout(self.params)
         self.method: str = method
         self.calls = 0
         self._loss_fn = loss_fn
-        self._graph: tuple[TensorDict, tuple[Tensor | None, ...]] | None = None
+        self._flat_graph: _FlatGraph | None = None
         if method == "reverse":
             self.loss, self.grad = self._build_graph()
         else:
@@ -171,7 +193,7 @@ class HessianVectorProduct:
         """Return :math:`Hv` (keys and shapes of :attr:`params`, detached)."""
         primals, tangents = _prepare(self.params, vector)
         self.calls += 1
-        if self._graph is None and self.method == "auto":
+        if self._flat_graph is None and self.method == "auto":
             try:
                 out = _hvp_forward(self._loss_fn, primals, tangents)
             except RuntimeError:
@@ -180,15 +202,81 @@ class HessianVectorProduct:
             else:
                 self.method = "forward"
                 return out
-        if self._graph is not None:
-            leaves, grads = self._graph
-            return _reverse_product(leaves, grads, tangents)
+        if self._flat_graph is not None:
+            return self.layout.unflat(self._flat_graph.product(self.layout.flat(tangents)))
         return _hvp_forward(self._loss_fn, primals, tangents)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        r""":math:`Hv` on flat vectors: ``vector`` and the result are 1-D in :attr:`layout` (the
+        parameters flattened and concatenated in key order, in the layout's dtype); the result is
+        a new tensor.
+
+        The same product as ``__call__``, without its dict checks and conversions: with the kept
+        graph (``"reverse"``) one backward pass whose ``grad_outputs`` are views of ``vector``,
+        then one concatenation. ``vector`` is not checked (its length must be
+        ``layout.numel``).
+        """
+        if self._flat_graph is None:  # forward-over-reverse (or "auto" before its first product)
+            return self.layout.flat(self(self.layout.unflat(vector)))
+        self.calls += 1
+        return self._flat_graph.product(vector)
 
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
         leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
-        self._graph = (leaves, grads)
+        self._flat_graph = _FlatGraph(self.layout, leaves, grads)
         return loss.detach(), _as_dict(leaves, grads)
+
+
+class _FlatGraph:
+    """The kept first-order graph with what a product on flat vectors needs, gathered once.
+
+    One leaf per parameter (measured faster per product than one flat leaf whose views are the
+    parameters: the views add nodes to every backward pass, markedly so through BatchNorm).
+    """
+
+    def __init__(
+        self, layout: FlatLayout, leaves: TensorDict, grads: tuple[Tensor | None, ...]
+    ) -> None:
+        self.layout = layout
+        self.inputs = list(leaves.values())
+        # a gradient that does not require grad is constant in W: its block of H is zero
+        self.index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.outputs = [cast(Tensor, grads[i]) for i in self.index]
+        self._zeros: list[Tensor | None] = [None] * len(self.inputs)
+
+    def product(self, vector: Tensor) -> Tensor:
+        layout = self.layout
+        if not self.outputs:
+            return torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+        parts = torch.split_with_sizes(vector, layout.numels)
+        uniform = layout.uniform
+        grad_outputs = []
+        for i in self.index:
+            part = parts[i].view(layout.shapes[i])
+            grad_outputs.append(
+                part if uniform else part.to(dtype=layout.dtypes[i], device=layout.devices[i])
+            )
+        with torch.enable_grad():
+            out = torch.autograd.grad(
+                self.outputs,
+                self.inputs,
+                grad_outputs=grad_outputs,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        pieces = [self._piece(i, g, uniform) for i, g in enumerate(out)]
+        return torch.cat(pieces)
+
+    def _piece(self, i: int, g: Tensor | None, uniform: bool) -> Tensor:
+        layout = self.layout
+        if g is None:  # the loss does not depend on this parameter
+            zeros = self._zeros[i]
+            if zeros is None:
+                zeros = torch.zeros(layout.numels[i], dtype=layout.dtype, device=layout.device)
+                self._zeros[i] = zeros
+            return zeros
+        g = g.reshape(-1)
+        return g if uniform else g.to(dtype=layout.dtype, device=layout.device)
 
 
 def _hvp_forward(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:

@@ -346,6 +346,23 @@ def resolve_max_iters(
     return check_int("max_iters", max_iters, minimum=1)
 
 
+class _AveragedProduct:
+    """A :class:`HessianVectorProduct` averaged over ranks, every product guarded (DDP semantics).
+
+    A :class:`~lightning_bn.diagnostics.hvp.FlatOperator`: the eigenvalue solver calls
+    :meth:`matvec` on flat vectors (one all-reduce of one tensor per product).
+    """
+
+    def __init__(self, op: HessianVectorProduct, collective: Collective) -> None:
+        self.op, self.collective, self.layout = op, collective, op.layout
+
+    def __call__(self, vector: Mapping[str, Tensor]) -> Params:
+        return self.collective.mean_dict(self.collective.guard(lambda: self.op(vector)))
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return self.collective.mean(self.collective.guard(lambda: self.op.matvec(vector)))
+
+
 @dataclass
 class SmoothnessResult:
     """Metrics of one smoothness measurement and the eigenvector for the next warm start."""
@@ -455,11 +472,7 @@ def compute_smoothness(
     eigenvector: Params | None = None
     if hessian:
         assert op is not None
-        hvp_op = op
-
-        def hvp_fn(v: Params) -> Params:
-            return coll.mean_dict(coll.guard(lambda: hvp_op(v)))
-
+        hvp_fn = _AveragedProduct(op, coll)
         start = None
         if init is not None and init.keys() == trainable.keys():
             start = {k: init[k].to(trainable[k]) for k in trainable}
