@@ -94,8 +94,12 @@ def top_hessian_eigenvalue(
     :math:`H`'s eigenvalues from the Krylov space
     :math:`\mathcal{K}_k = \mathrm{span}\{u, Hu, \dots, H^{k-1}u\}`. The estimate
     :math:`\theta_k` is the Ritz value of largest magnitude (with its sign: the same quantity as
-    power iteration; the positive one in a tie), and the stopping rule is the same, on
-    :math:`\theta_k`. From the same start, power iteration's :math:`\lambda_k` is the Rayleigh
+    power iteration; the positive one in a tie). The stopping rule is the same on
+    :math:`\theta_k`, plus a guard on the other end :math:`\theta'_k` of the Ritz spectrum: it
+    too moved by at most :math:`\mathrm{tol} \cdot |\theta_k|`, or
+    :math:`|\theta'_k| + 10\,|\theta'_k - \theta'_{k-1}| < |\theta_k|` (it cannot overtake
+    within ten more steps at its last rate), so that an end that leads early does not stop the
+    iteration while the other, still growing, is about to become the larger. From the same start, power iteration's :math:`\lambda_k` is the Rayleigh
     quotient of one vector of :math:`\mathcal{K}_k`, so it lies between the extreme Ritz values:
     the Ritz value on the dominant eigenvalue's side is at least as close at every :math:`k`, and
     it converges much faster (its error falls like a Chebyshev polynomial in the spectral gap, not
@@ -333,7 +337,7 @@ def _lanczos(
     tri = _Tridiagonal(max_iters)
     beta = 0.0
     scale = 0.0  # max_j ‖H q_j‖, a lower bound of ‖H‖
-    previous: float | None = None
+    previous: tuple[float, float] | None = None
     for k in range(1, max_iters + 1):
         w = matvec(q)
         with torch.no_grad():
@@ -359,13 +363,42 @@ def _lanczos(
         # largest magnitude (the positive one in a tie); + 0.0: no -0.0
         theta = (low if -low > high else high) + 0.0
         breakdown = new_beta <= _BREAKDOWN * eps * scale
-        settled = previous is not None and abs(theta - previous) <= tol * abs(theta)
+        settled = previous is not None and _settled(low, high, theta, previous, tol)
         if breakdown or settled or k == max_iters:
             vector = _ritz_vector(tri, basis)
             return EigResult(theta, layout.unflat(vector), k, breakdown or settled)
-        previous, beta = theta, new_beta
+        previous, beta = (low, high), new_beta
         q_prev, q = q, basis.append(w, beta)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: How many more steps at its last rate the other end of the Ritz spectrum is given to overtake
+#: the dominant one before the iteration may stop (see :func:`_settled`).
+_OVERTAKE_STEPS = 10.0
+
+
+def _settled(
+    low: float, high: float, theta: float, previous: tuple[float, float], tol: float
+) -> bool:
+    """Lanczos's stopping rule: the dominant end moved by at most ``tol · |θ|`` in the last step,
+    and the other end either did too or is too far below ``|θ|`` to overtake it within
+    :data:`_OVERTAKE_STEPS` more steps at its last rate of change.
+
+    Checking the dominant end alone is not enough: a negative end that leads early can stop the
+    iteration while the positive end, still growing, ends up the larger (seen on a BatchNorm MLP:
+    -8.22 returned where the dominant eigenvalue is +8.97). Requiring both ends to settle to
+    ``tol · |θ|`` instead would wait for the far end (often a slowly converging cluster of small
+    eigenvalues) for many more products.
+    """
+    change_low, change_high = abs(low - previous[0]), abs(high - previous[1])
+    if theta == low:
+        change, other, other_change = change_low, high, change_high
+    else:
+        change, other, other_change = change_high, low, change_low
+    bound = tol * abs(theta)
+    if change > bound:
+        return False
+    return other_change <= bound or abs(other) + _OVERTAKE_STEPS * other_change < abs(theta)
 
 
 def _ritz_vector(tri: _Tridiagonal, basis: _Basis) -> Tensor:
