@@ -22,6 +22,12 @@ training step once under :func:`torch.func.vmap` over that dimension:
   stacked parameters: the points are independent, so the gradient w.r.t. point j's slice is the
   gradient of point j's loss.
 
+**Arbitrary points.** :func:`batched_points` evaluates any list of points (a base point with
+per-point overrides) the same way, with the gradient w.r.t. a union ``wrt`` and hooks run inside
+the vmapped function (their tensors come back per point); :func:`compute_ics
+<lightning_bn.diagnostics.ics.compute_ics>` evaluates its G′ passes so. The grid is the special
+case whose points are :math:`W - \eta_j d`, written into the stacked tensors chunk by chunk.
+
 **Chunk size and memory.** A chunk holds ``chunk`` copies of the stacked parameters (and of their
 gradients) and the activations of ``chunk`` training steps at once. An ``int`` bounds the points
 per chunk directly. ``"auto"`` (on CUDA) starts with the whole grid, capped so that the stacked
@@ -39,18 +45,22 @@ same either way, so no collective is needed.
 time for the digits MLP, saves 5-25% for the 13-conv ResNet and costs about 1.4 times as much
 for BERT-small, so ``"auto"`` batches on CUDA only (where the many small kernels of the
 sequential path are expected to cost most; not yet measured there); an ``int`` batches anywhere.
+The ICS G′ passes lose on CPU (each batched point takes a full backward where the sequential
+pass stops at its layer): about 1.0 times the sequential time for the digits MLP and 1.4 for the
+13-conv ResNet.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_bn._validation import ArgumentTypeError, check_int
 from lightning_bn.probe import (
@@ -68,6 +78,7 @@ __all__ = [
     "BatchedFallbackWarning",
     "VmapChunkSize",
     "batched_along",
+    "batched_points",
     "check_vmap_chunk_size",
     "uses_vmap",
 ]
@@ -149,6 +160,36 @@ def _chunk_size(probe: Probe, points: int, per_point_bytes: int, device: torch.d
     return min(chunk, cap) if cap is not None else chunk
 
 
+@dataclass
+class _Points:
+    """Parameter points to evaluate: ``base`` everywhere except the names in ``names``, which are
+    stacked per point (the ones that vary and the ones a gradient is taken for) and whose value at
+    point ``j`` ``fill(j, name, out)`` writes into ``out`` (under ``no_grad``)."""
+
+    base: dict[str, Tensor]
+    names: list[str]
+    count: int
+    fill: Callable[[int, str, Tensor], None]
+
+    def at(self, j: int) -> dict[str, Tensor]:
+        """Point ``j`` as one dict (for a sequential evaluation)."""
+        point = dict(self.base)
+        with torch.no_grad():
+            for n in self.names:
+                out = torch.empty_like(self.base[n])
+                self.fill(j, n, out)
+                point[n] = out
+        return point
+
+
+#: ``hooks(store)`` registers hooks that write tensors (computed from the forward pass) into
+#: ``store`` and returns their handles; under ``vmap`` they come back per point.
+Hooks = Callable[[dict[str, Tensor]], list[RemovableHandle]]
+
+#: Per point: the loss, the gradients w.r.t. ``wrt`` and what the hooks stored.
+PointValue = tuple[Tensor, Params, dict[str, Tensor]]
+
+
 def batched_along(
     probe: Probe,
     params: Mapping[str, Tensor],
@@ -161,37 +202,92 @@ def batched_along(
     not batch (its setting, the device) or ``vmap`` failed (then it warns once and never tries
     again for this probe); the caller evaluates sequentially on ``None``."""
     etas = [float(e) for e in step_sizes]
-    some = next(iter(params.values()), None)
+    base = {n: t.detach() for n, t in params.items()}
+    moves = {n: d.detach() for n, d in direction.items()}
+
+    def fill(j: int, name: str, out: Tensor) -> None:
+        if name in moves:  # as the sequential path writes its slots
+            torch.add(base[name], moves[name], alpha=-etas[j], out=out)
+        else:
+            out.copy_(base[name])
+
+    names = list(dict.fromkeys([*direction, *(wrt or [])]))
+    values = _guarded(probe, _Points(base, names, len(etas), fill), step, wrt, None, "grid")
+    return None if values is None else [(loss, grads) for loss, grads, _ in values]
+
+
+def batched_points(
+    probe: Probe,
+    base: Mapping[str, Tensor],
+    overrides: Sequence[Mapping[str, Tensor]],
+    step: StepRecord,
+    wrt: Sequence[str] | None,
+    hooks: Hooks | None = None,
+) -> list[PointValue] | None:
+    """Loss, gradients w.r.t. ``wrt`` (``None``: no gradient) and the tensors ``hooks`` store, at
+    each point ``{**base, **overrides[j]}``, in vmapped chunks; ``None`` when the probe does not
+    batch or ``vmap`` failed (as :func:`batched_along`: the caller evaluates sequentially).
+
+    A name of ``wrt`` or of any override is stacked per point (a chunk holds that many copies);
+    the other parameters are shared. ``hooks`` (e.g. forward pre-hooks capturing a layer's input)
+    run inside the vmapped function, so what they store is per point: point j's tensors are
+    ``values[j][2]``, with the shapes a sequential pass would store.
+    """
+    points = [dict(o) for o in overrides]
+    fixed = {n: t.detach() for n, t in base.items()}
+    names = list(dict.fromkeys([*(n for o in points for n in o), *(wrt or [])]))
+    unknown = sorted(set(names) - set(fixed))
+    if unknown:
+        raise ValueError(
+            f"Expected `overrides` and `wrt` to name keys of `base`, but got {unknown}"
+        )
+
+    def fill(j: int, name: str, out: Tensor) -> None:
+        out.copy_(points[j].get(name, fixed[name]))
+
+    names_wrt = list(wrt) if wrt is not None else None
+    return _guarded(
+        probe, _Points(fixed, names, len(points), fill), step, names_wrt, hooks, "points"
+    )
+
+
+def _guarded(
+    probe: Probe,
+    points: _Points,
+    step: StepRecord,
+    wrt: list[str] | None,
+    hooks: Hooks | None,
+    what: str,
+) -> list[PointValue] | None:
+    """:func:`_run`, or ``None`` (sequential) when the probe does not batch or ``vmap`` failed."""
+    some = next(iter(points.base.values()), None)
     device = some.device if some is not None else torch.device("cpu")
-    if not etas or not uses_vmap(probe, device):
+    if points.count == 0 or not uses_vmap(probe, device):
         return None
-    state = _state(probe)
     try:
-        return _run(probe, params, direction, etas, step, wrt, device)
+        return _run(probe, points, step, wrt, hooks, device)
     except Exception as exc:  # the sequential path gives the values (or raises the user's error)
-        state.failed = True
+        _state(probe).failed = True
         warnings.warn(
-            f"{type(probe.module).__name__}: the probe cannot evaluate its grid under"
-            f" torch.func.vmap ({type(exc).__name__}: {exc}); it evaluates the grid point by"
-            " point from now on (same values, sequential speed)",
+            f"{type(probe.module).__name__}: the probe cannot evaluate its {what} under"
+            f" torch.func.vmap ({type(exc).__name__}: {exc}); it evaluates grids and points one"
+            " by one from now on (same values, sequential speed)",
             BatchedFallbackWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         return None
 
 
 def _run(
     probe: Probe,
-    params: Mapping[str, Tensor],
-    direction: Mapping[str, Tensor],
-    etas: list[float],
+    points: _Points,
     step: StepRecord,
     wrt: list[str] | None,
+    hooks: Hooks | None,
     device: torch.device,
-) -> list[tuple[Tensor, Params]]:
-    point = {n: t.detach() for n, t in params.items()}
-    stacked_names = list(dict.fromkeys([*direction, *(wrt or [])]))
-    moves = {n: d.detach() for n, d in direction.items()}
+) -> list[PointValue]:
+    point = points.base
+    stacked_names = points.names
     layout = probe._layout
     buffers: dict[str, Tensor] = {}
     for name, owner, attr in layout.buffers:
@@ -204,27 +300,32 @@ def _run(
     # every chunk replays one random state: the step's, or (without one) the current state,
     # so that every point sees the same draws as in a sequential pass from a replayed state
     rng = step.rng if step.rng is not None else RNGState.capture()
-    shared = {n: t for n, t in point.items() if n not in moves}
+    shared = {n: t for n, t in point.items() if n not in set(stacked_names)}
 
-    def loss_at(stacked: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
+    def loss_at(
+        stacked: dict[str, Tensor], bufs: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         state = {**shared, **stacked, **bufs}
-        with probe._swapped(state):  # what functional_call does, by the probe's slot table
-            return _scalar_loss(probe._step(copy_batch(step.batch), step.batch_idx))
+        store: dict[str, Tensor] = {}
+        handles = hooks(store) if hooks is not None else []
+        try:
+            with probe._swapped(state):  # what functional_call does, by the probe's slot table
+                loss = _scalar_loss(probe._step(copy_batch(step.batch), step.batch_idx))
+        finally:
+            for h in handles:
+                h.remove()
+        return loss, store
 
     vmapped = torch.func.vmap(loss_at, in_dims=(0, 0), randomness="same")
 
-    def chunk_values(chunk: list[float]) -> list[tuple[Tensor, Params]]:
-        k = len(chunk)
+    def chunk_values(start: int, k: int) -> list[PointValue]:
         with torch.no_grad():
             stacked: dict[str, Tensor] = {}
             for n in stacked_names:
                 p = point[n]
                 out = p.new_empty((k, *p.shape))
-                if n in moves:
-                    for j, eta in enumerate(chunk):  # as the sequential path writes its slots
-                        torch.add(p, moves[n], alpha=-eta, out=out[j])
-                else:
-                    out.copy_(p.unsqueeze(0).expand_as(out))
+                for j in range(k):
+                    points.fill(start + j, n, out[j])
                 stacked[n] = out
             bufs = {n: b.unsqueeze(0).expand(k, *b.shape).clone() for n, b in buffers.items()}
         if wrt is not None:
@@ -233,30 +334,37 @@ def _run(
         with rng.replay(), torch.set_grad_enabled(wrt is not None):
             with warnings.catch_warnings():  # "performance drop ... batching rule for aten::..."
                 warnings.filterwarnings("ignore", message=_SLOW_FALLBACK)
-                losses = vmapped(stacked, bufs)
+                losses, stores = vmapped(stacked, bufs)
             if not state.verified and _drew(rng):
-                pending.append((chunk[0], losses[0].detach()))
-            if wrt is None:
-                return [(loss, {}) for loss in losses.detach().unbind(0)]
-            grads = torch.autograd.grad(losses.sum(), [stacked[n] for n in wrt], allow_unused=True)
+                pending.append((start, losses[0].detach()))
+            grads: Sequence[Tensor | None] = []
+            if wrt is not None:
+                grads = torch.autograd.grad(
+                    losses.sum(), [stacked[n] for n in wrt], allow_unused=True
+                )
         per_name = {
             n: (g if g is not None else torch.zeros_like(stacked[n])).unbind(0)
-            for n, g in zip(wrt, grads, strict=True)
+            for n, g in zip(wrt or [], grads, strict=True)
         }
+        per_key = {key: t.detach().unbind(0) for key, t in stores.items()}
         return [
-            (loss, {n: per_name[n][j] for n in wrt})
+            (
+                loss,
+                {n: per_name[n][j] for n in per_name},
+                {key: per_key[key][j] for key in per_key},
+            )
             for j, loss in enumerate(losses.detach().unbind(0))
         ]
 
-    results: list[tuple[Tensor, Params]] = []
+    results: list[PointValue] = []
     state = _state(probe)
-    pending: list[tuple[float, Tensor]] = []  # (eta, batched loss) to check against sequential
+    pending: list[tuple[int, Tensor]] = []  # (point, batched loss) to check against sequential
     with probe.context(), _Silenced(probe.module, layout.metrics):
         start = 0
-        while start < len(etas):
-            size = _chunk_size(probe, len(etas) - start, per_point, device)
+        while start < points.count:
+            size = _chunk_size(probe, points.count - start, per_point, device)
             try:
-                results.extend(chunk_values(etas[start : start + size]))
+                results.extend(chunk_values(start, size))
             except torch.cuda.OutOfMemoryError:
                 if size == 1 or probe.vmap_chunk_size != "auto":
                     raise
@@ -264,7 +372,7 @@ def _run(
                 continue
             start += size
     if pending:
-        _check_draws(probe, point, moves, step, *pending[0])
+        _check_draws(probe, points, step, *pending[0])
         state.verified = True
     return results
 
@@ -283,27 +391,19 @@ def _drew(rng: RNGState) -> bool:
     )
 
 
-def _check_draws(
-    probe: Probe,
-    point: Mapping[str, Tensor],
-    moves: Mapping[str, Tensor],
-    step: StepRecord,
-    eta: float,
-    batched: Tensor,
-) -> None:
-    """Compare a batched loss of a model with random ops with the sequential one at its point.
+def _check_draws(probe: Probe, points: _Points, step: StepRecord, j: int, batched: Tensor) -> None:
+    """Compare the batched loss of point ``j`` of a model with random ops with the sequential one.
 
     ``randomness="same"`` draws each random tensor once for the chunk, which gives the
     sequential path's masks for most ops (``nn.Dropout``, attention dropout), but a draw can be
     laid out differently under ``vmap`` (e.g. dropout of a non-contiguous activation in
-    ``nn.TransformerEncoderLayer``). The first grid that draws is checked once per probe.
+    ``nn.TransformerEncoderLayer``). The first evaluation that draws is checked once per probe.
 
     Raises:
         RuntimeError: the losses differ beyond float tolerance (the caller falls back).
     """
     with torch.no_grad():
-        at = {n: torch.add(t, moves[n], alpha=-eta) if n in moves else t for n, t in point.items()}
-        expected = probe.loss(at, step).detach()
+        expected = probe.loss(points.at(j), step).detach()
     tol = 1e-4 * max(1.0, float(expected.abs()))
     if not float((batched.to(expected.dtype) - expected).abs()) <= tol:
         raise RuntimeError(

@@ -456,7 +456,8 @@ class Probe:
             the trainer's precision context (``trainer.precision_plugin.train_step_context``),
             so that under mixed precision a probe computes what the training step computes.
         vmap_chunk_size: how :meth:`losses_along` and :meth:`loss_and_grad_along` evaluate
-            their grid (:mod:`lightning_bn.batched`): ``None`` point by point, an ``int``
+            their grid, and :func:`~lightning_bn.diagnostics.ics.compute_ics` its G′ passes
+            (:mod:`lightning_bn.batched`): ``None`` point by point, an ``int``
             under :func:`torch.func.vmap` with at most that many points per call, ``"auto"``
             (default) under ``vmap`` on CUDA and point by point elsewhere. Same values either
             way (to float tolerance); a model ``vmap`` cannot run falls back to point by point.

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._validation import check_bool
+from lightning_bn.batched import VmapChunkSize
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
 from lightning_bn.probe import StepRecord
@@ -89,6 +90,10 @@ class ICSCallback(DiagnosticCallback):
         name: tells several ICSCallbacks in one Trainer apart: keys ``ics@<name>/<layer>/...``.
             Unnamed ones on different layers log ``ics/...``; unnamed ones that share a layer
             get ``ics@1/...``, ``ics@2/...`` (in the Trainer's callback order).
+        vmap_chunk_size: how the G′ passes are evaluated (:mod:`lightning_bn.batched`):
+            ``"auto"`` (default) under :func:`torch.func.vmap` on CUDA, one by one elsewhere;
+            ``None`` always one by one; an ``int``, under ``vmap`` with at most that many
+            passes per call (each a full backward). The values are the same (to float rounding).
 
     Raises:
         ValueError: bad arguments; at setup, a ``layers`` entry matching no module or only
@@ -113,8 +118,9 @@ class ICSCallback(DiagnosticCallback):
         distributional: bool = True,
         budget: float = 0.03,
         name: str | None = None,
+        vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, loss_fn=loss_fn, budget=budget, name=name)
+        super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
         if isinstance(layers, (str, type)):
             layers = [layers]
         if layers is not None:

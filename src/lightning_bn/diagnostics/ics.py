@@ -11,6 +11,15 @@ directly by one module, ordered by the forward pass's first use of their paramet
 One pass at :math:`W^t` gives every :math:`G_{t,i}` (and every layer's input); the first layer's
 :math:`G'` equals its :math:`G`; each other :math:`G'_{t,i}` takes one pass whose backward stops at
 layer i. k layers therefore cost k gradient evaluations.
+
+**Batched G′ passes.** When the probe batches (``Probe.vmap_chunk_size``: an ``int`` always,
+``"auto"`` on CUDA only, ``None`` never; :mod:`lightning_bn.batched`), the k - 1 mixed points are
+evaluated in chunks under :func:`torch.func.vmap`: one gradient w.r.t. the union of the measured
+layers' parameters per point (a full backward, where the sequential pass stops at layer i), of
+which layer i's block is :math:`G'_{t,i}`; the forward pre-hooks that capture the layers' inputs
+run inside the vmapped function, so the inputs come back per point. Same values (to float
+rounding); a model ``vmap`` cannot run falls back to the sequential passes (one
+``BatchedFallbackWarning`` per probe).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.batched import batched_points
 from lightning_bn.layers.registry import is_norm_layer
 from lightning_bn.paramvec import dict_dot, dict_norm, dict_sub
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
@@ -307,9 +317,12 @@ def compute_ics(
 
     grads0: Params = coll.guard(first_pass)
 
-    def mixed_pass(lay: ICSLayer) -> tuple[Params, Tensor | None]:
+    def earlier_than(lay: ICSLayer) -> set[str]:
         own = set(lay.params)
-        earlier = {p for p in order if seq[p] < first[lay.name] and p not in own}
+        return {p for p in order if seq[p] < first[lay.name] and p not in own}
+
+    def mixed_pass(lay: ICSLayer) -> tuple[Params, Tensor | None]:
+        earlier = earlier_than(lay)
         if not earlier:  # nothing is used before this layer: G' = G, same input
             return {p: grads0[p] for p in lay.params}, inputs0.get(lay.name)
         point = {p: (after[p] if p in earlier else before[p]) for p in before}
@@ -321,7 +334,42 @@ def compute_ics(
             handle.remove()
         return g, store.get(lay.name)
 
-    mixed = coll.guard(lambda: [mixed_pass(lay) for lay in chosen])
+    def mixed_batched() -> list[tuple[Params, Tensor | None]] | None:
+        """Every G' (and mixed input) in vmapped chunks: the gradient w.r.t. the union of the
+        layers' parameters at each layer's point, of which layer i's block is G'_i."""
+        earlier = {lay.name: earlier_than(lay) for lay in chosen}
+        todo = [lay for lay in chosen if earlier[lay.name]]
+        if not todo:
+            return None
+
+        def hooks(store: dict[str, Tensor]) -> list[Any]:
+            return [lay.module.register_forward_pre_hook(capture(store, lay.name)) for lay in todo]
+
+        values = batched_points(
+            probe,
+            before,
+            [{p: after[p] for p in earlier[lay.name]} for lay in todo],
+            step,
+            list(dict.fromkeys(p for lay in todo for p in lay.params)),
+            hooks if distributional else None,
+        )
+        if values is None:  # not batching (setting, device) or vmap failed: sequential
+            return None
+        at = {lay.name: value for lay, value in zip(todo, values, strict=True)}
+        out: list[tuple[Params, Tensor | None]] = []
+        for lay in chosen:
+            if lay.name not in at:  # nothing is used before this layer: G' = G, same input
+                out.append(({p: grads0[p] for p in lay.params}, inputs0.get(lay.name)))
+                continue
+            _, grads, stored = at[lay.name]
+            out.append(({p: grads[p] for p in lay.params}, stored.get(lay.name)))
+        return out
+
+    def mixed_passes() -> list[tuple[Params, Tensor | None]]:
+        batched = mixed_batched() if probe.vmap_chunk_size is not None else None
+        return batched if batched is not None else [mixed_pass(lay) for lay in chosen]
+
+    mixed = coll.guard(mixed_passes)
     # every gradient averaged over ranks in one all-reduce (G of all layers, then each G')
     flat: dict[str, Tensor] = {f"g:{p}": t for p, t in grads0.items()}
     for i, (g_mixed_local, _) in enumerate(mixed):
