@@ -289,11 +289,7 @@ def _run(
     point = points.base
     stacked_names = points.names
     layout = probe._layout
-    buffers: dict[str, Tensor] = {}
-    for name, owner, attr in layout.buffers:
-        buf = owner._buffers.get(attr)
-        if buf is not None:
-            buffers[name] = buf
+    buffers = layout.current_buffers()
     per_point = sum(point[n].numel() * point[n].element_size() for n in stacked_names)
     per_point *= 2 if wrt is not None else 1
     per_point += sum(b.numel() * b.element_size() for b in buffers.values())

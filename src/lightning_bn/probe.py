@@ -388,14 +388,18 @@ class _Layout:
                     if name is not None:
                         self.slots.setdefault(name, []).append((store, attr))
 
-    def fresh_buffers(self) -> dict[str, Tensor]:
-        """A copy of every buffer (running statistics of the probe pass land in the copies)."""
+    def current_buffers(self) -> dict[str, Tensor]:
+        """Every buffer the module holds now, by qualified name (the tensors, not copies)."""
         out: dict[str, Tensor] = {}
         for name, owner, attr in self.buffers:
             buf = owner._buffers.get(attr)
             if buf is not None:
-                out[name] = buf.clone()
+                out[name] = buf
         return out
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """A copy of every buffer (running statistics of the probe pass land in the copies)."""
+        return {name: buf.clone() for name, buf in self.current_buffers().items()}
 
     def knows(self, names: Iterable[str]) -> bool:
         """Whether every name is a parameter or buffer of the module as gathered."""
@@ -689,11 +693,7 @@ class Probe:
         point.update(slots)
         moves = [(params[n].detach(), d.detach(), slots[n]) for n, d in direction.items()]
         layout = self._layout
-        buffers: dict[str, Tensor] = {}
-        for name, owner, attr in layout.buffers:
-            buf = owner._buffers.get(attr)
-            if buf is not None:
-                buffers[name] = buf
+        buffers = layout.current_buffers()
         fresh = {n: b.clone() for n, b in buffers.items()}
         state = {**point, **fresh}
         originals, copies = list(buffers.values()), list(fresh.values())
