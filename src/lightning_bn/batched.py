@@ -8,7 +8,7 @@ point, :func:`batched_along` stacks ``chunk`` of them along a new leading dimens
 training step once under :func:`torch.func.vmap` over that dimension:
 
 - the moved parameters (and the ones a gradient is taken for) are stacked per point, written
-  exactly as the sequential path writes them (``torch.add(W, d, alpha=-eta)``); the other
+  with the formula of the sequential path (``W + (-eta) d``, one rounding); the other
   parameters are shared, unbatched;
 - every buffer is a per-point copy (``in_dims=0``), so BatchNorm's in-place running-statistics
   update lands in the copies and the module's buffers stay untouched, as in the sequential path;

@@ -143,12 +143,20 @@ class RNGState:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run the block from this state; the global state is restored afterwards."""
-        devices = list(range(len(self.cuda)))
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda:
-                torch.cuda.set_rng_state_all(self.cuda)
+        with self.fork():
+            self.restore()
             yield
+
+    def fork(self) -> contextlib.AbstractContextManager[Any]:
+        """A block after which the global random state (CPU and this state's CUDA devices) is
+        what it was before it; inside, :meth:`restore` may set this state any number of times."""
+        return torch.random.fork_rng(devices=list(range(len(self.cuda))))
+
+    def restore(self) -> None:
+        """Set the global random state to this one (inside :meth:`fork`)."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 @dataclass
@@ -691,7 +699,9 @@ class Probe:
             for n in wrt:
                 slots[n].requires_grad_(True)
         point.update(slots)
-        moves = [(params[n].detach(), d.detach(), slots[n]) for n, d in direction.items()]
+        origins = [params[n].detach() for n in direction]
+        steps = [d.detach() for d in direction.values()]
+        moved = [slots[n] for n in direction]
         layout = self._layout
         buffers = layout.current_buffers()
         fresh = {n: b.clone() for n, b in buffers.items()}
@@ -699,15 +709,19 @@ class Probe:
         originals, copies = list(buffers.values()), list(fresh.values())
         results: list[tuple[Tensor, Params]] = []
 
+        rng = step.rng
+
         def run() -> None:
             for eta in step_sizes:
                 with torch.no_grad():
-                    for p, d, slot in moves:
-                        torch.add(p, d, alpha=-eta, out=slot)
+                    if moved:  # W - eta d, written into the slots
+                        torch._foreach_copy_(moved, origins)
+                        torch._foreach_add_(moved, steps, alpha=-eta)
                     if copies:  # every point starts from the module's buffers, as in `loss`
                         torch._foreach_copy_(copies, originals)
-                ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
-                with ctx, torch.set_grad_enabled(wrt is not None):
+                if rng is not None:  # every point replays the step's random state
+                    rng.restore()
+                with torch.set_grad_enabled(wrt is not None):
                     loss = _scalar_loss(self._step(copy_batch(step.batch), step.batch_idx))
                     if wrt is None:
                         results.append((loss.detach(), {}))
@@ -723,7 +737,8 @@ class Probe:
                     )
                 )
 
-        with self.context(), _Silenced(self.module, layout.metrics), self._swapped(state):
+        fork = rng.fork() if rng is not None else contextlib.nullcontext()
+        with fork, self.context(), _Silenced(self.module, layout.metrics), self._swapped(state):
             run()
         return results
 
