@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (issue 15): the gpu-marked tests, the cost table in fp32 and
-# bf16-mixed, and ResNet-18 at CIFAR size (batch 128, 300 steps) with the three diagnostic
-# callbacks at their defaults vs none; with 2+ devices also the DDP test on them. Prints one table
-# at the end. Without a GPU it prints one line and exits 0.
+# bf16-mixed, the batched probes (vmap) vs point by point, and ResNet-18 at CIFAR size (batch
+# 128, 300 steps) with the three diagnostic callbacks at their defaults vs none; with 2+ devices
+# also the DDP run on them. Prints one table at the end. Without a GPU it prints one line and
+# exits 0.
 #
 # It installs nothing and needs no internet: it expects `python3` on PATH (or $PYTHON) to be an
 # environment with CUDA torch, lightning, pytest and this project installed (`pip install -e .`
 # done beforehand; `transformers` for the BERT row, which is skipped without it). The `.venv`
 # built on the CPU development machine is x86-64 CPU torch and is not used. Run it from the
 # repository root or anywhere: `bash benchmarks/gpu_check.sh`. Budget: under 8 minutes on one
-# H100/H200-class device (each part has its own timeout, 7.5 min in all; a part that fails or
+# H100/H200-class device (each part has its own timeout, under 8 min in all; a part that fails or
 # times out is reported in the table and the rest still runs). Not yet run on a GPU: the timeouts
 # are estimates, and a part that times out prints what it measured so far.
 set -u
@@ -49,14 +50,16 @@ run() {  # run NAME SECONDS CMD...: output to $OUT/NAME.txt, one status row
 }
 
 run "gpu tests" 90 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -m gpu
-run "cost table fp32" 90 "$PY" benchmarks/cost_table.py --device cuda --precision 32-true \
+run "cost table fp32" 80 "$PY" benchmarks/cost_table.py --device cuda --precision 32-true \
     --models mlp resnet13 resnet18 bert --repeats 2
-run "cost table bf16-mixed" 90 "$PY" benchmarks/cost_table.py --device cuda \
+run "cost table bf16-mixed" 80 "$PY" benchmarks/cost_table.py --device cuda \
     --precision bf16-mixed --models mlp resnet13 resnet18 bert --repeats 2
-run "ResNet-18 defaults vs none" 120 "$PY" benchmarks/overhead_defaults.py --device cuda \
+run "ResNet-18 defaults vs none" 105 "$PY" benchmarks/overhead_defaults.py --device cuda \
     --models resnet18 --batch 128 --steps 300 --repeats 2 --threads 4
+run "batched probes" 45 "$PY" benchmarks/batched_probes.py --device cuda \
+    --models mlp resnet13 --probes grid ics --repeats 3
 if [ "$ndev" -ge 2 ]; then
-    run "DDP ResNet-18, 2 GPUs" 90 "$PY" benchmarks/overhead_defaults.py --device cuda \
+    run "DDP ResNet-18, 2 GPUs" 75 "$PY" benchmarks/overhead_defaults.py --device cuda \
         --devices 2 --models resnet18 --batch 128 --steps 200 --repeats 1 --threads 4
 fi
 
@@ -69,6 +72,7 @@ echo "--- gpu tests";                 tail -n 3 "$OUT/gpu tests.txt"
 echo "--- cost table fp32";           grep -v '^$' "$OUT/cost table fp32.txt" | tail -n 30
 echo "--- cost table bf16-mixed";     grep -v '^$' "$OUT/cost table bf16-mixed.txt" | tail -n 30
 echo "--- ResNet-18 defaults vs none"; tail -n 5 "$OUT/ResNet-18 defaults vs none.txt"
+echo "--- batched probes";            grep -E 'batched/sequential|agreement' "$OUT/batched probes.txt"
 if [ "$ndev" -ge 2 ]; then
     echo "--- DDP ResNet-18, 2 GPUs"; tail -n 4 "$OUT/DDP ResNet-18, 2 GPUs.txt"
 fi
