@@ -243,3 +243,118 @@ def test_unknown_names_are_refused_and_lazy_parameters_are_found() -> None:
     assert model[0].weight is weight
     with pytest.raises(ValueError, match=r"0\.scale"):
         probe.loss({"0.scale": torch.ones(2)}, x)
+
+
+def _mse(module: nn.Module, batch: Any) -> torch.Tensor:
+    return (module(batch[0]) - batch[1]).pow(2).mean()
+
+
+def _reference(
+    model: nn.Module, point: dict[str, torch.Tensor], batch: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Brute force: a deep copy of the model at ``point``, plain autograd."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(point[name])
+    loss = _mse(ref, batch)
+    names = [n for n, _ in ref.named_parameters()]
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    return loss.detach(), dict(zip(names, grads, strict=True))
+
+
+def _check(probe: Probe, model: nn.Module, batch: Any) -> None:
+    point = {n: t + 0.25 for n, t in probe.parameters().items()}
+    loss, grads = probe.loss_and_grad(point, batch)
+    ref_loss, ref_grads = _reference(model, point, batch)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g)
+
+
+def test_a_module_changed_after_the_first_evaluation_is_seen() -> None:
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    probe = Probe(net, loss_fn=_mse)
+    probe.loss_and_grad(probe.parameters(), batch)  # layout gathered
+    net[2] = nn.Linear(4, 1)  # a new head under the same names
+    _check(probe, net, batch)
+    grid = probe.losses_along(
+        probe.parameters(), {"2.weight": torch.ones(1, 4)}, [0.0, 1.0], StepRecord(batch)
+    )
+    assert grid[0] != grid[1]  # the point reaches the new head
+    net[0].weight = nn.Parameter(torch.randn(4, 3))  # a parameter reassigned
+    _check(probe, net, batch)
+
+
+class SharedBuffers(nn.Module):
+    """One BatchNorm under two names, and one buffer tensor registered in two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        self.alias = self.body[1]
+        self.head = nn.Linear(4, 1)
+        mask = torch.tensor([1.0, 0.5, 1.0, 2.0])
+        self.body[0].register_buffer("mask", mask)
+        self.head.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x) * self.head.mask)
+
+
+def test_shared_submodules_and_buffers() -> None:
+    torch.manual_seed(0)
+    net = SharedBuffers()
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    running = net.body[1].running_mean.clone()
+    _check(Probe(net, loss_fn=_mse), net, batch)
+    assert torch.equal(net.body[1].running_mean, running)
+
+
+class Reassigns(nn.Module):
+    """Reassigns a buffer in its forward pass (``self.ema = ...``) instead of updating it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.register_buffer("ema", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x - self.ema)
+        self.ema = 0.5 * self.ema + 0.5 * x.mean(0).detach()
+        return out
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_every_grid_point_starts_from_the_modules_buffers(chunk: int | None) -> None:
+    torch.manual_seed(0)
+    net = Reassigns()
+    batch = (torch.randn(8, 3) + 2, torch.randn(8, 1))
+    probe = Probe(net, loss_fn=_mse, vmap_chunk_size=chunk)
+    point = probe.parameters()
+    still = {n: torch.zeros_like(t) for n, t in point.items()}
+    losses = probe.losses_along(point, still, [0.0, 0.0, 0.0], StepRecord(batch))
+    expected = _mse(copy.deepcopy(net), batch).detach()
+    torch.testing.assert_close(losses, expected.expand(3))
+    assert torch.equal(net.ema, torch.zeros(3))
+
+
+def test_a_grid_without_the_steps_random_state_is_the_same_batched_or_not() -> None:
+    # without `step.rng` each point draws anew from the global state, which vmap cannot do: the
+    # batched setting then evaluates point by point
+    net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    values = []
+    for chunk in (None, 4):
+        probe = Probe(net, loss_fn=_mse, vmap_chunk_size=chunk)
+        point = probe.parameters()
+        still = {n: torch.zeros_like(t) for n, t in point.items()}
+        torch.manual_seed(1)
+        values.append(probe.losses_along(point, still, [0.0] * 3, StepRecord(batch)))
+        values.append(torch.rand(1))  # where the global stream stands afterwards
+    torch.testing.assert_close(values[0], values[2])
+    assert len(set(values[0].tolist())) == 3  # three different dropout masks
+    torch.testing.assert_close(values[1], values[3])

@@ -262,17 +262,21 @@ class Collective:
         return out / self.world_size
 
     def mean_dict(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Average every tensor of a dict in one flat all-reduce."""
+        """Average every tensor of a dict in one flat all-reduce per device and dtype."""
         if self.world_size == 1:
             return dict(tensors)
-        keys = list(tensors)
-        flat = self.mean(torch.cat([tensors[k].detach().reshape(-1) for k in keys]))
-        out, offset = {}, 0
-        for k in keys:
-            n = tensors[k].numel()
-            out[k] = flat[offset : offset + n].view_as(tensors[k])
-            offset += n
-        return out
+        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+        for k, t in tensors.items():
+            groups.setdefault((t.device, t.dtype), []).append(k)
+        out: dict[str, Tensor] = {}
+        for keys in groups.values():
+            flat = self.mean(torch.cat([tensors[k].detach().reshape(-1) for k in keys]))
+            offset = 0
+            for k in keys:
+                n = tensors[k].numel()
+                out[k] = flat[offset : offset + n].view_as(tensors[k])
+                offset += n
+        return {k: out[k] for k in tensors}
 
     def gather(self, tensor: Tensor) -> Tensor:
         """Concatenate the ranks' tensors along dimension 0 (sizes may differ)."""
@@ -377,11 +381,21 @@ class _Layout:
     """
 
     def __init__(self, module: nn.Module) -> None:
+        # one entry per buffer tensor, under its name in `named_buffers()` (a shared submodule or
+        # a tensor registered twice is one buffer; `slots` holds all its aliases)
         self.buffers: list[tuple[str, nn.Module, str]] = []
-        for prefix, owner in module.named_modules(remove_duplicate=False):
+        seen: set[int] = set()
+        for prefix, owner in module.named_modules():
             for attr, buf in owner._buffers.items():
-                if buf is not None:
+                if buf is not None and id(buf) not in seen:
+                    seen.add(id(buf))
                     self.buffers.append((f"{prefix}.{attr}" if prefix else attr, owner, attr))
+        # the module tree and the tensor in every slot as gathered: `stale` compares them
+        self.edges = [
+            (owner._modules, attr, child)
+            for _, owner in module.named_modules(remove_duplicate=False)
+            for attr, child in owner._modules.items()
+        ]
         self.metrics = [m for m in module.modules() if isinstance(m, Metric)]
         n_all = len(list(module.named_parameters(remove_duplicate=False))) + len(self.buffers)
         n_unique = len(list(module.named_parameters())) + len(list(module.named_buffers()))
@@ -389,12 +403,22 @@ class _Layout:
         canonical = {id(t): n for n, t in module.named_parameters()}
         canonical.update({id(t): n for n, t in module.named_buffers()})
         self.slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        self.contents: list[tuple[dict[str, Any], str, Any]] = []
         for _, owner in module.named_modules(remove_duplicate=False):
             for store in (owner._parameters, owner._buffers):
                 for attr, tensor in store.items():
+                    self.contents.append((store, attr, tensor))
                     name = canonical.get(id(tensor)) if tensor is not None else None
                     if name is not None:
                         self.slots.setdefault(name, []).append((store, attr))
+
+    def stale(self) -> bool:
+        """Whether the module changed since the layout was gathered: a submodule replaced (a new
+        head, a swapped layer), a parameter or buffer reassigned or tied anew. A few identity
+        checks per module, cheap next to a forward pass."""
+        return any(store.get(attr) is not child for store, attr, child in self.edges) or any(
+            store.get(attr) is not tensor for store, attr, tensor in self.contents
+        )
 
     def current_buffers(self) -> dict[str, Tensor]:
         """Every buffer the module holds now, by qualified name (the tensors, not copies)."""
@@ -433,6 +457,13 @@ class _Layout:
         finally:
             for store, attr, original in reversed(saved):
                 store[attr] = original
+
+    def put(self, state: Mapping[str, Tensor]) -> None:
+        """Inside :meth:`swapped`: put ``state``'s tensors back into their slots (a forward pass
+        that reassigned a buffer, ``self.ema = ...``, must not hand it to the next point)."""
+        for name, tensor in state.items():
+            for store, attr in self.slots[name]:
+                store[attr] = tensor
 
 
 def _copy_state(value: Any) -> Any:
@@ -521,7 +552,7 @@ class Probe:
     @property
     def _layout(self) -> _Layout:
         # gathered at the first evaluation, after Lightning's ``configure_model`` has run
-        if self._layout_cache is None:
+        if self._layout_cache is None or self._layout_cache.stale():
             self._layout_cache = _Layout(self.module)
         return self._layout_cache
 
@@ -683,7 +714,9 @@ class Probe:
         if unknown:
             raise ValueError(f"Expected `direction` to have keys of `params`, but got {unknown}")
         # --- batched (torch.func.vmap) evaluation of the grid, see lightning_bn.batched ---
-        if self.vmap_chunk_size is not None:
+        # (without the step's random state each sequential point draws anew from the advancing
+        # global state, which a batched evaluation cannot do: those grids stay sequential)
+        if self.vmap_chunk_size is not None and step.rng is not None:
             from lightning_bn.batched import batched_along
 
             batched = batched_along(self, params, direction, step_sizes, step, wrt)
@@ -719,6 +752,7 @@ class Probe:
                         torch._foreach_add_(moved, steps, alpha=-eta)
                     if copies:  # every point starts from the module's buffers, as in `loss`
                         torch._foreach_copy_(copies, originals)
+                layout.put(state)
                 if rng is not None:  # every point replays the step's random state
                     rng.restore()
                 with torch.set_grad_enabled(wrt is not None):

@@ -151,3 +151,23 @@ def test_state_key_is_derived_once_per_fit(monkeypatch: pytest.MonkeyPatch) -> N
     assert (ics.state_key, noise.state_key) == expected
     ics.layers = ["net.4"]  # outside a run the key follows the settings again
     assert "net.4" in ics.state_key
+
+
+class _FailsAtStep2(Classifier):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_state_key_follows_the_settings_again_after_a_failed_fit() -> None:
+    ics = ICSCallback(every_n_steps=1, layers=["net.0"])
+    noise = NoiseInjectionCallback(seed=3)
+    pl.seed_everything(0, verbose=False)
+    t = trainer([ics, noise], -1, logger=MemoryLogger(), max_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit(_FailsAtStep2(mlp(dropout=0.0).double()), loader(n=128, batch_size=32))
+    ics.layers = ["net.4"]  # Lightning skips `teardown` after an exception
+    noise.seed = 4
+    assert "net.4" in ics.state_key and "net.0" not in ics.state_key
+    assert noise.state_key == NoiseInjectionCallback(seed=4).state_key

@@ -275,6 +275,12 @@ class DiagnosticCallback(CachedStateKey):
         self._calibration = None
 
     @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._thaw_state_key()  # Lightning does not call `teardown` after an exception
+
+    @override
     def _state_key_settings(self) -> dict[str, Any]:
         """The state key is derived from the settings (and ``name``), so that several callbacks
         of one class can be in one Trainer and each finds its own state on resume."""

@@ -140,10 +140,10 @@ class NoiseInjectionCallback(CachedStateKey):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._freeze_state_key()
         if stage == "fit":
             warn_unsynchronised_norms(trainer, pl_module)
-            self._attach(trainer, pl_module)
+            self._attach(trainer, pl_module)  # (detaches first, which thaws the key)
+        self._freeze_state_key()
 
     @override
     def on_train_batch_start(
@@ -165,7 +165,6 @@ class NoiseInjectionCallback(CachedStateKey):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._thaw_state_key()
         if stage == "fit":
             self._detach()
 
@@ -228,6 +227,7 @@ class NoiseInjectionCallback(CachedStateKey):
         self._trainer = None  # the injector stays: its record of the last batch, for tests
         self._stream.release()
         self._prepared_batch = None
+        self._thaw_state_key()  # also after an exception (Lightning skips teardown then)
 
     def _forward_hook(self, index: int, module: nn.Module, args: Any, output: Any) -> Any:
         trainer, injector = self._trainer, self._injector

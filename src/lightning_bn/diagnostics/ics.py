@@ -366,7 +366,10 @@ def compute_ics(
         return out
 
     def mixed_passes() -> list[tuple[Params, Tensor | None]]:
-        batched = mixed_batched() if probe.vmap_chunk_size is not None else None
+        # batched only with the step's random state (without it each sequential pass draws
+        # anew, which a batched evaluation cannot reproduce)
+        use_vmap = probe.vmap_chunk_size is not None and step.rng is not None
+        batched = mixed_batched() if use_vmap else None
         return batched if batched is not None else [mixed_pass(lay) for lay in chosen]
 
     mixed = coll.guard(mixed_passes)
@@ -398,7 +401,7 @@ def compute_ics(
         rows.append(torch.stack(row))
         keys.append((lay.name, names))
     # one transfer to the host for every value of every layer
-    values = torch.cat(rows).tolist()
+    values = torch.cat([row.to(rows[0].device) for row in rows]).tolist()  # model parallel
     results: dict[str, dict[str, float]] = {}
     offset = 0
     for name, names in keys:
