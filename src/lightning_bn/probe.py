@@ -620,7 +620,7 @@ class Probe:
             self.context(),
             _Silenced(self.module, layout.metrics),
             trace if trace is not None else contextlib.nullcontext(),
-            self._swapped(state),
+            self._swapped(state, layout),
         ):
             out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
@@ -772,28 +772,34 @@ class Probe:
                 )
 
         fork = rng.fork() if rng is not None else contextlib.nullcontext()
-        with fork, self.context(), _Silenced(self.module, layout.metrics), self._swapped(state):
+        swap = self._swapped(state, layout)
+        layout = self._layout_cache or layout  # gathered again if a name was new (`run` uses it)
+        with fork, self.context(), _Silenced(self.module, layout.metrics), swap:
             run()
         return results
 
-    def _swapped(self, state: Mapping[str, Tensor]) -> contextlib.AbstractContextManager[None]:
+    def _swapped(
+        self, state: Mapping[str, Tensor], layout: _Layout | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """The module with ``state``'s tensors in place of its own (see :meth:`_Layout.swapped`).
 
         Names the layout does not know (a parameter or buffer registered after the probe's first
-        evaluation, e.g. by a lazy module) make the layout be gathered again.
+        evaluation, e.g. by a lazy module) make the layout be gathered again. ``layout``: the
+        probe's layout, already checked in this evaluation (default: checked here).
 
         Raises:
             ValueError: a name is neither a parameter nor a buffer of the module.
         """
-        if not self._layout.knows(state):
-            self._layout_cache = _Layout(self.module)
-            unknown = sorted(n for n in state if n not in self._layout.slots)
+        layout = layout if layout is not None else self._layout
+        if not layout.knows(state):
+            layout = self._layout_cache = _Layout(self.module)
+            unknown = sorted(n for n in state if n not in layout.slots)
             if unknown:
                 raise ValueError(
                     f"Expected names of parameters or buffers of {type(self.module).__name__},"
                     f" but got {unknown[:5]}"
                 )
-        return self._layout.swapped(state)
+        return layout.swapped(state)
 
 
 class _UseTrace(TorchFunctionMode):
