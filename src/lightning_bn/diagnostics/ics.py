@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from lightning_bn.batched import batched_points
 from lightning_bn.layers.registry import is_norm_layer
-from lightning_bn.paramvec import dict_dot, dict_norm, dict_sub
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 from lightning_bn.selection import describe_modules, match_modules
 
@@ -106,6 +105,12 @@ def _unit_shift_tensor(before: Tensor, after: Tensor) -> Tensor:
             emd.mean().double(),
         ]
     )
+
+
+def _flat64(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors flattened and concatenated, in float64 (on the first one's device)."""
+    device = tensors[0].device
+    return torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
 
 
 def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
@@ -381,14 +386,15 @@ def compute_ics(
     rows: list[Tensor] = []
     keys: list[tuple[str, tuple[str, ...]]] = []
     for i, (lay, (_, x_mixed)) in enumerate(zip(chosen, mixed, strict=True)):
-        # in float64: G and G' are close, and their difference is the logged quantity
-        g = {p: averaged[f"g:{p}"].double() for p in lay.params}
-        gp = {p: averaged[f"{i}:{p}"].double() for p in lay.params}
-        diff = dict_norm(dict_sub(g, gp))
-        g_norm = dict_norm(g)
-        gp_norm = dict_norm(gp)
+        # in float64: G and G' are close, and their difference is the logged quantity; the
+        # layer's parameters flattened into one vector each (a handful of kernels per layer)
+        g = _flat64([averaged[f"g:{p}"] for p in lay.params])
+        gp = _flat64([averaged[f"{i}:{p}"] for p in lay.params])
+        diff = torch.linalg.vector_norm(g - gp)
+        g_norm = torch.linalg.vector_norm(g)
+        gp_norm = torch.linalg.vector_norm(gp)
         # rounding can put the quotient a few ulps outside [-1, 1]
-        cos = (dict_dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)).clamp(-1.0, 1.0)
+        cos = (torch.dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)).clamp(-1.0, 1.0)
         row = [diff, cos, diff / torch.clamp(g_norm, min=_EPS)]
         names: tuple[str, ...] = ("l2", "cos", "l2_rel")
         x0 = inputs0.get(lay.name)
