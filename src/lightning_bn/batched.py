@@ -296,7 +296,9 @@ def _run(
     # every chunk replays one random state: the step's, or (without one) the current state,
     # so that every point sees the same draws as in a sequential pass from a replayed state
     rng = step.rng if step.rng is not None else RNGState.capture()
-    shared = {n: t for n, t in point.items() if n not in set(stacked_names)}
+    moving = set(stacked_names)
+    shared = {n: t for n, t in point.items() if n not in moving}
+    layout = probe._layout_knowing([*shared, *stacked_names, *buffers], layout)
 
     def loss_at(
         stacked: dict[str, Tensor], bufs: dict[str, Tensor]
@@ -305,7 +307,7 @@ def _run(
         store: dict[str, Tensor] = {}
         handles = hooks(store) if hooks is not None else []
         try:
-            with probe._swapped(state):  # what functional_call does, by the probe's slot table
+            with layout.swapped(state):  # what functional_call does, by the probe's slot table
                 loss = _scalar_loss(probe._step(copy_batch(step.batch), step.batch_idx))
         finally:
             for h in handles:

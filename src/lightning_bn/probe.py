@@ -390,21 +390,18 @@ class _Layout:
                 if buf is not None and id(buf) not in seen:
                     seen.add(id(buf))
                     self.buffers.append((f"{prefix}.{attr}" if prefix else attr, owner, attr))
-        # the module tree and the tensor in every slot as gathered: `stale` compares them
-        self.edges = [
-            (owner._modules, attr, child)
-            for _, owner in module.named_modules(remove_duplicate=False)
-            for attr, child in owner._modules.items()
-        ]
         self.metrics = [m for m in module.modules() if isinstance(m, Metric)]
-        n_all = len(list(module.named_parameters(remove_duplicate=False))) + len(self.buffers)
-        n_unique = len(list(module.named_parameters())) + len(list(module.named_buffers()))
-        self.tied = n_all != n_unique
         canonical = {id(t): n for n, t in module.named_parameters()}
         canonical.update({id(t): n for n, t in module.named_buffers()})
-        self.slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        # the module tree and the tensor in every slot as gathered (`stale` compares them), and
+        # the slots of every parameter and buffer by its canonical name
+        self.edges: list[tuple[dict[str, Any], str, nn.Module | None]] = []
         self.contents: list[tuple[dict[str, Any], str, Any]] = []
+        self.slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
         for _, owner in module.named_modules(remove_duplicate=False):
+            self.edges.extend(
+                (owner._modules, attr, child) for attr, child in owner._modules.items()
+            )
             for store in (owner._parameters, owner._buffers):
                 for attr, tensor in store.items():
                     self.contents.append((store, attr, tensor))
@@ -613,6 +610,7 @@ class Probe:
         layout = self._layout
         state = layout.fresh_buffers()
         state.update(params)
+        layout = self._layout_knowing(state, layout)
         ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
         trace = _UseTrace(state, self._trace_names) if self._trace_names is not None else None
         with (
@@ -620,7 +618,7 @@ class Probe:
             self.context(),
             _Silenced(self.module, layout.metrics),
             trace if trace is not None else contextlib.nullcontext(),
-            self._swapped(state, layout),
+            layout.swapped(state),
         ):
             out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
@@ -739,6 +737,7 @@ class Probe:
         buffers = layout.current_buffers()
         fresh = {n: b.clone() for n, b in buffers.items()}
         state = {**point, **fresh}
+        layout = self._layout_knowing(state, layout)
         originals, copies = list(buffers.values()), list(fresh.values())
         results: list[tuple[Tensor, Params]] = []
 
@@ -772,34 +771,29 @@ class Probe:
                 )
 
         fork = rng.fork() if rng is not None else contextlib.nullcontext()
-        swap = self._swapped(state, layout)
-        layout = self._layout_cache or layout  # gathered again if a name was new (`run` uses it)
+        swap = layout.swapped(state)
         with fork, self.context(), _Silenced(self.module, layout.metrics), swap:
             run()
         return results
 
-    def _swapped(
-        self, state: Mapping[str, Tensor], layout: _Layout | None = None
-    ) -> contextlib.AbstractContextManager[None]:
-        """The module with ``state``'s tensors in place of its own (see :meth:`_Layout.swapped`).
-
-        Names the layout does not know (a parameter or buffer registered after the probe's first
-        evaluation, e.g. by a lazy module) make the layout be gathered again. ``layout``: the
-        probe's layout, already checked in this evaluation (default: checked here).
+    def _layout_knowing(self, names: Iterable[str], layout: _Layout | None = None) -> _Layout:
+        """The probe's layout, gathered again if it does not know one of ``names`` (a parameter
+        or buffer registered after the probe's first evaluation, e.g. by a lazy module).
+        ``layout``: the layout already checked in this evaluation (default: checked here).
 
         Raises:
             ValueError: a name is neither a parameter nor a buffer of the module.
         """
         layout = layout if layout is not None else self._layout
-        if not layout.knows(state):
+        if not layout.knows(names):
             layout = self._layout_cache = _Layout(self.module)
-            unknown = sorted(n for n in state if n not in layout.slots)
+            unknown = sorted(n for n in names if n not in layout.slots)
             if unknown:
                 raise ValueError(
                     f"Expected names of parameters or buffers of {type(self.module).__name__},"
                     f" but got {unknown[:5]}"
                 )
-        return layout.swapped(state)
+        return layout
 
 
 class _UseTrace(TorchFunctionMode):
