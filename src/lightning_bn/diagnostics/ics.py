@@ -378,10 +378,11 @@ def compute_ics(
         return batched if batched is not None else [mixed_pass(lay) for lay in chosen]
 
     mixed = coll.guard(mixed_passes)
-    # every gradient averaged over ranks in one all-reduce (G of all layers, then each G')
+    # every gradient averaged over ranks in one all-reduce (G of all layers, then each G'; a
+    # layer with nothing used before it has G' = G, the very tensors, averaged once)
     flat: dict[str, Tensor] = {f"g:{p}": t for p, t in grads0.items()}
     for i, (g_mixed_local, _) in enumerate(mixed):
-        flat.update({f"{i}:{p}": t for p, t in g_mixed_local.items()})
+        flat.update({f"{i}:{p}": t for p, t in g_mixed_local.items() if t is not grads0.get(p)})
     averaged = coll.mean_dict(flat)
     rows: list[Tensor] = []
     keys: list[tuple[str, tuple[str, ...]]] = []
@@ -389,7 +390,7 @@ def compute_ics(
         # in float64: G and G' are close, and their difference is the logged quantity; the
         # layer's parameters flattened into one vector each (a handful of kernels per layer)
         g = _flat64([averaged[f"g:{p}"] for p in lay.params])
-        gp = _flat64([averaged[f"{i}:{p}"] for p in lay.params])
+        gp = _flat64([averaged.get(f"{i}:{p}", averaged[f"g:{p}"]) for p in lay.params])
         diff = torch.linalg.vector_norm(g - gp)
         g_norm = torch.linalg.vector_norm(g)
         gp_norm = torch.linalg.vector_norm(gp)
