@@ -13,9 +13,10 @@ class CachedStateKey(Callback):
 
     Lightning reads a callback's ``state_key`` on *every* hook call (it names the profiler
     action), several times per training step; derived from the settings, it cost about 0.2 ms
-    per step, 5% of a step of the digits MLP. Subclasses call :meth:`_freeze_state_key` first in
-    ``setup`` and :meth:`_thaw_state_key` in ``teardown``; outside a run the key is computed
-    from the current settings on each read.
+    per step, 5% of a step of the digits MLP. Subclasses call :meth:`_freeze_state_key` in
+    ``setup`` (after anything there that thaws it) and :meth:`_thaw_state_key` in ``teardown``
+    and ``on_exception`` (Lightning skips ``teardown`` after an exception); outside a run the
+    key is computed from the current settings on each read.
     """
 
     _state_key_cache: str | None = None
