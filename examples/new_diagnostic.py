@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from lightning_bn.callbacks.base import DiagnosticCallback
-from lightning_bn.paramvec import dict_norm
+from lightning_bn.diagnostics.paramvec import dict_norm
 from lightning_bn.probe import Collective, Params, Probe, StepRecord
 
 

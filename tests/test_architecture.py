@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -18,28 +19,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The plain-torch layer: importable without Lightning or W&B.
 PLAIN_TORCH = [
+    "lightning_bn",
+    "lightning_bn.errors",
     "lightning_bn.layers",
+    "lightning_bn.layers.convert",
+    "lightning_bn.layers.selection",
     "lightning_bn.probe",
-    "lightning_bn.batched",
-    "lightning_bn.paramvec",
-    "lightning_bn.selection",
-    "lightning_bn.logger_extras",
+    "lightning_bn.probe.batched",
+    "lightning_bn.diagnostics",
+    "lightning_bn.diagnostics.paramvec",
     "lightning_bn.diagnostics.ics",
     "lightning_bn.diagnostics.landscape",
     "lightning_bn.diagnostics.hvp",
     "lightning_bn.diagnostics.eigen",
     "lightning_bn.diagnostics.curvature",
     "lightning_bn.diagnostics.bounds",
-    "lightning_bn.diagnostics.noise",
-    "lightning_bn.plotting",
+    "lightning_bn.noise",
+    "lightning_bn.figures.draw",
 ]
 
-# Importing a submodule runs lightning_bn/__init__ (which pulls in the callbacks), so the check
-# replaces the top-level package by an empty one with the same path: each module and the
-# subpackages it needs load from their files, as they would for a plain-torch user.
+# A fresh interpreter imports the module as a user would (the real package root runs first).
 _PROBE = """
-import importlib, sys, types
-pkg = types.ModuleType("lightning_bn"); pkg.__path__ = [{src!r}]; sys.modules["lightning_bn"] = pkg
+import importlib, sys
 importlib.import_module({name!r})
 bad = sorted(k for k in sys.modules if k.split(".")[0] in ("lightning", "pytorch_lightning", "wandb"))
 print(",".join(bad))
@@ -48,11 +49,110 @@ print(",".join(bad))
 
 @pytest.mark.parametrize("name", PLAIN_TORCH)
 def test_plain_torch_parts_import_neither_lightning_nor_wandb(name: str) -> None:
-    code = _PROBE.format(src=str(SRC), name=name)
+    code = _PROBE.format(name=name)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "", f"{name} imports {out.stdout.strip()}"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``lightning_bn`` module ``path`` imports: at the top, inside functions and under
+    ``TYPE_CHECKING`` alike (``from pkg import mod`` counts as importing ``pkg.mod``)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lightning_bn"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if not node.module.startswith("lightning_bn"):
+                continue
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _module_path(sub) is not None else node.module)
+    return found
+
+
+def _module_path(name: str) -> Path | None:
+    base = SRC.parent.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = {m for m in _imports(path) if m != name}
+    # the package root imports its public names on first use, from a table of module names
+    root = importlib.util.find_spec("lightning_bn")
+    assert root is not None
+    graph["lightning_bn"] |= set(__import__("lightning_bn")._EXPORTS.values())
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """No module reaches itself through imports, lazy and type-only imports included."""
+    assert _cycles(_graph()) == []
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_no_two_parts_import_each_other() -> None:
+    """Between the top-level parts (``layers``, ``probe``, ``diagnostics``, ``callbacks``, ...),
+    imports go one way only (the package root, which re-exports them, aside)."""
+    parts: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        if module == "lightning_bn":
+            continue
+        parts.setdefault(_part(module), set()).update(
+            _part(d) for d in deps if d != "lightning_bn" and _part(d) != _part(module)
+        )
+    both = sorted(
+        (a, b) for a, deps in parts.items() for b in deps if a < b and a in parts.get(b, set())
+    )
+    assert both == []
 
 
 def test_callback_files_are_thin() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from lightning_bn.cli import main
-from lightning_bn.csv_log import TruncatedLogError
+from lightning_bn.logging.csv_log import TruncatedLogError
 from lightning_bn.reproduce import load_run
 from lightning_bn.reproduce.history import read_metrics_csv
 from lightning_bn.reproduce.progress import ProgressDisplay, format_duration

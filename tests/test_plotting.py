@@ -16,7 +16,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lightning_bn.plotting import plot_run
+from lightning_bn.figures.draw import plot_run
 from lightning_bn.reproduce import (
     FINDINGS,
     RunFormatError,
@@ -201,7 +201,7 @@ def test_figures_draw_bands_over_seeds(synthetic_run: Path) -> None:
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    import lightning_bn.plotting as plotting
+    import lightning_bn.figures.draw as plotting
 
     fig = Figure()
     ax = fig.subplots()

@@ -1,44 +1,78 @@
-"""lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools."""
+"""lightning-bn: the experiments of "How Does Batch Normalization Help Optimization?" as Lightning tools.
+
+The names below are imported on first use, so that ``import lightning_bn.layers``,
+``lightning_bn.probe`` or ``lightning_bn.diagnostics`` (plain torch) load neither Lightning nor
+W&B; ``from lightning_bn import ICSCallback`` loads the callbacks (and Lightning) then.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# The W&B extras of the diagnostic callbacks register themselves on import (the callbacks'
-# base knows no logger by name); any submodule import runs this file first.
-from lightning_bn import wandb_panels as _wandb_panels  # noqa: F401
-from lightning_bn.callbacks import (
-    DiagnosticWarning,
-    ICSCallback,
-    LipschitzCallback,
-    NoiseInjectionCallback,
-    SmoothnessCallback,
-)
-from lightning_bn.callbacks.swa import StochasticWeightAveraging
-from lightning_bn.convert import swap_norm_layers
-from lightning_bn.layers import (
-    BatchNorm,
-    L1Norm,
-    L2Norm,
-    LayerNorm,
-    LinfNorm,
-    LpNorm,
-    create_norm_layer,
-)
-from lightning_bn.layers.stats import update_norm_stats
-from lightning_bn.plugins import SyncNorm
-from lightning_bn.probe import in_probe
+from lightning_bn import _deprecated
+from lightning_bn._version import __version__
 
-__version__ = "0.1.0"
+#: Public name -> the module it is defined in.
+_EXPORTS: dict[str, str] = {
+    "BatchNorm": "lightning_bn.layers",
+    "DiagnosticWarning": "lightning_bn.errors",
+    "ICSCallback": "lightning_bn.callbacks",
+    "L1Norm": "lightning_bn.layers",
+    "L2Norm": "lightning_bn.layers",
+    "LayerNorm": "lightning_bn.layers",
+    "LinfNorm": "lightning_bn.layers",
+    "LipschitzCallback": "lightning_bn.callbacks",
+    "LpNorm": "lightning_bn.layers",
+    "NoiseInjectionCallback": "lightning_bn.callbacks",
+    "SmoothnessCallback": "lightning_bn.callbacks",
+    "StochasticWeightAveraging": "lightning_bn.callbacks.swa",
+    "SyncNorm": "lightning_bn.plugins",
+    "create_norm_layer": "lightning_bn.layers",
+    "in_probe": "lightning_bn.probe",
+    "plot_runs": "lightning_bn.plot.run_figures",  # needs matplotlib, an optional dependency
+    "swap_norm_layers": "lightning_bn.layers",
+    "update_norm_stats": "lightning_bn.layers.stats",
+}
+
+_deprecated.install()
+
+if TYPE_CHECKING:
+    from lightning_bn.callbacks import (
+        ICSCallback,
+        LipschitzCallback,
+        NoiseInjectionCallback,
+        SmoothnessCallback,
+    )
+    from lightning_bn.callbacks.swa import StochasticWeightAveraging
+    from lightning_bn.errors import DiagnosticWarning
+    from lightning_bn.layers import (
+        BatchNorm,
+        L1Norm,
+        L2Norm,
+        LayerNorm,
+        LinfNorm,
+        LpNorm,
+        create_norm_layer,
+        swap_norm_layers,
+    )
+    from lightning_bn.layers.stats import update_norm_stats
+    from lightning_bn.plot.run_figures import plot_runs
+    from lightning_bn.plugins import SyncNorm
+    from lightning_bn.probe import in_probe
 
 
 def __getattr__(name: str) -> Any:
-    # plot_runs needs matplotlib, an optional dependency: imported on first use only.
-    if name == "plot_runs":
-        from lightning_bn.run_figures import plot_runs
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # looked up once
+    return value
 
-        return plot_runs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = [

@@ -15,8 +15,10 @@ working; a value of the right type out of range raises :class:`ValueError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
+
+from lightning_bn.errors import ArgumentTypeError
 
 __all__ = [
     "ArgumentTypeError",
@@ -24,13 +26,10 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_step_sizes",
 ]
 
 _T = TypeVar("_T")
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """An argument of the wrong type (also a ``ValueError``, for callers of the older checks)."""
 
 
 def _fail(name: str, expected: str, value: Any, error: type[Exception] = ValueError) -> Exception:
@@ -157,3 +156,26 @@ def check_choice(name: str, value: _T, choices: Iterable[Any]) -> _T:
     if not ok:
         raise _fail(name, f"one of {', '.join(map(repr, options))}", value)
     return value
+
+
+def check_step_sizes(step_sizes: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Return ``step_sizes`` as a tuple of floats (``None`` stays ``None``: the default grid).
+
+    Raises:
+        TypeError: not a sequence of numbers.
+        ValueError: empty, or a value that is not positive and finite.
+    """
+    if step_sizes is None:
+        return None
+    try:
+        grid = tuple(float(s) for s in step_sizes)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Expected argument `step_sizes` to be a sequence of numbers, but got {step_sizes!r}"
+        ) from None
+    if not grid or any(not (math.isfinite(s) and s > 0) for s in grid):
+        raise ValueError(
+            "Expected argument `step_sizes` to be a non-empty sequence of positive finite numbers,"
+            f" but got {step_sizes!r}"
+        )
+    return grid

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn.callbacks.noise_injection import NoiseInjectionCallback
-from lightning_bn.diagnostics.noise import NoiseSample, NoiseSampler
+from lightning_bn.noise import NoiseSample, NoiseSampler
 from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
 
 _DIGITS = load_digits()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_bn.paramvec import (
+from lightning_bn.diagnostics.paramvec import (
     FlatLayout,
     dict_axpy,
     dict_clone,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bn.convert import swap_norm_layers
+from lightning_bn.layers.convert import swap_norm_layers
 from lightning_bn.experiments.models import (
     MLP,
     VGG,

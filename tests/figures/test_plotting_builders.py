@@ -1,4 +1,4 @@
-"""The generic figure builders of `lightning_bn.plotting`: one line or band per run, no reproduce."""
+"""The generic figure builders of `lightning_bn.figures.draw`: one line or band per run, no reproduce."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 from matplotlib.collections import PolyCollection
 
-from lightning_bn.logger_extras import MetricHistory
-from lightning_bn.plotting import (
+from lightning_bn.logging.extras import MetricHistory
+from lightning_bn.figures.draw import (
     RunHistory,
     band_figure,
     ics_figure,
@@ -98,7 +98,7 @@ def test_ics_figure_rows_per_layer_lines_per_run() -> None:
 
 def test_plotting_imports_neither_reproduce_nor_the_cli() -> None:
     code = (
-        "import sys, lightning_bn.plotting; "
+        "import sys, lightning_bn.figures.draw; "
         "print(sorted(m for m in sys.modules if m.startswith(('lightning_bn.reproduce', "
         "'lightning_bn.cli'))))"
     )

@@ -61,7 +61,7 @@ def test_common_signature(kind: str) -> None:
 
 def test_norm_type_registry() -> None:
     from lightning_bn.callbacks import DEFAULT_NOISE_TARGETS
-    from lightning_bn.convert import SWAPPABLE_TYPES
+    from lightning_bn.layers.convert import SWAPPABLE_TYPES
     from lightning_bn.diagnostics.landscape import NORM_LAYER_TYPES
     from lightning_bn.layers import (
         BATCH_STAT_NORM_TYPES,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from torch import nn
 
-from lightning_bn.selection import (
+from lightning_bn.layers.selection import (
     check_selectors,
     describe_modules,
     match_modules,

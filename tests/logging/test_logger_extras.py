@@ -16,14 +16,14 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_bn import ICSCallback, LipschitzCallback, NoiseInjectionCallback, SmoothnessCallback
 from lightning_bn.callbacks import BatchPreparer
-from lightning_bn.logger_extras import (
+from lightning_bn.logging.extras import (
     LoggerExtras,
     MetricHistory,
     logger_extras,
     register_logger_extras,
     unregister_logger_extras,
 )
-from lightning_bn.wandb_panels import WANDB_EXTRAS, PanelHistory, WandbExtras
+from lightning_bn.logging.wandb import WANDB_EXTRAS, PanelHistory, WandbExtras
 from tests.support.models import Classifier, MemoryLogger, loader, mlp, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_bn.callbacks.ics import ICSCallback
 from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
-from lightning_bn.logger_extras import logger_extras
+from lightning_bn.logging.extras import logger_extras
 from tests.support.models import Classifier, loader, mlp, trainer
 
 callbacks = [ICSCallback(every_n_steps=2), LipschitzCallback(every_n_steps=2),

@@ -1,4 +1,4 @@
-"""W&B set-up (`lightning_bn.wandb_panels`) against a real offline wandb run read back from disk."""
+"""W&B set-up (`lightning_bn.logging.wandb`) against a real offline wandb run read back from disk."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bn.wandb_panels import (
+from lightning_bn.logging.wandb import (
     PAPER_PANELS,
     PAPER_SUMMARIES,
     STEP_METRIC,

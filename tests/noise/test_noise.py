@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_bn.diagnostics.noise import NoiseSample, NoiseSampler, inject_noise
+from lightning_bn.noise import NoiseSample, NoiseSampler, inject_noise
 
 # (mean_range n_μ, std_range n_σ, mean_jitter r_μ, std_jitter r_σ): the paper's values and a set
 # where every constant differs, so that a swapped constant or a variance/std mix-up shows.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_bn.diagnostics.noise import (
+from lightning_bn.noise import (
     RANK_STRIDE,
     SEED_BOUND,
     NoiseInjector,

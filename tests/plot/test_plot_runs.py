@@ -33,7 +33,7 @@ from lightning_bn import (
     plot_runs,
 )
 from lightning_bn.cli import main
-from lightning_bn.panels import PAPER_PANELS
+from lightning_bn.logging.panels import PAPER_PANELS
 from lightning_bn.reproduce import build_plan
 from tests.support.models import Classifier, loader, mlp, trainer
 
@@ -414,11 +414,11 @@ def test_plot_runs_exported_lazily() -> None:
     # matplotlib is optional: `import lightning_bn` loads none of the figure modules
     code = (
         "import sys, lightning_bn; "
-        "figs = ('lightning_bn.run_figures', 'lightning_bn.plotting'); "
+        "figs = ('lightning_bn.plot.run_figures', 'lightning_bn.figures.draw'); "
         "assert not any(m in sys.modules for m in figs), 'eager'; "
         "assert 'plot_runs' in lightning_bn.__all__; "
         "from lightning_bn import plot_runs; print(plot_runs.__module__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "lightning_bn.run_figures"
+    assert out.stdout.strip() == "lightning_bn.plot.run_figures"

@@ -1,4 +1,4 @@
-"""Grid evaluation under torch.func.vmap (lightning_bn.batched) against the sequential path and
+"""Grid evaluation under torch.func.vmap (lightning_bn.probe.batched) against the sequential path and
 against brute force (a deep copy of the model per point, plain autograd, the RNG state replayed)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.batched import BatchedFallbackWarning, check_vmap_chunk_size, uses_vmap
+from lightning_bn.probe.batched import BatchedFallbackWarning, check_vmap_chunk_size, uses_vmap
 from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
 from lightning_bn.diagnostics.landscape import DEFAULT_STEP_SIZES
@@ -216,7 +216,7 @@ def test_fallback_once_for_a_model_vmap_cannot_run(monkeypatch: pytest.MonkeyPat
     batch = (torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 3, (8,)))
     bat = check_agreement(net, batch, fallback=True)
     # remembered: no second try (vmap is not called again) and no second warning
-    import lightning_bn.batched as batched
+    import lightning_bn.probe.batched as batched
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tried vmap again")

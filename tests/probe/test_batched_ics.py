@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.batched import BatchedFallbackWarning, uses_vmap
+from lightning_bn.probe.batched import BatchedFallbackWarning, uses_vmap
 from lightning_bn.callbacks.ics import ICSCallback
 from lightning_bn.diagnostics.ics import compute_ics, measured_layers
 from lightning_bn.probe import Probe, RNGState, StepRecord

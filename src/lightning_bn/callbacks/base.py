@@ -11,25 +11,20 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
+from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
-from lightning_bn.batched import VmapChunkSize, check_vmap_chunk_size
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
-from lightning_bn.logger_extras import LoggerExtras, MetricHistory, logger_extras
+from lightning_bn.errors import DiagnosticWarning
+from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
+from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
 
 __all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-class DiagnosticWarning(UserWarning):
-    """A diagnostic measurement was skipped; training went on untouched."""
-
 
 @runtime_checkable
 class BatchPreparer(Protocol):
@@ -102,7 +97,7 @@ class DiagnosticCallback(CachedStateKey):
     is a :class:`DiagnosticWarning`, never an exception in the training loop) and logging through
     every Lightning logger of the trainer at the measured step (as ``LearningRateMonitor`` does).
     What a logger offers beyond scalars (W&B summaries, config and charts) comes from the
-    registered :class:`~lightning_bn.logger_extras.LoggerExtras`, which the base calls without
+    registered :class:`~lightning_bn.logging.extras.LoggerExtras`, which the base calls without
     knowing any logger by name. Before measuring it calls ``prepare_batch`` on every other
     callback that is a :class:`BatchPreparer`.
 
@@ -129,7 +124,7 @@ class DiagnosticCallback(CachedStateKey):
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        #: How the probe evaluates a grid of points (:mod:`lightning_bn.batched`); a speed
+        #: How the probe evaluates a grid of points (:mod:`lightning_bn.probe.batched`); a speed
         #: setting, left out of :meth:`_settings` (and so of ``state_key``).
         self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         if not (isinstance(every_n_steps, str) and every_n_steps == "auto"):

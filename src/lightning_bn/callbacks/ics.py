@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._validation import check_bool
-from lightning_bn.batched import VmapChunkSize
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
+from lightning_bn.layers.selection import describe_modules
 from lightning_bn.probe import StepRecord
-from lightning_bn.selection import describe_modules
+from lightning_bn.probe.batched import VmapChunkSize
 
 __all__ = ["ICSCallback"]
 
@@ -90,7 +90,7 @@ class ICSCallback(DiagnosticCallback):
         name: tells several ICSCallbacks in one Trainer apart: keys ``ics@<name>/<layer>/...``.
             Unnamed ones on different layers log ``ics/...``; unnamed ones that share a layer
             get ``ics@1/...``, ``ics@2/...`` (in the Trainer's callback order).
-        vmap_chunk_size: how the G′ passes are evaluated (:mod:`lightning_bn.batched`):
+        vmap_chunk_size: how the G′ passes are evaluated (:mod:`lightning_bn.probe.batched`):
             ``"auto"`` (default) under :func:`torch.func.vmap` on CUDA, one by one elsewhere;
             ``None`` always one by one; an ``int``, under ``vmap`` with at most that many
             passes per call (each a full backward). The values are the same (to float rounding).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -10,33 +9,18 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_bn._validation import check_bool
-from lightning_bn.batched import VmapChunkSize
-from lightning_bn.callbacks.base import DiagnosticCallback, DiagnosticWarning, LossFn
+from lightning_bn._types import LossFn
+from lightning_bn._validation import check_bool, check_step_sizes
+from lightning_bn.callbacks.base import DiagnosticCallback
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
+from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.probe import StepRecord
+from lightning_bn.probe.batched import VmapChunkSize
 
-__all__ = ["LipschitzCallback", "check_step_sizes"]
+__all__ = ["LipschitzCallback"]
 
 #: Tolerance above 1 of the Theorem 4.1 ratio before a warning (floating-point rounding).
 THM41_TOLERANCE = 1e-4
-
-
-def check_step_sizes(step_sizes: Sequence[float] | None) -> tuple[float, ...] | None:
-    if step_sizes is None:
-        return None
-    try:
-        grid = tuple(float(s) for s in step_sizes)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"Expected argument `step_sizes` to be a sequence of numbers, but got {step_sizes!r}"
-        ) from None
-    if not grid or any(not (math.isfinite(s) and s > 0) for s in grid):
-        raise ValueError(
-            "Expected argument `step_sizes` to be a non-empty sequence of positive finite numbers,"
-            f" but got {step_sizes!r}"
-        )
-    return grid
 
 
 class LipschitzCallback(DiagnosticCallback):
@@ -84,7 +68,7 @@ class LipschitzCallback(DiagnosticCallback):
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
         name: tells several LipschitzCallbacks in one Trainer apart: keys ``lipschitz@<name>/...``
             (unnamed ones get ``lipschitz@1/...``, ``lipschitz@2/...``).
-        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.batched`): ``"auto"``
+        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.probe.batched`): ``"auto"``
             (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
             always point by point; an ``int``, under ``vmap`` with at most that many points per
             call. The values are the same (to float rounding).

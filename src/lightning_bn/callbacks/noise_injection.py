@@ -14,7 +14,8 @@ from typing_extensions import override
 from lightning_bn._validation import check_bool, check_int
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
-from lightning_bn.diagnostics.noise import (
+from lightning_bn.layers.selection import Selector, check_selectors, selector_repr
+from lightning_bn.noise import (
     DEFAULT_NOISE_TARGETS,
     NoiseInjector,
     NoiseSampler,
@@ -23,7 +24,6 @@ from lightning_bn.diagnostics.noise import (
     check_disjoint_targets,
     resolve_noise_targets,
 )
-from lightning_bn.selection import Selector, check_selectors, selector_repr
 
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 
@@ -41,7 +41,7 @@ class NoiseInjectionCallback(CachedStateKey):
     :math:`s_{ij} \sim N(\sigma_j, r_\sigma^2)`; then :math:`a_{ij} \leftarrow s_{ij} a_{ij} + m_{ij}`.
     A unit is dimension 1 of the output, or the last one for :class:`torch.nn.LayerNorm`,
     :class:`torch.nn.Linear` and any layer with ``channels_last=True``. The math (draws, seed
-    stream, statistics) is :class:`lightning_bn.diagnostics.noise.NoiseInjector`.
+    stream, statistics) is :class:`lightning_bn.noise.NoiseInjector`.
 
     Semantics:
 
@@ -58,7 +58,7 @@ class NoiseInjectionCallback(CachedStateKey):
         targets: which modules get noise: a glob on qualified module names (``"encoder.*.bn"``),
             an ``nn.Module`` subclass, or a sequence of them. ``None`` (default): every
             normalisation layer, :data:`DEFAULT_NOISE_TARGETS`, chosen by
-            :func:`lightning_bn.selection.match_modules`. The root module is never a target.
+            :func:`lightning_bn.layers.selection.match_modules`. The root module is never a target.
             To compare with a network without normalisation, target the modules that stand in
             the norm layers' place (e.g. ``nn.Identity`` placeholders, by name).
         mean_range: :math:`n_\mu`, range of the per-unit shift (``>= 0``).

@@ -9,17 +9,22 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_bn._validation import check_bool, check_choice, check_float, check_int
-from lightning_bn.batched import VmapChunkSize
+from lightning_bn._validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_step_sizes,
+)
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
-from lightning_bn.callbacks.lipschitz import check_step_sizes
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
     resolve_steps,
 )
-from lightning_bn.paramvec import dict_clone
+from lightning_bn.diagnostics.paramvec import dict_clone
 from lightning_bn.probe import Params, StepRecord
+from lightning_bn.probe.batched import VmapChunkSize
 
 __all__ = ["SmoothnessCallback"]
 
@@ -98,7 +103,7 @@ class SmoothnessCallback(DiagnosticCallback):
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         name: tells several SmoothnessCallbacks in one Trainer apart: keys
             ``smoothness@<name>/...`` (unnamed ones get ``smoothness@1/...``, ``smoothness@2/...``).
-        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.batched`): ``"auto"``
+        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.probe.batched`): ``"auto"``
             (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
             always point by point; an ``int``, under ``vmap`` with at most that many points per
             call. The values are the same (to float rounding).

@@ -1,28 +1,14 @@
-"""The ``lightning-bn`` command: reproduce the paper's experiments, or draw the figures of runs.
-
-Usage::
-
-    lightning-bn reproduce [digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
-                           [--steps N] [--seed S] [--seeds N] [--init kaiming|default]
-                           [--jobs N] [--data-dir DIR] [--variants K,K,...]
-                           [--archs A,A,...] [--measure-every N] [--wandb MODE] ...
-    lightning-bn plot RUN [RUN ...] [--labels A,B,...] [--out DIR] [--steps FROM:TO]
-
-Invalid arguments end the command with one line on stderr and exit status 2.
-"""
+"""``lightning-bn reproduce``: train the paper's variants, draw its figures, check its findings."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from lightning_bn.reproduce.plan import (
     ARCHS,
@@ -39,105 +25,23 @@ from lightning_bn.reproduce.plan import (
 if TYPE_CHECKING:
     from lightning_bn.reproduce import RedrawResult
 
-__all__ = ["build_parser", "main"]
+from lightning_bn.cli._common import (
+    WANDB_CHOICES,
+    Parser,
+    arg_learning_rate,
+    arg_names,
+    arg_non_negative_int,
+    arg_positive_int,
+    arg_seed,
+    check_extras,
+    finding_lines,
+)
 
-_WANDB_CHOICES = ("auto", "online", "offline", "off")
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit status 2), no usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        one_line = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {one_line} (see `{self.prog} --help`)\n")
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a learning rate (a number > 0), got {text!r}"
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got {text!r}")
-    return value
+__all__ = ["add_parser"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _labels(text: str) -> list[str]:
-    labels = [t.strip() for t in text.split(",")]
-    if not all(labels):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-empty labels, got {text!r}")
-    return labels
-
-
-def _steps(text: str) -> tuple[int | None, int | None]:
-    from lightning_bn.run_logs import parse_steps
-
-    try:
-        return parse_steps(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-#: Lightning's ``seed_everything`` (NumPy's legacy seeding) takes seeds in [0, 2**32 - 1].
-_MAX_SEED = 2**32 - 1
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer in [0, 2**32 - 1], got {text!r}"
-        ) from None
-    if not 0 <= value <= _MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
-    return value
-
-
-def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [n for n in names if n not in choices]
-        if not names or bad:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {', '.join(choices)}, got {text!r}"
-            )
-        return names
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-bn`` argument parser (sub-commands ``reproduce`` and ``plot``)."""
-    parser = _Parser(
-        prog="lightning-bn",
-        description='Reproduce "How Does Batch Normalization Help Optimization?" '
-        "(Santurkar et al., 2018) with PyTorch Lightning.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    """Add the ``reproduce`` sub-command to the sub-parsers of ``lightning-bn``."""
     rep = sub.add_parser(
         "reproduce",
         help="train the paper's variants, draw its figures and check its findings",
@@ -166,23 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--lr",
-        type=_learning_rate,
+        type=arg_learning_rate,
         nargs="+",
         metavar="LR",
         help="learning rates; the smallest is the base one, the largest the 'larger' one "
         "(default: digits 0.1 1.0, dln 1e-6, vgg-cifar10 0.1 0.5)",
     )
-    rep.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps per run")
+    rep.add_argument("--steps", type=arg_positive_int, metavar="N", help="optimiser steps per run")
     rep.add_argument(
         "--seed",
-        type=_seed,
+        type=arg_seed,
         default=0,
         metavar="S",
         help="base seed (0): the runs use seeds S, S+1, ...",
     )
     rep.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=arg_positive_int,
         metavar="N",
         help=f"seeds per variant (default {QUICK_SEEDS} with --quick, else {FULL_SEEDS}); the "
         "findings report the median over seeds and a 95%% interval",
@@ -196,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=arg_positive_int,
         default=default_jobs(),
         metavar="N",
         help=f"runs at a time, one process and one torch thread each (default {default_jobs()})",
@@ -209,26 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--variants",
-        type=_names(KINDS),
+        type=arg_names(KINDS),
         metavar="K,K,...",
         help=f"variants to train, among {', '.join(KINDS)}",
     )
     all_archs = tuple(dict.fromkeys(a for archs in ARCHS.values() for a in archs))
     rep.add_argument(
         "--archs",
-        type=_names(all_archs),
+        type=arg_names(all_archs),
         metavar="A,A,...",
         help="architectures (digits: mlp, cnn)",
     )
     rep.add_argument(
         "--measure-every",
-        type=_positive_int,
+        type=arg_positive_int,
         metavar="N",
         help="steps between diagnostic measurements (default: steps // 20)",
     )
     rep.add_argument(
         "--wandb",
-        choices=_WANDB_CHOICES,
+        choices=WANDB_CHOICES,
         default="auto",
         help="W&B: auto (online if an API key is configured, else offline), online, offline, off",
     )
@@ -242,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--threads",
-        type=_non_negative_int,
+        type=arg_non_negative_int,
         default=1,
         metavar="N",
         help="torch CPU threads (default 1, fastest for these small models; 0: torch's default)",
@@ -262,49 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Seconds between two progress lines off a terminal (tests shorten it).
     rep.add_argument("--progress-every", type=float, default=None, help=argparse.SUPPRESS)
     rep.set_defaults(handler=_reproduce, subparser=rep)
-
-    plot = sub.add_parser(
-        "plot",
-        help="draw the paper's figures of logged runs side by side (CSVLogger or reproduce runs)",
-        description="Draw the paper's figures (ICS, loss landscape, gradient predictiveness, "
-        "β_eff, Hessian, Theorem 4.1, noise) of one or more runs, one line or band per run. "
-        "A RUN is a Lightning CSVLogger metrics.csv, a folder holding one (the newest "
-        "version_N is taken), or a `lightning-bn reproduce` run folder; a reproduce run given "
-        "alone (no other option) gets its own figures and summary.md redrawn.",
-    )
-    plot.add_argument(
-        "runs",
-        type=Path,
-        nargs="+",
-        metavar="RUN",
-        help="a metrics.csv, a CSVLogger folder, or a reproduce run folder",
-    )
-    plot.add_argument(
-        "--labels",
-        type=_labels,
-        metavar="A,B,...",
-        help="legend label of each RUN, comma-separated (default: the folder names)",
-    )
-    plot.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="folder for the PNG files and index.md (default: figures/ beside the first RUN)",
-    )
-    plot.add_argument(
-        "--steps", type=_steps, metavar="FROM:TO", help="draw only these steps (e.g. 100:500)"
-    )
-    plot.set_defaults(handler=_plot, subparser=plot)
-    return parser
-
-
-def _check_extras(parser: argparse.ArgumentParser, experiment: str | None) -> None:
-    # matplotlib (figures) and scikit-learn (the digits) are optional dependencies of the package.
-    needed = ["matplotlib"] + (["sklearn"] if experiment == "digits" else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    if missing:
-        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
-        parser.error(f"this command needs {names}: pip install 'lightning-bn[examples]'")
 
 
 def _check_cifar(parser: argparse.ArgumentParser, data_dir: Path | None) -> str:
@@ -373,7 +234,7 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     from lightning_bn.reproduce.interrupt import interrupt_guard
     from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
 
-    _check_extras(parser, args.experiment)
+    check_extras(parser, args.experiment)
     if args.experiment != "vgg-cifar10" and args.data_dir is not None:
         parser.error("--data-dir applies to vgg-cifar10 only")
     data_dir = _check_cifar(parser, args.data_dir) if args.experiment == "vgg-cifar10" else None
@@ -434,20 +295,9 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
-def _finding_lines(result: RedrawResult) -> list[str]:
-    lines = []
-    for f in result.findings:
-        numbers = ""
-        if f.verdict != "not evaluated":
-            lo, hi = f.interval
-            numbers = f"  {f.median:.3g} [{lo:.3g}, {hi:.3g}] vs {f.threshold:g}"
-        lines.append(f"  {f.verdict:<15} {f.title} ({f.arch}){numbers}")
-    return lines
-
-
 def _report(result: RedrawResult, seconds: float, mode: str) -> None:
     print("\nFindings (median over seeds [95% interval] vs threshold):")
-    for line in _finding_lines(result):
+    for line in finding_lines(result):
         print(line)
     folder = result.run.path
     print(f"\nsummary: {result.summary}")
@@ -463,98 +313,3 @@ def _report(result: RedrawResult, seconds: float, mode: str) -> None:
     print(
         f"total time: {seconds:.1f} s" + (f" (training: {cpu} s CPU over the runs)" if cpu else "")
     )
-
-
-def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from lightning_bn.csv_log import LogFormatError
-
-    _check_extras(parser, None)
-    runs: list[Path] = args.runs
-    if args.labels is not None and len(args.labels) != len(runs):
-        parser.error(
-            f"--labels: expected one label per RUN ({len(runs)}), got {len(args.labels)}: "
-            f"{','.join(args.labels)!r}"
-        )
-    alone = args.labels is None and args.out is None and args.steps is None
-    try:
-        if alone and len(runs) == 1 and (runs[0] / "run.json").is_file():
-            return _redraw(runs[0])
-        return _plot_runs(parser, args)
-    except LogFormatError as err:
-        parser.error(str(err))
-    except OSError as err:
-        # a read-only folder, a full disk: one line naming the file, not a traceback
-        where = f" {err.filename}" if err.filename else ""
-        parser.error(f"cannot write{where}: {err.strerror or err}")
-
-
-def _redraw(run_dir: Path) -> int:
-    """A reproduce run alone: its own figures and summary.md, as `reproduce` draws them."""
-    from lightning_bn.reproduce import redraw
-
-    result = redraw(run_dir)
-    for note in result.notes:
-        print(note)
-    print(f"summary: {result.summary}")
-    print(f"findings: {result.findings_file}")
-    folder = result.figures[0].parent if result.figures else result.run.path / "figures"
-    print(f"figures: {len(result.figures)} PNG files in {folder}")
-    for line in _finding_lines(result):
-        print(line)
-    return 0
-
-
-def _default_out(first: Path) -> Path:
-    """``figures/`` beside the first run (so never a reproduce run's own ``figures/``)."""
-    run_folder = first.parent if first.is_file() else first
-    return run_folder.resolve().parent / "figures"
-
-
-def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from lightning_bn.run_figures import figure_set, save_figures
-
-    out: Path = args.out if args.out is not None else _default_out(args.runs[0])
-    if out.name == "figures" and (out.parent / "run.json").is_file():
-        parser.error(
-            f"--out {str(out)!r} is the figures folder of a reproduce run; choose another folder"
-        )
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} exists and is not a folder")
-    figures = figure_set(args.runs, args.labels, args.steps or (None, None))
-    loaded = figures.loaded
-    assert loaded is not None  # figure_set always records what it read
-    for line in loaded.incomplete:
-        print(line)
-    if not loaded.runs:
-        parser.error("no complete run to draw (every run given is incomplete)")
-    for run in loaded.runs:
-        print(f"run {run.label!r}: {run.source}")
-        for note in run.notes:
-            print(f"  {note}")
-    for line in figures.skipped:
-        print(line)
-    if not figures.figures:
-        window = " in the --steps window" if args.steps else ""
-        parser.error(f"nothing to draw: no run has a diagnostic value{window}")
-    index = save_figures(figures, out)
-    print(f"figures: {len(figures.figures)} PNG files in {out} (list: {index})")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``lightning-bn`` command.
-
-    Args:
-        argv: the arguments after the program name (default ``sys.argv[1:]``).
-
-    Returns:
-        The exit status (0 on success; argument errors exit with 2 through ``SystemExit``).
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    status: int = args.handler(args.subparser, args)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

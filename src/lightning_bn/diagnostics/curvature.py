@@ -20,7 +20,7 @@ from lightning_bn.diagnostics.hvp import (
     grad_and_loss,
     hvp,
 )
-from lightning_bn.paramvec import (
+from lightning_bn.diagnostics.paramvec import (
     TensorDict,
     dict_axpy,
     dict_dot,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_bn._validation import check_choice, check_float, check_int
 from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
-from lightning_bn.paramvec import FlatLayout, TensorDict
+from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
 
 __all__ = ["EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
 

@@ -1,7 +1,7 @@
 r"""Hessian-vector products of a scalar loss of a parameter dict.
 
 Everything here works on *parameter dicts* (``dict[str, Tensor]``, e.g. a model's
-``named_parameters()`` detached; see :mod:`lightning_bn.paramvec`) and on a scalar loss function
+``named_parameters()`` detached; see :mod:`lightning_bn.diagnostics.paramvec`) and on a scalar loss function
 of such a dict,
 
 .. math::
@@ -37,7 +37,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from lightning_bn._validation import check_choice
-from lightning_bn.paramvec import FlatLayout, TensorDict
+from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
 
 __all__ = [
     "FlatOperator",
@@ -162,7 +162,7 @@ class HessianVectorProduct:
         method: the method in use (``"auto"`` becomes ``"forward"`` or ``"reverse"`` after the
             first product).
         calls: number of products taken so far.
-        layout: the :class:`~lightning_bn.paramvec.FlatLayout` of :attr:`params`, the vectors
+        layout: the :class:`~lightning_bn.diagnostics.paramvec.FlatLayout` of :attr:`params`, the vectors
             of :meth:`matvec`.
 
     Example:

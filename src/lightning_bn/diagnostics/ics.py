@@ -13,7 +13,7 @@ One pass at :math:`W^t` gives every :math:`G_{t,i}` (and every layer's input); t
 layer i. k layers therefore cost k gradient evaluations.
 
 **Batched G′ passes.** When the probe batches (``Probe.vmap_chunk_size``: an ``int`` always,
-``"auto"`` on CUDA only, ``None`` never; :mod:`lightning_bn.batched`), the k - 1 mixed points are
+``"auto"`` on CUDA only, ``None`` never; :mod:`lightning_bn.probe.batched`), the k - 1 mixed points are
 evaluated in chunks under :func:`torch.func.vmap`: one gradient w.r.t. the union of the measured
 layers' parameters per point (a full backward, where the sequential pass stops at layer i), of
 which layer i's block is :math:`G'_{t,i}`; the forward pre-hooks that capture the layers' inputs
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.batched import batched_points
 from lightning_bn.layers.registry import is_norm_layer
+from lightning_bn.layers.selection import describe_modules, match_modules
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
-from lightning_bn.selection import describe_modules, match_modules
+from lightning_bn.probe.batched import batched_points
 
 __all__ = [
     "ICSLayer",
@@ -166,7 +166,7 @@ def measured_layers(
 ) -> list[ICSLayer]:
     """The layers ICS measures: :func:`default_layers`, or those ``selectors`` choose.
 
-    A selected module (by qualified-name glob or type, :func:`lightning_bn.selection.match_modules`)
+    A selected module (by qualified-name glob or type, :func:`lightning_bn.layers.selection.match_modules`)
     is measured with the trainable parameters of its subtree, each parameter under the deepest
     selected module holding it (selecting ``"attn"`` and ``"attn.out_proj"`` measures
     ``out_proj`` on its own and the rest of ``attn`` together). A parameter tied to another

@@ -32,9 +32,9 @@ from lightning_bn.diagnostics.curvature import gradient_curvature
 from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
 from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.paramvec import dict_norm, dict_sub_
 from lightning_bn.layers import NORM_TYPES, is_batchnorm
 from lightning_bn.layers.sync import sync_group
-from lightning_bn.paramvec import dict_norm, dict_sub_
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
 __all__ = [

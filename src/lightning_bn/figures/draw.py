@@ -1,7 +1,7 @@
 """Generic figure builders for logged diagnostic histories: one line or band per run.
 
 The builders know nothing of where a history comes from (a ``lightning-bn reproduce`` run, a
-Lightning ``CSVLogger`` file, a callback's :class:`~lightning_bn.logger_extras.MetricHistory`):
+Lightning ``CSVLogger`` file, a callback's :class:`~lightning_bn.logging.extras.MetricHistory`):
 each run is a :class:`RunHistory`, its logged keys mapped to ``(steps, values)`` with a label
 and a style. The figures of a reproduce run (:mod:`lightning_bn.reproduce.figures`) are built
 from them; this module imports neither :mod:`lightning_bn.reproduce` nor the command line.
@@ -15,7 +15,7 @@ range in a light band around the median.
 
 Example::
 
-    from lightning_bn.plotting import RunHistory, band_figure
+    from lightning_bn.figures.draw import RunHistory, band_figure
 
     runs = [RunHistory.from_lists("BatchNorm", bn_series, color="tab:blue"),
             RunHistory.from_lists("standard", plain_series)]
@@ -39,8 +39,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_bn._types import Series
+
 if TYPE_CHECKING:
-    from lightning_bn.logger_extras import MetricHistory
+    from lightning_bn.logging.extras import MetricHistory
 
 __all__ = [
     "KIND_STYLE",
@@ -69,7 +71,6 @@ __all__ = [
     "use_log",
 ]
 
-Series = tuple[np.ndarray, np.ndarray]
 
 #: Suffixes of the per-seed range series of a key (see :func:`draw_line`).
 SEED_LO, SEED_HI = "@lo", "@hi"
@@ -554,20 +555,3 @@ def ics_figure(runs: Sequence[RunHistory], layers: Sequence[str], title: str) ->
         ],
         title,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # `plot_run` moved to lightning_bn.reproduce.figures (the figures of a reproduce run);
-    # the old name keeps working without this module importing reproduce/ at import time.
-    if name == "plot_run":
-        import warnings
-
-        warnings.warn(
-            "`lightning_bn.plotting.plot_run` moved to `lightning_bn.reproduce.figures.plot_run`",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from lightning_bn.reproduce.figures import plot_run
-
-        return plot_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

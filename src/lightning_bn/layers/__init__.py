@@ -1,6 +1,7 @@
 """Interchangeable normalisation layers: BatchNorm, ℓ1 / ℓ2 / ℓ∞ normalisation, LayerNorm."""
 
 from lightning_bn.layers.batch_norm import BatchNorm
+from lightning_bn.layers.convert import swap_norm_layers
 from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm, LpNorm
 from lightning_bn.layers.registry import (
@@ -29,4 +30,5 @@ __all__ = [
     "is_batch_stat_norm",
     "is_batchnorm",
     "is_norm_layer",
+    "swap_norm_layers",
 ]

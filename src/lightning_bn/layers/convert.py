@@ -17,7 +17,7 @@ from lightning_bn.layers.registry import (
     is_channels_last,
     resolve_norm_kind,
 )
-from lightning_bn.selection import match_modules
+from lightning_bn.layers.selection import match_modules
 
 __all__ = ["SWAPPABLE_TYPES", "swap_norm_layers"]
 

@@ -1,7 +1,7 @@
 """The one registry of normalisation layers: names to factories, and the norm types by role.
 
 Every part of the package that asks "is this a normalisation layer?" asks here: the noise
-callback's default targets, :func:`~lightning_bn.convert.swap_norm_layers` and the landscape
+callback's default targets, :func:`~lightning_bn.layers.convert.swap_norm_layers` and the landscape
 diagnostic's per-layer quantities (timm's ``create_norm.py`` plays this role there).
 """
 
@@ -39,7 +39,7 @@ BATCH_STAT_NORM_TYPES: tuple[type[nn.Module], ...] = (
     _BatchStatNorm,
 )
 
-#: Layers that :func:`~lightning_bn.convert.swap_norm_layers` replaces: the batch-statistics
+#: Layers that :func:`~lightning_bn.layers.convert.swap_norm_layers` replaces: the batch-statistics
 #: layers, lightning-bn's LayerNorm and :class:`torch.nn.LayerNorm` (with a 1-D shape).
 SWAPPABLE_NORM_TYPES: tuple[type[nn.Module], ...] = (
     *BATCH_STAT_NORM_TYPES,

@@ -2,7 +2,7 @@
 
 Plain torch. One selector serves every part of the package that lets a user name layers:
 :func:`lightning_bn.diagnostics.ics.resolve_layers` (the layers ICS measures),
-:func:`lightning_bn.convert.swap_norm_layers` (``include=``) and
+:func:`lightning_bn.layers.convert.swap_norm_layers` (``include=``) and
 :class:`lightning_bn.callbacks.NoiseInjectionCallback` (``targets=``).
 
 A *selector* is a glob on qualified module names (``"features.*.bn"``, matched with

@@ -1,6 +1,6 @@
 """Read a Lightning ``CSVLogger`` ``metrics.csv`` strictly: every problem is one line naming the file.
 
-Shared by ``lightning-bn plot`` (:mod:`lightning_bn.run_logs`) and the reproduce run reader
+Shared by ``lightning-bn plot`` (:mod:`lightning_bn.plot.run_logs`) and the reproduce run reader
 (:mod:`lightning_bn.reproduce.history`); it needs neither matplotlib nor Lightning.
 """
 
@@ -12,17 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_bn._types import Series
+from lightning_bn.errors import LogFormatError, TruncatedLogError
+
 __all__ = ["LogFormatError", "TruncatedLogError", "read_csv_log"]
 
-Series = tuple[np.ndarray, np.ndarray]
-
-
-class LogFormatError(ValueError):
-    """A run cannot be read: the message is one line naming the file and the problem."""
-
-
-class TruncatedLogError(LogFormatError):
-    """The file ends inside a row: its writer stopped mid-way (an interrupted run)."""
 
 
 def read_csv_log(path: str | Path) -> dict[str, Series]:

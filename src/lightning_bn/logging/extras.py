@@ -6,12 +6,12 @@ charts at the end of fit). :class:`~lightning_bn.callbacks.base.DiagnosticCallba
 three hooks of every registered :class:`LoggerExtras` and knows no logger by name; each extra
 decides from ``trainer.loggers`` whether it has anything to do (and does nothing otherwise).
 
-:mod:`lightning_bn.wandb_panels` registers the W&B extras when the package is imported. A
+:mod:`lightning_bn.logging.wandb` registers the W&B extras when the package is imported. A
 user may register their own (e.g. for a TensorBoard layout) with :func:`register_logger_extras`.
 
 Example::
 
-    from lightning_bn.logger_extras import register_logger_extras
+    from lightning_bn.logging.extras import register_logger_extras
 
     class PrintKeys:
         name = "print"
@@ -50,7 +50,7 @@ class MetricHistory:
     """The measurements a callback logged: key -> {step: value}.
 
     A diagnostic callback feeds it every measurement it logs, so logger extras can draw
-    charts at the end of fit and the figure builders of :mod:`lightning_bn.plotting` can read
+    charts at the end of fit and the figure builders of :mod:`lightning_bn.figures.draw` can read
     it (:meth:`series` gives a key's ``(steps, values)``). Logging a key again at a step it
     already holds replaces the value (a resumed run that repeats a step does not draw it twice).
     ``state_dict``/``load_state_dict`` let a callback keep it across a checkpoint resume.

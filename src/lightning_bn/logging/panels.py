@@ -1,13 +1,13 @@
 """The paper's figures as data: which logged keys each one shows, under which name and title.
 
 One table, :data:`PAPER_PANELS`, names every figure of the diagnostics once. The W&B charts
-(:mod:`lightning_bn.wandb_panels`, logged under ``panel.key``) and the PNG figures of
-``lightning-bn plot`` (:mod:`lightning_bn.run_figures`, saved as ``<panel.name>.png`` with
+(:mod:`lightning_bn.logging.wandb`, logged under ``panel.key``) and the PNG figures of
+``lightning-bn plot`` (:mod:`lightning_bn.plot.run_figures`, saved as ``<panel.name>.png`` with
 ``panel.title`` as title) are both drawn from it, so the two show the same quantities under
 the same names. This module imports neither W&B nor matplotlib.
 
 Example:
-    >>> from lightning_bn.panels import PAPER_PANELS
+    >>> from lightning_bn.logging.panels import PAPER_PANELS
     >>> [p.name for p in PAPER_PANELS][:3]
     ['loss_range', 'grad_predictiveness', 'beta_smoothness']
 """

@@ -1,7 +1,7 @@
 """Weights & Biases set-up for the diagnostic callbacks: metric summaries, config, paper panels.
 
 This is the one module of lightning-bn that knows W&B. The diagnostic callbacks reach it only
-through :mod:`lightning_bn.logger_extras`: :class:`WandbExtras` is registered there when the
+through :mod:`lightning_bn.logging.extras`: :class:`WandbExtras` is registered there when the
 package is imported and acts when a ``WandbLogger`` is among ``trainer.loggers``.
 
 Plain functions that the callbacks call with their ``trainer``; each one acts on the W&B run
@@ -24,7 +24,7 @@ Two facts about W&B shape this module (wandb 0.31, ``wandb-core``):
 
 Example::
 
-    from lightning_bn.wandb_panels import (
+    from lightning_bn.logging.wandb import (
         PAPER_SUMMARIES, PanelHistory, define_metrics, log_config, log_paper_panels
     )
 
@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_bn.logger_extras import MetricHistory, register_logger_extras
-from lightning_bn.panels import PAPER_PANELS, Panel
+from lightning_bn.logging.extras import MetricHistory, register_logger_extras
+from lightning_bn.logging.panels import PAPER_PANELS, Panel
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -295,7 +295,7 @@ def log_config(trainer: Trainer, name: str, settings: Mapping[str, Any]) -> None
 
 
 PanelHistory = MetricHistory
-"""The measurements the end-of-fit panels are drawn from (:class:`~lightning_bn.logger_extras.MetricHistory`)."""
+"""The measurements the end-of-fit panels are drawn from (:class:`~lightning_bn.logging.extras.MetricHistory`)."""
 
 
 def log_paper_panels(
@@ -310,7 +310,7 @@ def log_paper_panels(
     (``panels/grad_predictiveness``), ``panels/beta_smoothness``, one line per layer in
     ``panels/ics_l2``, ``panels/ics_cos``, ``panels/thm41_ratio`` and
     ``panels/act_grad_norm``, and ``panels/hessian_top_eig`` and ``panels/grad_curvature``
-    (the table :data:`lightning_bn.panels.PAPER_PANELS`, which ``lightning-bn plot`` draws
+    (the table :data:`lightning_bn.logging.panels.PAPER_PANELS`, which ``lightning-bn plot`` draws
     under the same names). A panel with no data
     in ``history`` is skipped; non-finite values are left out of the charts. Call it at the
     end of fit; calling it again logs new versions of the charts (W&B shows the latest).
@@ -359,7 +359,7 @@ def log_paper_panels(
 
 
 class WandbExtras:
-    """The W&B extras of every diagnostic callback (a :class:`~lightning_bn.logger_extras.LoggerExtras`).
+    """The W&B extras of every diagnostic callback (a :class:`~lightning_bn.logging.extras.LoggerExtras`).
 
     - ``on_setup``: the callback's settings into the run config (:func:`log_config`);
     - ``on_log``: a summary per key before its first value (:func:`define_metrics` with
@@ -397,6 +397,6 @@ def finish_active_run() -> None:
         wandb.finish()
 
 
-#: The instance registered with :func:`lightning_bn.logger_extras.register_logger_extras`.
+#: The instance registered with :func:`lightning_bn.logging.extras.register_logger_extras`.
 WANDB_EXTRAS = WandbExtras()
 register_logger_extras(WANDB_EXTRAS)

@@ -1,10 +1,10 @@
 """The paper's figures for any logged runs, side by side: ``lightning-bn plot`` and :func:`plot_runs`.
 
 Each run (a CSVLogger ``metrics.csv``, a folder holding one, or the finished variants of a
-reproduce run; see :mod:`lightning_bn.run_logs`) is one line or band, in its own colour, in
-every figure its logged keys allow. The figures are those of :data:`lightning_bn.panels.PAPER_PANELS`
+reproduce run; see :mod:`lightning_bn.plot.run_logs`) is one line or band, in its own colour, in
+every figure its logged keys allow. The figures are those of :data:`lightning_bn.logging.panels.PAPER_PANELS`
 (the W&B charts, under the same names and titles) plus the training loss and the noise
-statistics, drawn with the builders of :mod:`lightning_bn.plotting` that the reproduce figures
+statistics, drawn with the builders of :mod:`lightning_bn.figures.draw` that the reproduce figures
 use too:
 
 ========================== ===============================================================
@@ -40,8 +40,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lightning_bn.panels import PAPER_PANELS, Panel
-from lightning_bn.plotting import (
+from lightning_bn.figures.draw import (
     Column,
     RunHistory,
     band_figure,
@@ -52,7 +51,8 @@ from lightning_bn.plotting import (
     panel_figure,
     union_layers,
 )
-from lightning_bn.run_logs import Loaded, LoggedRun, load_runs
+from lightning_bn.logging.panels import PAPER_PANELS, Panel
+from lightning_bn.plot.run_logs import Loaded, LoggedRun, load_runs
 
 __all__ = ["FigureSet", "RunFigure", "build_figures", "plot_runs", "save_figures"]
 
@@ -200,7 +200,7 @@ def figure_set(
     labels: Sequence[str] | None = None,
     steps: tuple[int | None, int | None] = (None, None),
 ) -> FigureSet:
-    """Read ``runs`` (see :func:`lightning_bn.run_logs.load_runs`) and build their figures."""
+    """Read ``runs`` (see :func:`lightning_bn.plot.run_logs.load_runs`) and build their figures."""
     loaded = load_runs(runs, labels, steps)
     out = build_figures([_history(run, i) for i, run in enumerate(loaded.runs)])
     out.loaded = loaded
@@ -226,7 +226,7 @@ def plot_runs(
         name, such as ``"loss_range"``), one line or band per run in each axes.
 
     Raises:
-        lightning_bn.csv_log.LogFormatError: a run is missing, unreadable, cut short or has no
+        lightning_bn.logging.csv_log.LogFormatError: a run is missing, unreadable, cut short or has no
             diagnostic key (the message names the file).
         ValueError: ``labels`` or ``steps`` are malformed.
 
@@ -234,7 +234,7 @@ def plot_runs(
         >>> from lightning_bn import plot_runs
         >>> figs = plot_runs(["logs/bn", "logs/plain"], labels=["BN", "plain"])  # doctest: +SKIP
     """
-    from lightning_bn.run_logs import parse_steps
+    from lightning_bn.plot.run_logs import parse_steps
 
     if isinstance(runs, (str, Path)):
         runs = [runs]
@@ -257,7 +257,7 @@ def save_figures(figures: FigureSet, out: Path) -> Path:
     Returns:
         The path of ``index.md``.
     """
-    from lightning_bn.plotting import save_figure
+    from lightning_bn.figures.draw import save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# lightning-bn plot", ""]

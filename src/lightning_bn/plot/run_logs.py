@@ -14,7 +14,7 @@ This module needs neither matplotlib nor Lightning.
 
 Example::
 
-    from lightning_bn.run_logs import load_runs
+    from lightning_bn.plot.run_logs import load_runs
 
     runs = load_runs(["lightning_logs/bn", "lightning_logs/plain"], labels=["BN", "plain"])
     [r.label for r in runs]  # ['BN', 'plain']
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_bn.csv_log import LogFormatError, read_csv_log
+from lightning_bn._types import Series
+from lightning_bn.logging.csv_log import LogFormatError, read_csv_log
 
 __all__ = [
     "DIAGNOSTIC_PREFIXES",
@@ -42,7 +43,6 @@ __all__ = [
     "read_csv_log",
 ]
 
-Series = tuple[np.ndarray, np.ndarray]
 
 #: The key prefixes of lightning-bn's four diagnostic callbacks.
 DIAGNOSTIC_PREFIXES = ("ics/", "lipschitz/", "smoothness/", "noise/")

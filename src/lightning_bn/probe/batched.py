@@ -52,26 +52,21 @@ pass stops at its layer): about 1.0 times the sequential time for the digits MLP
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_bn._validation import ArgumentTypeError, check_int
-from lightning_bn.probe import (
-    Params,
-    Probe,
-    RNGState,
-    StepRecord,
-    _scalar_loss,
-    _Silenced,
-    copy_batch,
-)
+from lightning_bn._types import Params, scalar_loss
+from lightning_bn._validation import check_int
+from lightning_bn.errors import ArgumentTypeError, BatchedFallbackWarning
+from lightning_bn.probe.layout import Layout, Silenced
+from lightning_bn.probe.record import RNGState, StepRecord, copy_batch
 
 __all__ = [
     "AUTO_MEMORY_FRACTION",
@@ -89,10 +84,6 @@ VmapChunkSize = int | Literal["auto"] | None
 #: Share of the device's free memory that the stacked parameter copies (and their gradients) of
 #: one chunk may take when the chunk size is ``"auto"``.
 AUTO_MEMORY_FRACTION = 0.25
-
-
-class BatchedFallbackWarning(UserWarning):
-    """A probe could not evaluate its grid under ``vmap`` and evaluates it sequentially."""
 
 
 def check_vmap_chunk_size(value: Any) -> VmapChunkSize:
@@ -121,34 +112,48 @@ def check_vmap_chunk_size(value: Any) -> VmapChunkSize:
 
 
 @dataclass
-class _State:
-    """What a probe remembers between grids: the fallback and the chunk an OOM left."""
+class VmapState:
+    """What a probe remembers between grids: the fallback and the chunk an OOM left.
+
+    Each :class:`~lightning_bn.probe.Probe` holds one (``probe._vmap``), so it lives and dies
+    with the probe.
+    """
 
     failed: bool = False
     chunk_cap: int | None = None
     verified: bool = False  # batched random draws were checked against a sequential pass
 
 
-_STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
+class ProbeLike(Protocol):
+    """What the batched path uses of a :class:`~lightning_bn.probe.Probe` (no import of it, so
+    the probe can import this module)."""
+
+    module: Any
+    vmap_chunk_size: VmapChunkSize
+    _vmap: VmapState
+
+    context: Callable[[], contextlib.AbstractContextManager[Any]]
+
+    @property
+    def _layout(self) -> Layout: ...
+
+    def _layout_knowing(self, names: Iterable[str], layout: Layout | None = None) -> Layout: ...
+
+    def _step(self, batch: Any, batch_idx: int) -> Any: ...
+
+    def loss(self, params: Mapping[str, Tensor], step: StepRecord) -> Tensor: ...
 
 
-def _state(probe: Probe) -> _State:
-    state = _STATES.get(probe)
-    if state is None:
-        state = _STATES[probe] = _State()
-    return state
-
-
-def uses_vmap(probe: Probe, device: torch.device) -> bool:
+def uses_vmap(probe: ProbeLike, device: torch.device) -> bool:
     """Whether ``probe`` evaluates a grid on ``device`` under ``vmap`` (its setting, the device,
     and no earlier fallback)."""
     setting = probe.vmap_chunk_size
-    if setting is None or _state(probe).failed:
+    if setting is None or probe._vmap.failed:
         return False
     return setting != "auto" or device.type == "cuda"
 
 
-def _chunk_size(probe: Probe, points: int, per_point_bytes: int, device: torch.device) -> int:
+def _chunk_size(probe: ProbeLike, points: int, per_point_bytes: int, device: torch.device) -> int:
     setting = probe.vmap_chunk_size
     if isinstance(setting, int):
         return min(setting, points)
@@ -156,7 +161,7 @@ def _chunk_size(probe: Probe, points: int, per_point_bytes: int, device: torch.d
     if device.type == "cuda" and per_point_bytes > 0:
         free, _ = torch.cuda.mem_get_info(device)
         chunk = min(chunk, max(1, int(AUTO_MEMORY_FRACTION * free) // per_point_bytes))
-    cap = _state(probe).chunk_cap
+    cap = probe._vmap.chunk_cap
     return min(chunk, cap) if cap is not None else chunk
 
 
@@ -191,7 +196,7 @@ PointValue = tuple[Tensor, Params, dict[str, Tensor]]
 
 
 def batched_along(
-    probe: Probe,
+    probe: ProbeLike,
     params: Mapping[str, Tensor],
     direction: Mapping[str, Tensor],
     step_sizes: Sequence[float],
@@ -217,7 +222,7 @@ def batched_along(
 
 
 def batched_points(
-    probe: Probe,
+    probe: ProbeLike,
     base: Mapping[str, Tensor],
     overrides: Sequence[Mapping[str, Tensor]],
     step: StepRecord,
@@ -252,7 +257,7 @@ def batched_points(
 
 
 def _guarded(
-    probe: Probe,
+    probe: ProbeLike,
     points: _Points,
     step: StepRecord,
     wrt: list[str] | None,
@@ -267,7 +272,7 @@ def _guarded(
     try:
         return _run(probe, points, step, wrt, hooks, device)
     except Exception as exc:  # the sequential path gives the values (or raises the user's error)
-        _state(probe).failed = True
+        probe._vmap.failed = True
         warnings.warn(
             f"{type(probe.module).__name__}: the probe cannot evaluate its {what} under"
             f" torch.func.vmap ({type(exc).__name__}: {exc}); it evaluates grids and points one"
@@ -279,7 +284,7 @@ def _guarded(
 
 
 def _run(
-    probe: Probe,
+    probe: ProbeLike,
     points: _Points,
     step: StepRecord,
     wrt: list[str] | None,
@@ -308,7 +313,7 @@ def _run(
         handles = hooks(store) if hooks is not None else []
         try:
             with layout.swapped(state):  # what functional_call does, by the probe's slot table
-                loss = _scalar_loss(probe._step(copy_batch(step.batch), step.batch_idx))
+                loss = scalar_loss(probe._step(copy_batch(step.batch), step.batch_idx))
         finally:
             for h in handles:
                 h.remove()
@@ -355,9 +360,9 @@ def _run(
         ]
 
     results: list[PointValue] = []
-    state = _state(probe)
+    state = probe._vmap
     pending: list[tuple[int, Tensor]] = []  # (point, batched loss) to check against sequential
-    with probe.context(), _Silenced(probe.module, layout.metrics):
+    with probe.context(), Silenced(probe.module, layout.metrics):
         start = 0
         while start < points.count:
             size = _chunk_size(probe, points.count - start, per_point, device)
@@ -389,7 +394,7 @@ def _drew(rng: RNGState) -> bool:
     )
 
 
-def _check_draws(probe: Probe, points: _Points, step: StepRecord, j: int, batched: Tensor) -> None:
+def _check_draws(probe: ProbeLike, points: _Points, step: StepRecord, j: int, batched: Tensor) -> None:
     """Compare the batched loss of point ``j`` of a model with random ops with the sequential one.
 
     ``randomness="same"`` draws each random tensor once for the chunk, which gives the

@@ -24,466 +24,18 @@ effects of its own (counters, caches, prints) there.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import copy
-import dataclasses
-import functools
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
-from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
-__all__ = [
-    "Collective",
-    "DiagnosticSkipped",
-    "Params",
-    "Probe",
-    "RNGState",
-    "StepRecord",
-    "accepts_batch_triple",
-    "copy_batch",
-    "execution_order",
-    "in_probe",
-]
+from lightning_bn._types import LossFn, Params, scalar_loss
+from lightning_bn.probe.batched import VmapState, batched_along, check_vmap_chunk_size
+from lightning_bn.probe.layout import Layout, Silenced, UseTrace, loss_from_output
+from lightning_bn.probe.record import StepRecord, accepts_batch_triple, copy_batch
 
-#: A parameter point: qualified parameter name -> tensor.
-Params = dict[str, Tensor]
-LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-_PROBE_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("lightning_bn_probe", default=0)
-
-
-def in_probe() -> bool:
-    """Whether the calling code runs inside a diagnostic probe's evaluation of the model.
-
-    Diagnostic callbacks evaluate the module's ``training_step`` (or ``loss_fn``) several times
-    per measured step, at parameter points that are not the model's. ``self.log`` calls and
-    torchmetrics metrics are already silenced there, and the batch is a private copy; anything
-    else the step does on the side (a counter, a cache, a print, a file) the user can skip with
-    this function. It is ``False`` during the real training step.
-
-    Example:
-        >>> from lightning_bn import in_probe
-        >>> in_probe()
-        False
-    """
-    return _PROBE_DEPTH.get() > 0
-
-
-def copy_batch(batch: Any) -> Any:
-    """A copy of ``batch`` in which every tensor is a new tensor (``clone``), at any nesting.
-
-    Tuples, lists, dicts (any ``Mapping`` whose type can be rebuilt from its items), named tuples
-    and dataclass instances are rebuilt around copied contents; other objects (numbers, strings,
-    ``None``, anything else) are shared, as they are in the original. A probe evaluates the
-    training step on such a copy, so an in-place change of the batch (``x.div_(2)``) stays in
-    the copy.
-
-    Example:
-        >>> x = torch.ones(2)
-        >>> out = copy_batch({"x": x, "meta": ["id", (x, 3)]})
-        >>> _ = out["x"].div_(2)
-        >>> out["meta"][1][0] is x, x.tolist()
-        (False, [1.0, 1.0])
-    """
-    if isinstance(batch, Tensor):
-        return batch.clone()
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        out = copy.copy(batch)  # keeps fields with init=False and works for frozen dataclasses
-        for f in dataclasses.fields(batch):
-            if hasattr(batch, f.name):
-                object.__setattr__(out, f.name, copy_batch(getattr(batch, f.name)))
-        return out
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(copy_batch(v) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        items = [copy_batch(v) for v in batch]
-        if type(batch) in (tuple, list):
-            return type(batch)(items)
-        try:
-            return type(batch)(items)
-        except TypeError:
-            return tuple(items) if isinstance(batch, tuple) else items
-    if isinstance(batch, Mapping):
-        pairs = [(k, copy_batch(v)) for k, v in batch.items()]
-        if type(batch) is dict or not isinstance(batch, MutableMapping):
-            return dict(pairs)
-        copied: MutableMapping[Any, Any] = copy.copy(batch)  # OrderedDict, BatchEncoding, ...
-        for k, v in pairs:
-            copied[k] = v
-        return copied
-    return batch
-
-
-class DiagnosticSkipped(RuntimeError):
-    """Raised on every rank when a diagnostic pass failed on some rank (see :meth:`Collective.guard`)."""
-
-
-@dataclass
-class RNGState:
-    """The random state of the CPU and of every visible CUDA device at one moment."""
-
-    cpu: Tensor
-    cuda: list[Tensor] = field(default_factory=list)
-
-    @classmethod
-    def capture(cls) -> RNGState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        return cls(cpu=torch.get_rng_state(), cuda=cuda)
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the block from this state; the global state is restored afterwards."""
-        with self.fork():
-            self.restore()
-            yield
-
-    def fork(self) -> contextlib.AbstractContextManager[Any]:
-        """A block after which the global random state (CPU and this state's CUDA devices) is
-        what it was before it; inside, :meth:`restore` may set this state any number of times."""
-        return torch.random.fork_rng(devices=list(range(len(self.cuda))))
-
-    def restore(self) -> None:
-        """Set the global random state to this one (inside :meth:`fork`)."""
-        torch.set_rng_state(self.cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-
-@dataclass
-class StepRecord:
-    """What a diagnostic needs of one measured training step, kept between Lightning's hooks.
-
-    Attributes:
-        batch: the step's batch, as ``training_step`` receives it.
-        batch_idx: its index (passed on to ``training_step``).
-        rng: the random state at the start of the step (replayed so probes see the step's dropout
-            masks), or ``None`` to use the current state.
-        step: the trainer's ``global_step`` of the measured step (the step metrics are logged at;
-            the diagnostic callbacks also show it to the module during probes).
-        epoch: the trainer's ``current_epoch`` at the measured step.
-        before: the weights :math:`W^t` before the optimiser step, for diagnostics that compare
-            them with :math:`W^{t+1}` (ICS); ``None`` when not kept.
-
-    Example:
-        >>> record = StepRecord(batch=(torch.randn(4, 3), torch.randn(4, 1)), rng=RNGState.capture())
-        >>> record.batch_idx, record.step, record.before is None
-        (0, 0, True)
-    """
-
-    batch: Any
-    batch_idx: int = 0
-    rng: RNGState | None = None
-    step: int = 0
-    before: Params | None = None
-    epoch: int = 0
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def accepts_batch_triple(index: int) -> Callable[[_F], _F]:
-    """Let a function whose positional argument ``index`` is a :class:`StepRecord` also take
-    the older form ``(batch, batch_idx, rng)`` in its place (positional or keywords).
-
-    A bare batch (``fn(..., batch, ...)``) stands for ``StepRecord(batch)``; passing ``batch_idx``
-    (an ``int`` right after the batch, or a keyword) and ``rng`` separately still works but is
-    deprecated (a :class:`DeprecationWarning`).
-    """
-
-    def wrap(fn: _F) -> _F:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            if "batch" in kwargs:
-                if len(args) != index:
-                    raise TypeError(
-                        f"{fn.__name__}(): pass the arguments before `batch` positionally"
-                    )
-                args = (*args, kwargs.pop("batch"))
-            if len(args) <= index or isinstance(args[index], StepRecord):
-                return fn(*args, **kwargs)
-            rest = list(args[index + 1 :])
-            # the old form has an int batch index right after the batch; in the new form what
-            # follows the step is never an int (step sizes, `wrt`, a Collective, None)
-            positional = bool(rest) and isinstance(rest[0], int) and not isinstance(rest[0], bool)
-            legacy = positional or "batch_idx" in kwargs or "rng" in kwargs
-            batch_idx = rest.pop(0) if positional else kwargs.pop("batch_idx", 0)
-            if positional and rest and (rest[0] is None or isinstance(rest[0], RNGState)):
-                rng = rest.pop(0)
-            else:
-                rng = kwargs.pop("rng", None)
-            if legacy:
-                warnings.warn(
-                    f"{fn.__name__}(..., batch, batch_idx, rng, ...) is deprecated: pass one"
-                    " `StepRecord(batch, batch_idx, rng)` instead",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-            record = StepRecord(batch=args[index], batch_idx=batch_idx, rng=rng)
-            return fn(*args[:index], record, *rest, **kwargs)
-
-        return cast(_F, inner)
-
-    return wrap
-
-
-class Collective:
-    """Cross-process reductions with DDP semantics (a no-op in a single process).
-
-    ``mean`` averages a tensor over ranks, as DDP averages gradients; ``gather`` concatenates
-    tensors along dimension 0 (the union of the ranks' batches). ``guard`` runs a local stage of a
-    diagnostic and then agrees on success with every rank, so a failure on one rank makes every rank
-    raise :class:`DiagnosticSkipped` instead of leaving the others waiting in a collective.
-    """
-
-    def __init__(self, group: Any = None) -> None:
-        self.group = group
-
-    @property
-    def world_size(self) -> int:
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_world_size(self.group))
-        return 1
-
-    def mean(self, tensor: Tensor) -> Tensor:
-        if self.world_size == 1:
-            return tensor
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out / self.world_size
-
-    def mean_dict(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Average every tensor of a dict in one flat all-reduce per device and dtype."""
-        if self.world_size == 1:
-            return dict(tensors)
-        groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-        for k, t in tensors.items():
-            groups.setdefault((t.device, t.dtype), []).append(k)
-        out: dict[str, Tensor] = {}
-        for keys in groups.values():
-            flat = self.mean(torch.cat([tensors[k].detach().reshape(-1) for k in keys]))
-            offset = 0
-            for k in keys:
-                n = tensors[k].numel()
-                out[k] = flat[offset : offset + n].view_as(tensors[k])
-                offset += n
-        return {k: out[k] for k in tensors}
-
-    def gather(self, tensor: Tensor) -> Tensor:
-        """Concatenate the ranks' tensors along dimension 0 (sizes may differ)."""
-        if self.world_size == 1:
-            return tensor
-        # torchmetrics pads the ranks' tensors to a common shape, gathers and trims them again
-        parts = gather_all_tensors(tensor.detach().contiguous(), group=self.group)
-        return torch.cat(parts)
-
-    def guard(self, stage: Callable[[], Any]) -> Any:
-        """Run ``stage`` locally, then make every rank agree that it succeeded.
-
-        Raises:
-            DiagnosticSkipped: on every rank when the stage raised on any rank (the local
-                exception is chained on the rank where it happened).
-        """
-        error: BaseException | None = None
-        result = None
-        try:
-            result = stage()
-        except Exception as exc:
-            error = exc
-        if self.world_size > 1:
-            flag = torch.tensor([0.0 if error is None else 1.0], device=self._device())
-            dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
-            failed = int(flag.item())
-        else:
-            failed = 0 if error is None else 1
-        if error is not None:
-            raise DiagnosticSkipped(f"{type(error).__name__}: {error}") from error
-        if failed:
-            raise DiagnosticSkipped(f"a diagnostic pass failed on {failed} other rank(s)")
-        return result
-
-    def _device(self) -> torch.device:
-        backend = dist.get_backend(self.group) if dist.is_initialized() else "gloo"
-        if backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-
-#: What ``Metric.forward``/``update`` change besides the states: the update count (a "mean"
-#: state is reduced with it), the cached ``compute`` and ``forward`` results (Lightning logs an
-#: ``on_step`` metric from ``_forward_cache`` at ``self.log`` time, so restoring it is only for
-#: code that reads it later) and the "update was called" flag.
-_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache", "_update_called")
-
-
-class _Silenced:
-    """Keep a probe from leaving traces outside the model.
-
-    ``module.log`` / ``module.log_dict`` are shadowed with no-ops (instance attributes), and
-    every :class:`torchmetrics.Metric` inside the module is saved and restored, so a metric
-    updated in ``training_step`` does not count probe passes: its states (``metric_state``,
-    copied, since updates add in place) and the bookkeeping that ``forward``/``update`` change
-    besides them (:data:`_METRIC_BOOKKEEPING`; torchmetrics has no public setter for these).
-    """
-
-    _NAMES = ("log", "log_dict")
-
-    def __init__(self, module: nn.Module, metrics: list[Metric]) -> None:
-        self.module = module
-        self.metrics = metrics
-        self.installed: list[str] = []
-        self.saved: list[tuple[Metric, dict[str, Any], dict[str, Any]]] = []
-        self._token: contextvars.Token[int] | None = None
-
-    def __enter__(self) -> None:
-        self._token = _PROBE_DEPTH.set(_PROBE_DEPTH.get() + 1)  # `in_probe()` is True
-        for name in self._NAMES:
-            if callable(getattr(self.module, name, None)) and name not in self.module.__dict__:
-                object.__setattr__(self.module, name, _noop)
-                self.installed.append(name)
-        for m in self.metrics:
-            states = {k: _copy_state(v) for k, v in m.metric_state.items()}
-            extra = {k: _copy_state(m.__dict__[k]) for k in _METRIC_BOOKKEEPING if k in m.__dict__}
-            self.saved.append((m, states, extra))
-
-    def __exit__(self, *exc: object) -> None:
-        for name in self.installed:
-            object.__delattr__(self.module, name)
-        self.installed.clear()
-        for m, states, extra in self.saved:
-            for name, value in states.items():
-                setattr(m, name, value)  # add_state attributes are plain attributes
-            m.__dict__.update(extra)
-        self.saved.clear()
-        if self._token is not None:
-            _PROBE_DEPTH.reset(self._token)
-            self._token = None
-
-
-class _Layout:
-    """What a probe needs to know of the module's structure, gathered once per probe.
-
-    Every buffer by its qualified name with its owner (read at each evaluation, so an in-place
-    update or a reassignment is seen), the torchmetrics metrics to save and restore, whether any
-    parameter or buffer is shared, and where every parameter and buffer lives: for each name of
-    ``named_parameters()`` / ``named_buffers()`` the ``(dict, key)`` slots of all its aliases
-    (a tied weight has several), so that :meth:`swapped` can put a parameter point into the
-    module with plain dict writes.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        # one entry per buffer tensor, under its name in `named_buffers()` (a shared submodule or
-        # a tensor registered twice is one buffer; `slots` holds all its aliases)
-        self.buffers: list[tuple[str, nn.Module, str]] = []
-        seen: set[int] = set()
-        for prefix, owner in module.named_modules():
-            for attr, buf in owner._buffers.items():
-                if buf is not None and id(buf) not in seen:
-                    seen.add(id(buf))
-                    self.buffers.append((f"{prefix}.{attr}" if prefix else attr, owner, attr))
-        self.metrics = [m for m in module.modules() if isinstance(m, Metric)]
-        canonical = {id(t): n for n, t in module.named_parameters()}
-        canonical.update({id(t): n for n, t in module.named_buffers()})
-        # the module tree and the tensor in every slot as gathered (`stale` compares them), and
-        # the slots of every parameter and buffer by its canonical name
-        self.edges: list[tuple[dict[str, Any], str, nn.Module | None]] = []
-        self.contents: list[tuple[dict[str, Any], str, Any]] = []
-        self.slots: dict[str, list[tuple[dict[str, Any], str]]] = {}
-        for _, owner in module.named_modules(remove_duplicate=False):
-            self.edges.extend(
-                (owner._modules, attr, child) for attr, child in owner._modules.items()
-            )
-            for store in (owner._parameters, owner._buffers):
-                for attr, tensor in store.items():
-                    self.contents.append((store, attr, tensor))
-                    name = canonical.get(id(tensor)) if tensor is not None else None
-                    if name is not None:
-                        self.slots.setdefault(name, []).append((store, attr))
-
-    def stale(self) -> bool:
-        """Whether the module changed since the layout was gathered: a submodule replaced (a new
-        head, a swapped layer), a parameter or buffer reassigned or tied anew. A few identity
-        checks per module, cheap next to a forward pass."""
-        return any(store.get(attr) is not child for store, attr, child in self.edges) or any(
-            store.get(attr) is not tensor for store, attr, tensor in self.contents
-        )
-
-    def current_buffers(self) -> dict[str, Tensor]:
-        """Every buffer the module holds now, by qualified name (the tensors, not copies)."""
-        out: dict[str, Tensor] = {}
-        for name, owner, attr in self.buffers:
-            buf = owner._buffers.get(attr)
-            if buf is not None:
-                out[name] = buf
-        return out
-
-    def fresh_buffers(self) -> dict[str, Tensor]:
-        """A copy of every buffer (running statistics of the probe pass land in the copies)."""
-        return {name: buf.clone() for name, buf in self.current_buffers().items()}
-
-    def knows(self, names: Iterable[str]) -> bool:
-        """Whether every name is a parameter or buffer of the module as gathered."""
-        return all(n in self.slots for n in names)
-
-    @contextlib.contextmanager
-    def swapped(self, state: Mapping[str, Tensor]) -> Iterator[None]:
-        """The module with the tensors of ``state`` in place of its parameters and buffers.
-
-        What :func:`torch.func.functional_call` does (every alias of a tied tensor gets the
-        new tensor, the originals come back afterwards, also on an exception), with the owners
-        looked up once per layout instead of by qualified name on every call: on a small model
-        that look-up cost about a third of a forward pass. Every name must be known
-        (:meth:`knows`).
-        """
-        saved: list[tuple[dict[str, Any], str, Any]] = []
-        try:
-            for name, tensor in state.items():
-                for store, attr in self.slots[name]:
-                    saved.append((store, attr, store[attr]))
-                    store[attr] = tensor
-            yield
-        finally:
-            for store, attr, original in reversed(saved):
-                store[attr] = original
-
-    def put(self, state: Mapping[str, Tensor]) -> None:
-        """Inside :meth:`swapped`: put ``state``'s tensors back into their slots (a forward pass
-        that reassigned a buffer, ``self.ema = ...``, must not hand it to the next point)."""
-        for name, tensor in state.items():
-            for store, attr in self.slots[name]:
-                store[attr] = tensor
-
-
-def _copy_state(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, list):
-        return [_copy_state(v) for v in value]
-    return value
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _loss_from_output(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-        return output["loss"]
-    raise TypeError(
-        "Expected `training_step` to return a loss tensor or a dict with a 'loss' tensor, "
-        f"but got {type(output).__name__}; pass `loss_fn` to the callback instead"
-    )
+__all__ = ["Probe"]
 
 
 class Probe:
@@ -497,7 +49,7 @@ class Probe:
             so that under mixed precision a probe computes what the training step computes.
         vmap_chunk_size: how :meth:`losses_along` and :meth:`loss_and_grad_along` evaluate
             their grid, and :func:`~lightning_bn.diagnostics.ics.compute_ics` its G′ passes
-            (:mod:`lightning_bn.batched`): ``None`` point by point, an ``int``
+            (:mod:`lightning_bn.probe.batched`): ``None`` point by point, an ``int``
             under :func:`torch.func.vmap` with at most that many points per call, ``"auto"``
             (default) under ``vmap`` on CUDA and point by point elsewhere. Same values either
             way (to float tolerance); a model ``vmap`` cannot run falls back to point by point.
@@ -525,11 +77,10 @@ class Probe:
         self.module = module
         self.loss_fn = loss_fn
         self.context = context if context is not None else contextlib.nullcontext
-        from lightning_bn.batched import check_vmap_chunk_size  # (imports this module)
-
         self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
+        self._vmap = VmapState()  # what the batched path learnt about this module (fallback, chunk)
         self._param_names = [n for n, _ in module.named_parameters()]
-        self._layout_cache: _Layout | None = None
+        self._layout_cache: Layout | None = None
         self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
         self._trace_result: list[str] = []
         self._use_orders: dict[tuple[Any, ...], list[str]] = {}
@@ -547,10 +98,10 @@ class Probe:
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
 
     @property
-    def _layout(self) -> _Layout:
+    def _layout(self) -> Layout:
         # gathered at the first evaluation, after Lightning's ``configure_model`` has run
         if self._layout_cache is None or self._layout_cache.stale():
-            self._layout_cache = _Layout(self.module)
+            self._layout_cache = Layout(self.module)
         return self._layout_cache
 
     # --- order of use -------------------------------------------------------------------------
@@ -596,7 +147,7 @@ class Probe:
         if self.loss_fn is not None:
             return self.loss_fn(self.module, batch)
         step: Callable[[Any, int], Any] = getattr(self.module, "training_step")  # noqa: B009
-        return _loss_from_output(step(batch, batch_idx))
+        return loss_from_output(step(batch, batch_idx))
 
     @accepts_batch_triple(2)
     def loss(self, params: Mapping[str, Tensor], step: StepRecord) -> Tensor:
@@ -612,20 +163,18 @@ class Probe:
         state.update(params)
         layout = self._layout_knowing(state, layout)
         ctx = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
-        trace = _UseTrace(state, self._trace_names) if self._trace_names is not None else None
+        trace = UseTrace(state, self._trace_names) if self._trace_names is not None else None
         with (
             ctx,
             self.context(),
-            _Silenced(self.module, layout.metrics),
+            Silenced(self.module, layout.metrics),
             trace if trace is not None else contextlib.nullcontext(),
             layout.swapped(state),
         ):
             out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
             self._trace_result = trace.order
-        if not isinstance(out, Tensor) or out.numel() != 1:
-            raise TypeError(f"Expected a scalar loss, got {out!r}")
-        return out.reshape(())
+        return scalar_loss(out)
 
     @accepts_batch_triple(2)
     def loss_and_grad(
@@ -711,12 +260,10 @@ class Probe:
         unknown = sorted(set(direction) - set(params))
         if unknown:
             raise ValueError(f"Expected `direction` to have keys of `params`, but got {unknown}")
-        # --- batched (torch.func.vmap) evaluation of the grid, see lightning_bn.batched ---
+        # --- batched (torch.func.vmap) evaluation of the grid, see lightning_bn.probe.batched ---
         # (without the step's random state each sequential point draws anew from the advancing
         # global state, which a batched evaluation cannot do: those grids stay sequential)
         if self.vmap_chunk_size is not None and step.rng is not None:
-            from lightning_bn.batched import batched_along
-
             batched = batched_along(self, params, direction, step_sizes, step, wrt)
             if batched is not None:
                 return batched
@@ -755,7 +302,7 @@ class Probe:
                 if rng is not None:  # every point replays the step's random state
                     rng.restore()
                 with torch.set_grad_enabled(wrt is not None):
-                    loss = _scalar_loss(self._step(copy_batch(step.batch), step.batch_idx))
+                    loss = scalar_loss(self._step(copy_batch(step.batch), step.batch_idx))
                     if wrt is None:
                         results.append((loss.detach(), {}))
                         continue
@@ -772,11 +319,11 @@ class Probe:
 
         fork = rng.fork() if rng is not None else contextlib.nullcontext()
         swap = layout.swapped(state)
-        with fork, self.context(), _Silenced(self.module, layout.metrics), swap:
+        with fork, self.context(), Silenced(self.module, layout.metrics), swap:
             run()
         return results
 
-    def _layout_knowing(self, names: Iterable[str], layout: _Layout | None = None) -> _Layout:
+    def _layout_knowing(self, names: Iterable[str], layout: Layout | None = None) -> Layout:
         """The probe's layout, gathered again if it does not know one of ``names`` (a parameter
         or buffer registered after the probe's first evaluation, e.g. by a lazy module).
         ``layout``: the layout already checked in this evaluation (default: checked here).
@@ -786,7 +333,7 @@ class Probe:
         """
         layout = layout if layout is not None else self._layout
         if not layout.knows(names):
-            layout = self._layout_cache = _Layout(self.module)
+            layout = self._layout_cache = Layout(self.module)
             unknown = sorted(n for n in names if n not in layout.slots)
             if unknown:
                 raise ValueError(
@@ -794,75 +341,3 @@ class Probe:
                     f" but got {unknown[:5]}"
                 )
         return layout
-
-
-class _UseTrace(TorchFunctionMode):
-    """Record the first use of each parameter tensor of a ``functional_call`` state.
-
-    Identity (``id``) of the tensors handed to ``functional_call`` names them: inside the call
-    the module's attributes are these very tensors. Only calls that return a tensor count.
-    """
-
-    def __init__(self, state: Mapping[str, Tensor], names: Sequence[str]) -> None:
-        super().__init__()
-        wanted = set(names)
-        self.ids = {
-            id(t): n
-            for key, t in state.items()
-            if (n := key.removeprefix("module.")) in wanted and isinstance(t, Tensor)
-        }
-        self.order: list[str] = []
-        self.seen: set[str] = set()
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # `.size()` returns a tuple of ints, `.shape`/`.dtype` no tensor: metadata, not a use
-        if isinstance(out, Tensor) or (
-            isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)
-        ):
-            for leaf in tree_flatten((args, kwargs))[0]:
-                name = self.ids.get(id(leaf)) if isinstance(leaf, Tensor) else None
-                if name is not None and name not in self.seen:
-                    self.seen.add(name)
-                    self.order.append(name)
-        return out
-
-
-def _scalar_loss(out: Any) -> Tensor:
-    if not isinstance(out, Tensor) or out.numel() != 1:
-        raise TypeError(f"Expected a scalar loss, got {out!r}")
-    return out.reshape(())
-
-
-def execution_order(
-    module: nn.Module, run: Callable[[], Any], modules: Sequence[nn.Module] | None = None
-) -> list[str]:
-    """Qualified names of ``modules`` (default: every submodule) in the order of their first call.
-
-    ``run`` performs one forward pass (e.g. a :meth:`Probe.loss` call); forward pre-hooks record
-    the order and are removed afterwards, also when ``run`` raises.
-    """
-    names = {id(m): n for n, m in module.named_modules()}
-    targets = list(modules) if modules is not None else [m for _, m in module.named_modules()]
-    order: list[str] = []
-    seen: set[int] = set()
-
-    def hook(mod: nn.Module, args: Any) -> None:
-        if id(mod) not in seen:
-            seen.add(id(mod))
-            order.append(names[id(mod)])
-
-    handles = [m.register_forward_pre_hook(hook) for m in targets]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return order

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_bn.plotting import (
+from lightning_bn.figures.draw import (
     KIND_STYLE,
     FigureFile,
     RunHistory,

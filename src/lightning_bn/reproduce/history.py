@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_bn.csv_log import LogFormatError, TruncatedLogError, read_csv_log
+from lightning_bn.logging.csv_log import LogFormatError, TruncatedLogError, read_csv_log
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [

@@ -65,6 +65,7 @@ from lightning_bn.experiments import (
     SmallCNN,
     init_weights_,
 )
+from lightning_bn.logging.wandb import finish_active_run
 from lightning_bn.reproduce.history import MANIFEST
 from lightning_bn.reproduce.interrupt import (
     RunInterrupted,
@@ -74,7 +75,6 @@ from lightning_bn.reproduce.interrupt import (
 )
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec, default_jobs, format_lr
 from lightning_bn.reproduce.progress import LINE_EVERY, ProgressDisplay
-from lightning_bn.wandb_panels import finish_active_run
 
 __all__ = [
     "MANIFEST",
@@ -517,7 +517,7 @@ def write_manifest(out_dir: Path, plan: ExperimentPlan, status: str, extra: dict
     The file is replaced in one step (a temporary file renamed over it), so that a reader, or a
     process killed while writing, never sees half a file.
     """
-    from lightning_bn import __version__
+    from lightning_bn._version import __version__
 
     data = {
         "format": 2,

@@ -22,7 +22,7 @@ from lightning_bn.reproduce.history import RunData, VariantHistory
 from lightning_bn.reproduce.plan import ExperimentPlan, format_lr
 
 if TYPE_CHECKING:
-    from lightning_bn.plotting import FigureFile
+    from lightning_bn.figures.draw import FigureFile
 
 __all__ = ["FINDINGS_JSON", "SUMMARY", "findings_json", "render_summary"]
 

@@ -1,0 +1,34 @@
+"""What the diagnostic callbacks add to Lightning's loggers, and reading a CSVLogger's file back.
+
+- :mod:`~lightning_bn.logging.extras`: the :class:`~lightning_bn.logging.extras.LoggerExtras`
+  hooks every diagnostic callback calls, and :class:`~lightning_bn.logging.extras.MetricHistory`;
+- :mod:`~lightning_bn.logging.wandb`: the W&B extras (metric summaries, run config, the paper's
+  panels), registered when this package is imported;
+- :mod:`~lightning_bn.logging.panels`: the table of the paper's figures;
+- :mod:`~lightning_bn.logging.csv_log`: a CSVLogger ``metrics.csv`` as ``key -> (steps, values)``.
+
+The package is named after what it does for Lightning's loggers; every module inside imports
+Python's standard ``logging`` (if at all) by absolute import, so the name does not shadow it.
+"""
+
+from __future__ import annotations
+
+# The W&B extras register themselves with `extras` on import; the callbacks import
+# `lightning_bn.logging.extras`, which imports this package first, so every diagnostic callback
+# has them without its base knowing W&B by name.
+from lightning_bn.logging import wandb as _wandb  # noqa: F401
+from lightning_bn.logging.extras import (
+    LoggerExtras,
+    MetricHistory,
+    logger_extras,
+    register_logger_extras,
+    unregister_logger_extras,
+)
+
+__all__ = [
+    "LoggerExtras",
+    "MetricHistory",
+    "logger_extras",
+    "register_logger_extras",
+    "unregister_logger_extras",
+]
