@@ -54,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _models import available, describe, make
 
-from lightning_bn.probe.batched import BatchedFallbackWarning, batched_points, uses_vmap
 from lightning_bn.diagnostics.ics import compute_ics, measured_layers
 from lightning_bn.diagnostics.landscape import resolve_step_sizes
 from lightning_bn.probe import Probe, RNGState, StepRecord
+from lightning_bn.probe.batched import BatchedFallbackWarning, batched_points, uses_vmap
 
 LR = 0.05
 

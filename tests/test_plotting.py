@@ -16,7 +16,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lightning_bn.figures.draw import plot_run
 from lightning_bn.reproduce import (
     FINDINGS,
     RunFormatError,
@@ -26,6 +25,7 @@ from lightning_bn.reproduce import (
     redraw,
     render_summary,
 )
+from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import (
     CRITERIA,
     INCONCLUSIVE,

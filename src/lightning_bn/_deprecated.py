@@ -45,10 +45,6 @@ MOVED_MODULES: dict[str, str] = {
 #: imported from (the old module may itself be an alias of :data:`MOVED_MODULES`).
 MOVED_NAMES: dict[tuple[str, str], tuple[str, str]] = {
     ("lightning_bn.plotting", "plot_run"): ("lightning_bn.reproduce.figures", "plot_run"),
-    ("lightning_bn.callbacks.lipschitz", "check_step_sizes"): (
-        "lightning_bn._validation",
-        "check_step_sizes",
-    ),
 }
 
 
@@ -102,19 +98,6 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         if new is None:
             return None
         return importlib.machinery.ModuleSpec(fullname, _AliasLoader(new))
-
-
-def moved_attribute(module: str, name: str) -> Any:
-    """The value of a name that moved out of ``module`` (a module ``__getattr__`` calls this).
-
-    Raises:
-        AttributeError: ``name`` never was in ``module``.
-    """
-    moved = MOVED_NAMES.get((module, name))
-    if moved is None:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    _warn(f"{module}.{name}", f"{moved[0]}.{moved[1]}")
-    return getattr(importlib.import_module(moved[0]), moved[1])
 
 
 def install() -> None:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn.callbacks.noise_injection import NoiseInjectionCallback
-from lightning_bn.noise import NoiseSample, NoiseSampler
 from lightning_bn.layers import BatchNorm, LayerNorm, LpNorm
+from lightning_bn.noise import NoiseSample, NoiseSampler
 
 _DIGITS = load_digits()
 X = torch.tensor(_DIGITS.data, dtype=torch.float32) / 16.0

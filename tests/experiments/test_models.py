@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bn.layers.convert import swap_norm_layers
 from lightning_bn.experiments.models import (
     MLP,
     VGG,
@@ -18,6 +17,7 @@ from lightning_bn.experiments.models import (
     make_norm,
 )
 from lightning_bn.layers import BatchNorm, L1Norm, LayerNorm, LinfNorm
+from lightning_bn.layers.convert import swap_norm_layers
 
 NORMS = ["batchnorm", "l1", "l2", "linf", "layernorm", "none"]
 NORM_PARAMS_PER_FEATURE = {"batchnorm": 2, "l1": 2, "l2": 2, "linf": 2, "layernorm": 2, "none": 0}

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 from matplotlib.collections import PolyCollection
 
-from lightning_bn.logging.extras import MetricHistory
 from lightning_bn.figures.draw import (
     RunHistory,
     band_figure,
@@ -16,6 +15,7 @@ from lightning_bn.figures.draw import (
     line_figure,
     panel_figure,
 )
+from lightning_bn.logging.extras import MetricHistory
 
 STEPS = [0, 5, 10]
 

@@ -61,7 +61,6 @@ def test_common_signature(kind: str) -> None:
 
 def test_norm_type_registry() -> None:
     from lightning_bn.callbacks import DEFAULT_NOISE_TARGETS
-    from lightning_bn.layers.convert import SWAPPABLE_TYPES
     from lightning_bn.diagnostics.landscape import NORM_LAYER_TYPES
     from lightning_bn.layers import (
         BATCH_STAT_NORM_TYPES,
@@ -72,6 +71,7 @@ def test_norm_type_registry() -> None:
         is_batchnorm,
         is_norm_layer,
     )
+    from lightning_bn.layers.convert import SWAPPABLE_TYPES
 
     # the three 0.1.0 lists are the registry's
     assert DEFAULT_NOISE_TARGETS is NORM_TYPES and NORM_LAYER_TYPES is NORM_TYPES

@@ -15,9 +15,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_bn import ICSCallback, LipschitzCallback, NoiseInjectionCallback, SmoothnessCallback
 from lightning_bn.logging.wandb import STEP_METRIC
+from tests.logging.test_wandb_panels import _isolate_wandb
 from tests.support.models import Classifier, MemoryLogger, loader, mlp, trainer
 from tests.support.wandb_offline import OfflineRun, find_run_file, wait_for_finished_run
-from tests.test_wandb_panels import _isolate_wandb
 
 STEPS = 6
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.probe.batched import BatchedFallbackWarning, check_vmap_chunk_size, uses_vmap
 from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
 from lightning_bn.diagnostics.landscape import DEFAULT_STEP_SIZES
 from lightning_bn.probe import Probe, RNGState, StepRecord
+from lightning_bn.probe.batched import BatchedFallbackWarning, check_vmap_chunk_size, uses_vmap
 from tests.support.models import Classifier, MemoryLogger, cnn, fit, mlp
 
 CPU = torch.device("cpu")

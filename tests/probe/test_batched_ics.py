@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_bn.probe.batched import BatchedFallbackWarning, uses_vmap
 from lightning_bn.callbacks.ics import ICSCallback
 from lightning_bn.diagnostics.ics import compute_ics, measured_layers
 from lightning_bn.probe import Probe, RNGState, StepRecord
+from lightning_bn.probe.batched import BatchedFallbackWarning, uses_vmap
+from tests.probe.test_batched import CPU, Encoder, TinyBert, ce
 from tests.support.models import Classifier, MemoryLogger, cnn, fit, mlp
-from tests.test_batched import CPU, Encoder, TinyBert, ce
 
 F64 = torch.float64
 

@@ -26,6 +26,7 @@ from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
 
 __all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
 
+
 @runtime_checkable
 class BatchPreparer(Protocol):
     """A callback that must act on a training batch before any diagnostic probe runs on it.

@@ -18,7 +18,6 @@ from lightning_bn.errors import LogFormatError, TruncatedLogError
 __all__ = ["LogFormatError", "TruncatedLogError", "read_csv_log"]
 
 
-
 def read_csv_log(path: str | Path) -> dict[str, Series]:
     """Read a CSVLogger ``metrics.csv`` into ``key -> (steps, values)``, sorted by step.
 

@@ -394,7 +394,9 @@ def _drew(rng: RNGState) -> bool:
     )
 
 
-def _check_draws(probe: ProbeLike, points: _Points, step: StepRecord, j: int, batched: Tensor) -> None:
+def _check_draws(
+    probe: ProbeLike, points: _Points, step: StepRecord, j: int, batched: Tensor
+) -> None:
     """Compare the batched loss of point ``j`` of a model with random ops with the sequential one.
 
     ``randomness="same"`` draws each random tensor once for the chunk, which gives the

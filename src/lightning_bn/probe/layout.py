@@ -70,7 +70,6 @@ class Silenced:
             self._token = None
 
 
-
 class Layout:
     """What a probe needs to know of the module's structure, gathered once per probe.
 
@@ -177,7 +176,6 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-
 def loss_from_output(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
@@ -187,7 +185,6 @@ def loss_from_output(output: Any) -> Tensor:
         "Expected `training_step` to return a loss tensor or a dict with a 'loss' tensor, "
         f"but got {type(output).__name__}; pass `loss_fn` to the callback instead"
     )
-
 
 
 class UseTrace(TorchFunctionMode):

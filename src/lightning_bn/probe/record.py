@@ -119,7 +119,6 @@ class RNGState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-
 @dataclass
 class StepRecord:
     """What a diagnostic needs of one measured training step, kept between Lightning's hooks.
@@ -147,7 +146,6 @@ class StepRecord:
     step: int = 0
     before: Params | None = None
     epoch: int = 0
-
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
