@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MOVED_MODULES", "MOVED_NAMES", "REMOVED_IN", "install"]
+__all__ = ["MOVED_MODULES", "MOVED_NAMES", "REMOVED_IN", "install", "moved_name"]
 
 #: The release that removes every alias below.
 REMOVED_IN = "0.3.0"
@@ -45,6 +45,20 @@ MOVED_MODULES: dict[str, str] = {
 #: imported from (the old module may itself be an alias of :data:`MOVED_MODULES`).
 MOVED_NAMES: dict[tuple[str, str], tuple[str, str]] = {
     ("lightning_bn.plotting", "plot_run"): ("lightning_bn.reproduce.figures", "plot_run"),
+    ("lightning_bn.logging.panels", "PAPER_PANELS"): ("lightning_bn.callbacks", "PAPER_PANELS"),
+    ("lightning_bn.panels", "PAPER_PANELS"): ("lightning_bn.callbacks", "PAPER_PANELS"),
+    ("lightning_bn.logging.wandb", "PAPER_PANELS"): ("lightning_bn.callbacks", "PAPER_PANELS"),
+    ("lightning_bn.wandb_panels", "PAPER_PANELS"): ("lightning_bn.callbacks", "PAPER_PANELS"),
+    ("lightning_bn.logging.wandb", "PAPER_SUMMARIES"): (
+        "lightning_bn.callbacks",
+        "PAPER_SUMMARIES",
+    ),
+    ("lightning_bn.wandb_panels", "PAPER_SUMMARIES"): ("lightning_bn.callbacks", "PAPER_SUMMARIES"),
+    ("lightning_bn.wandb_panels", "PanelHistory"): ("lightning_bn.logging.extras", "MetricHistory"),
+    ("lightning_bn.logging.wandb", "PanelHistory"): (
+        "lightning_bn.logging.extras",
+        "MetricHistory",
+    ),
 }
 
 
@@ -98,6 +112,20 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         if new is None:
             return None
         return importlib.machinery.ModuleSpec(fullname, _AliasLoader(new))
+
+
+def moved_name(module: str, name: str) -> Any:
+    """The value of a name that left ``module`` (its module ``__getattr__`` calls this), with a
+    :class:`DeprecationWarning`.
+
+    Raises:
+        AttributeError: ``name`` never was in ``module``.
+    """
+    moved = MOVED_NAMES.get((module, name))
+    if moved is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    _warn(f"{module}.{name}", f"{moved[0]}.{moved[1]}")
+    return getattr(importlib.import_module(moved[0]), moved[1])
 
 
 def install() -> None:

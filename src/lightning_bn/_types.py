@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from lightning_bn.errors import NotScalarError
+
 __all__ = ["LossFn", "Params", "ParamsLossFn", "Series", "TensorDict", "scalar_loss"]
 
 #: Tensors by qualified parameter (or buffer) name: a parameter point, a gradient, a direction.
@@ -38,7 +40,8 @@ def scalar_loss(out: object, source: str = "the loss") -> Tensor:
         source: Names the callable in the error message.
 
     Raises:
-        TypeError: ``out`` is not a tensor with exactly one element.
+        NotScalarError: ``out`` is not a tensor with exactly one element (a ``TypeError`` and
+            a ``ValueError``).
 
     Example:
         >>> import torch
@@ -47,5 +50,5 @@ def scalar_loss(out: object, source: str = "the loss") -> Tensor:
     """
     if not isinstance(out, Tensor) or out.numel() != 1:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise TypeError(f"Expected {source} to be a scalar tensor, but got {shape}")
+        raise NotScalarError(f"Expected {source} to be a scalar tensor, but got {shape}")
     return out.reshape(())

@@ -19,12 +19,21 @@ __all__ = [
     "DiagnosticSkipped",
     "DiagnosticWarning",
     "LogFormatError",
+    "NotScalarError",
     "TruncatedLogError",
 ]
 
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type (also a ``ValueError``, for callers of the older checks)."""
+
+
+class NotScalarError(TypeError, ValueError):
+    """A loss (``training_step``, ``loss_fn``, ``downstream``) did not return a one-element tensor.
+
+    Both a ``TypeError`` (what the probe raised) and a ``ValueError`` (what the Hessian-vector
+    products and Theorem 4.1 raised), so callers of either keep working.
+    """
 
 
 class DiagnosticWarning(UserWarning):

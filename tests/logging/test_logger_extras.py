@@ -23,7 +23,7 @@ from lightning_bn.logging.extras import (
     register_logger_extras,
     unregister_logger_extras,
 )
-from lightning_bn.logging.wandb import WANDB_EXTRAS, PanelHistory, WandbExtras
+from lightning_bn.logging.wandb import WANDB_EXTRAS, WandbExtras
 from tests.support.models import Classifier, MemoryLogger, loader, mlp, trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +166,8 @@ def test_register_rejects_non_extras() -> None:
 
 def test_wandb_extras_are_logger_extras_and_history_alias() -> None:
     assert isinstance(WANDB_EXTRAS, WandbExtras) and isinstance(WANDB_EXTRAS, LoggerExtras)
+    with pytest.warns(DeprecationWarning, match=r"PanelHistory.*0\.3\.0.*MetricHistory"):
+        from lightning_bn.logging.wandb import PanelHistory  # type: ignore[attr-defined]
     assert PanelHistory is MetricHistory
     assert isinstance(ICSCallback().panel_history, MetricHistory)
 

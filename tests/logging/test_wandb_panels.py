@@ -20,12 +20,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_bn.callbacks import PAPER_PANELS, PAPER_SUMMARIES
+from lightning_bn.logging.extras import MetricHistory
 from lightning_bn.logging.wandb import (
-    PAPER_PANELS,
-    PAPER_SUMMARIES,
     STEP_METRIC,
     Panel,
-    PanelHistory,
     define_metrics,
     log_config,
     log_paper_panels,
@@ -128,7 +127,7 @@ class _FakeDiagnostics(Callback):
     """Logs the diagnostic keys the way the real callbacks do and calls the W&B helpers."""
 
     def __init__(self) -> None:
-        self.history = PanelHistory()
+        self.history = MetricHistory()
         self.logged: list[tuple[int, dict[str, float]]] = []
         self.defined_at_setup: list[str] = []
         self.defined_again: list[list[str]] = []
@@ -394,7 +393,7 @@ def _trainer(tmp_path: Path, logger: Any) -> L.Trainer:
 @pytest.mark.parametrize("use_csv", [True, False])
 def test_without_wandb_logger_nothing_happens(tmp_path: Path, use_csv: bool) -> None:
     trainer = _trainer(tmp_path, CSVLogger(tmp_path) if use_csv else False)
-    history = PanelHistory()
+    history = MetricHistory()
     history.add(1, {"ics/model.0/l2": 1.0})
     assert wandb_runs(trainer) == []
     assert define_metrics(trainer, PAPER_SUMMARIES, keys=["ics/model.0/l2"]) == []
@@ -419,7 +418,7 @@ def test_argument_checks(tmp_path: Path) -> None:
 
 
 def test_panel_history() -> None:
-    history = PanelHistory()
+    history = MetricHistory()
     history.add(4, {"a": torch.tensor(2.0), "b": 1})
     history.add(2, {"a": 1.0})
     history.add(4, {"a": 3.0})  # a repeated step replaces, it does not add a point
@@ -428,7 +427,7 @@ def test_panel_history() -> None:
     assert history.series("missing") == ([], [])
     assert "a" in history and len(history) == 2
 
-    restored = PanelHistory()
+    restored = MetricHistory()
     restored.load_state_dict(json.loads(json.dumps(history.state_dict())))
     assert restored.series("a") == history.series("a") and restored.keys() == history.keys()
 

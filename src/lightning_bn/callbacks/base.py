@@ -21,6 +21,7 @@ from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
+from lightning_bn.logging.keys import DeclaresKeys
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
 from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
 
@@ -86,7 +87,7 @@ def _sharded_strategy_types() -> tuple[type, ...]:
     return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
 
 
-class DiagnosticCallback(CachedStateKey):
+class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     """Base of the diagnostic callbacks (ICS, Lipschitz, Smoothness).
 
     Subclasses implement :meth:`_compute` and choose when it runs: ``measure_after_step = False``

@@ -12,6 +12,7 @@ from lightning_bn._validation import check_bool
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
 from lightning_bn.layers.selection import describe_modules
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 
@@ -108,6 +109,40 @@ class ICSCallback(DiagnosticCallback):
     """
 
     measure_after_step = True
+
+    logged_keys = LoggedKeys(
+        prefix="ics/",
+        # larger l2 / smaller cosine = more shift: W&B keeps the worst value of the run
+        keys=(
+            LoggedKey("ics/{layer}/l2", "max"),
+            LoggedKey("ics/{layer}/l2_rel", "max"),
+            LoggedKey("ics/{layer}/cos", "min"),
+            LoggedKey("ics/{layer}/mean_shift", "max"),
+            LoggedKey("ics/{layer}/std_shift", "max"),
+            LoggedKey("ics/{layer}/emd", "max"),
+        ),
+        panels=(
+            Panel(
+                "panels/ics_l2",
+                "Internal covariate shift: ‖G − G′‖₂ per layer (Fig. 3)",
+                (("ics/{layer}/l2", "{layer}"),),
+                "‖G − G′‖₂ (ideal 0)",
+                caption="Internal covariate shift (Fig. 3): ‖G − G′‖₂ per layer, the change of a"
+                " layer's gradient caused by the updates of the layers before it (ideal 0).",
+                source="ics/<layer>/l2 (ICSCallback)",
+                order=40,
+            ),
+            Panel(
+                "panels/ics_cos",
+                "Internal covariate shift: cos(G, G′) per layer (Fig. 3)",
+                (("ics/{layer}/cos", "{layer}"),),
+                "cos(G, G′) (ideal 1)",
+                caption="Internal covariate shift (Fig. 3): cos(G, G′) per layer (ideal 1).",
+                source="ics/<layer>/cos (ICSCallback)",
+                order=50,
+            ),
+        ),
+    )
     key_base = "ics"
 
     def __init__(

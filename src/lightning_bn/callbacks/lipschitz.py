@@ -14,6 +14,7 @@ from lightning_bn._validation import check_bool, check_step_sizes
 from lightning_bn.callbacks.base import DiagnosticCallback
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
 from lightning_bn.errors import DiagnosticWarning
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 
@@ -81,6 +82,53 @@ class LipschitzCallback(DiagnosticCallback):
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[LipschitzCallback(every_n_steps=100)])  # doctest: +SKIP
     """
+
+    logged_keys = LoggedKeys(
+        prefix="lipschitz/",
+        keys=(
+            LoggedKey("lipschitz/loss_min", "min"),
+            LoggedKey("lipschitz/loss_max", "max"),
+            LoggedKey("lipschitz/loss_range", "max"),
+            LoggedKey("lipschitz/grad_norm", "max"),
+            LoggedKey("lipschitz/{layer}/act_grad_norm", "max"),
+            LoggedKey("lipschitz/{layer}/thm41_ratio", "max"),
+        ),
+        panels=(
+            Panel(
+                "panels/loss_range",
+                "Loss landscape: loss along the gradient, min-max over step size η (Fig. 4a)",
+                (("lipschitz/loss_min", "min over η"), ("lipschitz/loss_max", "max over η")),
+                "L(W − ηg), min to max over η",
+                caption="Loss landscape (Fig. 4a): the band between the smallest and largest loss"
+                " along the gradient over the step sizes η; a narrower, lower band is a smoother"
+                " landscape.",
+                source="lipschitz/loss_min and loss_max (LipschitzCallback)",
+                order=10,
+            ),
+            Panel(
+                "panels/thm41_ratio",
+                "Theorem 4.1: BatchNorm gradient norm bound ratio per layer",
+                (("lipschitz/{layer}/thm41_ratio", "{layer}"),),
+                "‖∇_y L‖² / Thm 4.1 bound (≤ 1)",
+                caption="Theorem 4.1: measured ‖∇_y L‖² over the theorem's bound per BatchNorm"
+                " layer; the theorem says the ratio is at most 1 (dashed line).",
+                source="lipschitz/<layer>/thm41_ratio (LipschitzCallback on a model with BatchNorm)",
+                order=60,
+                guide=1.0,
+            ),
+            Panel(
+                "panels/act_grad_norm",
+                "Activation-gradient norm ‖∇_y L‖ per normalisation layer (Theorem 4.1)",
+                (("lipschitz/{layer}/act_grad_norm", "{layer}"),),
+                "‖∇_y L‖",
+                caption="Norm of the loss gradient with respect to each normalisation layer's"
+                " output, ‖∇_y L‖ (the left side of Theorem 4.1).",
+                source="lipschitz/<layer>/act_grad_norm (LipschitzCallback on a model with"
+                " normalisation layers)",
+                order=70,
+            ),
+        ),
+    )
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from lightning_bn._validation import check_bool, check_int
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.layers.selection import Selector, check_selectors, selector_repr
+from lightning_bn.logging.keys import DeclaresKeys, LoggedKey, LoggedKeys
 from lightning_bn.noise import (
     DEFAULT_NOISE_TARGETS,
     NoiseInjector,
@@ -28,7 +29,7 @@ from lightning_bn.noise import (
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 
 
-class NoiseInjectionCallback(CachedStateKey):
+class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
     r"""Make the output distribution of every normalisation layer unstable: "noisy BatchNorm".
 
     Santurkar et al. (2018, Fig. 2, App. A) add time-varying noise after every BatchNorm layer, so
@@ -93,10 +94,12 @@ class NoiseInjectionCallback(CachedStateKey):
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> from lightning_bn.callbacks.noise_injection import NoiseInjectionCallback
         >>> trainer = Trainer(callbacks=[NoiseInjectionCallback(seed=1, log_every_n_steps=10)])
         >>> # trainer.fit(model)  # every BatchNorm / LayerNorm / GroupNorm output gets noise
     """
+
+    # the state at the end of training (the noise is redrawn each step; no extreme is telling)
+    logged_keys = LoggedKeys(prefix="noise/", keys=(LoggedKey("noise/*", "last"),))
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from lightning_bn.diagnostics.landscape import (
     resolve_steps,
 )
 from lightning_bn.diagnostics.paramvec import dict_clone
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import Params, StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 
@@ -116,6 +117,62 @@ class SmoothnessCallback(DiagnosticCallback):
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[SmoothnessCallback(every_n_steps=500)])  # doctest: +SKIP
     """
+
+    logged_keys = LoggedKeys(
+        prefix="smoothness/",
+        keys=(
+            LoggedKey("smoothness/grad_diff_min", "min"),
+            LoggedKey("smoothness/grad_diff_max", "max"),
+            LoggedKey("smoothness/beta_eff", "max"),
+            LoggedKey("smoothness/hessian_top_eig", "max"),
+            LoggedKey("smoothness/grad_curvature", "max"),
+            LoggedKey("smoothness/hessian_iters", "last"),
+        ),
+        panels=(
+            Panel(
+                "panels/grad_predictiveness",
+                "Gradient predictiveness: ‖∇L(x) − ∇L(x − η∇L(x))‖, min-max over η (Fig. 4b)",
+                (
+                    ("smoothness/grad_diff_min", "min over η"),
+                    ("smoothness/grad_diff_max", "max over η"),
+                ),
+                "‖g − ∇L(W − ηg)‖, min to max over η",
+                caption="Gradient predictiveness (Fig. 4b): the band of ‖g − ∇L(W − ηg)‖ over η;"
+                " lower means the gradient stays predictive along a step.",
+                source="smoothness/grad_diff_min and grad_diff_max (SmoothnessCallback)",
+                order=20,
+            ),
+            Panel(
+                "panels/beta_smoothness",
+                "Effective β-smoothness (Fig. 4c)",
+                (("smoothness/beta_eff", "β_eff"),),
+                "β_eff = max_η ‖g − ∇L(W − ηg)‖ / ‖ηg‖",
+                caption="Effective β-smoothness (Fig. 4c): the largest ‖g − ∇L(W − ηg)‖ / ‖ηg‖"
+                " over η; lower is smoother.",
+                source="smoothness/beta_eff (SmoothnessCallback)",
+                order=30,
+            ),
+            Panel(
+                "panels/hessian_top_eig",
+                "Top Hessian eigenvalue λ_max",
+                (("smoothness/hessian_top_eig", "λ_max"),),
+                "λ_max(H)",
+                caption="Top eigenvalue of the loss Hessian, the sharpest curvature.",
+                source="smoothness/hessian_top_eig (SmoothnessCallback, hessian=True)",
+                order=80,
+            ),
+            Panel(
+                "panels/grad_curvature",
+                "Curvature along the gradient gᵀHg / ‖g‖²",
+                (("smoothness/grad_curvature", "gᵀHg / ‖g‖²"),),
+                "gᵀHg / ‖g‖²",
+                caption="Curvature along the gradient, gᵀHg / ‖g‖² (the quadratic term of a"
+                " gradient step, Theorem 4.2).",
+                source="smoothness/grad_curvature (SmoothnessCallback, hessian=True)",
+                order=90,
+            ),
+        ),
+    )
 
     def __init__(
         self,

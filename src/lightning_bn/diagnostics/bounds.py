@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_bn._types import scalar_loss
 from lightning_bn._validation import check_float
 
 __all__ = [
@@ -275,9 +276,7 @@ def theorem42_terms(
 
     def loss_of_flat_z(z2: Tensor) -> Tensor:
         out = downstream(_unflat_channels(z2, y.shape, channel_dim).to(y.dtype))
-        if not isinstance(out, Tensor) or out.numel() != 1:
-            raise ValueError("Expected `downstream` to return a scalar tensor")
-        return out.reshape(())
+        return scalar_loss(out, "`downstream`")
 
     with torch.enable_grad():
         y_leaf = y2.detach().requires_grad_(True)

@@ -29,13 +29,14 @@ Three ways to get :math:`Hv` (all exact up to rounding):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from lightning_bn._types import ParamsLossFn, scalar_loss
 from lightning_bn._validation import check_choice
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
 
@@ -49,8 +50,9 @@ __all__ = [
     "hvp",
 ]
 
-#: A scalar loss of a parameter dict.
-LossFn = Callable[[TensorDict], Tensor]
+#: A scalar loss of a parameter dict (the package's :data:`~lightning_bn._types.ParamsLossFn`,
+#: under the name this module has always used).
+LossFn = ParamsLossFn
 #: How a Hessian-vector product is taken (see the module docstring).
 HVPMethod = Literal["auto", "forward", "reverse"]
 _METHODS = ("auto", "forward", "reverse")
@@ -132,7 +134,7 @@ def grad_and_loss(loss_fn: LossFn, params: Mapping[str, Tensor]) -> tuple[Tensor
     """
     leaves = _leaves(params)
     with torch.enable_grad():
-        loss = _scalar(loss_fn(leaves))
+        loss = scalar_loss(loss_fn(leaves), "`loss_fn`")
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return _as_dict(leaves, grads), loss.detach()
 
@@ -281,7 +283,7 @@ class _FlatGraph:
 
 def _hvp_forward(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
     def scalar_loss(p: TensorDict) -> Tensor:
-        return _scalar(loss_fn(p))
+        return scalar_loss(loss_fn(p), "`loss_fn`")
 
     try:
         result = torch.func.jvp(torch.func.grad(scalar_loss), (primals,), (tangents,))
@@ -296,7 +298,7 @@ def _hvp_dual(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> Ten
     with torch.enable_grad(), fwAD.dual_level():
         leaves = _leaves(primals)
         duals = {k: fwAD.make_dual(leaves[k], tangents[k]) for k in leaves}
-        loss = _scalar(loss_fn(duals))
+        loss = scalar_loss(loss_fn(duals), "`loss_fn`")
         # The backward pass runs on dual tensors, so each gradient carries d/dε ∇L(W + εv).
         grads = torch.autograd.grad(loss, list(duals.values()), allow_unused=True)
         out = [None if g is None else fwAD.unpack_dual(g).tangent for g in grads]
@@ -313,7 +315,7 @@ def _first_order_graph(
 ) -> tuple[TensorDict, tuple[Tensor | None, ...], Tensor]:
     leaves = _leaves(params)
     with torch.enable_grad():
-        loss = _scalar(loss_fn(leaves))
+        loss = scalar_loss(loss_fn(leaves), "`loss_fn`")
         grads = torch.autograd.grad(
             loss, list(leaves.values()), create_graph=True, allow_unused=True
         )
@@ -388,13 +390,6 @@ def _prepare(
 def _leaves(params: Mapping[str, Tensor]) -> TensorDict:
     # detach() shares storage: no copy, and the caller's tensors keep their autograd state.
     return {k: p.detach().requires_grad_(True) for k, p in params.items()}
-
-
-def _scalar(loss: object) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {shape}")
-    return loss.reshape(())
 
 
 def _as_dict(

@@ -43,7 +43,6 @@ __all__ = [
     "default_layers",
     "input_units",
     "measured_layers",
-    "resolve_layers",
     "unit_shift",
 ]
 
@@ -203,17 +202,6 @@ def measured_layers(
 
 def _what(sel: str | type[nn.Module]) -> str:
     return repr(sel) if isinstance(sel, str) else sel.__name__
-
-
-def resolve_layers(
-    module: nn.Module, selectors: Sequence[str | type[nn.Module]] | None
-) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of the layers :func:`measured_layers` chooses.
-
-    Raises:
-        ValueError: as :func:`measured_layers`.
-    """
-    return [(lay.name, lay.module) for lay in measured_layers(module, selectors)]
 
 
 def _as_layers(

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_bn._types import TensorDict
+
 __all__ = [
     "FlatLayout",
     "TensorDict",
@@ -26,12 +28,10 @@ __all__ = [
     "dict_dot",
     "dict_norm",
     "dict_normalise",
-    "dict_sub",
     "dict_sub_",
 ]
 
 #: A parameter dict: name -> tensor.
-TensorDict = dict[str, Tensor]
 
 
 def _check_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
@@ -88,16 +88,6 @@ def dict_axpy(
     """
     _check_keys(x, y)
     return {k: y[k] + alpha * x[k] for k in x}
-
-
-def dict_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> TensorDict:
-    r""":math:`a - b`, key by key (a new dict).
-
-    Raises:
-        ValueError: the keys of ``a`` and ``b`` differ.
-    """
-    _check_keys(a, b)
-    return {k: a[k] - b[k] for k in a}
 
 
 def dict_sub_(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Mapping[str, Tensor]:

@@ -1,7 +1,7 @@
 """Choose submodules of a model by qualified-name glob, by type, or by a default set of types.
 
 Plain torch. One selector serves every part of the package that lets a user name layers:
-:func:`lightning_bn.diagnostics.ics.resolve_layers` (the layers ICS measures),
+:func:`lightning_bn.diagnostics.ics.measured_layers` (the layers ICS measures),
 :func:`lightning_bn.layers.convert.swap_norm_layers` (``include=``) and
 :class:`lightning_bn.callbacks.NoiseInjectionCallback` (``targets=``).
 

@@ -25,15 +25,16 @@ Two facts about W&B shape this module (wandb 0.31, ``wandb-core``):
 Example::
 
     from lightning_bn.logging.wandb import (
-        PAPER_SUMMARIES, PanelHistory, define_metrics, log_config, log_paper_panels
+        define_metrics, log_config, log_paper_panels
     )
+    from lightning_bn.logging.keys import summaries
 
     # in __init__()
-    history = PanelHistory()
+    history = MetricHistory()
 
     # in setup(), once the layer names are known
     keys = [f"ics/{name}/{q}" for name in layer_names for q in ("l2", "cos")]
-    define_metrics(trainer, PAPER_SUMMARIES, keys=keys)
+    define_metrics(trainer, summaries(), keys=keys)
     log_config(trainer, "ICSCallback", {"every_n_steps": 10, "layers": layer_names})
 
     # after each measurement
@@ -55,18 +56,16 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_bn.logging.extras import MetricHistory, register_logger_extras
-from lightning_bn.logging.panels import PAPER_PANELS, Panel
+from lightning_bn.logging.keys import Panel, summaries
+from lightning_bn.logging.keys import panels as declared_panels
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
     from wandb.wandb_run import Run
 
 __all__ = [
-    "PAPER_PANELS",
-    "PAPER_SUMMARIES",
     "STEP_METRIC",
     "Panel",
-    "PanelHistory",
     "WandbExtras",
     "define_metrics",
     "finish_active_run",
@@ -77,33 +76,6 @@ __all__ = [
 
 STEP_METRIC = "trainer/global_step"
 """The x axis: ``WandbLogger.log_metrics`` adds this key to every row it logs."""
-
-PAPER_SUMMARIES: dict[str, str] = {
-    # ICS (Definition 2.1): larger l2 / smaller cosine = more shift, so keep the worst.
-    "ics/*/l2": "max",
-    "ics/*/l2_rel": "max",
-    "ics/*/cos": "min",
-    "ics/*/mean_shift": "max",
-    "ics/*/std_shift": "max",
-    "ics/*/emd": "max",
-    # Landscape along the gradient (Fig. 4a).
-    "lipschitz/loss_min": "min",
-    "lipschitz/loss_max": "max",
-    "lipschitz/loss_range": "max",
-    "lipschitz/grad_norm": "max",
-    "lipschitz/*/act_grad_norm": "max",
-    "lipschitz/*/thm41_ratio": "max",
-    # Gradient predictiveness and effective smoothness (Fig. 4b, 4c).
-    "smoothness/grad_diff_min": "min",
-    "smoothness/grad_diff_max": "max",
-    "smoothness/beta_eff": "max",
-    "smoothness/hessian_top_eig": "max",
-    "smoothness/grad_curvature": "max",
-    "smoothness/hessian_iters": "last",
-    # Noise injection (Fig. 2): the state at the end of training.
-    "noise/*": "last",
-}
-"""Default summary per key pattern for :func:`define_metrics` (first match wins)."""
 
 _SUMMARY_OPS = ("min", "max", "mean", "first", "last", "none")
 _GLOB_CHARS = frozenset("*?[")
@@ -213,7 +185,7 @@ def define_metrics(
         trainer: The trainer whose ``WandbLogger`` runs to configure.
         patterns: Key glob -> summary, such as ``{"ics/*/l2": "max", "ics/*/cos": "min"}``;
             a summary is one of ``min``, ``max``, ``mean``, ``first``, ``last``, ``none`` or
-            a comma-separated list of them. See :data:`PAPER_SUMMARIES`.
+            a comma-separated list of them. See :func:`lightning_bn.logging.keys.summaries`.
         keys: The concrete keys the caller logs, such as ``"ics/model.0/l2"``; ``None``
             to define the patterns as they are (then none may contain a glob).
 
@@ -294,14 +266,10 @@ def log_config(trainer: Trainer, name: str, settings: Mapping[str, Any]) -> None
         run.config.update({name: value}, allow_val_change=True)
 
 
-PanelHistory = MetricHistory
-"""The measurements the end-of-fit panels are drawn from (:class:`~lightning_bn.logging.extras.MetricHistory`)."""
-
-
 def log_paper_panels(
     trainer: Trainer,
-    history: PanelHistory,
-    panels: Iterable[Panel] = PAPER_PANELS,
+    history: MetricHistory,
+    panels: Iterable[Panel] | None = None,
 ) -> list[str]:
     """Log the paper's figures as W&B line-series charts (``wandb.plot.line_series``).
 
@@ -310,15 +278,16 @@ def log_paper_panels(
     (``panels/grad_predictiveness``), ``panels/beta_smoothness``, one line per layer in
     ``panels/ics_l2``, ``panels/ics_cos``, ``panels/thm41_ratio`` and
     ``panels/act_grad_norm``, and ``panels/hessian_top_eig`` and ``panels/grad_curvature``
-    (the table :data:`lightning_bn.logging.panels.PAPER_PANELS`, which ``lightning-bn plot`` draws
+    (the panels the callback classes declare, which ``lightning-bn plot`` draws
     under the same names). A panel with no data
     in ``history`` is skipped; non-finite values are left out of the charts. Call it at the
     end of fit; calling it again logs new versions of the charts (W&B shows the latest).
 
     Args:
         trainer: The trainer whose ``WandbLogger`` runs to log to.
-        history: The measurements (see :class:`PanelHistory`).
-        panels: The charts to draw; :data:`PAPER_PANELS` by default.
+        history: The measurements (see :class:`~lightning_bn.logging.extras.MetricHistory`).
+        panels: The charts to draw; by default every panel the callback classes declare
+            (:func:`lightning_bn.logging.keys.panels`).
 
     Returns:
         The keys logged (with the logger's prefix); empty on ranks other than zero, without
@@ -330,7 +299,7 @@ def log_paper_panels(
     import wandb
 
     drawn: list[tuple[Panel, list[str], list[list[int]], list[list[float]]]] = []
-    for panel in panels:
+    for panel in declared_panels() if panels is None else panels:
         labels: list[str] = []
         xs: list[list[int]] = []
         ys: list[list[float]] = []
@@ -363,7 +332,7 @@ class WandbExtras:
 
     - ``on_setup``: the callback's settings into the run config (:func:`log_config`);
     - ``on_log``: a summary per key before its first value (:func:`define_metrics` with
-      :data:`PAPER_SUMMARIES`);
+      the summaries the callback classes declare);
     - ``on_fit_end``: the paper's charts (:func:`log_paper_panels`).
 
     Each does nothing unless a ``WandbLogger`` is attached (and only on global rank zero).
@@ -377,7 +346,7 @@ class WandbExtras:
 
     def on_log(self, trainer: Trainer, keys: Iterable[str]) -> None:
         """Define the summary of each new key (the paper's min/max/last)."""
-        define_metrics(trainer, PAPER_SUMMARIES, keys=keys)
+        define_metrics(trainer, summaries(), keys=keys)
 
     def on_fit_end(self, trainer: Trainer, history: MetricHistory) -> None:
         """Log the paper's figures as W&B line-series charts."""
@@ -400,3 +369,10 @@ def finish_active_run() -> None:
 #: The instance registered with :func:`lightning_bn.logging.extras.register_logger_extras`.
 WANDB_EXTRAS = WandbExtras()
 register_logger_extras(WANDB_EXTRAS)
+
+
+def __getattr__(name: str) -> Any:
+    # the tables of the built-in callbacks moved to lightning_bn.callbacks (which defines them)
+    from lightning_bn import _deprecated
+
+    return _deprecated.moved_name(__name__, name)

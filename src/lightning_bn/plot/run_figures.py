@@ -51,46 +51,23 @@ from lightning_bn.figures.draw import (
     panel_figure,
     union_layers,
 )
-from lightning_bn.logging.panels import PAPER_PANELS, Panel
+from lightning_bn.logging.keys import Panel, panels
 from lightning_bn.plot.run_logs import Loaded, LoggedRun, load_runs
 
 __all__ = ["FigureSet", "RunFigure", "build_figures", "plot_runs", "save_figures"]
 
-#: What fills each figure, said when it is skipped.
+#: What fills each figure that no callback declares, said when it is skipped (the panels of the
+#: diagnostic callbacks carry their own, :attr:`~lightning_bn.logging.keys.Panel.source`).
 _SOURCE = {
-    "loss_range": "lipschitz/loss_min and loss_max (LipschitzCallback)",
-    "grad_predictiveness": "smoothness/grad_diff_min and grad_diff_max (SmoothnessCallback)",
-    "beta_smoothness": "smoothness/beta_eff (SmoothnessCallback)",
-    "ics_l2": "ics/<layer>/l2 (ICSCallback)",
-    "ics_cos": "ics/<layer>/cos (ICSCallback)",
-    "thm41_ratio": "lipschitz/<layer>/thm41_ratio (LipschitzCallback on a model with BatchNorm)",
-    "act_grad_norm": "lipschitz/<layer>/act_grad_norm (LipschitzCallback on a model with "
-    "normalisation layers)",
-    "hessian_top_eig": "smoothness/hessian_top_eig (SmoothnessCallback, hessian=True)",
-    "grad_curvature": "smoothness/grad_curvature (SmoothnessCallback, hessian=True)",
     "train_loss": "train/loss (self.log('train/loss', ...) in training_step)",
     "noise_stats": "noise/<layer>/... (NoiseInjectionCallback)",
 }
 
+#: One sentence on each figure that no callback declares (a panel has its
+#: :attr:`~lightning_bn.logging.keys.Panel.caption`).
 _CAPTION = {
     "train_loss": "Training loss of each run (a moving average; a dotted line marks where a "
     "run diverged).",
-    "loss_range": "Loss landscape (Fig. 4a): the band between the smallest and largest loss "
-    "along the gradient over the step sizes η; a narrower, lower band is a smoother landscape.",
-    "grad_predictiveness": "Gradient predictiveness (Fig. 4b): the band of ‖g − ∇L(W − ηg)‖ "
-    "over η; lower means the gradient stays predictive along a step.",
-    "beta_smoothness": "Effective β-smoothness (Fig. 4c): the largest ‖g − ∇L(W − ηg)‖ / ‖ηg‖ "
-    "over η; lower is smoother.",
-    "ics_l2": "Internal covariate shift (Fig. 3): ‖G − G′‖₂ per layer, the change of a "
-    "layer's gradient caused by the updates of the layers before it (ideal 0).",
-    "ics_cos": "Internal covariate shift (Fig. 3): cos(G, G′) per layer (ideal 1).",
-    "thm41_ratio": "Theorem 4.1: measured ‖∇_y L‖² over the theorem's bound per BatchNorm "
-    "layer; the theorem says the ratio is at most 1 (dashed line).",
-    "act_grad_norm": "Norm of the loss gradient with respect to each normalisation layer's "
-    "output, ‖∇_y L‖ (the left side of Theorem 4.1).",
-    "hessian_top_eig": "Top eigenvalue of the loss Hessian, the sharpest curvature.",
-    "grad_curvature": "Curvature along the gradient, gᵀHg / ‖g‖² (the quadratic term of a "
-    "gradient step, Theorem 4.2).",
     "noise_stats": "Noise injection (Fig. 2): mean and standard deviation of each noisy "
     "layer's output before the noise (clean) and after it (what the next layer receives).",
 }
@@ -146,8 +123,7 @@ def _panel_figure(panel: Panel, runs: Sequence[RunHistory]) -> Figure | None:
     keys = [key for key, _ in panel.lines]
     if panel.per_layer:
         head, _, tail = keys[0].partition("{layer}")
-        guide = 1.0 if panel.name == "thm41_ratio" else None
-        return layers_figure(runs, head, tail, panel.ylabel, panel.title, guide=guide)
+        return layers_figure(runs, head, tail, panel.ylabel, panel.title, guide=panel.guide)
     if len(keys) == 2:  # a min-max band over the step sizes
         return band_figure([("", runs)], keys[0], keys[1], panel.ylabel, panel.title, _WIDTH)
     return line_figure([("", runs)], keys[0], panel.ylabel, panel.title, _WIDTH)
@@ -170,8 +146,12 @@ def build_figures(runs: Sequence[RunHistory]) -> FigureSet:
     Returns:
         The figures, and one line per figure skipped for want of data.
     """
+    source, caption = dict(_SOURCE), dict(_CAPTION)
     made: list[tuple[str, Figure | None]] = [("train_loss", _train_loss(runs))]
-    made += [(panel.name, _panel_figure(panel, runs)) for panel in PAPER_PANELS]
+    for panel in panels():
+        made.append((panel.name, _panel_figure(panel, runs)))
+        source[panel.name] = panel.source or " or ".join(key for key, _ in panel.lines)
+        caption[panel.name] = panel.caption or panel.title
     noise_layers = union_layers(runs, "noise/", "/out_std")
     made.append(
         (
@@ -188,10 +168,10 @@ def build_figures(runs: Sequence[RunHistory]) -> FigureSet:
     out = FigureSet([])
     for name, fig in made:
         if fig is None:
-            out.skipped.append(f"{name}.png skipped: no run logged {_SOURCE[name]}")
+            out.skipped.append(f"{name}.png skipped: no run logged {source[name]}")
             continue
         fig.set_label(name)
-        out.figures.append(RunFigure(name, fig, _CAPTION[name]))
+        out.figures.append(RunFigure(name, fig, caption[name]))
     return out
 
 

@@ -26,17 +26,21 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+import lightning_bn.callbacks  # noqa: F401  (defines the built-in callbacks: their keys are declared)
 from lightning_bn._types import Series
 from lightning_bn.logging.csv_log import LogFormatError, read_csv_log
+from lightning_bn.logging.keys import owners, prefixes
 
 __all__ = [
-    "DIAGNOSTIC_PREFIXES",
+    "DIAGNOSTIC_PREFIXES",  # noqa: F822 (module __getattr__)
     "Loaded",
     "LogFormatError",
     "LoggedRun",
+    "diagnostic_prefixes",
     "find_metrics_csv",
     "load_runs",
     "parse_steps",
@@ -45,7 +49,6 @@ __all__ = [
 
 
 #: The key prefixes of lightning-bn's four diagnostic callbacks.
-DIAGNOSTIC_PREFIXES = ("ics/", "lipschitz/", "smoothness/", "noise/")
 _METRICS = "metrics.csv"
 _VERSION = re.compile(r"version_(\d+)\Z")
 
@@ -156,17 +159,26 @@ def _window(series: dict[str, Series], steps: tuple[int | None, int | None]) -> 
     return out
 
 
+def diagnostic_prefixes() -> tuple[str, ...]:
+    """The key prefixes of every callback class defined so far (``"ics/"``, ``"lipschitz/"``,
+    ...): a run is drawn when it logged a key with one of them."""
+    return prefixes()
+
+
 def _has_diagnostics(series: dict[str, Series]) -> bool:
-    return any(key.startswith(DIAGNOSTIC_PREFIXES) for key in series)
+    return any(key.startswith(diagnostic_prefixes()) for key in series)
 
 
 def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
     series = read_csv_log(path)
     if not _has_diagnostics(series):
+        known = diagnostic_prefixes()
+        classes = owners(known)
         raise LogFormatError(
-            f"{path}: no lightning-bn diagnostic key (ics/…, lipschitz/…, smoothness/…, "
-            "noise/…); were ICSCallback, LipschitzCallback, SmoothnessCallback or "
-            "NoiseInjectionCallback in the Trainer?"
+            f"{path}: no lightning-bn diagnostic key ({', '.join(p + '…' for p in known)});"
+            f" were {', '.join(classes[:-1])} or {classes[-1]} in the Trainer?"
+            if len(classes) > 1
+            else f"{path}: no lightning-bn diagnostic key; was a diagnostic callback in the Trainer?"
         )
     return LoggedRun(label, path, series, [note] if note else [])
 
@@ -193,7 +205,7 @@ def _non_finite_notes(run: LoggedRun) -> list[str]:
         notes.append(f"diverged: training loss {_word(first)} from step {step}")
     for key, (steps, values) in run.series.items():
         bad = ~np.isfinite(values)
-        if key != "train/loss" and key.startswith(DIAGNOSTIC_PREFIXES) and bad.any():
+        if key != "train/loss" and key.startswith(diagnostic_prefixes()) and bad.any():
             where = int(steps[int(np.argmax(bad))])
             kinds = sorted({_word(v) for v in values[bad]})
             notes.append(
@@ -272,3 +284,10 @@ def load_runs(
             run.notes += _non_finite_notes(run)
         loaded.runs.extend(runs)
     return loaded
+
+
+def __getattr__(name: str) -> Any:
+    # read at each access: a callback class defined later adds its prefix
+    if name == "DIAGNOSTIC_PREFIXES":
+        return diagnostic_prefixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,210 @@
+"""What a callback logs, declared on its class: keys with their summaries, and its panels.
+
+Every diagnostic callback class states, in one :class:`LoggedKeys` on its ``logged_keys``
+attribute, the keys it logs (``ics/{layer}/l2``), how W&B summarises each one (``max``, ``min``,
+``last``) and the charts that show them (:class:`Panel`). Defining the class registers the
+declaration here (:class:`DeclaresKeys`), and everything that needs to know the keys reads
+them from this registry: the W&B summaries and panels (:mod:`lightning_bn.logging.wandb`), and
+the prefixes, figures, titles and captions of ``lightning-bn plot`` (:mod:`lightning_bn.plot`).
+A new diagnostic is therefore picked up by both as soon as its callback class exists.
+
+Plain Python (no torch, no Lightning).
+
+Example:
+    >>> from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, summaries
+    >>> class ToyCallback(DeclaresKeys):
+    ...     logged_keys = LoggedKeys(
+    ...         prefix="toy/",
+    ...         keys=(LoggedKey("toy/{layer}/norm", "max"),),
+    ...         panels=(Panel("panels/toy_norm", "Toy norm per layer", (("toy/{layer}/norm", "{layer}"),)),),
+    ...     )
+    >>> summaries()["toy/*/norm"]
+    'max'
+    >>> forget("ToyCallback")
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+__all__ = [
+    "DeclaresKeys",
+    "LoggedKey",
+    "LoggedKeys",
+    "Panel",
+    "declared",
+    "forget",
+    "owners",
+    "panels",
+    "prefixes",
+    "summaries",
+]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One chart of the paper's diagnostics.
+
+    Attributes:
+        key: The key the W&B chart is logged under, such as ``"panels/loss_range"``; without
+            its ``panels/`` it is the name of the PNG file of ``lightning-bn plot``.
+        title: The chart title.
+        lines: ``(key, label)`` per line. A key containing ``{layer}`` stands for one line
+            per layer found in the history (``"ics/{layer}/l2"``); ``{layer}`` in the label
+            is replaced by the layer name.
+        ylabel: The y-axis label of the PNG figure.
+        caption: One sentence on what the figure shows (the line of ``lightning-bn plot``'s
+            ``index.md``).
+        source: What fills the panel, said when ``lightning-bn plot`` skips it for want of
+            data (e.g. ``"smoothness/beta_eff (SmoothnessCallback)"``).
+        order: Where the panel goes among all declared panels (ascending; ties keep the
+            order of declaration).
+        guide: A horizontal dashed line drawn at this value in per-layer PNG figures (such as
+            the bound 1 of a ratio), or ``None``.
+    """
+
+    key: str
+    title: str
+    lines: tuple[tuple[str, str], ...]
+    ylabel: str = ""
+    caption: str = ""
+    source: str = ""
+    order: int = 1000
+    guide: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The panel's short name: its key without ``panels/`` (the PNG file's stem)."""
+        return self.key.removeprefix("panels/")
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the panel has one line per layer (its keys hold ``{layer}``)."""
+        return any("{layer}" in key for key, _ in self.lines)
+
+    def resolve(self, keys: Iterable[str]) -> list[tuple[str, str]]:
+        """The concrete ``(key, label)`` lines among ``keys``, in panel then history order."""
+        keys = list(keys)
+        out: list[tuple[str, str]] = []
+        for template, label in self.lines:
+            if "{layer}" not in template:
+                if template in keys:
+                    out.append((template, label))
+                continue
+            head, _, tail = template.partition("{layer}")
+            pattern = re.compile(re.escape(head) + "(?P<layer>.+)" + re.escape(tail) + r"\Z")
+            for key in keys:
+                match = pattern.match(key)
+                if match:
+                    out.append((key, label.replace("{layer}", match["layer"])))
+        return out
+
+
+@dataclass(frozen=True)
+class LoggedKey:
+    """One key (or family of keys) a callback logs.
+
+    Attributes:
+        pattern: The key; ``{layer}`` stands for a layer name (``"ics/{layer}/cos"``) and a
+            trailing ``*`` for anything (``"noise/*"``).
+        summary: How W&B summarises the key over a run: ``"min"``, ``"max"``, ``"mean"``,
+            ``"first"``, ``"last"`` or ``"none"`` (the value worth keeping: the worst shift, the
+            largest loss range, the end state).
+    """
+
+    pattern: str
+    summary: str = "last"
+
+    @property
+    def glob(self) -> str:
+        """The pattern as a glob (``{layer}`` becomes ``*``)."""
+        return self.pattern.replace("{layer}", "*")
+
+
+@dataclass(frozen=True)
+class LoggedKeys:
+    """Everything one callback class logs.
+
+    Attributes:
+        prefix: The first part of every key it logs, with its ``/`` (``"ics/"``);
+            ``lightning-bn plot`` reads a run that logs a key with one of the declared prefixes.
+        keys: Its keys with their summaries (first match wins within a callback).
+        panels: Its charts (W&B line series at the end of fit, PNG files of ``lightning-bn plot``).
+        owner: The class that declared it (filled in when the class is defined).
+    """
+
+    prefix: str
+    keys: tuple[LoggedKey, ...] = ()
+    panels: tuple[Panel, ...] = ()
+    owner: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.prefix.endswith("/"):
+            raise ValueError(f"Expected `prefix` to end with '/', but got {self.prefix!r}")
+        for key in self.keys:
+            if not key.pattern.startswith(self.prefix):
+                raise ValueError(
+                    f"Expected every key to start with {self.prefix!r}, but got {key.pattern!r}"
+                )
+
+
+_DECLARED: dict[str, LoggedKeys] = {}
+
+
+class DeclaresKeys:
+    """A class whose ``logged_keys`` (a :class:`LoggedKeys`) is registered when it is defined.
+
+    Subclasses that set ``logged_keys`` replace an earlier declaration of a class of the same
+    name (a class redefined in a notebook); subclasses that do not set it declare nothing.
+    """
+
+    logged_keys: ClassVar[LoggedKeys | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        logged = cls.__dict__.get("logged_keys")
+        if logged is not None:
+            if not isinstance(logged, LoggedKeys):
+                raise TypeError(
+                    f"Expected `{cls.__name__}.logged_keys` to be a LoggedKeys, but got {logged!r}"
+                )
+            _DECLARED[cls.__name__] = replace(logged, owner=cls.__name__)
+
+
+def forget(owner: str) -> None:
+    """Remove the declaration of the class named ``owner`` (no error if there is none)."""
+    _DECLARED.pop(owner, None)
+
+
+def declared() -> tuple[LoggedKeys, ...]:
+    """Every declaration, in the order the classes were defined."""
+    return tuple(_DECLARED.values())
+
+
+def prefixes() -> tuple[str, ...]:
+    """The declared key prefixes (``"ics/"``, ...), each once, in declaration order."""
+    return tuple(dict.fromkeys(d.prefix for d in _DECLARED.values()))
+
+
+def summaries() -> dict[str, str]:
+    """Glob pattern -> W&B summary of every declared key (first declaration of a glob wins)."""
+    out: dict[str, str] = {}
+    for logged in _DECLARED.values():
+        for key in logged.keys:
+            out.setdefault(key.glob, key.summary)
+    return out
+
+
+def panels() -> tuple[Panel, ...]:
+    """Every declared panel, by :attr:`Panel.order` (ties in declaration order)."""
+    every = [p for logged in _DECLARED.values() for p in logged.panels]
+    return tuple(sorted(every, key=lambda p: p.order))
+
+
+def owners(prefix_of: Iterable[str]) -> list[str]:
+    """The classes that declared the given prefixes (for messages)."""
+    wanted = set(prefix_of)
+    return [d.owner for d in _DECLARED.values() if d.prefix in wanted]
