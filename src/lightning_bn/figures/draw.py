@@ -28,21 +28,30 @@ Example::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_bn._types import Series
-
 if TYPE_CHECKING:
-    from lightning_bn.logging.extras import MetricHistory
+    pass
+from lightning_bn.figures.style import (
+    KIND_STYLE,
+    MAX_LAYERS,
+    SEED_HI,
+    SEED_LO,
+    FigureFile,
+    RunHistory,
+    new_figure,
+    pick_layers,
+    plain_ticks,
+    save_figure,
+    set_title,
+    short_layer,
+    use_log,
+)
 
 __all__ = [
     "KIND_STYLE",
@@ -70,115 +79,6 @@ __all__ = [
     "union_layers",
     "use_log",
 ]
-
-
-#: Suffixes of the per-seed range series of a key (see :func:`draw_line`).
-SEED_LO, SEED_HI = "@lo", "@hi"
-
-#: Label and colour of each normalisation kind (the variants of a reproduce run).
-KIND_STYLE: dict[str, tuple[str, str]] = {
-    "standard": ("Standard", "#3a3a3a"),
-    "batchnorm": ("BatchNorm", "tab:blue"),
-    "noisy-batchnorm": ("Noisy BatchNorm", "tab:orange"),
-    "l1": ("ℓ1 norm", "tab:green"),
-    "l2": ("ℓ2 norm", "tab:red"),
-    "linf": ("ℓ∞ norm", "tab:purple"),
-    "layernorm": ("LayerNorm", "tab:brown"),
-}
-#: Most layers drawn in one per-layer figure (evenly spread, first and last included).
-MAX_LAYERS = 6
-_DPI = 110
-
-
-@dataclass(frozen=True)
-class FigureFile:
-    """A saved figure.
-
-    Attributes:
-        path: the PNG file.
-        caption: one sentence on what it shows (used in ``summary.md``).
-    """
-
-    path: Path
-    caption: str
-
-
-@dataclass(frozen=True)
-class RunHistory:
-    """One run as the figure builders see it: logged key -> ``(steps, values)``, label, style.
-
-    Attributes:
-        label: the legend entry of the run's lines.
-        series: key -> ``(steps int array, values float array)``, sorted by step.
-        color: the colour of its lines (``None``: matplotlib's cycle).
-        linestyle: the line style of its lines.
-    """
-
-    label: str
-    series: Mapping[str, Series] = field(default_factory=dict)
-    color: str | None = None
-    linestyle: str = "-"
-
-    @classmethod
-    def from_lists(
-        cls,
-        label: str,
-        series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
-        **style: Any,
-    ) -> RunHistory:
-        """A run from plain lists ``key -> (steps, values)``."""
-        arrays = {
-            k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
-            for k, (s, v) in series.items()
-        }
-        return cls(label, arrays, **style)
-
-    @classmethod
-    def from_metric_history(cls, label: str, history: MetricHistory, **style: Any) -> RunHistory:
-        """A run from what a diagnostic callback logged (its ``panel_history``)."""
-        keys = history.keys()  # a list in first-logged order (the history is not iterable)
-        return cls.from_lists(label, {k: history.series(k) for k in keys}, **style)
-
-    def get(self, key: str) -> Series:
-        """``(steps, values)`` of ``key``; empty arrays when it was never logged."""
-        if key in self.series:
-            return self.series[key]
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-
-    def layers(self, prefix: str, suffix: str) -> list[str]:
-        """Layer names ``<layer>`` of keys ``<prefix><layer><suffix>``, in first-logged order."""
-        pattern = re.compile(re.escape(prefix) + "(?P<layer>.+)" + re.escape(suffix) + r"\Z")
-        return [m["layer"] for key in self.series if (m := pattern.match(key))]
-
-
-# --- canvas and axes helpers --------------------------------------------------------------------------
-def new_figure(
-    nrows: int, ncols: int, width: float = 4.2, height: float = 3.0
-) -> tuple[Figure, np.ndarray]:
-    """An Agg figure of ``nrows × ncols`` panels of ``width × height`` inches, and its axes grid."""
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
-
-
-def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile:
-    """Save ``fig`` as a PNG at ``path`` (folders created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    return FigureFile(path, caption)
-
-
-def pick_layers(layers: Sequence[str], limit: int = MAX_LAYERS) -> list[str]:
-    """At most ``limit`` of ``layers``, evenly spread, first and last included."""
-    if len(layers) <= limit:
-        return list(layers)
-    idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
-    return [layers[i] for i in idx]
-
-
-def short_layer(layer: str) -> str:
-    """A layer name without the ``model.`` of the built-in modules."""
-    return layer.removeprefix("model.")
 
 
 def _finite_prefix(
@@ -218,49 +118,6 @@ def _smooth(values: np.ndarray, points: int = 25) -> np.ndarray:
         lo = max(0, i + 1 - window)
         out[i] = (cumsum[i + 1] - cumsum[lo]) / (i + 1 - lo)
     return out
-
-
-def set_title(fig: Figure, title: str) -> None:
-    """The figure's title, wrapped to the figure's width (a one-panel figure is narrow)."""
-    import textwrap
-
-    chars = max(30, int(fig.get_figwidth() * 10))  # about 10 characters per inch at 12 pt
-    fig.suptitle("\n".join(textwrap.wrap(title, chars, break_on_hyphens=False)))
-
-
-def plain_ticks(ax: Axes) -> None:
-    """Readable y ticks on a linear axis: no offset notation (``1e-5+9.999e-1``), and data
-    that are constant up to rounding (a first layer's ICS is exactly 0 or 1) get a range
-    around their value instead of ticks at the 13th digit."""
-    if ax.get_yscale() != "linear":
-        return
-    parts = [
-        np.asarray(line.get_ydata(), dtype=float)
-        for line in ax.get_lines()
-        if line.get_gid() != "guide"
-    ]
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    values = values[np.isfinite(values)]
-    if values.size:
-        lo, hi = float(values.min()), float(values.max())
-        scale = max(abs(lo), abs(hi), 1e-12)
-        if hi - lo <= 1e-9 * scale:
-            pad = 0.05 * scale if scale > 1e-12 else 1.0
-            ax.set_ylim(lo - pad, hi + pad)
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-
-
-def use_log(ax: Axes) -> None:
-    """Log scale for the y axis when the drawn data are positive and span over 50×."""
-    parts = [
-        np.asarray(line.get_ydata(), dtype=float)
-        for line in ax.get_lines()
-        if line.get_gid() != "guide"
-    ]
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    values = values[np.isfinite(values)]
-    if values.size and values.min() > 0 and values.max() / values.min() > 50:
-        ax.set_yscale("log")
 
 
 # --- drawing one run ----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class NoiseStatistics(Metric):
         >>> import torch
         >>> stats = NoiseStatistics(1)
         >>> clean = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> from lightning_bn.noise import NoiseSampler
         >>> sample = NoiseSampler()(clean, torch.Generator().manual_seed(0))
         >>> stats.update(0, clean, sample)
         >>> out = stats.compute()
