@@ -282,11 +282,11 @@ class _FlatGraph:
 
 
 def _hvp_forward(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> TensorDict:
-    def scalar_loss(p: TensorDict) -> Tensor:
+    def loss_at(p: TensorDict) -> Tensor:
         return scalar_loss(loss_fn(p), "`loss_fn`")
 
     try:
-        result = torch.func.jvp(torch.func.grad(scalar_loss), (primals,), (tangents,))
+        result = torch.func.jvp(torch.func.grad(loss_at), (primals,), (tangents,))
         return {k: t.detach() for k, t in cast(TensorDict, result[1]).items()}
     except RuntimeError:
         # functorch rejects in-place updates of captured tensors (BatchNorm running statistics
