@@ -289,3 +289,10 @@ def test_tables_of_the_builtin_callbacks_moved_to_callbacks(module: str, name: s
     with pytest.warns(DeprecationWarning, match=rf"{module}\.{name}.*0\.3\.0"):
         value = getattr(importlib.import_module(module), name)
     assert value == getattr(callbacks, name)
+
+
+def test_docs_show_the_worked_example_as_it_is() -> None:
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    block = doc.split("```python\n")[1].split("```")[0]
+    example = (ROOT / "examples" / "new_diagnostic.py").read_text()
+    assert block.strip() == example[example.index("import lightning.pytorch") :].strip()

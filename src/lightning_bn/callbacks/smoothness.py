@@ -104,10 +104,7 @@ class SmoothnessCallback(DiagnosticCallback):
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         name: tells several SmoothnessCallbacks in one Trainer apart: keys
             ``smoothness@<name>/...`` (unnamed ones get ``smoothness@1/...``, ``smoothness@2/...``).
-        vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.probe.batched`): ``"auto"``
-            (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
-            always point by point; an ``int``, under ``vmap`` with at most that many points per
-            call. The values are the same (to float rounding).
+        vmap_chunk_size: how the grid is evaluated, as for :class:`LipschitzCallback`.
 
     Raises:
         ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.

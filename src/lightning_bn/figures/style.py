@@ -156,12 +156,8 @@ def set_title(fig: Figure, title: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(title, chars, break_on_hyphens=False)))
 
 
-def plain_ticks(ax: Axes) -> None:
-    """Readable y ticks on a linear axis: no offset notation (``1e-5+9.999e-1``), and data
-    that are constant up to rounding (a first layer's ICS is exactly 0 or 1) get a range
-    around their value instead of ticks at the 13th digit."""
-    if ax.get_yscale() != "linear":
-        return
+def _drawn_values(ax: Axes) -> np.ndarray:
+    """The finite y values of every line on ``ax`` but the guides."""
     parts = [
         np.asarray(line.get_ydata(), dtype=float)
         for line in ax.get_lines()
@@ -169,6 +165,16 @@ def plain_ticks(ax: Axes) -> None:
     ]
     values = np.concatenate(parts) if parts else np.zeros(0)
     values = values[np.isfinite(values)]
+    return values
+
+
+def plain_ticks(ax: Axes) -> None:
+    """Readable y ticks on a linear axis: no offset notation (``1e-5+9.999e-1``), and data
+    that are constant up to rounding (a first layer's ICS is exactly 0 or 1) get a range
+    around their value instead of ticks at the 13th digit."""
+    if ax.get_yscale() != "linear":
+        return
+    values = _drawn_values(ax)
     if values.size:
         lo, hi = float(values.min()), float(values.max())
         scale = max(abs(lo), abs(hi), 1e-12)
@@ -180,12 +186,6 @@ def plain_ticks(ax: Axes) -> None:
 
 def use_log(ax: Axes) -> None:
     """Log scale for the y axis when the drawn data are positive and span over 50×."""
-    parts = [
-        np.asarray(line.get_ydata(), dtype=float)
-        for line in ax.get_lines()
-        if line.get_gid() != "guide"
-    ]
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    values = values[np.isfinite(values)]
+    values = _drawn_values(ax)
     if values.size and values.min() > 0 and values.max() / values.min() > 50:
         ax.set_yscale("log")

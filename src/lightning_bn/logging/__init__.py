@@ -1,5 +1,7 @@
 """What the diagnostic callbacks add to Lightning's loggers, and reading a CSVLogger's file back.
 
+- :mod:`~lightning_bn.logging.keys`: what each callback class declares it logs (keys, W&B
+  summaries, panels), read by W&B and by ``lightning-bn plot``;
 - :mod:`~lightning_bn.logging.extras`: the :class:`~lightning_bn.logging.extras.LoggerExtras`
   hooks every diagnostic callback calls, and :class:`~lightning_bn.logging.extras.MetricHistory`;
 - :mod:`~lightning_bn.logging.wandb`: the W&B extras (metric summaries, run config, the paper's
@@ -17,18 +19,5 @@ from __future__ import annotations
 # `lightning_bn.logging.extras`, which imports this package first, so every diagnostic callback
 # has them without its base knowing W&B by name.
 from lightning_bn.logging import wandb as _wandb  # noqa: F401
-from lightning_bn.logging.extras import (
-    LoggerExtras,
-    MetricHistory,
-    logger_extras,
-    register_logger_extras,
-    unregister_logger_extras,
-)
 
-__all__ = [
-    "LoggerExtras",
-    "MetricHistory",
-    "logger_extras",
-    "register_logger_extras",
-    "unregister_logger_extras",
-]
+__all__: list[str] = []
