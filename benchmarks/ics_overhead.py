@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn import ICSCallback
-from lightning_bn.diagnostics.ics import compute_ics, resolve_layers
+from lightning_bn.diagnostics.ics import compute_ics, measured_layers
 from lightning_bn.probe import Probe, RNGState, StepRecord
 
 #: Process CPU time by default: on a shared machine wall time also counts other processes' load.
@@ -95,7 +95,7 @@ def main() -> None:
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     batch = (x, y)
     probe = Probe(module)
-    layers = resolve_layers(module, None)
+    layers = measured_layers(module, None)
     k = len(layers)
     before = probe.parameters()
     after = {n: t + 1e-3 * torch.randn_like(t) for n, t in before.items()}
@@ -112,7 +112,7 @@ def main() -> None:
     def measure_grad_only() -> None:
         compute_ics(probe, layers, before, after, StepRecord(batch, 0, rng), distributional=False)
 
-    names = [n for n, _ in layers]
+    names = [layer.name for layer in layers]
     t_pass = timeit(train_pass, args.repeats)
     t_ics = timeit(measure, args.repeats)
     t_ics_g = timeit(measure_grad_only, args.repeats)
