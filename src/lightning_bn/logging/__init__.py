@@ -6,7 +6,7 @@
   hooks every diagnostic callback calls, and :class:`~lightning_bn.logging.extras.MetricHistory`;
 - :mod:`~lightning_bn.logging.wandb`: the W&B extras (metric summaries, run config, the paper's
   panels), registered when this package is imported;
-- :mod:`~lightning_bn.logging.panels`: the table of the paper's figures;
+- :mod:`~lightning_bn.logging.panels`: :class:`~lightning_bn.logging.keys.Panel`, one chart of logged keys;
 - :mod:`~lightning_bn.logging.csv_log`: a CSVLogger ``metrics.csv`` as ``key -> (steps, values)``.
 
 The package is named after what it does for Lightning's loggers; every module inside imports
