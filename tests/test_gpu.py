@@ -20,7 +20,7 @@ def _callbacks() -> list[Any]:
     return [
         ICSCallback(every_n_steps=1),
         LipschitzCallback(every_n_steps=1),
-        SmoothnessCallback(every_n_steps=2, power_iters=10, tol=1e-6),
+        SmoothnessCallback(every_n_steps=2, max_iters=10, tol=1e-6),
     ]
 
 

@@ -14,7 +14,7 @@ from lightning_bn import swap_norm_layers
 from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
 from lightning_bn.diagnostics.landscape import DEFAULT_STEP_SIZES, compute_smoothness
-from lightning_bn.probe import Probe, RNGState
+from lightning_bn.probe import Probe, RNGState, StepRecord
 from tests.support.models import Classifier, MemoryLogger, Recorder, cnn, fit, mlp, trainer
 
 BN_LAYERS = {"mlp": ["net.1", "net.5"], "cnn": ["net.1", "net.4"]}
@@ -204,7 +204,7 @@ def test_quadratic_closed_form() -> None:
     )
     y = torch.randn(32, generator=gen, dtype=torch.float64)
     recorder, logger = Recorder(), MemoryLogger()
-    cb = SmoothnessCallback(every_n_steps=1, power_iters=200, tol=1e-10)
+    cb = SmoothnessCallback(every_n_steps=1, max_iters=200, tol=1e-10)
     pl.seed_everything(0, verbose=False)
     module = LinearRegression()
     t = trainer([recorder, cb], steps=3, logger=logger)
@@ -256,7 +256,7 @@ def test_top_eigenvalue_against_full_hessian() -> None:
     eigs = torch.linalg.eigvalsh(hess)
     dominant = eigs[eigs.abs().argmax()]
     g = torch.autograd.functional.jacobian(flat_loss, flat0)
-    result = compute_smoothness(probe, params, batch, 0, None, [0.1], power_iters=1000, tol=1e-9)
+    result = compute_smoothness(probe, params, StepRecord(batch), [0.1], max_iters=1000, tol=1e-9)
     assert result.metrics["hessian_top_eig"] == pytest.approx(float(dominant), rel=1e-3)
     assert result.metrics["grad_curvature"] == pytest.approx(
         float(g @ hess @ g / (g @ g)), rel=1e-8
@@ -265,9 +265,9 @@ def test_top_eigenvalue_against_full_hessian() -> None:
     moved = {
         k: v + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()
     }
-    cold = compute_smoothness(probe, moved, batch, 0, None, [0.1], power_iters=1000, tol=1e-6)
+    cold = compute_smoothness(probe, moved, StepRecord(batch), [0.1], max_iters=1000, tol=1e-6)
     warm = compute_smoothness(
-        probe, moved, batch, 0, None, [0.1], power_iters=1000, tol=1e-6, init=result.eigenvector
+        probe, moved, StepRecord(batch), [0.1], max_iters=1000, tol=1e-6, init=result.eigenvector
     )
     assert warm.metrics["hessian_iters"] < cold.metrics["hessian_iters"]
     assert warm.metrics["hessian_top_eig"] == pytest.approx(
@@ -287,7 +287,7 @@ def _final_state(module: Any, t: Any) -> tuple[dict, dict, torch.Tensor]:
     "make_cb",
     [
         lambda: LipschitzCallback(every_n_steps=1),
-        lambda: SmoothnessCallback(every_n_steps=2, power_iters=5),
+        lambda: SmoothnessCallback(every_n_steps=2, max_iters=5),
     ],
     ids=["lipschitz", "smoothness"],
 )
@@ -304,7 +304,7 @@ def test_no_observer_effect(make_cb: Any) -> None:
 
 
 def test_warm_start_state_roundtrip() -> None:
-    cb = SmoothnessCallback(every_n_steps=1, power_iters=10)
+    cb = SmoothnessCallback(every_n_steps=1, max_iters=10)
     fit(lambda: Classifier(mlp().double()), [cb], steps=2, logger=MemoryLogger())
     state = cb.state_dict()
     assert state["eigenvector"] is not None and state["measured_steps"] == [0, 1]
@@ -319,7 +319,7 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="`step_sizes` to be a non-empty sequence of positive"):
         LipschitzCallback(step_sizes=[0.1, -1.0])
     with pytest.raises(ValueError, match="`power_iters` to be a positive integer"):
-        SmoothnessCallback(power_iters=0)
+        SmoothnessCallback(max_iters=0)
     with pytest.raises(ValueError, match="`tol` to be a finite number >= 0"):
         SmoothnessCallback(tol=-1.0)
     with pytest.raises(ValueError, match="`hvp_method` to be one of"):
@@ -393,21 +393,23 @@ def test_probe_grid_methods_equal_one_call_per_point() -> None:
     )
     rng = RNGState.capture()
     params = probe.parameters()
-    _, grad = probe.loss_and_grad(params, batch, 0, rng)
+    _, grad = probe.loss_and_grad(params, StepRecord(batch, 0, rng))
     etas = [0.01, 0.1, 0.5]
     moved = [{k: v - eta * grad[k] if k in grad else v for k, v in params.items()} for eta in etas]
-    expected_losses = torch.stack([probe.loss(p, batch, 0, rng) for p in moved]).detach()
+    expected_losses = torch.stack(
+        [probe.loss(p, StepRecord(batch, 0, rng)) for p in moved]
+    ).detach()
     torch.testing.assert_close(
-        probe.losses_along(params, grad, etas, batch, 0, rng), expected_losses
+        probe.losses_along(params, grad, etas, StepRecord(batch, 0, rng)), expected_losses
     )
-    along = probe.loss_and_grad_along(params, grad, etas, batch, 0, rng)
+    along = probe.loss_and_grad_along(params, grad, etas, StepRecord(batch, 0, rng))
     for (loss, g), point in zip(along, moved, strict=True):
-        ref_loss, ref_grad = probe.loss_and_grad(point, batch, 0, rng)
+        ref_loss, ref_grad = probe.loss_and_grad(point, StepRecord(batch, 0, rng))
         torch.testing.assert_close(loss, ref_loss)
         for k, v in ref_grad.items():
             torch.testing.assert_close(g[k], v)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    probe.losses_along(params, grad, etas, batch, 0, rng)
+    probe.losses_along(params, grad, etas, StepRecord(batch, 0, rng))
     for k, v in module.state_dict().items():  # running statistics untouched
         assert torch.equal(v, before[k]), k
 
@@ -421,7 +423,7 @@ def test_bf16_mixed_probe_computes_the_training_loss() -> None:
         [
             recorder,
             LipschitzCallback(every_n_steps=1),
-            SmoothnessCallback(every_n_steps=2, power_iters=3),
+            SmoothnessCallback(every_n_steps=2, max_iters=3),
         ],
         steps=3,
         logger=logger,

@@ -42,7 +42,7 @@ from lightning_bn.logging.extras import logger_extras
 from tests.support.models import Classifier, loader, mlp, trainer
 
 callbacks = [ICSCallback(every_n_steps=2), LipschitzCallback(every_n_steps=2),
-             SmoothnessCallback(every_n_steps=3, power_iters=3)]
+             SmoothnessCallback(every_n_steps=3, max_iters=3)]
 csv_logger = CSVLogger(sys.argv[1], name="run")
 pl.seed_everything(0, verbose=False)
 trainer(callbacks, 5, logger=csv_logger, log_every_n_steps=1).fit(
@@ -196,7 +196,7 @@ def test_batch_preparer_protocol() -> None:
 def test_diagnostic_callbacks_prepare_other_callbacks_before_measuring() -> None:
     preparer = Preparer()
     ics = ICSCallback(every_n_steps=2)
-    smooth = SmoothnessCallback(every_n_steps=3, power_iters=2)
+    smooth = SmoothnessCallback(every_n_steps=3, max_iters=2)
     # the preparer comes last in the list: only the diagnostic callbacks can have called it
     callbacks = [ics, smooth, NotAPreparer(), preparer]
     trainer(callbacks, 5, logger=MemoryLogger()).fit(Classifier(mlp().double()), loader())

@@ -42,7 +42,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fitted]:
         callbacks = [
             ICSCallback(every_n_steps=2),
             LipschitzCallback(every_n_steps=2),
-            SmoothnessCallback(every_n_steps=3, power_iters=5),
+            SmoothnessCallback(every_n_steps=3, max_iters=5),
             NoiseInjectionCallback(log_every_n_steps=2),
         ]
         loggers = [
