@@ -37,21 +37,23 @@ def arg_learning_rate(text: str) -> float:
     return value
 
 
-def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+def _int_in(minimum: int, maximum: float, expected: str) -> Callable[[str], int]:
+    """A parser of integers in ``[minimum, maximum]``; ``expected`` words the range for errors."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < minimum:
+        if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
-arg_positive_int = _int_at_least(1, "a positive integer")
-arg_non_negative_int = _int_at_least(0, "an integer >= 0")
+arg_positive_int = _int_in(1, math.inf, "a positive integer")
+arg_non_negative_int = _int_in(0, math.inf, "an integer >= 0")
 
 
 def arg_labels(text: str) -> list[str]:
@@ -74,16 +76,7 @@ def arg_steps(text: str) -> tuple[int | None, int | None]:
 _MAX_SEED = 2**32 - 1
 
 
-def arg_seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer in [0, 2**32 - 1], got {text!r}"
-        ) from None
-    if not 0 <= value <= _MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
-    return value
+arg_seed = _int_in(0, _MAX_SEED, "an integer in [0, 2**32 - 1]")
 
 
 def arg_names(choices: Sequence[str]) -> Callable[[str], list[str]]:
