@@ -123,12 +123,12 @@ def test_dropout_mask_replayed() -> None:
         for k, v in record["before"].items()
         if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     }
-    from lightning_bn.probe import Probe, RNGState
+    from lightning_bn.probe import Probe, RNGState, StepRecord
 
     probe = Probe(module)
-    loss = probe.loss(params, record["batch"], 0, RNGState(cpu=record["rng"]))
+    loss = probe.loss(params, StepRecord(record["batch"], 0, RNGState(cpu=record["rng"])))
     assert torch.equal(loss, record["loss"])
-    other = probe.loss(params, record["batch"], 0, None)
+    other = probe.loss(params, StepRecord(record["batch"]))
     assert not torch.equal(other, record["loss"])  # another mask gives another loss
 
 

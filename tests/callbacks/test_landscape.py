@@ -318,8 +318,13 @@ def test_warm_start_state_roundtrip() -> None:
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="`step_sizes` to be a non-empty sequence of positive"):
         LipschitzCallback(step_sizes=[0.1, -1.0])
-    with pytest.raises(ValueError, match="`power_iters` to be a positive integer"):
+    with pytest.raises(ValueError, match="`max_iters` to be a positive integer"):
         SmoothnessCallback(max_iters=0)
+    with (
+        pytest.warns(DeprecationWarning, match="`power_iters` is deprecated"),
+        pytest.raises(ValueError, match="`power_iters` to be a positive integer"),
+    ):
+        SmoothnessCallback(power_iters=0)
     with pytest.raises(ValueError, match="`tol` to be a finite number >= 0"):
         SmoothnessCallback(tol=-1.0)
     with pytest.raises(ValueError, match="`hvp_method` to be one of"):

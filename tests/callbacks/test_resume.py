@@ -19,7 +19,7 @@ def _callbacks() -> list[Any]:
         ICSCallback(every_n_steps=2),
         LipschitzCallback(every_n_steps=2),
         # a loose tolerance: the iterations (and the value) depend on the warm start
-        SmoothnessCallback(every_n_steps=3, power_iters=30, tol=1e-4),
+        SmoothnessCallback(every_n_steps=3, max_iters=30, tol=1e-4),
         NoiseInjectionCallback(log_every_n_steps=2),
     ]
 

@@ -144,7 +144,7 @@ def test_dln_initialisations() -> None:
 def test_layernorm_is_channel_wise_in_conv_nets() -> None:
     model = SmallCNN(norm="layernorm", widths=(4,))
     norm = model.features[0].norm
-    assert isinstance(norm, LayerNorm) and norm.channels_first
+    assert isinstance(norm, LayerNorm) and not norm.channels_last
     assert isinstance(make_norm("layernorm", 5), LayerNorm)
     assert isinstance(make_norm(L1Norm, 5), L1Norm)
     assert isinstance(make_norm("none", 5), nn.Identity)

@@ -165,7 +165,7 @@ def test_include_glob_and_root() -> None:
     assert swapped == ["3.bn1", "3.bn2"]
     bn = nn.BatchNorm2d(4).eval()
     new = swap_norm_layers(bn, "layernorm")
-    assert isinstance(new, LayerNorm) and new.channels_first and not new.training
+    assert isinstance(new, LayerNorm) and not new.channels_last and not new.training
 
 
 def test_nothing_matched_names_contained_types() -> None:

@@ -43,7 +43,7 @@ def test_channels_first_matches_group_norm(shape: tuple[int, ...], dtype: torch.
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-1, 1)
-    ours = LayerNorm(3, channels_first=True, dtype=dtype)
+    ours = LayerNorm(3, channels_last=False, dtype=dtype)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(shape, dtype=dtype) * 2 - 1
     torch.testing.assert_close(ours(x), ref(x))
@@ -53,4 +53,4 @@ def test_bad_feature_size() -> None:
     with pytest.raises(ValueError, match="Expected input with 6 features in the last dimension"):
         LayerNorm(6)(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"Expected input of shape \(N, 3, \*\)"):
-        LayerNorm(3, channels_first=True)(torch.randn(2, 4, 5))
+        LayerNorm(3, channels_last=False)(torch.randn(2, 4, 5))

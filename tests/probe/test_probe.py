@@ -82,7 +82,7 @@ def test_probe_leaves_metrics_and_logs_alone() -> None:
     probe = Probe(module)
     rng = RNGState.capture()
     for _ in range(3):
-        probe.loss_and_grad(probe.parameters(), (x, y), 0, rng)
+        probe.loss_and_grad(probe.parameters(), StepRecord((x, y), 0, rng))
     assert module.acc._update_count == count
     for k, v in module.acc.metric_state.items():
         assert torch.equal(v, state[k]), k
