@@ -2,7 +2,7 @@
 
 Usage::
 
-    lightning-bn reproduce [digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
+    lightning-bn reproduce [mnist1d|digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
                            [--steps N] [--seed S] [--seeds N] [--init kaiming|default]
                            [--jobs N] [--data-dir DIR] [--variants K,K,...]
                            [--archs A,A,...] [--measure-every N] [--wandb MODE] ...
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from lightning_bn.reproduce import experiments as registry
 from lightning_bn.reproduce.plan import (
     ARCHS,
     EXPERIMENTS,
@@ -147,16 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "experiment",
         nargs="?",
-        default="digits",
+        default=registry.DEFAULT_EXPERIMENT,
         choices=EXPERIMENTS,
         metavar="EXPERIMENT",
-        help=f"one of {', '.join(EXPERIMENTS)} (default: digits)",
+        help=registry.experiments_help(),
     )
     rep.add_argument(
         "--quick",
         action="store_true",
-        help=f"reduced budget (digits: the MLP only, 300 steps, {QUICK_SEEDS} seeds; under 3 "
-        "minutes on 2 CPU cores)",
+        help=f"reduced budget, {QUICK_SEEDS} seeds ({registry.quick_help()}); under 3 minutes "
+        "on 2 CPU cores",
     )
     rep.add_argument(
         "--out",
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="LR",
         help="learning rates; the smallest is the base one, the largest the 'larger' one "
-        "(default: digits 0.1 1.0, dln 1e-6, vgg-cifar10 0.1 0.5)",
+        "(default: the experiment's, see EXPERIMENT)",
     )
     rep.add_argument("--steps", type=_positive_int, metavar="N", help="optimiser steps per run")
     rep.add_argument(
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         metavar="DIR",
-        help="vgg-cifar10: folder with the CIFAR-10 python batch files (nothing is downloaded)",
+        help=registry.data_dir_help(),
     )
     rep.add_argument(
         "--variants",
@@ -218,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--archs",
         type=_names(all_archs),
         metavar="A,A,...",
-        help="architectures (digits: mlp, cnn)",
+        help="architectures ("
+        + "; ".join(f"{n}: {', '.join(a)}" for n, a in ARCHS.items() if len(a) > 1)
+        + ")",
     )
     rep.add_argument(
         "--measure-every",
@@ -299,27 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_extras(parser: argparse.ArgumentParser, experiment: str | None) -> None:
-    # matplotlib (figures) and scikit-learn (the digits) are optional dependencies of the package.
-    needed = ["matplotlib"] + (["sklearn"] if experiment == "digits" else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    # matplotlib (figures) is optional; an experiment names what else it imports.
+    missing: list[tuple[str, str]] = []
+    if importlib.util.find_spec("matplotlib") is None:
+        missing.append(("matplotlib", "pip install 'lightning-bn[examples]'"))
+    missing += registry.missing_requirements(experiment) if experiment else []
     if missing:
-        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
-        parser.error(f"this command needs {names}: pip install 'lightning-bn[examples]'")
-
-
-def _check_cifar(parser: argparse.ArgumentParser, data_dir: Path | None) -> str:
-    if data_dir is None:
-        parser.error(
-            "vgg-cifar10 needs --data-dir DIR, the folder of the CIFAR-10 python batch "
-            "files (data_batch_1..5, test_batch); nothing is downloaded"
-        )
-    from lightning_bn.experiments import CIFAR10DataModule
-
-    try:
-        CIFAR10DataModule(data_dir).setup("fit")
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(f"--data-dir: {err}")
-    return str(data_dir)
+        names = ", ".join(dict.fromkeys(name for name, _ in missing))
+        how = " and ".join(dict.fromkeys(install for _, install in missing))
+        parser.error(f"this command needs {names}: {how}")
 
 
 def _check_accelerator(parser: argparse.ArgumentParser, name: str) -> None:
@@ -374,9 +365,10 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
 
     _check_extras(parser, args.experiment)
-    if args.experiment != "vgg-cifar10" and args.data_dir is not None:
-        parser.error("--data-dir applies to vgg-cifar10 only")
-    data_dir = _check_cifar(parser, args.data_dir) if args.experiment == "vgg-cifar10" else None
+    try:
+        data_dir = registry.check_data_dir(args.experiment, args.data_dir)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         plan = build_plan(
             args.experiment,

@@ -53,18 +53,8 @@ from lightning_bn.callbacks import (
     NoiseInjectionCallback,
     SmoothnessCallback,
 )
-from lightning_bn.experiments import (
-    MLP,
-    VGG,
-    CIFAR10DataModule,
-    ClassificationModule,
-    DeepLinearDataModule,
-    DeepLinearNetwork,
-    DigitsDataModule,
-    RegressionModule,
-    SmallCNN,
-    init_weights_,
-)
+from lightning_bn.experiments import ClassificationModule, RegressionModule
+from lightning_bn.reproduce.experiments import get_experiment
 from lightning_bn.reproduce.history import MANIFEST
 from lightning_bn.reproduce.interrupt import (
     RunInterrupted,
@@ -168,66 +158,31 @@ def _restore_env(*names: str) -> Iterator[None]:
 
 # --- models and data --------------------------------------------------------------------------------
 def build_model(plan: ExperimentPlan, spec: VariantSpec) -> nn.Module:
-    """The network of a variant (same initialisation for every norm kind, given the seed).
-
-    ``mlp``: :class:`~lightning_bn.experiments.MLP` with six hidden layers of 128 (the depth at
-    which the standard network needs a small learning rate); ``cnn``:
-    :class:`~lightning_bn.experiments.SmallCNN`; ``dln``:
-    :class:`~lightning_bn.experiments.DeepLinearNetwork` (25 layers of 10×10); ``vgg``:
-    :class:`~lightning_bn.experiments.VGG` (VGG-11). ``plan.tiny`` shrinks every one of them.
-
-    The MLP, CNN and VGG are initialised with ``plan.init`` and their weights scaled by
-    ``spec.init_scale`` (:func:`~lightning_bn.experiments.init_weights_`); the DLN keeps its own
-    initialisation, scaled by ``spec.init_scale``.
-    """
-    norm = spec.norm
-    model: nn.Module
-    if spec.arch == "mlp":
-        hidden = (16, 16) if plan.tiny else (128,) * 6
-        model = MLP(64, hidden, 10, norm=norm)
-    elif spec.arch == "cnn":
-        model = SmallCNN(norm=norm, widths=(4, 8) if plan.tiny else (32, 64, 128))
-    elif spec.arch == "dln":
-        return DeepLinearNetwork(
-            depth=4 if plan.tiny else 25, width=10, norm=norm, init_scale=spec.init_scale
-        )
-    elif spec.arch == "vgg":
-        cfg: str | list[int | str] = [8, "M", 16, "M"] if plan.tiny else "vgg11"
-        model = VGG(cfg, norm=norm)
-    else:
-        raise ValueError(f"Unknown architecture {spec.arch!r}")
-    return init_weights_(model, plan.init, spec.init_scale)
+    """The network of a variant, from its experiment (same initialisation for every norm kind,
+    given the seed; see :mod:`lightning_bn.reproduce.experiments`)."""
+    return get_experiment(plan.experiment).build_model(plan, spec)
 
 
 def build_datamodule(
     plan: ExperimentPlan, arch: str, seed: int | None = None, batch_size: int | None = None
 ) -> pl.LightningDataModule:
-    """The data of an architecture: digits (flat or images), the DLN problem or CIFAR-10 files.
+    """The data of an architecture, from its experiment.
 
     Args:
         plan: the plan.
         arch: the architecture.
-        seed: seed of the split, the order and the DLN problem (default ``plan.seed``).
+        seed: seed of the split, the order and a generated problem (default ``plan.seed``).
         batch_size: samples per batch (default ``plan.batch_size``).
 
     Raises:
-        FileNotFoundError: CIFAR-10 files missing.
-        ValueError: ``vgg`` without ``plan.data_dir``.
+        FileNotFoundError: data files missing.
+        ValueError: an architecture the experiment does not have, or missing data settings.
     """
     seed = plan.seed if seed is None else seed
     batch = plan.batch_size if batch_size is None else batch_size
-    if arch in ("mlp", "cnn"):
-        return DigitsDataModule(batch_size=batch, seed=seed, as_images=arch == "cnn")
-    if arch == "dln":
-        return DeepLinearDataModule(
-            n_samples=plan.n_samples, dim=10, seed=seed, steps_per_epoch=plan.val_every_steps
-        )
-    if arch == "vgg":
-        if plan.data_dir is None:
-            raise ValueError("vgg-cifar10 needs a CIFAR-10 folder (data_dir)")
-        workers = 0 if plan.tiny or plan.accelerator == "cpu" else min(4, os.cpu_count() or 1)
-        return CIFAR10DataModule(plan.data_dir, batch_size=batch, seed=seed, num_workers=workers)
-    raise ValueError(f"Unknown architecture {arch!r}")
+    if arch not in get_experiment(plan.experiment).archs:
+        raise ValueError(f"Unknown architecture {arch!r} of {plan.experiment}")
+    return get_experiment(plan.experiment).build_datamodule(plan, arch, seed, batch)
 
 
 def _build_module(plan: ExperimentPlan, spec: VariantSpec) -> pl.LightningModule:
@@ -797,7 +752,7 @@ def _train_in_process(
     with _threads(plan):
         for i, (spec, seed) in enumerate(runs):
             key = (spec.arch, seed, plan.batch_of(spec))
-            if spec.arch == "vgg":  # read the CIFAR-10 files once per seed and batch size
+            if get_experiment(plan.experiment).reuse_data:  # read data files once per seed/batch
                 data_cache.setdefault(
                     key, build_datamodule(plan, spec.arch, seed, plan.batch_of(spec))
                 )
