@@ -35,7 +35,10 @@ __all__ = [
 ]
 
 #: Experiments of the reproduce command (the registry's names; the first is the default).
-EXPERIMENTS: tuple[str, ...] = (DEFAULT_EXPERIMENT, *(n for n in REGISTRY if n != DEFAULT_EXPERIMENT))
+EXPERIMENTS: tuple[str, ...] = (
+    DEFAULT_EXPERIMENT,
+    *(n for n in REGISTRY if n != DEFAULT_EXPERIMENT),
+)
 
 #: Architectures of each experiment.
 ARCHS: dict[str, tuple[str, ...]] = {name: e.archs for name, e in REGISTRY.items()}

@@ -16,8 +16,8 @@ __all__ = [
     "Experiment",
     "PlanDefaults",
     "check_data_dir",
-    "experiments_help",
     "data_dir_help",
+    "experiments_help",
     "get_experiment",
     "missing_requirements",
     "quick_help",
@@ -39,9 +39,7 @@ def get_experiment(name: str) -> Experiment:
         ValueError: an unknown name (the message lists the known ones).
     """
     if name not in REGISTRY:
-        raise ValueError(
-            f"Expected an experiment, one of {', '.join(REGISTRY)}, but got {name!r}"
-        )
+        raise ValueError(f"Expected an experiment, one of {', '.join(REGISTRY)}, but got {name!r}")
     return REGISTRY[name]
 
 
