@@ -151,7 +151,8 @@ def load_mnist1d(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mnist1d-", suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as file:
-            np.savez(file, **data, args=np.asarray(json.dumps(args, sort_keys=True)))
+            arrays: dict[str, Any] = {**data, "args": np.asarray(json.dumps(args, sort_keys=True))}
+            np.savez(file, **arrays)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
