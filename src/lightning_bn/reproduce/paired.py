@@ -265,7 +265,8 @@ def fit_sentences(run: RunData, rule: PhaseRule = EARLY_PHASE) -> list[str]:
             ]
             if hits:
                 steps = ", ".join(f"step {f} (seed {s})" for s, f in hits)
-                parts.append(f"{who} fitted its training data at {steps}")
+                verb = "at" if parts else "fitted its training data at"
+                parts.append(f"{who} {verb} {steps}")
         if parts:
             out.append(
                 f"On the {arch}, " + " and ".join(parts) + f" (training batch loss below "
