@@ -255,7 +255,7 @@ def fit_sentences(run: RunData, rule: PhaseRule = EARLY_PHASE) -> list[str]:
     the base lr) fitted their training data, or that none did."""
     out = []
     for arch in run.plan.archs:
-        parts = []
+        parts: list[str] = []
         for kind, who in (("standard", "the standard network"), ("batchnorm", "BatchNorm")):
             spec = VariantSpec(arch, kind, run.plan.base_lr)
             hits = [
