@@ -23,7 +23,6 @@ from lightning_bn.reproduce.findings import (
     REPRODUCED,
     Finding,
     bootstrap,
-    matched_masks,
     verdict,
 )
 from lightning_bn.reproduce.history import HI, LO, RunData, seed_median
@@ -216,39 +215,6 @@ def test_ics_dln_threshold_is_strictly_larger() -> None:
     f = _by_name(_run(plan, *hists), "ics_not_smaller", "dln")
     assert f.threshold == 1.0 and "larger" in f.title
     assert f.verdict == NOT_REPRODUCED
-
-
-def test_matched_masks_keep_the_overlapping_loss_range() -> None:
-    # BN's loss falls fast, the standard's slowly: only the steps whose loss lies in the
-    # range both runs went through are kept.
-    bn_loss = [2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1]
-    std_loss = [2.3, 2.2, 2.0, 1.8, 1.5, 1.2, 1.0, 0.9]
-    key = "smoothness/beta_eff"
-    bn = _hist("batchnorm", 0, series={"train/loss": bn_loss, key: [1.0] * 8})
-    std = _hist("standard", 0, series={"train/loss": std_loss, key: [1.0] * 8})
-    m_bn, m_std = matched_masks(bn, std, key, half_window=0)
-    # overlap [max(0.1, 0.9), min(2.0, 2.3)] = [0.9, 2.0]
-    assert m_bn.tolist() == [True, True] + [False] * 6
-    assert m_std.tolist() == [False, False, True, True, True, True, True, True]
-
-
-def test_matched_comparison_is_reported_beside_the_same_step_one() -> None:
-    key = "smoothness/beta_eff"
-    bn_loss = [2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1]
-    std_loss = [2.3, 2.2, 2.0, 1.8, 1.5, 1.2, 1.0, 0.9]
-    # BN smoother at the same steps, but not at matched loss (its early steps are rough)
-    bn_beta = [3.0, 3.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
-    hists = [
-        _hist("batchnorm", s, series={"train/loss": bn_loss, key: bn_beta}) for s in (0, 1)
-    ] + [_hist("standard", s, series={"train/loss": std_loss, key: [1.0] * 8}) for s in (0, 1)]
-    plan = build_plan("digits", archs=("mlp",), lrs=(0.1,), steps=80, seeds=2, measure_every=1)
-    f = _by_name(_run(plan, *hists), "beta_smoothness")
-    assert f.median == pytest.approx(0.1)
-    assert f.matched is not None
-    assert f.matched.median == pytest.approx(3.0)
-    assert f.matched.verdict == NOT_REPRODUCED
-    assert f.matched.steps == ((2, 6), (2, 6))
-    assert "same step" in f.decided_by
 
 
 def _acc(kind: str, seed: int, acc: float, **kw: object) -> VariantHistory:

@@ -168,6 +168,7 @@ EXPECTED_FIGURES = {
     "loss_landscape_mlp.png",
     "gradient_predictiveness_mlp.png",
     "beta_smoothness_mlp.png",
+    "fig4_mlp.png",
     "thm41_ratio_mlp.png",
     "noisy_bn_activations_mlp.png",
 }

@@ -2,7 +2,7 @@
 
 Usage::
 
-    lightning-bn reproduce [digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
+    lightning-bn reproduce [mnist1d|digits|dln|vgg-cifar10] [--quick] [--out DIR] [--lr LR ...]
                            [--steps N] [--seed S] [--seeds N] [--init kaiming|default]
                            [--jobs N] [--data-dir DIR] [--variants K,K,...]
                            [--archs A,A,...] [--measure-every N] [--wandb MODE] ...

@@ -93,12 +93,17 @@ def arg_names(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 
 def check_extras(parser: argparse.ArgumentParser, experiment: str | None) -> None:
-    # matplotlib (figures) and scikit-learn (the digits) are optional dependencies of the package.
-    needed = ["matplotlib"] + (["sklearn"] if experiment == "digits" else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    # matplotlib (figures) is optional; an experiment names what else it imports.
+    from lightning_bn.reproduce import experiments as registry
+
+    missing: list[tuple[str, str]] = []
+    if importlib.util.find_spec("matplotlib") is None:
+        missing.append(("matplotlib", "pip install 'lightning-bn[examples]'"))
+    missing += registry.missing_requirements(experiment) if experiment else []
     if missing:
-        names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
-        parser.error(f"this command needs {names}: pip install 'lightning-bn[examples]'")
+        names = ", ".join(dict.fromkeys(name for name, _ in missing))
+        how = " and ".join(dict.fromkeys(install for _, install in missing))
+        parser.error(f"this command needs {names}: {how}")
 
 
 def finding_lines(result: RedrawResult) -> list[str]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightning_bn.reproduce import experiments as registry
 from lightning_bn.reproduce.plan import (
     ARCHS,
     EXPERIMENTS,
@@ -51,16 +52,16 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     rep.add_argument(
         "experiment",
         nargs="?",
-        default="digits",
+        default=registry.DEFAULT_EXPERIMENT,
         choices=EXPERIMENTS,
         metavar="EXPERIMENT",
-        help=f"one of {', '.join(EXPERIMENTS)} (default: digits)",
+        help=registry.experiments_help(),
     )
     rep.add_argument(
         "--quick",
         action="store_true",
-        help=f"reduced budget (digits: the MLP only, 300 steps, {QUICK_SEEDS} seeds; under 3 "
-        "minutes on 2 CPU cores)",
+        help=f"reduced budget, {QUICK_SEEDS} seeds ({registry.quick_help()}); under 3 minutes "
+        "on 2 CPU cores",
     )
     rep.add_argument(
         "--out",
@@ -74,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         nargs="+",
         metavar="LR",
         help="learning rates; the smallest is the base one, the largest the 'larger' one "
-        "(default: digits 0.1 1.0, dln 1e-6, vgg-cifar10 0.1 0.5)",
+        "(default: the experiment's, see EXPERIMENT)",
     )
     rep.add_argument("--steps", type=arg_positive_int, metavar="N", help="optimiser steps per run")
     rep.add_argument(
@@ -109,7 +110,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         "--data-dir",
         type=Path,
         metavar="DIR",
-        help="vgg-cifar10: folder with the CIFAR-10 python batch files (nothing is downloaded)",
+        help=registry.data_dir_help(),
     )
     rep.add_argument(
         "--variants",
@@ -122,7 +123,9 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         "--archs",
         type=arg_names(all_archs),
         metavar="A,A,...",
-        help="architectures (digits: mlp, cnn)",
+        help="architectures ("
+        + "; ".join(f"{n}: {', '.join(a)}" for n, a in ARCHS.items() if len(a) > 1)
+        + ")",
     )
     rep.add_argument(
         "--measure-every",
@@ -166,21 +169,6 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     # Seconds between two progress lines off a terminal (tests shorten it).
     rep.add_argument("--progress-every", type=float, default=None, help=argparse.SUPPRESS)
     rep.set_defaults(handler=_reproduce, subparser=rep)
-
-
-def _check_cifar(parser: argparse.ArgumentParser, data_dir: Path | None) -> str:
-    if data_dir is None:
-        parser.error(
-            "vgg-cifar10 needs --data-dir DIR, the folder of the CIFAR-10 python batch "
-            "files (data_batch_1..5, test_batch); nothing is downloaded"
-        )
-    from lightning_bn.experiments import CIFAR10DataModule
-
-    try:
-        CIFAR10DataModule(data_dir).setup("fit")
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(f"--data-dir: {err}")
-    return str(data_dir)
 
 
 def _check_accelerator(parser: argparse.ArgumentParser, name: str) -> None:
@@ -235,9 +223,10 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     from lightning_bn.reproduce.runner import default_out_dir, resolve_wandb_mode
 
     check_extras(parser, args.experiment)
-    if args.experiment != "vgg-cifar10" and args.data_dir is not None:
-        parser.error("--data-dir applies to vgg-cifar10 only")
-    data_dir = _check_cifar(parser, args.data_dir) if args.experiment == "vgg-cifar10" else None
+    try:
+        data_dir = registry.check_data_dir(args.experiment, args.data_dir)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         plan = build_plan(
             args.experiment,

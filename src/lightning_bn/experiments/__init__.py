@@ -1,10 +1,13 @@
 """Built-in experiments of the paper: data, models and LightningModules."""
 
+from lightning_bn.experiments.cnn1d import SmallCNN1d
 from lightning_bn.experiments.data import (
     CIFAR10DataModule,
     DeepLinearData,
     DeepLinearDataModule,
     DigitsDataModule,
+    MNIST1DDataModule,
+    load_mnist1d,
     make_deep_linear_data,
     read_cifar10_batch,
     write_cifar10_like,
@@ -35,9 +38,12 @@ __all__ = [
     "DeepLinearDataModule",
     "DeepLinearNetwork",
     "DigitsDataModule",
+    "MNIST1DDataModule",
     "RegressionModule",
     "SmallCNN",
+    "SmallCNN1d",
     "init_weights_",
+    "load_mnist1d",
     "make_deep_linear_data",
     "read_cifar10_batch",
     "squared_error_loss",

@@ -1,7 +1,7 @@
 """Paper-style figures of a ``lightning-bn reproduce`` run, drawn from its CSV history.
 
 The figures compare the variants of a run (read from ``run.json`` and the plan) with the generic
-builders of :mod:`lightning_bn.plotting` (one line or band per variant) and are saved as PNG
+builders of :mod:`lightning_bn.figures` (one line or band per variant) and are saved as PNG
 into ``<run>/figures``:
 
 =================================== =========================================================
@@ -17,6 +17,8 @@ file                                what it shows
                                     standard (Fig. 4a)
 ``gradient_predictiveness_<arch>``  band of ‖g − ∇L(W − ηg)‖ over η (Fig. 4b)
 ``beta_smoothness_<arch>.png``      effective β-smoothness (Fig. 4c)
+``fig4_<arch>.png``                 Fig. 4a-c per step, medians and bands over seeds, the
+                                    deciding early phase shaded (:mod:`.fig4`)
 ``thm41_ratio_<arch>.png``          Theorem 4.1 ratio per BatchNorm layer (≤ 1)
 ``noisy_bn_activations_<arch>.png`` mean and standard deviation of each noisy layer's output
                                     before and after the noise (Fig. 2's instability)
@@ -48,6 +50,7 @@ from lightning_bn.figures.draw import (
     short_layer,
     use_log,
 )
+from lightning_bn.reproduce.fig4 import fig4_figure
 from lightning_bn.reproduce.findings import ics_layers
 from lightning_bn.reproduce.history import RunData, VariantHistory
 from lightning_bn.reproduce.plan import format_lr
@@ -348,6 +351,7 @@ def plot_run(run: RunData, out_dir: str | Path | None = None) -> list[FigureFile
                 f"BatchNorm vs standard ({arch}; Fig. 4b).",
             ),
             _beta(run, arch, out),
+            fig4_figure(run, arch, out),
             _thm41(run, arch, out),
             _noise(run, arch, out),
         ]

@@ -2,16 +2,8 @@
 
 An :class:`ExperimentPlan` is plain data (it is saved as JSON in the run folder, so
 ``lightning-bn plot`` can redraw a run without re-running it). :func:`build_plan` fills it in
-for the three experiments of the paper (spec §6):
-
-- ``digits``: a 6×128 MLP and a small CNN on scikit-learn's digits, every variant of
-  :data:`KINDS` at the base learning rate 0.1 (one the He-initialised standard network trains
-  at), the standard and BatchNorm networks also at 1.0 (where the standard network diverges),
-  and, on the MLP, both with the initial weights scaled by 0.25 and 4, and BatchNorm and
-  LayerNorm at batch size 4. ``--quick`` trains the MLP only, for fewer steps and seeds.
-- ``dln``: the deep linear network (25 layers of 10×10, full-batch gradient descent, lr 1e-6),
-  standard and BatchNorm.
-- ``vgg-cifar10``: VGG-11 on CIFAR-10 files, SGD at lr 0.1 and 0.5, batch 128 (meant for a GPU).
+from an experiment's defaults (:mod:`lightning_bn.reproduce.experiments`: ``mnist1d``, the
+default, ``digits``, ``dln``, ``vgg-cifar10``) and the command-line choices.
 """
 
 from __future__ import annotations
@@ -21,6 +13,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from lightning_bn.reproduce.experiments import DEFAULT_EXPERIMENT, REGISTRY, get_experiment
+from lightning_bn.reproduce.experiments.base import COMPARED_KINDS, INIT_SCALES, KINDS, SMALL_BATCH
 
 __all__ = [
     "ARCHS",
@@ -39,26 +34,14 @@ __all__ = [
     "kind_norm",
 ]
 
-#: Experiments of the reproduce command.
-EXPERIMENTS: tuple[str, ...] = ("digits", "dln", "vgg-cifar10")
-
-#: Variants of a network, in the order they are trained and listed.
-KINDS: tuple[str, ...] = (
-    "standard",
-    "batchnorm",
-    "noisy-batchnorm",
-    "l1",
-    "l2",
-    "linf",
-    "layernorm",
+#: Experiments of the reproduce command (the registry's names; the first is the default).
+EXPERIMENTS: tuple[str, ...] = (
+    DEFAULT_EXPERIMENT,
+    *(n for n in REGISTRY if n != DEFAULT_EXPERIMENT),
 )
 
 #: Architectures of each experiment.
-ARCHS: dict[str, tuple[str, ...]] = {
-    "digits": ("mlp", "cnn"),
-    "dln": ("dln",),
-    "vgg-cifar10": ("vgg",),
-}
+ARCHS: dict[str, tuple[str, ...]] = {name: e.archs for name, e in REGISTRY.items()}
 
 # kind -> (norm layer name of lightning_bn.create_norm_layer, inject the noisy-BN noise)
 _KIND_NORM: dict[str, tuple[str, bool]] = {
@@ -200,7 +183,7 @@ class ExperimentPlan:
         accelerator: Lightning accelerator (``"cpu"``, ``"auto"``, ``"gpu"``, ...).
         threads: torch intra-op threads on CPU (``None``: leave torch's setting).
         task: ``"classification"`` (accuracy is reported) or ``"regression"`` (loss only).
-        n_samples: samples of the DLN problem.
+        n_samples: samples of a generated data set (the DLN problem, MNIST-1D).
         val_every_steps: DLN only: steps between validations (the full batch, eval mode).
         notes: lines about the plan that the summary repeats (what ``--quick`` leaves out).
     """
@@ -328,12 +311,6 @@ def _every(steps: int, per_run: int) -> int:
     return max(1, steps // per_run)
 
 
-def _dln_step_sizes(n: int = 12) -> tuple[float, ...]:
-    # spec §2: for the deep linear network the paper probes η ∈ lr × [1/100, 30]
-    lo, hi = math.log(0.01), math.log(30.0)
-    return tuple(round(math.exp(lo + (hi - lo) * i / (n - 1)), 6) for i in range(n))
-
-
 #: Initialisations of ``--init`` (the same names as
 #: :data:`lightning_bn.experiments.models.INIT_SCHEMES`, here without importing torch).
 INITS: tuple[str, ...] = ("kaiming", "default")
@@ -344,18 +321,12 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-#: Scales of the initial weights of the initialisation finding (besides 1).
-INIT_SCALES: tuple[float, ...] = (0.25, 4.0)
-#: Small batch size of the batch-size finding (against the plan's batch size).
-SMALL_BATCH = 4
 #: Default number of seeds: ``--quick`` and the full run.
 QUICK_SEEDS, FULL_SEEDS = 2, 3
-#: Kinds whose diagnostics the findings compare.
-COMPARED_KINDS: tuple[str, ...] = ("standard", "batchnorm")
 
 
 def build_plan(
-    experiment: str = "digits",
+    experiment: str = DEFAULT_EXPERIMENT,
     *,
     quick: bool = False,
     steps: int | None = None,
@@ -373,14 +344,16 @@ def build_plan(
 ) -> ExperimentPlan:
     """The plan of one reproduce run, from the command-line choices.
 
-    Defaults per experiment (``quick`` in brackets):
+    Defaults per experiment (``quick`` in brackets; each experiment module of
+    :mod:`lightning_bn.reproduce.experiments` holds its own):
 
     =========== ============== ============================ ============ ========== ========
     experiment  architectures  variants                     lrs          steps      seeds
     =========== ============== ============================ ============ ========== ========
-    digits      mlp, cnn [mlp] all seven at 0.1; standard   0.1, 1.0     1000 [300] 3 [2]
-                               and BN at 1.0; init ×0.25,
+    mnist1d     mlp, cnn [mlp] all seven at 0.1; standard   0.1, 1.0     2000       3 [2]
+                               and BN at 1.0; init ×0.25,                [1000]
                                ×4 and batch 4 (MLP only)
+    digits      mlp, cnn [mlp] as mnist1d                   0.1, 1.0     1000 [300] 3 [2]
     dln         dln            standard, batchnorm          1e-6         10000      3 [2]
                                                                          [1000]
     vgg-cifar10 vgg            all seven [standard, BN,     0.1, 0.5     15000      3 [2]
@@ -416,54 +389,14 @@ def build_plan(
         ValueError: an unknown experiment, kind, architecture or initialisation, or a value out
             of range.
     """
-    if experiment not in EXPERIMENTS:
-        raise ValueError(
-            f"Expected an experiment, one of {', '.join(EXPERIMENTS)}, but got {experiment!r}"
-        )
+    exp = get_experiment(experiment)
     if init not in INITS:
         raise ValueError(f"Expected `init` to be one of {', '.join(INITS)}, but got {init!r}")
-    notes: list[str] = []
-    task = "regression" if experiment == "dln" else "classification"
-    init_scales: tuple[float, ...] = INIT_SCALES
-    small_batches: tuple[int, ...] = (SMALL_BATCH,)
-    extra_archs: tuple[str, ...] | None = None
-    large_lr_kinds: tuple[str, ...] | None = COMPARED_KINDS
-    if experiment == "digits":
-        default_archs: tuple[str, ...] = ("mlp",) if quick else ("mlp", "cnn")
-        default_kinds = KINDS
-        default_lrs: tuple[float, ...] = (0.1, 1.0)
-        default_steps = 300 if quick else 1000
-        batch_size = 64
-        default_accelerator = "cpu"
-        extra_archs = ("mlp",)
-        if quick and archs is None:
-            notes.append(
-                "--quick leaves out the small CNN, trains 300 steps instead of 1000 and 2 seeds "
-                "instead of 3; every finding is still evaluated, on the MLP."
-            )
-    elif experiment == "dln":
-        default_archs = ("dln",)
-        default_kinds = ("standard", "batchnorm")
-        default_lrs = (1e-6,)
-        default_steps = 1000 if quick else 10_000
-        batch_size = 1000
-        default_accelerator = "cpu"
-        # Full-batch gradient descent on a fixed problem: no batch size to vary, and the
-        # network has its own initialisation (DeepLinearNetwork).
-        init_scales, small_batches = (), ()
-    else:
-        default_archs = ("vgg",)
-        default_kinds = ("standard", "batchnorm", "noisy-batchnorm") if quick else KINDS
-        default_lrs = (0.1, 0.5)
-        default_steps = 500 if quick else 15_000
-        batch_size = 128
-        default_accelerator = "auto"
-        if quick and kinds is None:
-            notes.append(
-                "--quick trains the standard, BatchNorm and noisy-BatchNorm VGG only; the "
-                "ℓp-norm and batch-size findings need the full run."
-            )
-
+    defaults = exp.defaults(quick, bool(archs), bool(kinds))
+    notes = list(defaults.notes)
+    init_scales, small_batches = defaults.init_scales, defaults.small_batches
+    extra_archs = defaults.extra_archs
+    default_archs, default_kinds = defaults.archs, defaults.kinds
     chosen_archs = tuple(archs) if archs else default_archs
     for arch in chosen_archs:
         if arch not in ARCHS[experiment]:
@@ -478,11 +411,11 @@ def build_plan(
         small_batches = ()
     if "standard" not in chosen_kinds or "batchnorm" not in chosen_kinds:
         init_scales = ()
-    chosen_lrs = tuple(sorted({float(v) for v in lrs})) if lrs else default_lrs
+    chosen_lrs = tuple(sorted({float(v) for v in lrs})) if lrs else defaults.lrs
     for lr in chosen_lrs:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"Expected learning rates > 0, but got {lr!r}")
-    n_steps = default_steps if steps is None else int(steps)
+    n_steps = defaults.steps if steps is None else int(steps)
     if n_steps < 1:
         raise ValueError(f"Expected `steps` >= 1, but got {steps!r}")
     n_seeds = (QUICK_SEEDS if quick else FULL_SEEDS) if seeds is None else int(seeds)
@@ -502,26 +435,28 @@ def build_plan(
         kinds=chosen_kinds,
         lrs=chosen_lrs,
         steps=n_steps,
-        batch_size=16 if tiny and experiment == "vgg-cifar10" else batch_size,
+        batch_size=16 if tiny and defaults.batch_size > 64 else defaults.batch_size,
         measure_every=every,
         log_every=max(1, n_steps // 200),
         power_iters=3 if tiny else 20,
-        step_sizes=_dln_step_sizes() if experiment == "dln" else None,
+        step_sizes=defaults.step_sizes,
         seed=int(seed),
         seeds=n_seeds,
         init=init,
         init_scales=init_scales,
         small_batches=small_batches,
         extra_archs=extra_archs,
-        large_lr_kinds=large_lr_kinds,
+        large_lr_kinds=defaults.large_lr_kinds,
         diagnose_kinds=COMPARED_KINDS,
         quick=quick,
         tiny=tiny,
         data_dir=data_dir,
-        accelerator=accelerator or default_accelerator,
+        accelerator=accelerator or defaults.accelerator,
         threads=threads,
-        task=task,
-        n_samples=64 if tiny else 1000,
+        task=exp.task,
+        n_samples=min(64 if exp.task == "regression" else 600, defaults.n_samples)
+        if tiny
+        else defaults.n_samples,
         val_every_steps=max(1, n_steps // 20),
         notes=tuple(notes),
     )

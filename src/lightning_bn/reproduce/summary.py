@@ -9,13 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_bn.reproduce.findings import (
     BOOTSTRAP_SAMPLES,
+    EARLY_PHASE,
     INCONCLUSIVE,
     LEVEL,
     NOT_EVALUATED,
     REPRODUCED,
+    Comparison,
     Finding,
     final_train_loss,
     final_val_acc,
+    fit_sentences,
     mean_train_loss,
 )
 from lightning_bn.reproduce.history import RunData, VariantHistory
@@ -85,29 +88,52 @@ def _run_row(history: VariantHistory, plan: ExperimentPlan) -> dict[str, Any]:
     }
 
 
+def _comparison_json(c: Comparison) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "median": _json_number(c.median),
+        "interval": [_json_number(v) for v in c.interval],
+        "verdict": c.verdict,
+        "per_seed": [_json_number(v) for v in c.per_seed],
+        "steps": [list(p) for p in c.steps],
+        "resampled": c.resampled,
+    }
+    if c.bins:
+        out["bins"] = list(c.bins)
+    return out
+
+
 def findings_json(run: RunData, findings: Sequence[Finding]) -> dict[str, Any]:
     """The content of ``findings.json``: the evaluated findings and every run.
 
-    Schema: ``{"base_lr": float, "seeds": [int], "findings": [{"id", "title", "verdict",
-    "seeds": int, "median", "interval": [lo, hi], "threshold", "criterion", ...}], "runs":
-    [{"arch", "variant", "lr", "seed", "batch_size", "final_val_acc", "final_val_loss",
-    "mean_train_loss", "diverged_at", ...}]}``, plus the findings the run could not evaluate
+    Schema: ``{"base_lr": float, "seeds": [int], "phase_rule": str, "fits": [str],
+    "findings": [{"id", "title", "verdict", "seeds": int, "median", "interval": [lo, hi],
+    "threshold", "criterion", "decided_by", "resampled", ...}], "runs": [{"arch", "variant",
+    "lr", "seed", "batch_size", "final_val_acc", "final_val_loss", "mean_train_loss",
+    "diverged_at", ...}]}``, plus the findings the run could not evaluate
     (``"not_evaluated"``) and the setup. Non-finite numbers are ``null``.
+
+    A per-step finding (ICS, Fig. 4a-c) also has ``"phase"`` (the deciding comparison: its
+    numbers are the finding's ``median``/``interval``), ``"whole_run"`` and ``"matched_loss"``,
+    each ``{"median", "interval", "verdict", "per_seed", "steps", "resampled"}``: ``steps`` per
+    seed is ``[paired measured steps kept]`` (phase, whole run) or ``[BN steps, standard
+    steps]`` in the shared loss bins (matched loss, which adds ``"bins"``: shared bins per
+    seed); ``resampled`` says what the bootstrap redrew. ``"fit_steps"`` gives per seed the step
+    at which each network fitted its training data (``null``: not within the run).
     """
     plan = run.plan
     rows = []
     for f in findings:
         if f.verdict == NOT_EVALUATED:
             continue
-        matched = None
-        if f.matched is not None:
-            matched = {
-                "median": _json_number(f.matched.median),
-                "interval": [_json_number(v) for v in f.matched.interval],
-                "verdict": f.matched.verdict,
-                "per_seed": [_json_number(v) for v in f.matched.per_seed],
-                "matched_steps": [list(p) for p in f.matched.steps],
-            }
+        comparisons = {
+            key: _comparison_json(c)
+            for key, c in (
+                ("phase", f.phase),
+                ("whole_run", f.whole_run),
+                ("matched_loss", f.matched),
+            )
+            if c is not None
+        }
         rows.append(
             {
                 "id": f.id,
@@ -126,7 +152,13 @@ def findings_json(run: RunData, findings: Sequence[Finding]) -> dict[str, Any]:
                 "per_seed": [_json_number(v) for v in f.per_seed],
                 "numbers": f.numbers,
                 "decided_by": f.decided_by or "the one comparison",
-                "matched_loss": matched,
+                "resampled": f.resampled,
+                **comparisons,
+                **(
+                    {"fit_steps": [{"batchnorm": a, "standard": b} for a, b in f.fits]}
+                    if f.phase is not None
+                    else {}
+                ),
             }
         )
     return {
@@ -137,6 +169,8 @@ def findings_json(run: RunData, findings: Sequence[Finding]) -> dict[str, Any]:
         "base_lr": plan.base_lr,
         "seeds": run.seeds or plan.seed_list,
         "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "level": LEVEL},
+        "phase_rule": EARLY_PHASE.describe(),
+        "fits": fit_sentences(run),
         "findings": rows,
         "not_evaluated": [
             {"id": f.id, "title": f.title, "reason": f.numbers}
@@ -206,6 +240,39 @@ def _setup_lines(run: RunData) -> list[str]:
     return lines
 
 
+def _phase_section(run: RunData, compared: Sequence[Finding]) -> list[str]:
+    out = ["", "### Per-step findings: early phase, whole run, matched loss", ""]
+    out += fit_sentences(run)
+    if not compared:
+        return out
+    out += [
+        "",
+        "The ICS and Fig. 4 findings are statistics of the per-step ratio BN ÷ standard at the "
+        "same step and seed (median over the kept measured steps, then over seeds). **The early "
+        f"phase decides the verdict**: {EARLY_PHASE.describe()}, the phase in which the paper "
+        "states these claims. The whole run is the same statistic over every measured step; the "
+        "matched-loss comparison bins every measured step by its measured batch's own loss "
+        f"({EARLY_PHASE.bin_decades:g}-decade bins) and compares the two networks within the "
+        "bins both visit. Bootstrap: seeds with replacement and, within a seed, moving blocks "
+        "of consecutive measured steps (early phase, whole run) or the shared bins (matched).",
+        "",
+        "| finding | arch | early phase (decides) | steps per seed | whole run | matched loss "
+        "| bins per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in compared:
+        p, w, m = f.phase, f.whole_run, f.matched
+        assert p is not None and w is not None and m is not None
+        out.append(
+            f"| {_cell(f.title)} | {f.arch} | {_num(p.median)} {_interval(p.interval)} "
+            f"{_verdict(p.verdict)} | {', '.join(str(s[0]) for s in p.steps)} | "
+            f"{_num(w.median)} {_interval(w.interval)} {_verdict(w.verdict)} | "
+            f"{_num(m.median)} {_interval(m.interval)} {_verdict(m.verdict)} | "
+            f"{', '.join(map(str, m.bins))} |"
+        )
+    return out
+
+
 def render_summary(
     run: RunData, findings: Sequence[Finding], figures: Sequence[FigureFile] = ()
 ) -> str:
@@ -226,8 +293,8 @@ def render_summary(
         'The findings of Santurkar et al. (2018), "How Does Batch Normalization Help '
         'Optimization?", and of the papers it builds on, checked on this run. Each finding is a '
         f"statistic computed per seed; the table gives its median over seeds and a {pct} "
-        "interval (bootstrap over seeds, measured steps, logged losses and validation samples; "
-        "see `lightning_bn/reproduce/findings.py`). A finding is **reproduced** when the whole "
+        "interval (bootstrap over seeds, blocks of measured steps, logged losses and validation "
+        "samples; see `lightning_bn/reproduce/findings.py`). A finding is **reproduced** when the whole "
         "interval is on the paper's side of the threshold, **not reproduced** when it is "
         "entirely on the other side, *inconclusive* otherwise. Criteria and thresholds are "
         "fixed in advance in `CRITERIA` of that module.",
@@ -258,31 +325,7 @@ def render_summary(
     if skipped:
         out += ["", "Not evaluated on this run:", ""]
         out += [f"- {f.title} ({f.arch}): {f.numbers}" for f in skipped]
-    compared = [f for f in evaluated if f.matched is not None]
-    if compared:
-        out += [
-            "",
-            "### Like with like: same step vs matched training loss",
-            "",
-            "The landscape and ICS findings compare BatchNorm with the standard network at the "
-            "same steps, as the paper does; **that comparison decides the verdict**. The second "
-            "comparison keeps only the measured steps (of either run) whose training loss lies in "
-            "the range both runs went through, so that a difference that comes from the runs "
-            "being at another stage of training shows up as a difference between the two.",
-            "",
-            "| finding | arch | same step (decides) | matched training loss | matched measurements "
-            "per seed (BN, standard) |",
-            "|---|---|---|---|---|",
-        ]
-        for f in compared:
-            assert f.matched is not None
-            m = f.matched
-            steps = "; ".join(f"{a}, {b}" for a, b in m.steps)
-            out.append(
-                f"| {_cell(f.title)} | {f.arch} | {_num(f.median)} {_interval(f.interval)} "
-                f"{_verdict(f.verdict)} | {_num(m.median)} {_interval(m.interval)} "
-                f"{_verdict(m.verdict)} | {steps} |"
-            )
+    out += _phase_section(run, [f for f in evaluated if f.phase is not None])
     out += ["", "### What each number is", ""]
     seen: set[str] = set()
     for f in evaluated:
