@@ -9,6 +9,7 @@ from typing import Any
 from lightning_bn import wandb_panels as _wandb_panels  # noqa: F401
 from lightning_bn.callbacks import (
     DiagnosticWarning,
+    HessianCallback,
     ICSCallback,
     LipschitzCallback,
     NoiseInjectionCallback,
@@ -44,6 +45,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BatchNorm",
     "DiagnosticWarning",
+    "HessianCallback",
     "ICSCallback",
     "L1Norm",
     "L2Norm",

@@ -123,7 +123,7 @@ def optimizer_preconditioner(
             parts.append(torch.full((p.numel(),), ratio / denom, dtype=torch.float64))
             identity = identity and ratio == denom == 1.0
         else:
-            parts.append((ratio / denom.reshape(-1).to(torch.float64)))
+            parts.append(ratio / denom.reshape(-1).to(torch.float64))
             identity = False
     inverse = torch.cat([t.to(layout.device) for t in parts]).to(layout.dtype)
     return Preconditioner(inverse, threshold, identity)

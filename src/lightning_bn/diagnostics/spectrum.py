@@ -16,8 +16,8 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
 * :func:`hutchinson_trace`: Hutchinson's estimator with Rademacher probes, deflated by a Lanczos
   basis when one is given (the basis part of the trace is exact, the estimator only sees the
   rest), stopping on its own standard error; per-block traces from the same products.
-* :func:`spectral_density`: stochastic Lanczos quadrature (SLQ), several random starts, with a
-  Gaussian-smoothed histogram on a fixed number of bins.
+* :func:`~lightning_bn.diagnostics.density.spectral_density` (its own module): stochastic
+  Lanczos quadrature on the same Lanczos runs.
 * :func:`block_top_eigenvalues`: the largest eigenvalue of each diagonal block
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
@@ -36,18 +36,17 @@ import torch
 from torch import Tensor
 
 from lightning_bn._validation import check_float, check_int
-from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal
-from lightning_bn.diagnostics.hvp import FlatOperator
-from lightning_bn.paramvec import FlatLayout, TensorDict
+from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, warn_unconverged
+from lightning_bn.paramvec import FlatLayout
 
 __all__ = [
-    "DensityResult",
     "LanczosRun",
     "TopEigResult",
     "TraceResult",
+    "block_indices",
     "block_top_eigenvalues",
     "hutchinson_trace",
-    "spectral_density",
+    "lanczos",
     "top_eigenvalues",
 ]
 
@@ -165,6 +164,7 @@ def top_eigenvalues(
     max_iters: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
+    warn: bool = True,
 ) -> TopEigResult:
     r"""The :math:`k` largest eigenvalues of :math:`H` (algebraic, descending) by Lanczos.
 
@@ -193,6 +193,8 @@ def top_eigenvalues(
         max_iters: most products (``> k``), also the most basis vectors kept.
         tol: relative residual tolerance (``> 0``).
         generator: source of the random start (default: a fresh one seeded with 0).
+        warn: issue a :class:`~lightning_bn.diagnostics.eigen.ConvergenceWarning` when the
+            tolerance was not met within ``max_iters``.
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -211,6 +213,8 @@ def top_eigenvalues(
 
     run = lanczos(matvec, q, max_iters, converged)
     if not run.finite:
+        if warn:
+            warn_unconverged(f"top_eigenvalues (k={k}, a product was not finite)", run.steps)
         return TopEigResult([math.nan] * k, [math.nan] * k, [], run.steps, False, run)
     values, vectors = run.eigh()
     top = min(k, run.steps)
@@ -219,7 +223,9 @@ def top_eigenvalues(
     residuals = [run.beta * abs(float(vectors[-1, i])) for i in order]
     ritz = [_unit(run.basis.combine(vectors[:, i])) for i in order]
     ok = run.breakdown or bool(_residual_ok(values, vectors, run.beta, k, tol).all())
-    return TopEigResult(eigenvalues, residuals, ritz, run.steps, ok and run.steps > 0, run)
+    if warn and not ok:
+        warn_unconverged(f"top_eigenvalues (k={k})", run.steps)
+    return TopEigResult(eigenvalues, residuals, ritz, run.steps, ok, run)
 
 
 def _residual_ok(values: Tensor, vectors: Tensor, beta: float, k: int, tol: float) -> Tensor:
@@ -284,6 +290,7 @@ def hutchinson_trace(
     generator: torch.Generator | None = None,
     deflate: LanczosRun | None = None,
     blocks: Mapping[str, Tensor] | None = None,
+    warn: bool = True,
 ) -> TraceResult:
     r"""Hutchinson's trace estimate with Rademacher probes, deflated by a Lanczos basis.
 
@@ -310,6 +317,18 @@ def hutchinson_trace(
 
     using the Lanczos relation :math:`HQ = QT + \beta_m q_{m+1} e_m^\top` (the two exact terms
     sum to :math:`\mathrm{tr}(T_m)` over a partition).
+
+    Args:
+        matvec: :math:`v \mapsto Hv` on flat vectors in ``layout``.
+        layout: the flat vectors' layout.
+        rtol: the standard error that stops the sampling, relative to the estimate.
+        min_samples: fewest probes (the standard error of fewer is itself too noisy to stop on).
+        max_samples: most probes (one product each).
+        generator: source of the probes (default: a fresh one seeded with 0).
+        deflate: a Lanczos run on the same operator (e.g. ``top_eigenvalues(...).run``).
+        blocks: name → flat indices of a diagonal block, for per-block traces.
+        warn: issue a :class:`~lightning_bn.diagnostics.eigen.ConvergenceWarning` when
+            ``max_samples`` was reached first.
 
     Returns:
         :class:`TraceResult`.
@@ -359,122 +378,14 @@ def hutchinson_trace(
         name: (exact_blocks[name] + mean[i + 1], err[i + 1]) for i, name in enumerate(blocks)
     }
     ok = math.isfinite(total) and total_err <= rtol * abs(total)
+    if warn and not ok:
+        warn_unconverged("hutchinson_trace (standard error above `rtol`)", len(samples))
     return TraceResult(total, total_err, len(samples), ok, per_block)
 
 
 def _basis_rows(run: LanczosRun) -> list[Tensor]:
     """The used rows of the basis blocks (views)."""
     return list(run.basis._views)
-
-
-# --- density ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DensityResult:
-    r"""Stochastic Lanczos quadrature: for start :math:`j`, nodes :math:`\theta^{(j)}_i` (the
-    Ritz values of its :math:`T`) and weights :math:`\tau^{(j)}_i` (squared first components of
-    :math:`T`'s eigenvectors, summing to 1), so that
-
-    .. math::
-        \phi(\lambda) \approx \frac{1}{S}\sum_j \sum_i \tau^{(j)}_i\,\delta(\lambda - \theta^{(j)}_i)
-
-    approximates the eigenvalue distribution :math:`\frac{1}{n}\sum_l \delta(\lambda-\lambda_l)`:
-    :math:`\mathbb{E}\sum_i \tau_i \theta_i^p = \mathrm{tr}(H^p)/n` exactly for
-    :math:`p \le 2m-1` (a normalised Rademacher start).
-
-    Attributes:
-        nodes: one float64 tensor of nodes per start.
-        weights: their weights.
-        iterations: products taken (all starts).
-        converged: whether every run stopped on an invariant subspace (its quadrature exact);
-            ``False`` means it ran its ``steps``, the usual case: the density is then the
-            quadrature of degree :math:`2m-1`, not an iteration to a tolerance.
-    """
-
-    nodes: list[Tensor]
-    weights: list[Tensor]
-    iterations: int
-    converged: bool
-
-    def moment(self, p: int) -> tuple[float, float]:
-        r""":math:`\int \lambda^p \phi`: the mean over starts and its standard error."""
-        values = torch.stack([(w * x**p).sum() for x, w in zip(self.nodes, self.weights)])
-        err = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        return float(values.mean()), err
-
-    @property
-    def support(self) -> tuple[float, float]:
-        """The smallest and largest node."""
-        return (
-            min(float(x.min()) for x in self.nodes),
-            max(float(x.max()) for x in self.nodes),
-        )
-
-    def histogram(self, bins: int = 32, sigma: float = 0.01) -> tuple[Tensor, float, float]:
-        r"""Gaussian-smoothed bin masses on ``bins`` equal bins.
-
-        The bins span the nodes' range :math:`[\theta_{\min}, \theta_{\max}]` widened by
-        :math:`3s` on each side, :math:`s = \sigma (\theta_{\max} - \theta_{\min})` the smoothing
-        width (``sigma`` relative to the range, as PyHessian's); each node's weight is spread as a
-        normal of standard deviation :math:`s` and integrated exactly over each bin (masses sum
-        to 1 up to the tails beyond :math:`3s`; with ``sigma=0`` each node falls into its bin).
-
-        Returns:
-            ``(masses, lo, hi)``: float64 masses, and the outer bin edges.
-        """
-        lo, hi = self.support
-        s = sigma * (hi - lo)
-        lo, hi = lo - 3 * s, hi + 3 * s
-        if hi <= lo:  # one distinct node
-            lo, hi = lo - 0.5, hi + 0.5
-        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
-        x = torch.cat(self.nodes)
-        w = torch.cat(self.weights) / len(self.nodes)
-        if s > 0:
-            cdf = torch.special.ndtr((edges[None, :] - x[:, None]) / s)
-            masses = (w[:, None] * (cdf[:, 1:] - cdf[:, :-1])).sum(0)
-        else:
-            index = torch.bucketize(x, edges[1:-1])
-            masses = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, w)
-        return masses, lo, hi
-
-
-def spectral_density(
-    matvec: Matvec,
-    layout: FlatLayout,
-    *,
-    starts: int = 4,
-    steps: int = 30,
-    generator: torch.Generator | None = None,
-) -> DensityResult:
-    r"""The eigenvalue density of :math:`H` by stochastic Lanczos quadrature.
-
-    ``starts`` Lanczos runs of ``steps`` products (fewer on a breakdown), each from an independent
-    normalised Rademacher vector (as PyHessian), with full reorthogonalisation (no ghost copies of
-    converged eigenvalues). Cost: ``starts × steps`` products; memory: ``steps`` basis vectors
-    at a time.
-
-    Returns:
-        :class:`DensityResult` (nodes, weights, moments, smoothed histogram).
-    """
-    check_int("starts", starts, minimum=1)
-    check_int("steps", steps, minimum=1)
-    nodes, weights = [], []
-    iterations, exact = 0, True
-    for _ in range(starts):
-        q = _rademacher(layout.numel, layout, generator) / math.sqrt(layout.numel)
-        run = lanczos(matvec, q, steps)
-        iterations += run.steps
-        if not run.finite or not run.steps:
-            nan = torch.tensor([math.nan], dtype=torch.float64)
-            nodes.append(nan)
-            weights.append(torch.ones(1, dtype=torch.float64))
-            exact = False
-            continue
-        values, vectors = run.eigh()
-        nodes.append(values)
-        weights.append(vectors[0] ** 2)
-        exact = exact and run.breakdown
-    return DensityResult(nodes, weights, iterations, exact)
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -502,6 +413,7 @@ def block_top_eigenvalues(
     max_iters: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
+    warn: bool = True,
 ) -> dict[str, TopEigResult]:
     r"""The largest eigenvalue of each diagonal block :math:`H_{bb} = E_b H E_b^\top`.
 
@@ -524,8 +436,10 @@ def block_top_eigenvalues(
         start = None if init is None or name not in init else [init[name]]
         iters = min(max_iters, max(2, idx.numel() + 1))
         out[name] = top_eigenvalues(
-            restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator
+            restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator, warn=False
         )
+        if warn and not out[name].converged:
+            warn_unconverged(f"block_top_eigenvalues (block {name!r})", out[name].iterations)
     return out
 
 
@@ -540,13 +454,3 @@ class _SubLayout(FlatLayout):
     @property
     def numel(self) -> int:
         return self._numel
-
-
-def flat_operator(op: FlatOperator) -> tuple[Matvec, FlatLayout]:
-    """``(op.matvec, op.layout)``."""
-    return op.matvec, op.layout
-
-
-def as_flat(layout: FlatLayout, vectors: Sequence[TensorDict]) -> list[Tensor]:
-    """Dict vectors as flat ones (e.g. a saved warm start)."""
-    return [layout.flat(v) for v in vectors]
