@@ -118,7 +118,9 @@ def test_top_k_to_1e_3_relative(case: tuple[Case, Tensor]) -> None:
     assert res.converged
     for got, want in zip(res.eigenvalues, exact[:4].tolist(), strict=True):
         assert got == pytest.approx(want, rel=1e-3)
-    for value, vector, residual in zip(res.eigenvalues, res.eigenvectors, res.residuals):
+    for value, vector, residual in zip(
+        res.eigenvalues, res.eigenvectors, res.residuals, strict=True
+    ):
         # the residual it reports is the true one
         true = torch.linalg.vector_norm(h @ vector - value * vector)
         assert float(true) == pytest.approx(residual, rel=1e-3, abs=1e-10)
