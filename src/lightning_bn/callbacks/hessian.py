@@ -84,9 +84,10 @@ class HessianCallback(DiagnosticCallback):
         trace_rtol: standard error, relative to the trace, that stops Hutchinson (default 0.02).
         trace_max_samples: most Hutchinson probes (default 100).
         density: measure the spectral density.
-        density_starts: SLQ random starts (default 4).
-        density_steps: Lanczos steps per start (default 30: the quadrature is exact for
-            moments up to 59).
+        density_starts: SLQ random starts (default 2: two give a spread to judge it by).
+        density_steps: Lanczos steps per start (default 50: the quadrature is exact for
+            moments up to 99 and resolves the bulk finer than more, shorter runs;
+            ``benchmarks/hessian_vs_pyhessian.py`` compares).
         density_bins: histogram bins (default 32).
         density_sigma: Gaussian smoothing width relative to the spectrum's range (default 0.01).
         per_layer: measure each layer's diagonal block.
@@ -142,8 +143,8 @@ class HessianCallback(DiagnosticCallback):
         trace_rtol: float = 0.02,
         trace_max_samples: int = 100,
         density: bool = True,
-        density_starts: int = 4,
-        density_steps: int = 30,
+        density_starts: int = 2,
+        density_steps: int = 50,
         density_bins: int = 32,
         density_sigma: float = 0.01,
         per_layer: bool = True,

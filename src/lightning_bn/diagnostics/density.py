@@ -95,8 +95,8 @@ def spectral_density(
     matvec: Matvec,
     layout: FlatLayout,
     *,
-    starts: int = 4,
-    steps: int = 30,
+    starts: int = 2,
+    steps: int = 50,
     generator: torch.Generator | None = None,
 ) -> DensityResult:
     r"""The eigenvalue density of :math:`H` by stochastic Lanczos quadrature.

@@ -44,8 +44,8 @@ class HessianSettings:
     trace_rtol: float = 0.02
     trace_max_samples: int = 100
     density: bool = True
-    density_starts: int = 4
-    density_steps: int = 30
+    density_starts: int = 2
+    density_steps: int = 50
     density_bins: int = 32
     density_sigma: float = 0.01
     per_layer: bool = True
