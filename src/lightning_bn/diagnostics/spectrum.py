@@ -363,16 +363,14 @@ def hutchinson_trace(
             parts = [prod.sum()] + [prod[idx].sum() for idx in blocks.values()]
             samples.append(torch.stack(parts).to(torch.float64))
         if n >= min_samples:
-            stacked = torch.stack(samples)
-            mean = stacked.mean(0)
-            err = stacked.std(0) / math.sqrt(n)
-            total, total_err = exact + float(mean[0]), float(err[0])
-            if not math.isfinite(total):
-                break
-            if total_err <= rtol * abs(total):
+            first = torch.stack([t[0] for t in samples])
+            total = exact + float(first.mean())
+            total_err = float(first.std()) / math.sqrt(n)
+            if not math.isfinite(total) or total_err <= rtol * abs(total):
                 break
     stacked = torch.stack(samples)
-    mean, err = stacked.mean(0).tolist(), (stacked.std(0) / math.sqrt(len(samples))).tolist()
+    mean: list[float] = stacked.mean(0).tolist()
+    err: list[float] = (stacked.std(0) / math.sqrt(len(samples))).tolist()
     total, total_err = exact + mean[0], err[0]
     per_block = {
         name: (exact_blocks[name] + mean[i + 1], err[i + 1]) for i, name in enumerate(blocks)
