@@ -207,3 +207,21 @@ def test_unsupported_optimiser_warns_once_and_logs_the_rest() -> None:
     with pytest.warns(UserWarning, match="no preconditioned sharpness"):
         fit(lambda: Adagrad(mlp().double()), [cb], steps=2, logger=logger)
     assert set(logger.history[1]) == {"hessian/eig_1", "hessian/eig_converged", "hessian/eig_iters"}
+
+
+def test_csv_logger_keeps_every_key(tmp_path: Any) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = HessianCallback(every_n_steps=1, top_k=2, density_bins=12, density_steps=10)
+    logger = CSVLogger(tmp_path, name="run")
+    fit(lambda: Classifier(mlp().double(), optimizer="adam"), [cb], steps=2, logger=logger)
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("hessian/eig_1")]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    assert float(rows[1]["hessian/precond_eig_max"]) > 0
+    bins = [float(rows[1][f"hessian/density/bin_{j:02d}"]) for j in range(12)]
+    assert sum(bins) == pytest.approx(1.0, abs=1e-3)
+    for layer in LAYERS:
+        assert rows[1][f"hessian/{layer}/eig_max"] != ""
