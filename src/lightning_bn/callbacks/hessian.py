@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_bn._validation import check_bool, check_choice, check_float, check_int
+from lightning_bn._validation import check_int
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.hessian import (
     HessianSettings,
@@ -24,9 +24,6 @@ from lightning_bn.diagnostics.preconditioned import stability_threshold
 from lightning_bn.probe import StepRecord
 
 __all__ = ["HessianCallback"]
-
-_HVP_METHODS = ("reverse", "forward", "auto")
-
 
 class HessianCallback(DiagnosticCallback):
     r"""Measure the Hessian of the training loss beyond its top eigenvalue, during training.
@@ -157,27 +154,21 @@ class HessianCallback(DiagnosticCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_fn, budget, name)
-        check_int("top_k", top_k, minimum=1)
-        check_int("max_iters", max_iters, minimum=top_k + 1)
-        check_int("trace_max_samples", trace_max_samples, minimum=2)
-        check_int("density_starts", density_starts, minimum=1)
-        check_int("density_steps", density_steps, minimum=1)
-        check_int("density_bins", density_bins, minimum=1)
-        self.settings = HessianSettings(
+        self.settings = HessianSettings(  # checks every argument
             top_k=top_k,
             max_iters=max_iters,
-            tol=check_float("tol", tol, minimum=0),
-            trace=check_bool("trace", trace),
-            trace_rtol=check_float("trace_rtol", trace_rtol, minimum=0),
+            tol=tol,
+            trace=trace,
+            trace_rtol=trace_rtol,
             trace_max_samples=trace_max_samples,
-            density=check_bool("density", density),
+            density=density,
             density_starts=density_starts,
             density_steps=density_steps,
             density_bins=density_bins,
-            density_sigma=check_float("density_sigma", density_sigma, minimum=0),
-            per_layer=check_bool("per_layer", per_layer),
-            preconditioned=check_bool("preconditioned", preconditioned),
-            hvp_method=check_choice("hvp_method", hvp_method, _HVP_METHODS),
+            density_sigma=density_sigma,
+            per_layer=per_layer,
+            preconditioned=preconditioned,
+            hvp_method=hvp_method,
         )
         if isinstance(layers, (str, type)):
             layers = [layers]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_bn._validation import check_bool, check_choice, check_float, check_int
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
@@ -35,7 +36,11 @@ __all__ = ["HessianSettings", "HessianState", "compute_hessian", "module_layers"
 @dataclass(frozen=True)
 class HessianSettings:
     """What one measurement computes; see :class:`~lightning_bn.callbacks.hessian.HessianCallback`
-    for each argument's meaning and default."""
+    for each argument's meaning and default.
+
+    Raises:
+        ValueError, TypeError: an argument out of range or of the wrong type (named).
+    """
 
     top_k: int = 3
     max_iters: int = 100
@@ -51,6 +56,18 @@ class HessianSettings:
     per_layer: bool = True
     preconditioned: bool = True
     hvp_method: str = "reverse"
+
+    def __post_init__(self) -> None:
+        check_int("top_k", self.top_k, minimum=1)
+        check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
+        check_int("trace_max_samples", self.trace_max_samples, minimum=2)
+        for name in ("density_starts", "density_steps", "density_bins"):
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("tol", "trace_rtol", "density_sigma"):
+            object.__setattr__(self, name, check_float(name, getattr(self, name), minimum=0))
+        for name in ("trace", "density", "per_layer", "preconditioned"):
+            check_bool(name, getattr(self, name))
+        check_choice("hvp_method", self.hvp_method, ("reverse", "forward", "auto"))
 
 
 @dataclass
