@@ -3,8 +3,8 @@
 Full-batch gradient descent (SGD, no momentum) on 512 of scikit-learn's digits, a tanh MLP
 (``--batchnorm`` adds BatchNorm), squared loss on one-hot targets as in Cohen et al. (2021),
 measured every 10 steps: the top eigenvalues against the stability threshold 2/η (step size 0.4,
-threshold 5: the sharpness rises until it meets the threshold, then hovers there, the edge of
-stability) and the eigenvalue density over training. A few minutes on 2 CPU cores.
+threshold 5: the sharpness rises to the threshold, overshoots, falls back and stays around it,
+the edge of stability) and the eigenvalue density over training. A few minutes on 2 CPU cores.
 
     python examples/hessian_spectrum.py [--out docs/hessian_spectrum.png] [--steps 400] [--lr 0.4]
 
