@@ -25,6 +25,7 @@ from lightning_bn.probe import StepRecord
 
 __all__ = ["HessianCallback"]
 
+
 class HessianCallback(DiagnosticCallback):
     r"""Measure the Hessian of the training loss beyond its top eigenvalue, during training.
 
