@@ -32,7 +32,26 @@ parameters, each without and with BatchNorm; tanh, no dropout):
 (3) ours warm-started as SmoothnessCallback runs it (from the eigenvector that algorithm found 100
     SGD steps earlier) against PyHessian's cold start, on the largest model.
 
-A last table summarises (1) and (2) in the README's form.
+(4) trace and spectral density (``--spectrum``, or ``--spectrum-only`` for this part alone), on
+    models small enough for the full float64 Hessian (MLP 64-16-16-10 without and with
+    BatchNorm, a BatchNorm CNN), over ``--seeds`` random seeds, time and error against the exact
+    spectrum:
+
+    - trace: ours is a 20-step Lanczos basis then Hutchinson deflated by it
+      (:func:`~lightning_bn.diagnostics.spectrum.hutchinson_trace`, Rademacher probes, stopping
+      at a standard error of 2% of the trace or 100 probes), PyHessian's ``trace()`` at its
+      defaults (Rademacher probes, stops when the running mean changes by less than 1e-3
+      relative, at most 100 probes); error ``|estimate - tr H| / |tr H|``;
+    - trace at the same budget: ours with 20 Lanczos steps and 80 probes, PyHessian with 100
+      probes (``tol=0``);
+    - density: ours is :func:`~lightning_bn.diagnostics.density.spectral_density` at the
+      callback's defaults (2 starts × 50 Lanczos steps) and at PyHessian's (1 × 100),
+      PyHessian's ``density()`` at its defaults (1 start × 100 steps; its ``torch.eig`` call, gone from torch, is served by
+      ``torch.linalg.eigh``); errors: the Wasserstein-1 distance between the quadrature measure
+      and the exact eigenvalue distribution, relative to the spectrum's width, and the relative
+      errors of the first two moments (``tr H / n``, ``tr H² / n``).
+
+A last table summarises (1) and (2) in the README's form; (4) prints its own.
 
 Run it in the benchmark's own environment (PyHessian is not a dependency of the project)::
 
@@ -60,8 +79,10 @@ import torch
 from pyhessian import hessian as PyHessian
 from torch import Tensor, nn
 
+from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.eigen import EigAlgorithm, top_hessian_eigenvalue
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.spectrum import hutchinson_trace, lanczos
 from lightning_bn.probe import Probe
 
 CRITERION = nn.CrossEntropyLoss()
@@ -282,6 +303,12 @@ def compare_warm(
 
 def exact_dominant(model: nn.Module, batch: Any) -> float:
     """The largest-magnitude eigenvalue of the full Hessian of the train-mode loss, in float64."""
+    eig = exact_spectrum(model, batch)
+    return float(eig[eig.abs().argmax()])
+
+
+def exact_spectrum(model: nn.Module, batch: Any) -> Tensor:
+    """Every eigenvalue of the full Hessian of the train-mode loss, in float64, ascending."""
     net = copy.deepcopy(model).double().train()
     names = [n for n, _ in net.named_parameters()]
     shapes = [p.shape for _, p in net.named_parameters()]
@@ -297,8 +324,7 @@ def exact_dominant(model: nn.Module, batch: Any) -> float:
         return CRITERION(torch.func.functional_call(net, tensors, (x.double(),)), y)
 
     h = torch.autograd.functional.hessian(loss_of, flat)
-    eig = torch.linalg.eigvalsh(h)
-    return float(eig[eig.abs().argmax()])
+    return torch.linalg.eigvalsh(h)
 
 
 def compare_accuracy(
@@ -343,6 +369,221 @@ def compare_accuracy(
     return out
 
 
+def cnn_bn() -> nn.Module:
+    """A small BatchNorm CNN on 8×8 one-channel images (about 1.1k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def _operator(model: nn.Module, batch: Any) -> HessianVectorProduct:
+    probe = Probe(model, loss_fn=loss_fn)
+    params = probe.parameters()
+    trainable = {k: params[k] for k in probe.trainable_names()}
+    return HessianVectorProduct(lambda p: probe.loss({**params, **p}, batch), trainable)
+
+
+def ours_trace(
+    model: nn.Module, batch: Any, seed: int, rtol: float = 0.02, probes: int = 100
+) -> tuple[float, int]:
+    """Our trace: a 20-step Lanczos basis, then Hutchinson deflated by it; products taken."""
+    op = _operator(model, batch)
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(op.layout.numel, generator=gen, dtype=op.layout.dtype)
+    run = lanczos(op.matvec, start / start.norm(), 20)
+    tr = hutchinson_trace(
+        op.matvec, op.layout, rtol=rtol, max_samples=probes, generator=gen, deflate=run, warn=False
+    )
+    return tr.trace, run.steps + tr.samples
+
+
+def pyhessian_object(model: nn.Module, batch: Any) -> Any:
+    model.zero_grad(set_to_none=True)
+    with train_mode_pyhessian(model):
+        h = PyHessian(model, CRITERION, data=batch, cuda=False)
+    return h
+
+
+def pyhessian_trace(
+    model: nn.Module, batch: Any, seed: int, tol: float = 1e-3
+) -> tuple[float, int]:
+    h = pyhessian_object(model, batch)
+    torch.manual_seed(seed)
+    samples = h.trace(maxIter=100, tol=tol)
+    model.zero_grad(set_to_none=True)
+    return float(statistics.fmean(samples)), len(samples)
+
+
+def ours_density(
+    model: nn.Module, batch: Any, seed: int, starts: int = 2, steps: int = 50
+) -> tuple[list[Tensor], list[Tensor]]:
+    op = _operator(model, batch)
+    gen = torch.Generator().manual_seed(seed)
+    dens = spectral_density(op.matvec, op.layout, starts=starts, steps=steps, generator=gen)
+    return dens.nodes, dens.weights
+
+
+def _eig_shim(matrix: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.eig`` (removed from torch) for PyHessian's symmetric tridiagonal matrix."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return torch.stack([values, torch.zeros_like(values)], 1), vectors
+
+
+def pyhessian_density(model: nn.Module, batch: Any, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+    h = pyhessian_object(model, batch)
+    torch.manual_seed(seed)
+    torch.eig = _eig_shim  # type: ignore[attr-defined]
+    try:
+        nodes, weights = h.density()
+    finally:
+        del torch.eig  # type: ignore[attr-defined]
+    model.zero_grad(set_to_none=True)
+    return (
+        [torch.tensor(x, dtype=torch.float64) for x in nodes],
+        [torch.tensor(w, dtype=torch.float64) for w in weights],
+    )
+
+
+def density_errors(
+    nodes: Sequence[Tensor], weights: Sequence[Tensor], exact: Tensor
+) -> tuple[float, float, float]:
+    """Wasserstein-1 distance to the exact eigenvalue distribution (relative to its width) and the
+    relative errors of the first two moments."""
+    x = torch.cat(list(nodes))
+    w = torch.cat([wt / wt.sum() for wt in weights]) / len(weights)
+    points = torch.cat([x, exact])
+    mass = torch.cat([w, -torch.full_like(exact, 1.0 / exact.numel())])
+    order = points.argsort()
+    points, mass = points[order], mass[order]
+    cdf_gap = mass.cumsum(0)[:-1].abs()
+    w1 = float((cdf_gap * points.diff()).sum()) / float(exact.max() - exact.min())
+    moments = []
+    for p in (1, 2):
+        want = float((exact**p).mean())
+        moments.append(abs(float((w * x**p).sum()) - want) / abs(want))
+    return w1, moments[0], moments[1]
+
+
+@dataclass
+class SpectrumRow:
+    title: str
+    n_params: int
+    ms: dict[str, float]
+    errors: dict[str, list[float]]
+    products: dict[str, list[int]]
+
+
+def compare_spectrum(title: str, model: nn.Module, batch: Any, seeds: int) -> SpectrumRow:
+    """Print (4): trace and density, ours and PyHessian's, interleaved over seeds."""
+    model.train()
+    exact = exact_spectrum(model, batch)
+    trace = float(exact.sum())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {title} ({n_params} parameters), train mode; exact trace {trace:.6g},"
+        f" eigenvalues in [{float(exact.min()):.4g}, {float(exact.max()):.4g}]"
+    )
+    runs: dict[str, Callable[[int], Any]] = {
+        "trace": partial(ours_trace, model, batch),
+        "py_trace": partial(pyhessian_trace, model, batch),
+        "trace100": partial(ours_trace, model, batch, rtol=0.0, probes=80),
+        "py_trace100": partial(pyhessian_trace, model, batch, tol=0.0),
+        "dens": partial(ours_density, model, batch),
+        "dens1x100": partial(ours_density, model, batch, starts=1, steps=100),
+        "py_dens": partial(pyhessian_density, model, batch),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    errors: dict[str, list[float]] = {}
+    products: dict[str, list[int]] = {k: [] for k in runs if "trace" in k}
+    for seed in range(seeds + 1):
+        for key, fn in runs.items():
+            t, out = timed(partial(fn, seed))
+            if seed == 0:  # warm-up
+                continue
+            times[key].append(t)
+            if "trace" in key:
+                value, k = out
+                errors.setdefault(key, []).append(abs(value - trace) / abs(trace))
+                products[key].append(k)
+            else:
+                for name, e in zip(("w1", "m1", "m2"), density_errors(*out, exact), strict=True):
+                    errors.setdefault(f"{key}/{name}", []).append(e)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in errors.items()}
+    for ours, py, label in (
+        ("trace", "py_trace", "trace, defaults"),
+        ("trace100", "py_trace100", "trace, 100 products each"),
+    ):
+        print(
+            f"(4) {label}: ours {ms[ours]:.1f} ms, products {span(products[ours])}, median"
+            f" relative error {med[ours]:.2e}; PyHessian {ms[py]:.1f} ms, products"
+            f" {span(products[py])}, median relative error {med[py]:.2e};"
+            f" time ratio {ms[ours] / ms[py]:.2f}"
+        )
+    for ours, label in (("dens", "ours 2×50"), ("dens1x100", "ours 1×100")):
+        print(
+            f"(4) density: {label} {ms[ours]:.1f} ms, W1/width {med[ours + '/w1']:.2e}, moment"
+            f" errors {med[ours + '/m1']:.2e} / {med[ours + '/m2']:.2e}; PyHessian (1×100)"
+            f" {ms['py_dens']:.1f} ms, W1/width {med['py_dens/w1']:.2e}, moment errors"
+            f" {med['py_dens/m1']:.2e} / {med['py_dens/m2']:.2e};"
+            f" time ratio {ms[ours] / ms['py_dens']:.2f}"
+        )
+    return SpectrumRow(title, n_params, ms, errors, products)
+
+
+def spectrum_summary(rows: Sequence[SpectrumRow]) -> None:
+    print()
+    print(
+        "| model | quantity | ours ms | PyHessian ms | ours ÷ PyHessian |"
+        " ours error (median) | PyHessian error (median) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        e = {k: statistics.median(v) for k, v in r.errors.items()}
+        ms = r.ms
+        model = f"{r.title} ({r.n_params})"
+        for ours, py, label in (
+            ("trace", "py_trace", "trace, defaults"),
+            ("trace100", "py_trace100", "trace, 100 products each"),
+        ):
+            print(
+                f"| {model} | {label} ({span(r.products[ours])} / {span(r.products[py])}"
+                f" products) | {ms[ours]:.1f} | {ms[py]:.1f} | {ms[ours] / ms[py]:.2f} |"
+                f" {e[ours]:.1e} | {e[py]:.1e} |"
+            )
+            model = ""
+        for ours, label in (("dens", "2×50 (default)"), ("dens1x100", "1×100")):
+            print(
+                f"| | density, ours {label} vs 1×100: W1/width; moments 1, 2 | {ms[ours]:.1f} |"
+                f" {ms['py_dens']:.1f} | {ms[ours] / ms['py_dens']:.2f} |"
+                f" {e[ours + '/w1']:.1e}; {e[ours + '/m1']:.1e}, {e[ours + '/m2']:.1e} |"
+                f" {e['py_dens/w1']:.1e}; {e['py_dens/m1']:.1e}, {e['py_dens/m2']:.1e} |"
+            )
+
+
+def run_spectrum(seeds: int) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    rows = []
+    title, widths = SIZES[0]
+    for bn in (False, True):
+        torch.manual_seed(1)
+        full = f"{title}, tanh, {'BatchNorm' if bn else 'no BatchNorm'}"
+        rows.append(compare_spectrum(full, mlp(widths, batchnorm=bn), (x, y), seeds))
+    torch.manual_seed(1)
+    images = (torch.randn(64, 1, 8, 8), y)
+    rows.append(compare_spectrum("CNN 2 conv, BatchNorm, tanh", cnn_bn(), images, seeds))
+    spectrum_summary(rows)
+
+
 def summary(rows: Sequence[Row], accuracy: dict[str, dict[float, dict[str, float]]]) -> None:
     print()
     print(
@@ -377,8 +618,13 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="run only the models whose title contains this (no (2), (3))"
     )
+    parser.add_argument("--spectrum", action="store_true", help="also run (4): trace, density")
+    parser.add_argument("--spectrum-only", action="store_true", help="run (4) alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.spectrum_only:
+        run_spectrum(args.seeds)
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); tol={args.tol:g},"
         f" at most {args.max_iters} Hessian-vector products for all; BatchNorm in train mode"
@@ -409,6 +655,8 @@ def main() -> None:
                 full, model, batch, (args.tol, 1e-6), args.max_iters, args.seeds
             )
     summary(rows, accuracy)
+    if args.spectrum:
+        run_spectrum(args.seeds)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from lightning_bn._version import __version__
 _EXPORTS: dict[str, str] = {
     "BatchNorm": "lightning_bn.layers",
     "DiagnosticWarning": "lightning_bn.errors",
+    "HessianCallback": "lightning_bn.callbacks",
     "ICSCallback": "lightning_bn.callbacks",
     "L1Norm": "lightning_bn.layers",
     "L2Norm": "lightning_bn.layers",
@@ -39,6 +40,7 @@ _deprecated.install()
 
 if TYPE_CHECKING:
     from lightning_bn.callbacks import (
+        HessianCallback,
         ICSCallback,
         LipschitzCallback,
         NoiseInjectionCallback,
@@ -78,6 +80,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BatchNorm",
     "DiagnosticWarning",
+    "HessianCallback",
     "ICSCallback",
     "L1Norm",
     "L2Norm",

@@ -70,6 +70,24 @@ def test_ddp_equals_single_process_on_the_union(runs: tuple[dict, dict]) -> None
 
 
 @pytest.mark.slow
+def test_hessian_ddp_equals_single_process_on_the_union(tmp_path: Path) -> None:
+    single = _run("single", tmp_path / "single.json", "--hessian")
+    ddp = _run("ddp", tmp_path / "ddp.json", "--hessian")
+    assert (single["world_size"], ddp["world_size"]) == (1, 2)
+    assert single["history"].keys() == ddp["history"].keys() == {"0", "1", "2", "3"}
+    for step, values in single["history"].items():
+        assert values.keys() == ddp["history"][step].keys(), step
+        for key, value in values.items():
+            assert ddp["history"][step][key] == pytest.approx(value, rel=1e-5, abs=1e-10), (
+                step,
+                key,
+            )
+    later = single["history"]["1"]
+    for key in ("eig_2", "trace", "net.0/eig_max", "net.5/trace", "precond_eig_max", "density/hi"):
+        assert f"hessian/{key}" in later, key
+
+
+@pytest.mark.slow
 def test_rank_local_failure_does_not_deadlock(tmp_path: Path) -> None:
     # rank 1 fails every probe while global_step == 2: probes see the measured step's
     # global_step (ICS too, although it measures after the optimiser step), so the ICS,

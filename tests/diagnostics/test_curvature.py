@@ -250,7 +250,7 @@ def test_top_eigenvalue_matches_eigvalsh(kind: str, seed: int, sign: int) -> Non
     hess = prob.hessian()
     assert math.copysign(1, _dominant(hess)) == sign
     op = HessianVectorProduct(prob.loss_fn, prob.params)
-    res = top_hessian_eigenvalue(op, None, max_iters=2000, tol=1e-10)
+    res = top_hessian_eigenvalue(op, None, max_iters=2000, tol=1e-10, algorithm="power")
     assert isinstance(res, EigResult) and res.converged
     assert res.eigenvalue == pytest.approx(_dominant(hess), rel=1e-3)
     assert float(dict_norm(res.eigenvector)) == pytest.approx(1.0)
@@ -269,29 +269,33 @@ def test_power_iteration_returns_the_largest_magnitude_with_its_sign(
     a = q @ torch.diag(torch.tensor(eigs, dtype=DTYPE)) @ q.T
     params = {"w": torch.randn(4, generator=gen, dtype=DTYPE)}
     op = HessianVectorProduct(lambda p: 0.5 * p["w"] @ a @ p["w"], params)
-    res = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-12)
+    res = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-12, algorithm="power")
     assert res.converged
     dominant = max(eigs, key=abs)
     assert res.eigenvalue == pytest.approx(dominant, rel=1e-9)
     assert abs(float(res.eigenvector["w"] @ q[:, eigs.index(dominant)])) == pytest.approx(1.0)
     # the tolerance rule stops it early at the default tolerance, and max_iters caps it
-    loose = top_hessian_eigenvalue(op, None)
+    loose = top_hessian_eigenvalue(op, None, algorithm="power")
     assert loose.converged and loose.iterations < res.iterations
-    capped = top_hessian_eigenvalue(op, None, max_iters=2, tol=0.0)
+    capped = top_hessian_eigenvalue(op, None, max_iters=2, tol=0.0, algorithm="power")
     assert capped.iterations == 2 and not capped.converged
 
 
 def test_warm_start_takes_fewer_iterations_at_a_nearby_point() -> None:
     prob = Problem("ours", False, True, seed=0)
     op = HessianVectorProduct(prob.loss_fn, prob.params)
-    first = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-6)
+    first = top_hessian_eigenvalue(op, None, max_iters=500, tol=1e-6, algorithm="power")
     assert first.converged
     # one small gradient step, as between two measurements of a callback
     prob.params = dict_axpy(-0.01, op.grad, prob.params)
     nearby = HessianVectorProduct(prob.loss_fn, prob.params)
     gen = torch.Generator().manual_seed(1)
-    cold = top_hessian_eigenvalue(nearby, None, max_iters=500, tol=1e-6, generator=gen)
-    warm = top_hessian_eigenvalue(nearby, first.eigenvector, max_iters=500, tol=1e-6)
+    cold = top_hessian_eigenvalue(
+        nearby, None, max_iters=500, tol=1e-6, generator=gen, algorithm="power"
+    )
+    warm = top_hessian_eigenvalue(
+        nearby, first.eigenvector, max_iters=500, tol=1e-6, algorithm="power"
+    )
     assert cold.converged and warm.converged
     assert warm.iterations < cold.iterations
     assert warm.eigenvalue == pytest.approx(cold.eigenvalue, rel=1e-4)
@@ -302,13 +306,15 @@ def test_cold_start_leaves_the_global_rng_alone_and_is_reproducible() -> None:
     prob = Problem("torch", False, True)
     op = HessianVectorProduct(prob.loss_fn, prob.params)
     state = torch.get_rng_state()
-    a = top_hessian_eigenvalue(op, None, max_iters=5)
-    b = top_hessian_eigenvalue(op, None, max_iters=5)
+    a = top_hessian_eigenvalue(op, None, max_iters=5, algorithm="power")
+    b = top_hessian_eigenvalue(op, None, max_iters=5, algorithm="power")
     assert torch.equal(torch.get_rng_state(), state)
     assert a.eigenvalue == b.eigenvalue
-    c = top_hessian_eigenvalue(op, None, max_iters=5, generator=torch.Generator().manual_seed(9))
+    c = top_hessian_eigenvalue(
+        op, None, max_iters=5, generator=torch.Generator().manual_seed(9), algorithm="power"
+    )
     assert c.eigenvalue != a.eigenvalue
-    d = top_hessian_eigenvalue(op.__call__, None, max_iters=5, like=prob.params)
+    d = top_hessian_eigenvalue(op.__call__, None, max_iters=5, like=prob.params, algorithm="power")
     assert d.eigenvalue == a.eigenvalue
 
 
@@ -391,7 +397,7 @@ def test_lanczos_takes_fewer_products_than_power_iteration(
     exact = _dominant(prob.hessian())
     op = HessianVectorProduct(prob.loss_fn, prob.params)
     start = prob.random_vector(7)  # the same start for both
-    power = top_hessian_eigenvalue(op, start, max_iters=2000, tol=tol)
+    power = top_hessian_eigenvalue(op, start, max_iters=2000, tol=tol, algorithm="power")
     lanczos = top_hessian_eigenvalue(op, start, max_iters=2000, tol=tol, algorithm="lanczos")
     assert power.converged and lanczos.converged
     assert lanczos.iterations < power.iterations
@@ -443,7 +449,7 @@ def test_lanczos_is_exact_on_a_quadratic_in_at_most_n_products(eigs: tuple[float
     assert abs(float(res.eigenvector["w"][eigs.index(dominant)])) == pytest.approx(1.0, rel=1e-10)
     # power iteration from the same start is still inexact after n products
     gen = torch.Generator().manual_seed(3)
-    power = top_hessian_eigenvalue(op, None, max_iters=n, tol=0.0, generator=gen)
+    power = top_hessian_eigenvalue(op, None, max_iters=n, tol=0.0, generator=gen, algorithm="power")
     assert abs(power.eigenvalue - dominant) > 1e-6
     # the cap is honoured
     capped = top_hessian_eigenvalue(op, None, max_iters=2, tol=0.0, algorithm="lanczos")

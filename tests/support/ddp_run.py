@@ -9,6 +9,9 @@ unshuffled DistributedSampler (``use_distributed_sampler=False``), so at every s
 the ranks' batches is exactly the single run's batch. Rank zero writes every logged value to
 OUT.json, with the final weights.
 
+``--hessian``: a HessianCallback at every step (Adam, so the preconditioned sharpness runs from
+the second step), 4 steps.
+
 ``--auto``: a LipschitzCallback with ``every_n_steps="auto"`` on a fake clock whose measurement
 cost differs by rank (rank 0's calibration picks 10 steps, rank 1's alone would pick 500), 12
 steps; every rank writes its interval and measured steps to OUT.json.rank<R>.
@@ -28,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
+from lightning_bn import HessianCallback, ICSCallback, LipschitzCallback, SmoothnessCallback
 from tests.support.models import Classifier, MemoryLogger
 
 B = 8
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=None)
     parser.add_argument("--auto", action="store_true")
+    parser.add_argument("--hessian", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -138,11 +142,15 @@ def main() -> None:
         run_auto(ddp, args.out)
         return
     loss_fn = FailOnRank(args.fail_rank, args.fail_step) if args.fail_rank is not None else None
-    callbacks = [
+    callbacks: list[pl.Callback] = [
         ICSCallback(every_n_steps=1, loss_fn=loss_fn),
         LipschitzCallback(every_n_steps=1, loss_fn=loss_fn),
         SmoothnessCallback(every_n_steps=2, power_iters=30, tol=1e-6, loss_fn=loss_fn),
     ]
+    optimizer = "sgd"
+    if args.hessian:
+        callbacks = [HessianCallback(every_n_steps=1, top_k=2, density_starts=2, density_steps=12)]
+        optimizer = "adam"
     logger = MemoryLogger()
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -157,7 +165,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = Classifier(make_net(), lr=0.1)
+    module = Classifier(make_net(), optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01)
     trainer.fit(module, datamodule=Data(ddp))
     if trainer.global_rank == 0:
         out = {

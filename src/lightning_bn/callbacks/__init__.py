@@ -1,6 +1,7 @@
 """Lightning callbacks: thin wiring around the plain-torch diagnostics."""
 
 from lightning_bn.callbacks.base import BatchPreparer, DiagnosticCallback
+from lightning_bn.callbacks.hessian import HessianCallback
 from lightning_bn.callbacks.ics import ICSCallback
 from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.noise_injection import DEFAULT_NOISE_TARGETS, NoiseInjectionCallback
@@ -24,6 +25,7 @@ __all__ = [
     "BatchPreparer",
     "DiagnosticCallback",
     "DiagnosticWarning",
+    "HessianCallback",
     "ICSCallback",
     "LipschitzCallback",
     "NoiseInjectionCallback",

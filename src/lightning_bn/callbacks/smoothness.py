@@ -75,6 +75,7 @@ class SmoothnessCallback(DiagnosticCallback):
 
     Logged metrics: ``smoothness/grad_diff_min``, ``smoothness/grad_diff_max``,
     ``smoothness/beta_eff``, ``smoothness/hessian_top_eig``, ``smoothness/hessian_iters``,
+    ``smoothness/hessian_converged`` (1.0 if the eigenvalue met ``tol`` within ``max_iters``),
     ``smoothness/grad_curvature``.
 
     Args:
@@ -124,6 +125,7 @@ class SmoothnessCallback(DiagnosticCallback):
             LoggedKey("smoothness/hessian_top_eig", "max"),
             LoggedKey("smoothness/grad_curvature", "max"),
             LoggedKey("smoothness/hessian_iters", "last"),
+            LoggedKey("smoothness/hessian_converged", "min"),
         ),
         panels=(
             Panel(

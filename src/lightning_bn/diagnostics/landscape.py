@@ -423,7 +423,8 @@ def compute_smoothness(
         (:math:`\max_\eta` of that norm over the step's length :math:`\lVert \eta g_t
         \rVert_2`), and with
         ``hessian``: ``hessian_top_eig`` (dominant, i.e. largest-magnitude, eigenvalue with its
-        sign), ``hessian_iters`` (Hessian-vector products it took), ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
+        sign), ``hessian_iters`` (Hessian-vector products it took), ``hessian_converged`` (1.0 if
+        the iteration met ``tol`` within ``max_iters``, else 0.0), ``grad_curvature`` (:math:`g^\top H g / \lVert g\rVert^2`).
     """
     max_iters = resolve_max_iters(max_iters, power_iters, stacklevel=3)
     coll = collective if collective is not None else Collective()
@@ -484,9 +485,11 @@ def compute_smoothness(
             generator=generator,
             like=trainable,
             algorithm=eig_algorithm,  # type: ignore[arg-type]
+            warn=False,  # logged as hessian_converged instead
         )
         eigenvector = eig.eigenvector
         metrics["hessian_top_eig"] = eig.eigenvalue
         metrics["hessian_iters"] = float(eig.iterations)
+        metrics["hessian_converged"] = float(eig.converged)
         metrics["grad_curvature"] = gradient_curvature(hvp_fn, grad) if g_norm > 0 else math.nan
     return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

@@ -1,0 +1,239 @@
+r"""One measurement of the Hessian's spectrum at a training step (what ``HessianCallback`` logs).
+
+Plain torch: the Hessian-vector products of the step's training loss (through a
+:class:`~lightning_bn.probe.Probe`, the step's batch and RNG replayed), averaged over ranks as DDP
+averages gradients, then :mod:`~lightning_bn.diagnostics.spectrum`,
+:mod:`~lightning_bn.diagnostics.density` and :mod:`~lightning_bn.diagnostics.preconditioned` on
+them. Every rank draws the same random vectors (one generator, the same seed and history), so
+every rank computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_bn._validation import check_bool, check_choice, check_float, check_int
+from lightning_bn.diagnostics.density import spectral_density
+from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.ics import measured_layers
+from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
+from lightning_bn.diagnostics.spectrum import (
+    block_indices,
+    block_top_eigenvalues,
+    hutchinson_trace,
+    top_eigenvalues,
+)
+from lightning_bn.probe import Collective, Params, Probe, StepRecord
+
+__all__ = ["HessianSettings", "HessianState", "compute_hessian", "module_layers"]
+
+
+@dataclass(frozen=True)
+class HessianSettings:
+    """What one measurement computes; see :class:`~lightning_bn.callbacks.hessian.HessianCallback`
+    for each argument's meaning and default.
+
+    Raises:
+        ValueError, TypeError: an argument out of range or of the wrong type (named).
+    """
+
+    top_k: int = 3
+    max_iters: int = 100
+    tol: float = 1e-3
+    trace: bool = True
+    trace_rtol: float = 0.02
+    trace_max_samples: int = 100
+    density: bool = True
+    density_starts: int = 2
+    density_steps: int = 50
+    density_bins: int = 32
+    density_sigma: float = 0.01
+    per_layer: bool = True
+    preconditioned: bool = True
+    hvp_method: str = "reverse"
+
+    def __post_init__(self) -> None:
+        check_int("top_k", self.top_k, minimum=1)
+        check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
+        check_int("trace_max_samples", self.trace_max_samples, minimum=2)
+        for name in ("density_starts", "density_steps", "density_bins"):
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("tol", "trace_rtol", "density_sigma"):
+            object.__setattr__(self, name, check_float(name, getattr(self, name), minimum=0))
+        for name in ("trace", "density", "per_layer", "preconditioned"):
+            check_bool(name, getattr(self, name))
+        check_choice("hvp_method", self.hvp_method, ("reverse", "forward", "auto"))
+
+
+@dataclass
+class HessianState:
+    """Warm starts between measurements (flat vectors in the trainable parameters' layout)."""
+
+    top: list[Tensor] = field(default_factory=list)
+    blocks: dict[str, Tensor] = field(default_factory=dict)
+    precond: list[Tensor] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> HessianState:
+        return HessianState(
+            [t.to(device) for t in self.top],
+            {k: t.to(device) for k, t in self.blocks.items()},
+            [t.to(device) for t in self.precond],
+        )
+
+
+def compute_hessian(
+    probe: Probe,
+    params: Params,
+    step: StepRecord,
+    settings: HessianSettings,
+    *,
+    layers: Mapping[str, Sequence[str]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: HessianState | None = None,
+    generator: torch.Generator | None = None,
+    collective: Collective | None = None,
+) -> tuple[dict[str, float], HessianState]:
+    r"""Trace, top-k eigenvalues, density, per-layer blocks and preconditioned sharpness of
+    :math:`H = \nabla^2 L(W^t)` on the step's batch (the trainable parameters).
+
+    Args:
+        probe: evaluates the model at a parameter point.
+        params: :math:`W^t` (all parameters).
+        step: the measured step (batch, RNG state).
+        settings: what to compute.
+        layers: layer name → its parameters' names (the diagonal blocks).
+        optimizer: the optimiser whose state makes the preconditioner (``None``: none).
+        state: warm starts from the previous measurement.
+        generator: random source (the same state on every rank).
+        collective: cross-rank averaging of the products (DDP semantics).
+
+    Returns:
+        ``(metrics, state)``: metric keys without the callback's prefix (see the callback's
+        "Logged metrics"), and the warm starts for the next measurement.
+    """
+    coll = collective if collective is not None else Collective()
+    state = state if state is not None else HessianState()
+    names = probe.trainable_names()
+    trainable = {k: params[k] for k in names}
+
+    def loss_fn(point: Mapping[str, Tensor]) -> Tensor:
+        return probe.loss({**params, **point}, step)
+
+    op = coll.guard(
+        lambda: HessianVectorProduct(loss_fn, trainable, method=settings.hvp_method)  # type: ignore[arg-type]
+    )
+    layout = op.layout
+
+    def matvec(v: Tensor) -> Tensor:
+        return coll.mean(coll.guard(lambda: op.matvec(v)))
+
+    metrics: dict[str, float] = {}
+    new = HessianState()
+    k = settings.top_k
+    top = top_eigenvalues(
+        matvec,
+        layout,
+        k,
+        state.top or None,
+        max_iters=max(settings.max_iters, k + 1),
+        tol=settings.tol,
+        generator=generator,
+        warn=False,
+    )
+    for i in range(k):
+        metrics[f"eig_{i + 1}"] = top.eigenvalues[i] if i < len(top.eigenvalues) else math.nan
+    metrics["eig_converged"] = float(top.converged)
+    metrics["eig_iters"] = float(top.iterations)
+    new.top = [v.detach() for v in top.eigenvectors]
+
+    blocks = block_indices(layout, layers) if layers and settings.per_layer else {}
+    if settings.trace:
+        tr = hutchinson_trace(
+            matvec,
+            layout,
+            rtol=settings.trace_rtol,
+            max_samples=settings.trace_max_samples,
+            min_samples=min(10, settings.trace_max_samples),
+            generator=generator,
+            deflate=top.run,
+            blocks=blocks,
+            warn=False,
+        )
+        metrics |= {
+            "trace": tr.trace,
+            "trace_stderr": tr.stderr,
+            "trace_converged": float(tr.converged),
+            "trace_samples": float(tr.samples),
+        }
+        for name, (value, err) in tr.blocks.items():
+            metrics[f"{name}/trace"] = value
+            metrics[f"{name}/trace_stderr"] = err
+    del top  # the Lanczos basis (up to max_iters vectors) is not needed beyond the trace
+
+    if blocks:
+        per_block = block_top_eigenvalues(
+            matvec,
+            layout,
+            blocks,
+            state.blocks,
+            max_iters=settings.max_iters,
+            tol=settings.tol,
+            generator=generator,
+            warn=False,
+        )
+        for name, res in per_block.items():
+            metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
+            metrics[f"{name}/eig_converged"] = float(res.converged)
+            if res.eigenvectors:
+                new.blocks[name] = res.eigenvectors[0].detach()
+
+    if settings.preconditioned and optimizer is not None:
+        named = dict(probe.module.named_parameters())
+        pre = optimizer_preconditioner(optimizer, {n: named[n] for n in names}, layout)
+        if pre is not None:
+            metrics["stability_threshold"] = pre.threshold
+            if pre.identity:
+                metrics["precond_eig_max"] = metrics["eig_1"]
+                metrics["precond_converged"] = metrics["eig_converged"]
+            else:
+                res = top_eigenvalues(
+                    scaled_matvec(matvec, pre.inverse),
+                    layout,
+                    1,
+                    state.precond or None,
+                    max_iters=max(settings.max_iters, 2),
+                    tol=settings.tol,
+                    generator=generator,
+                    warn=False,
+                )
+                metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
+                metrics["precond_converged"] = float(res.converged)
+                new.precond = [v.detach() for v in res.eigenvectors]
+
+    if settings.density:
+        dens = spectral_density(
+            matvec,
+            layout,
+            starts=settings.density_starts,
+            steps=settings.density_steps,
+            generator=generator,
+        )
+        masses, lo, hi = dens.histogram(settings.density_bins, settings.density_sigma)
+        metrics["density/lo"], metrics["density/hi"] = lo, hi
+        width = len(str(settings.density_bins - 1))
+        for j, mass in enumerate(masses.tolist()):
+            metrics[f"density/bin_{j:0{width}d}"] = mass
+    return metrics, new
+
+
+def module_layers(
+    module: nn.Module, selectors: Sequence[str | type[nn.Module]] | None
+) -> dict[str, list[str]]:
+    """The layers as ICS names them (:func:`~lightning_bn.diagnostics.ics.measured_layers`):
+    layer name → its trainable parameters' qualified names."""
+    return {layer.name: list(layer.params) for layer in measured_layers(module, selectors)}
