@@ -17,7 +17,8 @@ from lightning_bn.experiments.data import (
     DigitsDataModule,
     write_cifar10_like,
 )
-from lightning_bn.experiments.models import MLP, VGG, DeepLinearNetwork, SmallCNN
+from lightning_bn.experiments.deep_linear import DeepLinearNetwork
+from lightning_bn.experiments.models import MLP, VGG, SmallCNN
 from lightning_bn.experiments.modules import (
     ClassificationModule,
     RegressionModule,

@@ -12,12 +12,12 @@ from lightning_bn.experiments.data import (
     read_cifar10_batch,
     write_cifar10_like,
 )
+from lightning_bn.experiments.deep_linear import DeepLinearNetwork
 from lightning_bn.experiments.models import (
     INIT_SCHEMES,
     MLP,
     VGG,
     VGG_CONFIGS,
-    DeepLinearNetwork,
     SmallCNN,
     init_weights_,
 )

@@ -31,7 +31,6 @@ __all__ = [
     "MLP",
     "VGG",
     "VGG_CONFIGS",
-    "DeepLinearNetwork",
     "SmallCNN",
     "count_parameters",
     "init_weights_",
@@ -399,7 +398,3 @@ def init_weights_(model: nn.Module, init: str = "kaiming", scale: float = 1.0) -
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (used by tests and the reproduce summary)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# The deep linear network lives in its own module; importable from here as before.
-from lightning_bn.experiments.deep_linear import DeepLinearNetwork  # noqa: E402

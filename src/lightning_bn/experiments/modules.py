@@ -271,7 +271,7 @@ class RegressionModule(_ModelModule):
         ``train/loss`` (every step), ``val/loss``, ``test/loss`` (epoch averages).
 
     Example:
-        >>> from lightning_bn.experiments.models import DeepLinearNetwork
+        >>> from lightning_bn.experiments import DeepLinearNetwork
         >>> module = RegressionModule(DeepLinearNetwork(depth=3, width=4), lr=1e-3)
         >>> module.hparams.reduction
         'mean'

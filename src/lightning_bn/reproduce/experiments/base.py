@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch import nn
 
-    from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
+    from lightning_bn.reproduce.variants import ExperimentPlan, VariantSpec
 
 __all__ = [
     "COMPARED_KINDS",
@@ -32,22 +32,7 @@ __all__ = [
     "PlanDefaults",
 ]
 
-#: Variants of a network, in the order they are trained and listed.
-KINDS: tuple[str, ...] = (
-    "standard",
-    "batchnorm",
-    "noisy-batchnorm",
-    "l1",
-    "l2",
-    "linf",
-    "layernorm",
-)
-#: Scales of the initial weights of the initialisation finding (besides 1).
-INIT_SCALES: tuple[float, ...] = (0.25, 4.0)
-#: Small batch size of the batch-size finding (against the plan's batch size).
-SMALL_BATCH = 4
-#: Kinds whose diagnostics the findings compare.
-COMPARED_KINDS: tuple[str, ...] = ("standard", "batchnorm")
+from lightning_bn.reproduce.variants import COMPARED_KINDS, INIT_SCALES, KINDS, SMALL_BATCH
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch import nn
 
-    from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
+    from lightning_bn.reproduce.variants import ExperimentPlan, VariantSpec
 
 __all__ = ["EXPERIMENT", "dln_step_sizes"]
 
