@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_bn.experiments.deep_linear import DeepLinearNetwork
 from lightning_bn.experiments.models import (
     MLP,
     VGG,
     VGG_CONFIGS,
-    DeepLinearNetwork,
     SmallCNN,
     count_parameters,
     init_weights_,
