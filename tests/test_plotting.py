@@ -237,7 +237,7 @@ def test_redraw_writes_summary_and_findings_json(synthetic_run: Path) -> None:
         assert f"figures/{figure.name}" in text
     assert "| mlp | standard | 1 | 1 | 64 | 0 | 0.1 |" in text  # the runs table, per seed
     assert "He/Kaiming" in text and "seeds: 0, 1 (2)" in text
-    assert "that comparison decides the verdict" in text
+    assert "The early phase decides the verdict" in text and "early phase (decides)" in text
     assert result.findings_file == synthetic_run / "findings.json"
     data = json.loads(result.findings_file.read_text())
     assert_findings_schema(data, n_runs=len(load_run(synthetic_run).plan.runs()))
