@@ -57,7 +57,8 @@ def test_declaration_reaches_summaries_prefixes_and_panels(example: ModuleType) 
 
 
 def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
-    """The declarations on the four built-in callbacks reproduce the tables 0.1.0 wrote out."""
+    """The declarations on the built-in callbacks reproduce the tables 0.1.0 wrote out, plus the
+    keys and panels added since (``smoothness/hessian_converged``, the HessianCallback's)."""
     from lightning_bn.callbacks import PAPER_PANELS, PAPER_SUMMARIES
 
     assert PAPER_SUMMARIES == {
@@ -80,6 +81,22 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
         "smoothness/hessian_top_eig": "max",
         "smoothness/grad_curvature": "max",
         "smoothness/hessian_iters": "last",
+        "smoothness/hessian_converged": "min",
+        "hessian/eig_converged": "min",
+        "hessian/eig_iters": "max",
+        "hessian/eig_*": "max",
+        "hessian/trace": "max",
+        "hessian/trace_stderr": "max",
+        "hessian/trace_converged": "min",
+        "hessian/trace_samples": "max",
+        "hessian/precond_eig_max": "max",
+        "hessian/precond_converged": "min",
+        "hessian/stability_threshold": "last",
+        "hessian/density/*": "none",
+        "hessian/*/trace": "max",
+        "hessian/*/trace_stderr": "max",
+        "hessian/*/eig_max": "max",
+        "hessian/*/eig_converged": "min",
     }
     assert [(p.key, p.lines) for p in PAPER_PANELS] == [
         (
@@ -100,8 +117,19 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
         ("panels/act_grad_norm", (("lipschitz/{layer}/act_grad_norm", "{layer}"),)),
         ("panels/hessian_top_eig", (("smoothness/hessian_top_eig", "λ_max"),)),
         ("panels/grad_curvature", (("smoothness/grad_curvature", "gᵀHg / ‖g‖²"),)),
+        ("panels/hessian_top_k", tuple((f"hessian/eig_{i}", f"λ_{i}") for i in range(1, 11))),
+        ("panels/hessian_trace", (("hessian/trace", "tr H"),)),
+        (
+            "panels/edge_of_stability",
+            (
+                ("hessian/precond_eig_max", "λ_max(P^-1/2 H P^-1/2)"),
+                ("hessian/stability_threshold", "threshold (2/η SGD, 38/η Adam)"),
+            ),
+        ),
+        ("panels/hessian_layer_trace", (("hessian/{layer}/trace", "{layer}"),)),
+        ("panels/hessian_layer_eig", (("hessian/{layer}/eig_max", "{layer}"),)),
     ]
-    assert keys.prefixes()[:4] == ("ics/", "lipschitz/", "noise/", "smoothness/")
+    assert keys.prefixes()[:5] == ("hessian/", "ics/", "lipschitz/", "noise/", "smoothness/")
 
 
 def test_plot_draws_the_declared_panel_of_a_csv_run(
