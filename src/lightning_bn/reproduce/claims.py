@@ -30,13 +30,19 @@ _LP = ("l1", "l2", "linf")
 
 def bn_trains_faster(ctx: _Context) -> Finding:
     """BatchNorm trains faster than the standard network (at the base learning rate)."""
+    return _faster_than_standard(ctx, "bn_trains_faster", "bn", "batchnorm", "BN")
+
+
+def _faster_than_standard(ctx: _Context, key: str, role: str, kind: str, shown: str) -> Finding:
+    """The mean training loss of variant ``kind`` (``role`` in the runs, ``shown`` in the
+    detail line) over that of the standard network."""
     return _finding(
         ctx,
-        "bn_trains_faster",
-        {"bn": ctx.spec("batchnorm"), "std": ctx.spec("standard")},
-        lambda r, rng: _ratio(_mean_loss(r["bn"], rng), _mean_loss(r["std"], rng)),
+        key,
+        {role: ctx.spec(kind), "std": ctx.spec("standard")},
+        lambda r, rng: _ratio(_mean_loss(r[role], rng), _mean_loss(r["std"], rng)),
         lambda r: (
-            f"mean loss BN {_fmt(_mean_loss(r['bn'], None))}, standard "
+            f"mean loss {shown} {_fmt(_mean_loss(r[role], None))}, standard "
             f"{_fmt(_mean_loss(r['std'], None))}"
         ),
     )
@@ -99,16 +105,7 @@ def _final_comparison(
 
 def noisy_bn_faster(ctx: _Context) -> Finding:
     """Noisy BatchNorm still trains faster than the standard network (Fig. 2)."""
-    return _finding(
-        ctx,
-        "noisy_bn_faster",
-        {"noisy": ctx.spec("noisy-batchnorm"), "std": ctx.spec("standard")},
-        lambda r, rng: _ratio(_mean_loss(r["noisy"], rng), _mean_loss(r["std"], rng)),
-        lambda r: (
-            f"mean loss noisy BN {_fmt(_mean_loss(r['noisy'], None))}, standard "
-            f"{_fmt(_mean_loss(r['std'], None))}"
-        ),
-    )
+    return _faster_than_standard(ctx, "noisy_bn_faster", "noisy", "noisy-batchnorm", "noisy BN")
 
 
 def lp_norms_like_bn(ctx: _Context) -> Finding:
