@@ -25,13 +25,13 @@ from lightning_bn.experiments import write_cifar10_like
 from lightning_bn.reproduce import FINDINGS, VariantSpec, build_plan, load_run
 from lightning_bn.reproduce.plan import KINDS, ExperimentPlan
 from lightning_bn.reproduce.runner import resolve_wandb_mode
-from tests.support.wandb_offline import OfflineRun, WandbFileError, read_run
-from tests.test_plotting import (
+from tests.reproduce.test_plotting import (
     EXPECTED_FIGURES,
     assert_findings_schema,
     assert_valid_png,
     finding_rows,
 )
+from tests.support.wandb_offline import OfflineRun, WandbFileError, read_run
 
 TINY = ["--tiny", "--no-progress"]
 

@@ -10,9 +10,11 @@ from lightning_bn.diagnostics.paramvec import (
     dict_axpy,
     dict_clone,
     dict_dot,
+    dict_flat,
     dict_norm,
     dict_normalise,
     dict_sub_,
+    vector_change,
 )
 
 
@@ -102,3 +104,28 @@ def test_flat_layout_round_trip_with_mixed_dtypes() -> None:
     assert all(bool((t == 0).all()) for t in views.values())
     with pytest.raises(ValueError, match="keys"):
         layout.flat({"a.bias": x["a.bias"]})
+
+
+def test_dict_flat_and_vector_change_against_the_closed_form() -> None:
+    x, y = _dicts(torch.float32)
+    flat = dict_flat(x, dtype=torch.float64)
+    assert flat.dtype == torch.float64
+    assert torch.equal(flat, _flat(x).double())
+    assert torch.equal(
+        dict_flat(x, keys=["b.weight", "a.bias"]),
+        torch.cat([x["b.weight"].reshape(-1), x["a.bias"]]),
+    )
+    g, gp = _flat(x).double(), _flat(y).double()
+    l2, cos, rel = vector_change(g, gp)
+    dist = sum((a - b) ** 2 for a, b in zip(g.tolist(), gp.tolist(), strict=True)) ** 0.5
+    ng = sum(a * a for a in g.tolist()) ** 0.5
+    ngp = sum(b * b for b in gp.tolist()) ** 0.5
+    dot = sum(a * b for a, b in zip(g.tolist(), gp.tolist(), strict=True))
+    assert float(l2) == pytest.approx(dist, rel=1e-12)
+    assert float(cos) == pytest.approx(dot / (ng * ngp), rel=1e-12)
+    assert float(rel) == pytest.approx(dist / ng, rel=1e-12)
+    # equal vectors: cosine exactly 1 (clamped), no change; a zero G: no division by zero
+    assert [float(v) for v in vector_change(g, g)] == [0.0, 1.0, 0.0]
+    zero = torch.zeros_like(g)
+    l2, cos, rel = vector_change(zero, gp)
+    assert float(cos) == 0.0 and float(rel) == pytest.approx(float(l2) / 1e-12)

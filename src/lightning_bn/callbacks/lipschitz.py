@@ -10,9 +10,8 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._types import LossFn
-from lightning_bn._validation import check_bool, check_step_sizes
-from lightning_bn.callbacks.base import DiagnosticCallback
-from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
+from lightning_bn.callbacks.along_gradient import AlongGradientCallback
+from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import StepRecord
@@ -24,7 +23,7 @@ __all__ = ["LipschitzCallback"]
 THM41_TOLERANCE = 1e-4
 
 
-class LipschitzCallback(DiagnosticCallback):
+class LipschitzCallback(AlongGradientCallback):
     r"""Measure how much the loss varies along the gradient, and the Lipschitzness of the loss.
 
     At a measured step t, on the step's batch (same dropout masks, batch statistics, nothing of
@@ -140,9 +139,9 @@ class LipschitzCallback(DiagnosticCallback):
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
-        self.step_sizes = check_step_sizes(step_sizes)
-        self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
+        super().__init__(
+            every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
+        )
         self._norm_layers: list[tuple[str, nn.Module]] = []
 
     key_base = "lipschitz"
@@ -153,16 +152,10 @@ class LipschitzCallback(DiagnosticCallback):
     def _settings(self) -> dict[str, Any]:
         return {
             **super()._settings(),
-            "step_sizes": self.step_sizes,
-            "relative_to_lr": self.relative_to_lr,
         }
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas, scales = resolve_steps(
-            self._param_lrs(trainer, self.probe.module),
-            self.step_sizes,
-            self.relative_to_lr,
-        )
+        etas, scales = self._steps(trainer)
         values = compute_lipschitz(
             self.probe,
             self.probe.parameters(),

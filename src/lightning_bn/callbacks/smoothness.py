@@ -9,18 +9,17 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_bn._types import LossFn
 from lightning_bn._validation import (
     check_bool,
     check_choice,
     check_float,
     check_int,
-    check_step_sizes,
 )
-from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
+from lightning_bn.callbacks.along_gradient import AlongGradientCallback
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
-    resolve_steps,
 )
 from lightning_bn.diagnostics.paramvec import dict_clone
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
@@ -33,7 +32,7 @@ _HVP_METHODS = ("reverse", "forward", "auto")
 _EIG_ALGORITHMS = ("power", "lanczos")
 
 
-class SmoothnessCallback(DiagnosticCallback):
+class SmoothnessCallback(AlongGradientCallback):
     r"""Measure how predictive the gradient is and how smooth the loss is, along the gradient.
 
     At a measured step t, on the step's batch (same dropout masks, batch statistics, nothing of
@@ -190,9 +189,9 @@ class SmoothnessCallback(DiagnosticCallback):
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
-        self.step_sizes = check_step_sizes(step_sizes)
-        self.relative_to_lr = check_bool("relative_to_lr", relative_to_lr)
+        super().__init__(
+            every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
+        )
         self.max_iters = resolve_max_iters(max_iters, power_iters)
         self.tol = check_float("tol", tol, minimum=0)
         self.hvp_method = check_choice("hvp_method", hvp_method, _HVP_METHODS)
@@ -207,8 +206,6 @@ class SmoothnessCallback(DiagnosticCallback):
     def _settings(self) -> dict[str, Any]:
         return {
             **super()._settings(),
-            "step_sizes": self.step_sizes,
-            "relative_to_lr": self.relative_to_lr,
             "hessian": self.hessian,
             "max_iters": self.max_iters,
             "power_iters": self.max_iters,  # the key's name before `max_iters` (stable config)
@@ -224,11 +221,7 @@ class SmoothnessCallback(DiagnosticCallback):
         return self.max_iters
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        etas, scales = resolve_steps(
-            self._param_lrs(trainer, self.probe.module),
-            self.step_sizes,
-            self.relative_to_lr,
-        )
+        etas, scales = self._steps(trainer)
         result = compute_smoothness(
             self.probe,
             self.probe.parameters(),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.diagnostics.paramvec import dict_flat, vector_change
 from lightning_bn.layers.registry import is_norm_layer
 from lightning_bn.layers.selection import describe_modules, match_modules
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
@@ -104,12 +105,6 @@ def _unit_shift_tensor(before: Tensor, after: Tensor) -> Tensor:
             emd.mean().double(),
         ]
     )
-
-
-def _flat64(tensors: Sequence[Tensor]) -> Tensor:
-    """The tensors flattened and concatenated, in float64 (on the first one's device)."""
-    device = tensors[0].device
-    return torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
 
 
 def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
@@ -273,133 +268,225 @@ def compute_ics(
         the forward pass does not use are left out.
     """
     coll = collective if collective is not None else Collective()
+    at = _Points(probe, before, after, step)
     chosen = _as_layers(probe.module, layers, set(probe.trainable_names()))
-    order = coll.guard(lambda: probe.use_order(before, step))
-    seq = {n: i for i, n in enumerate(order)}
-    first = {
-        lay.name: min(seq[p] for p in lay.params if p in seq)
-        for lay in chosen
-        if any(p in seq for p in lay.params)
-    }
-    chosen = sorted((lay for lay in chosen if lay.name in first), key=lambda lay: first[lay.name])
+    order = coll.guard(lambda: _UseOrder.trace(at, chosen))
+    chosen = order.sort(chosen)
     if not chosen:  # no measured parameter is used by this forward pass
         return {}
-    inputs0: dict[str, Tensor] = {}
-
-    def capture(store: dict[str, Tensor], key: str) -> Any:
-        def hook(mod: nn.Module, args: Any) -> None:
-            if key in store or not args or not isinstance(args[0], Tensor):
-                return
-            if args[0].is_floating_point():
-                store[key] = input_units(mod, args[0])
-
-        return hook
-
-    # pass at W^t: every G and every layer's input
-    all_wrt = [p for layer in chosen for p in layer.params]
-
-    def first_pass() -> Params:
-        handles = [
-            lay.module.register_forward_pre_hook(capture(inputs0, lay.name)) for lay in chosen
-        ]
-        try:
-            return probe.loss_and_grad(before, step, wrt=all_wrt)[1]
-        finally:
-            for h in handles:
-                h.remove()
-
-    grads0: Params = coll.guard(first_pass)
-
-    def earlier_than(lay: ICSLayer) -> set[str]:
-        own = set(lay.params)
-        return {p for p in order if seq[p] < first[lay.name] and p not in own}
-
-    def mixed_pass(lay: ICSLayer) -> tuple[Params, Tensor | None]:
-        earlier = earlier_than(lay)
-        if not earlier:  # nothing is used before this layer: G' = G, same input
-            return {p: grads0[p] for p in lay.params}, inputs0.get(lay.name)
-        point = {p: (after[p] if p in earlier else before[p]) for p in before}
-        store: dict[str, Tensor] = {}
-        handle = lay.module.register_forward_pre_hook(capture(store, lay.name))
-        try:
-            _, g = probe.loss_and_grad(point, step, wrt=list(lay.params))
-        finally:
-            handle.remove()
-        return g, store.get(lay.name)
-
-    def mixed_batched() -> list[tuple[Params, Tensor | None]] | None:
-        """Every G' (and mixed input) in vmapped chunks: the gradient w.r.t. the union of the
-        layers' parameters at each layer's point, of which layer i's block is G'_i."""
-        earlier = {lay.name: earlier_than(lay) for lay in chosen}
-        todo = [lay for lay in chosen if earlier[lay.name]]
-        if not todo:
-            return None
-
-        def hooks(store: dict[str, Tensor]) -> list[Any]:
-            return [lay.module.register_forward_pre_hook(capture(store, lay.name)) for lay in todo]
-
-        values = batched_points(
-            probe,
-            before,
-            [{p: after[p] for p in earlier[lay.name]} for lay in todo],
-            step,
-            list(dict.fromkeys(p for lay in todo for p in lay.params)),
-            hooks if distributional else None,
+    start: _Start = coll.guard(lambda: _pass_at_start(at, chosen))
+    mixed = coll.guard(lambda: _mixed_passes(at, chosen, order, start, distributional))
+    averaged = _average_gradients(coll, start, mixed)
+    stats = [
+        _layer_statistics(
+            i, lay, averaged, start.inputs.get(lay.name), x_mixed, coll, distributional
         )
-        if values is None:  # not batching (setting, device) or vmap failed: sequential
-            return None
-        at = {lay.name: value for lay, value in zip(todo, values, strict=True)}
-        out: list[tuple[Params, Tensor | None]] = []
-        for lay in chosen:
-            if lay.name not in at:  # nothing is used before this layer: G' = G, same input
-                out.append(({p: grads0[p] for p in lay.params}, inputs0.get(lay.name)))
-                continue
-            _, grads, stored = at[lay.name]
-            out.append(({p: grads[p] for p in lay.params}, stored.get(lay.name)))
-        return out
+        for i, (lay, (_, x_mixed)) in enumerate(zip(chosen, mixed, strict=True))
+    ]
+    return _to_host(chosen, stats)
 
-    def mixed_passes() -> list[tuple[Params, Tensor | None]]:
-        # batched only with the step's random state (without it each sequential pass draws
-        # anew, which a batched evaluation cannot reproduce)
-        use_vmap = probe.vmap_chunk_size is not None and step.rng is not None
-        batched = mixed_batched() if use_vmap else None
-        return batched if batched is not None else [mixed_pass(lay) for lay in chosen]
 
-    mixed = coll.guard(mixed_passes)
-    # every gradient averaged over ranks in one all-reduce (G of all layers, then each G'; a
-    # layer with nothing used before it has G' = G, the very tensors, averaged once)
-    flat: dict[str, Tensor] = {f"g:{p}": t for p, t in grads0.items()}
-    for i, (g_mixed_local, _) in enumerate(mixed):
-        flat.update({f"{i}:{p}": t for p, t in g_mixed_local.items() if t is not grads0.get(p)})
-    averaged = coll.mean_dict(flat)
-    rows: list[Tensor] = []
-    keys: list[tuple[str, tuple[str, ...]]] = []
-    for i, (lay, (_, x_mixed)) in enumerate(zip(chosen, mixed, strict=True)):
-        # in float64: G and G' are close, and their difference is the logged quantity; the
-        # layer's parameters flattened into one vector each (a handful of kernels per layer)
-        g = _flat64([averaged[f"g:{p}"] for p in lay.params])
-        gp = _flat64([averaged.get(f"{i}:{p}", averaged[f"g:{p}"]) for p in lay.params])
-        diff = torch.linalg.vector_norm(g - gp)
-        g_norm = torch.linalg.vector_norm(g)
-        gp_norm = torch.linalg.vector_norm(gp)
-        # rounding can put the quotient a few ulps outside [-1, 1]
-        cos = (torch.dot(g, gp) / torch.clamp(g_norm * gp_norm, min=_EPS)).clamp(-1.0, 1.0)
-        row = [diff, cos, diff / torch.clamp(g_norm, min=_EPS)]
-        names: tuple[str, ...] = ("l2", "cos", "l2_rel")
-        x0 = inputs0.get(lay.name)
-        if distributional and x0 is not None and x_mixed is not None:
-            # gather along the values axis: the union of the ranks' batches
-            x0_all = coll.gather(x0.transpose(0, 1)).transpose(0, 1)
-            x1_all = coll.gather(x_mixed.transpose(0, 1)).transpose(0, 1)
-            row.extend(_unit_shift_tensor(x0_all, x1_all).unbind())
-            names += _SHIFT_KEYS
-        rows.append(torch.stack(row))
-        keys.append((lay.name, names))
-    # one transfer to the host for every value of every layer
-    values = torch.cat([row.to(rows[0].device) for row in rows]).tolist()  # model parallel
+#: A layer's G' (its parameters' gradients at the mixed point) and its input there (if observed).
+_Mixed = tuple[Params, Tensor | None]
+
+
+@dataclass(frozen=True)
+class _Points:
+    """What every pass of :func:`compute_ics` evaluates at: W^t, W^{t+1} and the step."""
+
+    probe: Probe
+    before: Params
+    after: Params
+    step: StepRecord
+
+
+@dataclass(frozen=True)
+class _UseOrder:
+    """The trainable parameters in the order the forward pass first uses them, and each
+    measured layer's first use (the position of its earliest parameter)."""
+
+    order: list[str]
+    seq: dict[str, int]
+    first: dict[str, int]
+
+    @classmethod
+    def trace(cls, at: _Points, layers: Sequence[ICSLayer]) -> _UseOrder:
+        order = at.probe.use_order(at.before, at.step)
+        seq = {n: i for i, n in enumerate(order)}
+        first = {
+            lay.name: min(seq[p] for p in lay.params if p in seq)
+            for lay in layers
+            if any(p in seq for p in lay.params)
+        }
+        return cls(list(order), seq, first)
+
+    def sort(self, layers: Sequence[ICSLayer]) -> list[ICSLayer]:
+        """The layers the forward pass uses, by first use."""
+        used = (lay for lay in layers if lay.name in self.first)
+        return sorted(used, key=lambda lay: self.first[lay.name])
+
+    def earlier_than(self, lay: ICSLayer) -> set[str]:
+        """The parameters at W^{t+1} in the layer's G': those first used before it."""
+        own = set(lay.params)
+        return {p for p in self.order if self.seq[p] < self.first[lay.name] and p not in own}
+
+
+@dataclass(frozen=True)
+class _Start:
+    """The pass at W^t: every measured parameter's gradient (G) and every layer's input."""
+
+    grads: Params
+    inputs: dict[str, Tensor]
+
+    def unchanged(self, lay: ICSLayer) -> _Mixed:
+        """G' of a layer with nothing used before it: G, the very tensors, and the same input."""
+        return {p: self.grads[p] for p in lay.params}, self.inputs.get(lay.name)
+
+
+def _capture(store: dict[str, Tensor], key: str) -> Any:
+    """A forward pre-hook storing the module's first floating-point input (once) as
+    :func:`input_units` under ``key``."""
+
+    def hook(mod: nn.Module, args: Any) -> None:
+        if key in store or not args or not isinstance(args[0], Tensor):
+            return
+        if args[0].is_floating_point():
+            store[key] = input_units(mod, args[0])
+
+    return hook
+
+
+def _hooked(layers: Sequence[ICSLayer], store: dict[str, Tensor]) -> list[Any]:
+    return [lay.module.register_forward_pre_hook(_capture(store, lay.name)) for lay in layers]
+
+
+def _pass_at_start(at: _Points, layers: Sequence[ICSLayer]) -> _Start:
+    """One pass at W^t: every G_{t,i} and every layer's input."""
+    inputs: dict[str, Tensor] = {}
+    handles = _hooked(layers, inputs)
+    try:
+        wrt = [p for lay in layers for p in lay.params]
+        grads = at.probe.loss_and_grad(at.before, at.step, wrt=wrt)[1]
+    finally:
+        for h in handles:
+            h.remove()
+    return _Start(grads, inputs)
+
+
+def _mixed_pass(at: _Points, lay: ICSLayer, earlier: set[str], start: _Start) -> _Mixed:
+    """G'_{t,i} sequentially: one pass at the layer's mixed point, backward to its parameters."""
+    if not earlier:
+        return start.unchanged(lay)
+    point = {p: (at.after[p] if p in earlier else at.before[p]) for p in at.before}
+    store: dict[str, Tensor] = {}
+    (handle,) = _hooked([lay], store)
+    try:
+        _, g = at.probe.loss_and_grad(point, at.step, wrt=list(lay.params))
+    finally:
+        handle.remove()
+    return g, store.get(lay.name)
+
+
+def _mixed_batched(
+    at: _Points,
+    layers: Sequence[ICSLayer],
+    order: _UseOrder,
+    start: _Start,
+    distributional: bool,
+) -> list[_Mixed] | None:
+    """Every G' (and mixed input) in vmapped chunks: the gradient w.r.t. the union of the
+    layers' parameters at each layer's point, of which layer i's block is G'_i; ``None`` when
+    the probe does not batch here or ``vmap`` failed."""
+    earlier = {lay.name: order.earlier_than(lay) for lay in layers}
+    todo = [lay for lay in layers if earlier[lay.name]]
+    if not todo:
+        return None
+    values = batched_points(
+        at.probe,
+        at.before,
+        [{p: at.after[p] for p in earlier[lay.name]} for lay in todo],
+        at.step,
+        list(dict.fromkeys(p for lay in todo for p in lay.params)),
+        (lambda store: _hooked(todo, store)) if distributional else None,
+    )
+    if values is None:
+        return None
+    got = {lay.name: value for lay, value in zip(todo, values, strict=True)}
+    out: list[_Mixed] = []
+    for lay in layers:
+        if lay.name not in got:
+            out.append(start.unchanged(lay))
+            continue
+        _, grads, stored = got[lay.name]
+        out.append(({p: grads[p] for p in lay.params}, stored.get(lay.name)))
+    return out
+
+
+def _mixed_passes(
+    at: _Points,
+    layers: Sequence[ICSLayer],
+    order: _UseOrder,
+    start: _Start,
+    distributional: bool,
+) -> list[_Mixed]:
+    """Every layer's G' and mixed input: batched where the probe batches, else one pass each."""
+    # batched only with the step's random state (without it each sequential pass draws
+    # anew, which a batched evaluation cannot reproduce)
+    if at.probe.vmap_chunk_size is not None and at.step.rng is not None:
+        batched = _mixed_batched(at, layers, order, start, distributional)
+        if batched is not None:
+            return batched
+    return [_mixed_pass(at, lay, order.earlier_than(lay), start) for lay in layers]
+
+
+def _average_gradients(coll: Collective, start: _Start, mixed: Sequence[_Mixed]) -> Params:
+    """Every gradient averaged over ranks in one all-reduce: G of all layers under ``g:<p>``,
+    then layer i's G' under ``<i>:<p>`` (a layer with nothing used before it has G' = G, the
+    very tensors, averaged once and left out)."""
+    flat: dict[str, Tensor] = {f"g:{p}": t for p, t in start.grads.items()}
+    for i, (g_mixed, _) in enumerate(mixed):
+        flat.update({f"{i}:{p}": t for p, t in g_mixed.items() if t is not start.grads.get(p)})
+    return coll.mean_dict(flat)
+
+
+def _layer_statistics(
+    i: int,
+    lay: ICSLayer,
+    averaged: Params,
+    x0: Tensor | None,
+    x_mixed: Tensor | None,
+    coll: Collective,
+    distributional: bool,
+) -> tuple[Tensor, tuple[str, ...]]:
+    """Layer i's values (one tensor, on its device) and their names: ``l2``, ``cos``,
+    ``l2_rel`` from its averaged G and G', and the input shifts where both inputs are observed."""
+    # in float64: G and G' are close, and their difference is the logged quantity; the
+    # layer's parameters flattened into one vector each (a handful of kernels per layer)
+    g = dict_flat({p: averaged[f"g:{p}"] for p in lay.params}, dtype=torch.float64)
+    gp = dict_flat(
+        {p: averaged.get(f"{i}:{p}", averaged[f"g:{p}"]) for p in lay.params}, dtype=torch.float64
+    )
+    row = list(vector_change(g, gp, eps=_EPS))
+    names: tuple[str, ...] = ("l2", "cos", "l2_rel")
+    if distributional and x0 is not None and x_mixed is not None:
+        # gather along the values axis: the union of the ranks' batches
+        x0_all = coll.gather(x0.transpose(0, 1)).transpose(0, 1)
+        x1_all = coll.gather(x_mixed.transpose(0, 1)).transpose(0, 1)
+        row.extend(_unit_shift_tensor(x0_all, x1_all).unbind())
+        names += _SHIFT_KEYS
+    return torch.stack(row), names
+
+
+def _to_host(
+    layers: Sequence[ICSLayer], stats: Sequence[tuple[Tensor, tuple[str, ...]]]
+) -> dict[str, dict[str, float]]:
+    """One transfer to the host for every value of every layer (model parallel: rows may sit on
+    different devices)."""
+    rows = [row for row, _ in stats]
+    values = torch.cat([row.to(rows[0].device) for row in rows]).tolist()
     results: dict[str, dict[str, float]] = {}
     offset = 0
-    for name, names in keys:
-        results[name] = dict(zip(names, values[offset : offset + len(names)], strict=True))
+    for lay, (_, names) in zip(layers, stats, strict=True):
+        results[lay.name] = dict(zip(names, values[offset : offset + len(names)], strict=True))
         offset += len(names)
     return results

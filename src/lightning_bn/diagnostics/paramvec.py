@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,9 +26,11 @@ __all__ = [
     "dict_axpy",
     "dict_clone",
     "dict_dot",
+    "dict_flat",
     "dict_norm",
     "dict_normalise",
     "dict_sub_",
+    "vector_change",
 ]
 
 #: A parameter dict: name -> tensor.
@@ -76,6 +78,42 @@ def dict_norm(a: Mapping[str, Tensor], *, dtype: torch.dtype | None = None) -> T
     norms = torch._foreach_norm(values)  # one fused kernel where the device has one
     target = dtype if dtype is not None else norms[0].dtype
     return torch.linalg.vector_norm(torch.stack([n.to(target) for n in norms]))
+
+
+def dict_flat(
+    a: Mapping[str, Tensor], *, dtype: torch.dtype | None = None, keys: Sequence[str] | None = None
+) -> Tensor:
+    r"""The vector :math:`v`: ``a``'s tensors (those of ``keys``, default all, in that order)
+    flattened and concatenated, in ``dtype`` (default: the first tensor's) on the first tensor's
+    device.
+
+    A copy made once, for several reductions of the same vector: ``torch.float64`` where two
+    close vectors are compared and their difference is logged (see :func:`vector_change`).
+    """
+    names = list(a) if keys is None else list(keys)
+    first = a[names[0]]
+    target = dtype if dtype is not None else first.dtype
+    return torch.cat([a[k].reshape(-1).to(device=first.device, dtype=target) for k in names])
+
+
+def vector_change(g: Tensor, gp: Tensor, *, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    r"""How far the flat vector ``gp`` is from ``g``: :math:`\lVert g - g'
+    Vert_2`, the cosine
+        :math:`\langle g, g'
+    angle / \max(\lVert g
+    Vert\lVert g'
+    Vert, \epsilon)` (clamped to
+        [-1, 1], which rounding can leave by a few ulps), and
+        :math:`\lVert g - g'
+    Vert_2 / \max(\lVert g
+    Vert_2, \epsilon)` (0-dim tensors, in the
+        vectors' dtype).
+    """
+    diff = torch.linalg.vector_norm(g - gp)
+    g_norm = torch.linalg.vector_norm(g)
+    gp_norm = torch.linalg.vector_norm(gp)
+    cos = (torch.dot(g, gp) / torch.clamp(g_norm * gp_norm, min=eps)).clamp(-1.0, 1.0)
+    return diff, cos, diff / torch.clamp(g_norm, min=eps)
 
 
 def dict_axpy(

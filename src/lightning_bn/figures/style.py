@@ -6,7 +6,6 @@ state are untouched). :mod:`lightning_bn.figures.draw` draws lines, bands and gr
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_bn._types import Series
+from lightning_bn._types import Series, SeriesHistory, series_arrays
 
 if TYPE_CHECKING:
     from lightning_bn.logging.extras import MetricHistory
@@ -71,7 +70,7 @@ class FigureFile:
 
 
 @dataclass(frozen=True)
-class RunHistory:
+class RunHistory(SeriesHistory):
     """One run as the figure builders see it: logged key -> ``(steps, values)``, label, style.
 
     Attributes:
@@ -94,28 +93,13 @@ class RunHistory:
         **style: Any,
     ) -> RunHistory:
         """A run from plain lists ``key -> (steps, values)``."""
-        arrays = {
-            k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
-            for k, (s, v) in series.items()
-        }
-        return cls(label, arrays, **style)
+        return cls(label, series_arrays(series), **style)
 
     @classmethod
     def from_metric_history(cls, label: str, history: MetricHistory, **style: Any) -> RunHistory:
         """A run from what a diagnostic callback logged (its ``panel_history``)."""
         keys = history.keys()  # a list in first-logged order (the history is not iterable)
         return cls.from_lists(label, {k: history.series(k) for k in keys}, **style)
-
-    def get(self, key: str) -> Series:
-        """``(steps, values)`` of ``key``; empty arrays when it was never logged."""
-        if key in self.series:
-            return self.series[key]
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-
-    def layers(self, prefix: str, suffix: str) -> list[str]:
-        """Layer names ``<layer>`` of keys ``<prefix><layer><suffix>``, in first-logged order."""
-        pattern = re.compile(re.escape(prefix) + "(?P<layer>.+)" + re.escape(suffix) + r"\Z")
-        return [m["layer"] for key in self.series if (m := pattern.match(key))]
 
 
 # --- canvas and axes helpers --------------------------------------------------------------------------

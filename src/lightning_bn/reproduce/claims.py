@@ -12,6 +12,7 @@ from lightning_bn.reproduce.history import VariantHistory
 from lightning_bn.reproduce.plan import format_lr
 from lightning_bn.reproduce.quantities import _acc, _final_loss, _mean_loss, final_val_acc
 from lightning_bn.reproduce.statistics import ratio as _ratio
+from lightning_bn.reproduce.variants import VariantSpec
 
 __all__ = [
     "bn_tolerates_larger_lr",
@@ -29,13 +30,19 @@ _LP = ("l1", "l2", "linf")
 
 def bn_trains_faster(ctx: _Context) -> Finding:
     """BatchNorm trains faster than the standard network (at the base learning rate)."""
+    return _faster_than_standard(ctx, "bn_trains_faster", "bn", "batchnorm", "BN")
+
+
+def _faster_than_standard(ctx: _Context, key: str, role: str, kind: str, shown: str) -> Finding:
+    """The mean training loss of variant ``kind`` (``role`` in the runs, ``shown`` in the
+    detail line) over that of the standard network."""
     return _finding(
         ctx,
-        "bn_trains_faster",
-        {"bn": ctx.spec("batchnorm"), "std": ctx.spec("standard")},
-        lambda r, rng: _ratio(_mean_loss(r["bn"], rng), _mean_loss(r["std"], rng)),
+        key,
+        {role: ctx.spec(kind), "std": ctx.spec("standard")},
+        lambda r, rng: _ratio(_mean_loss(r[role], rng), _mean_loss(r["std"], rng)),
         lambda r: (
-            f"mean loss BN {_fmt(_mean_loss(r['bn'], None))}, standard "
+            f"mean loss {shown} {_fmt(_mean_loss(r[role], None))}, standard "
             f"{_fmt(_mean_loss(r['std'], None))}"
         ),
     )
@@ -48,67 +55,57 @@ def bn_tolerates_larger_lr(ctx: _Context) -> Finding:
         return _skip(ctx, "bn_larger_lr", f"one learning rate only ({format_lr(plan.base_lr)})")
     hi = plan.large_lr
     needs = {"bn": ctx.spec("batchnorm", hi), "std": ctx.spec("standard", hi)}
-    if ctx.task == "classification":
-        return _finding(
-            ctx,
-            "bn_larger_lr",
-            needs,
-            lambda r, rng: _acc(r["bn"], rng) - _acc(r["std"], rng),
-            lambda r: (
-                f"val acc at lr {format_lr(hi)}: BN {_fmt(final_val_acc(r['bn']))}, "
-                f"standard {_fmt(final_val_acc(r['std']))}"
-            ),
-        )
-    return _finding(
-        ctx,
-        "bn_larger_lr",
-        needs,
-        lambda r, rng: _ratio(_final_loss(r["std"], rng), _final_loss(r["bn"], rng)),
-        lambda r: (
-            f"final loss at lr {format_lr(hi)}: BN {_fmt(_final_loss(r['bn'], None))}, "
-            f"standard {_fmt(_final_loss(r['std'], None))}"
-        ),
+    return _final_comparison(
+        ctx, "bn_larger_lr", needs, ("BN", "standard"), f" at lr {format_lr(hi)}:", ("std", "bn")
     )
 
 
 def noisy_bn_like_bn(ctx: _Context) -> Finding:
     """Noisy BatchNorm trains about as well as BatchNorm (Fig. 2)."""
     needs = {"noisy": ctx.spec("noisy-batchnorm"), "bn": ctx.spec("batchnorm")}
+    return _final_comparison(ctx, "noisy_bn", needs, ("noisy BN", "BN"), "", ("noisy", "bn"))
+
+
+def _final_comparison(
+    ctx: _Context,
+    key: str,
+    needs: dict[str, VariantSpec],
+    names: tuple[str, str],
+    where: str,
+    loss_ratio: tuple[str, str],
+) -> Finding:
+    """How the two variants of ``needs`` (in order, shown as ``names``) end: on classification
+    the first's final validation accuracy minus the second's; on regression the final-loss ratio
+    of the ``loss_ratio`` pair (numerator, denominator). ``where`` follows the quantity in the
+    detail line."""
+    a, b = needs
     if ctx.task == "classification":
         return _finding(
             ctx,
-            "noisy_bn",
+            key,
             needs,
-            lambda r, rng: _acc(r["noisy"], rng) - _acc(r["bn"], rng),
+            lambda r, rng: _acc(r[a], rng) - _acc(r[b], rng),
             lambda r: (
-                f"val acc noisy BN {_fmt(final_val_acc(r['noisy']))}, BN "
-                f"{_fmt(final_val_acc(r['bn']))}"
+                f"val acc{where} {names[0]} {_fmt(final_val_acc(r[a]))}, "
+                f"{names[1]} {_fmt(final_val_acc(r[b]))}"
             ),
         )
+    num, den = loss_ratio
     return _finding(
         ctx,
-        "noisy_bn",
+        key,
         needs,
-        lambda r, rng: _ratio(_final_loss(r["noisy"], rng), _final_loss(r["bn"], rng)),
+        lambda r, rng: _ratio(_final_loss(r[num], rng), _final_loss(r[den], rng)),
         lambda r: (
-            f"final loss noisy BN {_fmt(_final_loss(r['noisy'], None))}, BN "
-            f"{_fmt(_final_loss(r['bn'], None))}"
+            f"final loss{where} {names[0]} {_fmt(_final_loss(r[a], None))}, "
+            f"{names[1]} {_fmt(_final_loss(r[b], None))}"
         ),
     )
 
 
 def noisy_bn_faster(ctx: _Context) -> Finding:
     """Noisy BatchNorm still trains faster than the standard network (Fig. 2)."""
-    return _finding(
-        ctx,
-        "noisy_bn_faster",
-        {"noisy": ctx.spec("noisy-batchnorm"), "std": ctx.spec("standard")},
-        lambda r, rng: _ratio(_mean_loss(r["noisy"], rng), _mean_loss(r["std"], rng)),
-        lambda r: (
-            f"mean loss noisy BN {_fmt(_mean_loss(r['noisy'], None))}, standard "
-            f"{_fmt(_mean_loss(r['std'], None))}"
-        ),
-    )
+    return _faster_than_standard(ctx, "noisy_bn_faster", "noisy", "noisy-batchnorm", "noisy BN")
 
 
 def lp_norms_like_bn(ctx: _Context) -> Finding:

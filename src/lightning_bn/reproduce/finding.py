@@ -9,6 +9,7 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -222,20 +223,35 @@ def _finding(
     if not seeds:
         return _skip(ctx, name, reason)
     main = compare(fid, crit, statistic, runs)
+    return _decided(ctx, name, crit, main, seeds, runs, describe, resampled=RESAMPLED)
+
+
+def _decided(
+    ctx: _Context,
+    name: str,
+    crit: Criterion,
+    deciding: Comparison,
+    seeds: list[int],
+    runs: list[_Runs],
+    describe: Callable[[_Runs], str],
+    **extra: Any,
+) -> Finding:
+    """The finding ``name`` (criterion ``crit``) with the verdict and numbers of the ``deciding`` comparison, each
+    seed's runs described in :attr:`Finding.numbers`; ``extra``: the remaining fields."""
     numbers = "; ".join(
         f"seed {s if s >= 0 else '?'}: {describe(r)}" for s, r in zip(seeds, runs, strict=True)
     )
     return Finding(
-        fid,
+        f"{name}/{ctx.arch}",
         name,
         ctx.arch,
         crit.title,
-        main.verdict,
+        deciding.verdict,
         tuple(seeds),
-        main.median,
-        main.interval,
-        main.per_seed,
+        deciding.median,
+        deciding.interval,
+        deciding.per_seed,
         crit,
         numbers,
-        resampled=RESAMPLED,
+        **extra,
     )

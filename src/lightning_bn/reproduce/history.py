@@ -8,8 +8,6 @@ not hold the key). :func:`read_metrics_csv` merges the rows into one series per 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_bn._types import Series, SeriesHistory, series_arrays
 from lightning_bn.logging.csv_log import LogFormatError, TruncatedLogError, read_csv_log
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
@@ -34,8 +33,6 @@ __all__ = [
 
 #: Name of the run description at the top of a run folder.
 MANIFEST = "run.json"
-
-Series = tuple[np.ndarray, np.ndarray]
 
 
 class RunFormatError(LogFormatError):
@@ -71,7 +68,7 @@ def read_metrics_csv(path: str | Path) -> dict[str, Series]:
 
 
 @dataclass
-class VariantHistory:
+class VariantHistory(SeriesHistory):
     """Every metric one variant logged.
 
     Attributes:
@@ -94,33 +91,9 @@ class VariantHistory:
         """Build a history from plain lists (tests and hand-made examples)."""
         return cls(
             spec,
-            {
-                k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
-                for k, (s, v) in series.items()
-            },
+            series_arrays(series),
             seed,
         )
-
-    def get(self, key: str) -> Series:
-        """``(steps, values)`` of ``key``; empty arrays when it was never logged."""
-        if key in self.series:
-            return self.series[key]
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-
-    def last(self, key: str) -> float:
-        """The value at the last step of ``key`` (``nan`` when never logged)."""
-        _, values = self.get(key)
-        return float(values[-1]) if values.size else math.nan
-
-    def layers(self, prefix: str, suffix: str) -> list[str]:
-        """Layer names ``<layer>`` of keys ``<prefix><layer><suffix>``, in first-logged order."""
-        pattern = re.compile(re.escape(prefix) + "(?P<layer>.+)" + re.escape(suffix) + r"\Z")
-        return [m["layer"] for key in self.series if (m := pattern.match(key))]
-
-    def values_matching(self, prefix: str, suffix: str) -> np.ndarray:
-        """All values of every ``<prefix><layer><suffix>`` key, concatenated."""
-        parts = [self.get(f"{prefix}{layer}{suffix}")[1] for layer in self.layers(prefix, suffix)]
-        return np.concatenate(parts) if parts else np.zeros(0)
 
 
 #: Suffixes of the keys that :func:`seed_median` adds: the smallest and largest value over seeds.

@@ -23,7 +23,15 @@ from collections.abc import Callable
 import numpy as np
 
 from lightning_bn.reproduce.criteria import EARLY_PHASE, PhaseRule, criterion_of
-from lightning_bn.reproduce.finding import Finding, _Context, _fmt, _Runs, _skip, compare
+from lightning_bn.reproduce.finding import (
+    Finding,
+    _Context,
+    _decided,
+    _fmt,
+    _Runs,
+    _skip,
+    compare,
+)
 from lightning_bn.reproduce.history import RunData, VariantHistory
 from lightning_bn.reproduce.plan import VariantSpec
 from lightning_bn.reproduce.quantities import ics_layers
@@ -166,21 +174,14 @@ def _paired_finding(
             f"{_fmt(d.medians[0])}, standard {_fmt(d.medians[1])}"
         )
 
-    numbers = "; ".join(
-        f"seed {s if s >= 0 else '?'}: {describe(r)}" for s, r in zip(seeds, runs, strict=True)
-    )
-    return Finding(
-        fid,
+    return _decided(
+        ctx,
         name,
-        ctx.arch,
-        crit.title,
-        phase.verdict,
-        tuple(seeds),
-        phase.median,
-        phase.interval,
-        phase.per_seed,
         crit,
-        numbers,
+        phase,
+        seeds,
+        runs,
+        describe,
         matched=match,
         decided_by=f"early phase: {rule.describe()}",
         phase=phase,

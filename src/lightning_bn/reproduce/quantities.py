@@ -14,7 +14,7 @@ redrawn with replacement; the accuracy as a binomial redraw of the correct answe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,25 +41,29 @@ def mean_train_loss(history: VariantHistory) -> float:
     Uses ``final/mean_train_loss`` (every step, logged by the reproduce command) when present,
     else the logged ``train/loss`` points.
     """
-    value = history.last("final/mean_train_loss")
-    if not math.isnan(value):
-        return value
-    values = history.get("train/loss")[1]
-    if values.size == 0:
-        return math.nan
-    return float(values.mean()) if np.all(np.isfinite(values)) else math.inf
+    return _logged_or_train_loss(history, "final/mean_train_loss", lambda values: values)
 
 
 def final_train_loss(history: VariantHistory) -> float:
     """Training loss at the end: ``final/train_loss``, else the mean of the last 10% of points."""
-    value = history.last("final/train_loss")
+    return _logged_or_train_loss(
+        history, "final/train_loss", lambda values: values[-max(1, values.size // 10) :]
+    )
+
+
+def _logged_or_train_loss(
+    history: VariantHistory, key: str, part: Callable[[np.ndarray], np.ndarray]
+) -> float:
+    """The last value of ``key`` if logged, else the mean of ``part`` of the logged
+    ``train/loss`` points (``nan`` with none, ``inf`` when one of them is not finite)."""
+    value = history.last(key)
     if not math.isnan(value):
         return value
     values = history.get("train/loss")[1]
     if values.size == 0:
         return math.nan
-    tail = values[-max(1, values.size // 10) :]
-    return float(tail.mean()) if np.all(np.isfinite(tail)) else math.inf
+    chosen = part(values)
+    return float(chosen.mean()) if np.all(np.isfinite(chosen)) else math.inf
 
 
 def final_val_acc(history: VariantHistory) -> float:

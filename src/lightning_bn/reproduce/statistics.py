@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lightning_bn._types import Series
 from lightning_bn.reproduce.criteria import BOOTSTRAP_SAMPLES, LEVEL
 
 __all__ = [
@@ -42,8 +43,6 @@ __all__ = [
     "phase_mask",
     "ratio",
 ]
-
-Series = tuple[np.ndarray, np.ndarray]
 
 
 def _median(values: np.ndarray) -> float:

@@ -21,8 +21,7 @@ from lightning_bn.experiments.data._common import (
     _check_non_negative_int,
     _check_positive_int,
     _check_seed,
-    _drop_last,
-    _seeded_generator,
+    _loader,
 )
 
 __all__ = [
@@ -381,15 +380,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: TensorDataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and _drop_last(len(dataset), self.batch_size),
-            generator=_seeded_generator(self.seed) if train else None,
-            collate_fn=_CifarCollate(self.mean, self.std, train and self.augment, self.padding),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        collate = _CifarCollate(self.mean, self.std, train and self.augment, self.padding)
+        return _loader(
+            dataset, self.batch_size, self.seed, self.num_workers, train=train, collate_fn=collate
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_bn._validation import check_bool
 from lightning_bn.experiments.data._common import (
+    _ArraysDataModule,
     _check_non_negative_int,
     _check_positive_int,
     _check_seed,
-    _drop_last,
-    _seeded_generator,
 )
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(_ArraysDataModule):
     """scikit-learn's handwritten digits (1797 real 8×8 grey images, 10 classes) for Lightning.
 
     Pixels (0-16) are scaled to [0, 1], then standardised per pixel with the mean and the (biased)
@@ -121,30 +119,3 @@ class DigitsDataModule(pl.LightningDataModule):
         if self.as_images:
             inputs = inputs.reshape(-1, *self.image_shape)
         return TensorDataset(inputs.contiguous(), torch.as_tensor(y, dtype=torch.int64))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x, y)``."""
-        self.setup()
-        assert self.train_dataset is not None
-        n = len(self.train_dataset)
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=_drop_last(n, self.batch_size),
-            generator=_seeded_generator(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches ``(x, y)`` in a fixed order."""
-        self.setup()
-        assert self.val_dataset is not None
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )

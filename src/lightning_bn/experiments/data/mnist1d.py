@@ -26,18 +26,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_bn._validation import check_bool
 from lightning_bn.experiments.data._common import (
+    _ArraysDataModule,
     _check_non_negative_int,
     _check_positive_int,
     _check_seed,
-    _drop_last,
-    _seeded_generator,
 )
 
 __all__ = [
@@ -161,7 +159,7 @@ def load_mnist1d(
     return data
 
 
-class MNIST1DDataModule(pl.LightningDataModule):
+class MNIST1DDataModule(_ArraysDataModule):
     """MNIST-1D for Lightning: 40-point 1-D signals, 10 classes, the generator's own split.
 
     The data set is fixed by ``num_samples`` and ``data_seed`` (the generator's arguments); the
@@ -222,30 +220,3 @@ class MNIST1DDataModule(pl.LightningDataModule):
     def _dataset(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
         inputs = torch.as_tensor(x, dtype=torch.float32).reshape(-1, *self.input_shape)
         return TensorDataset(inputs.contiguous(), torch.as_tensor(y, dtype=torch.int64))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x, y)``."""
-        self.setup()
-        assert self.train_dataset is not None
-        n = len(self.train_dataset)
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=_drop_last(n, self.batch_size),
-            generator=_seeded_generator(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches ``(x, y)`` in a fixed order."""
-        self.setup()
-        assert self.val_dataset is not None
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )

@@ -30,6 +30,7 @@ __all__ = [
     "SMALL_BATCH",
     "Experiment",
     "PlanDefaults",
+    "mlp_or_cnn",
 ]
 
 from lightning_bn.reproduce.variants import COMPARED_KINDS, INIT_SCALES, KINDS, SMALL_BATCH
@@ -114,3 +115,30 @@ class Experiment:
     findings: tuple[str, ...] | None = None
     reuse_data: bool = False
     quick_help: str = ""
+
+
+def mlp_or_cnn(
+    plan: ExperimentPlan,
+    spec: VariantSpec,
+    n_inputs: int,
+    cnn: Callable[..., nn.Module],
+    cnn_widths: tuple[int, ...],
+) -> nn.Module:
+    """The classification models of the digits and MNIST-1D testbeds: for ``spec.arch`` ``"mlp"``
+    a 6×128 MLP on ``n_inputs`` features, for ``"cnn"`` ``cnn(norm=..., widths=cnn_widths)``
+    (a 16-16 MLP and widths 4-8 in a tiny plan), 10 classes, initialised by ``plan.init`` at
+    ``spec.init_scale``.
+
+    Raises:
+        ValueError: another architecture.
+    """
+    from lightning_bn.experiments import MLP, init_weights_
+
+    model: nn.Module
+    if spec.arch == "mlp":
+        model = MLP(n_inputs, (16, 16) if plan.tiny else (128,) * 6, 10, norm=spec.norm)
+    elif spec.arch == "cnn":
+        model = cnn(norm=spec.norm, widths=(4, 8) if plan.tiny else cnn_widths)
+    else:
+        raise ValueError(f"Unknown architecture {spec.arch!r} of {plan.experiment}")
+    return init_weights_(model, plan.init, spec.init_scale)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lightning_bn.reproduce.experiments.base import KINDS, Experiment, PlanDefaults
+from lightning_bn.reproduce.experiments.base import KINDS, Experiment, PlanDefaults, mlp_or_cnn
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -53,17 +53,9 @@ def _defaults(quick: bool, archs_given: bool, kinds_given: bool) -> PlanDefaults
 
 
 def _model(plan: ExperimentPlan, spec: VariantSpec) -> nn.Module:
-    from lightning_bn.experiments import MLP, init_weights_
     from lightning_bn.experiments.cnn1d import SmallCNN1d
 
-    model: nn.Module
-    if spec.arch == "mlp":
-        model = MLP(40, (16, 16) if plan.tiny else (128,) * 6, 10, norm=spec.norm)
-    elif spec.arch == "cnn":
-        model = SmallCNN1d(norm=spec.norm, widths=(4, 8) if plan.tiny else (32, 64, 64))
-    else:
-        raise ValueError(f"Unknown architecture {spec.arch!r} of mnist1d")
-    return init_weights_(model, plan.init, spec.init_scale)
+    return mlp_or_cnn(plan, spec, 40, SmallCNN1d, (32, 64, 64))
 
 
 def _data(plan: ExperimentPlan, arch: str, seed: int, batch_size: int) -> pl.LightningDataModule:

@@ -36,7 +36,7 @@ PLAN = ["reproduce", "dln", "--tiny", "--steps", "300", "--seeds", "3", "--wandb
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(WANDB_MODE="disabled", WANDB_DIR=str(tmp_path), PYTHONUNBUFFERED="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     return env
 
