@@ -104,6 +104,7 @@ class LipschitzCallback(DiagnosticCallback):
                 " landscape.",
                 source="lipschitz/loss_min and loss_max (LipschitzCallback)",
                 order=10,
+                kind="band",
             ),
             Panel(
                 "panels/thm41_ratio",
