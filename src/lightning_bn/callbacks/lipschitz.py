@@ -86,6 +86,7 @@ class LipschitzCallback(DiagnosticCallback):
     logged_keys = LoggedKeys(
         prefix="lipschitz/",
         keys=(
+            LoggedKey("lipschitz/loss", "last"),
             LoggedKey("lipschitz/loss_min", "min"),
             LoggedKey("lipschitz/loss_max", "max"),
             LoggedKey("lipschitz/loss_range", "max"),
