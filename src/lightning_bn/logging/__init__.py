@@ -17,9 +17,9 @@ Python's standard ``logging`` (if at all) by absolute import, so the name does n
 
 from __future__ import annotations
 
-# The W&B extras register themselves with `extras` on import; the callbacks import
-# `lightning_bn.logging.extras`, which imports this package first, so every diagnostic callback
-# has them without its base knowing W&B by name.
+# The W&B and TensorBoard extras register themselves with `extras` on import; the callbacks
+# import `lightning_bn.logging.extras`, which imports this package first, so every diagnostic
+# callback has them without its base knowing either logger by name.
 from lightning_bn.logging import tensorboard as _tensorboard  # noqa: F401
 from lightning_bn.logging import wandb as _wandb  # noqa: F401
 

@@ -141,7 +141,7 @@ def find_run_log(folder: Path, tensorboard: bool = True) -> tuple[Path, str | No
                 found.setdefault(event.parent, event.parent)  # a CSV beside it is preferred
     if not found:
         raise LogFormatError(
-            f"{folder}: no {_METRICS} or TensorBoard event file in this folder or below it"
+            f"{folder}: no {_METRICS} in this folder or below it, nor a TensorBoard event file"
             " (expected a Lightning CSVLogger or TensorBoardLogger folder, a lightning-bn"
             " reproduce run, a metrics.csv or an events.out.tfevents.* file)"
             if tensorboard
