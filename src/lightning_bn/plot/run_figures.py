@@ -200,9 +200,9 @@ def plot_runs(
     """The paper's figures of several logged runs side by side (for notebooks).
 
     Args:
-        runs: CSVLogger ``metrics.csv`` files, folders holding one (at any depth of
-            ``version_N``; the newest is taken) or ``lightning-bn reproduce`` run folders
-            (each finished variant is one run).
+        runs: CSVLogger ``metrics.csv`` files, TensorBoard event files, folders holding
+            either (at any depth of ``version_N``; the newest is taken) or ``lightning-bn
+            reproduce`` run folders (each finished variant is one run).
         labels: one legend label per entry of ``runs`` (default: the folder names).
         steps: keep the steps in ``(FROM, TO)`` or ``"FROM:TO"`` (either side may be open).
 
