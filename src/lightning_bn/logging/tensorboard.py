@@ -94,7 +94,7 @@ def custom_scalars_layout(
     Example:
         >>> from lightning_bn.callbacks import ICSCallback
         >>> layout = custom_scalars_layout([(ICSCallback.logged_keys, "ics@late/")])
-        >>> layout["ics@late"]["Internal covariate shift: cos(G, G′) per layer (Fig. 3)"]
+        >>> layout["ics@late"]["Internal covariate shift: cos(G, G′) per layer (Fig. 3) [ics@late]"]
         ['Multiline', ['^ics@late/.+/cos$']]
     """
     layout: Layout = {}
