@@ -68,6 +68,7 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
         "ics/*/mean_shift": "max",
         "ics/*/std_shift": "max",
         "ics/*/emd": "max",
+        "lipschitz/loss": "last",
         "lipschitz/loss_min": "min",
         "lipschitz/loss_max": "max",
         "lipschitz/loss_range": "max",
@@ -128,6 +129,7 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
         ),
         ("panels/hessian_layer_trace", (("hessian/{layer}/trace", "{layer}"),)),
         ("panels/hessian_layer_eig", (("hessian/{layer}/eig_max", "{layer}"),)),
+        ("panels/hessian_density", (("hessian/density/*", "density"),)),
     ]
     assert keys.prefixes()[:5] == ("hessian/", "ics/", "lipschitz/", "noise/", "smoothness/")
 

@@ -77,8 +77,9 @@ def test_csv_logger_alone_gets_every_key_without_wandb(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["wandb_imported"] is False
-    # importing one callback module registers the W&B extras (they act only with a WandbLogger)
-    assert out["extras"] == ["WandbExtras"]
+    # importing one callback module registers the W&B and TensorBoard extras (each acts only
+    # with its logger)
+    assert out["extras"] == ["TensorBoardExtras", "WandbExtras"]
     measured = {(k, s): v for k, s, v in out["measured"]}
     csv_points = {(k, s): v for k, s, v in out["csv"]}
     keys = {k for k, _ in measured}

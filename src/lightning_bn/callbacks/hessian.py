@@ -184,6 +184,17 @@ class HessianCallback(DiagnosticCallback):
                 source="hessian/<layer>/eig_max (HessianCallback, per_layer=True)",
                 order=140,
             ),
+            Panel(
+                "panels/hessian_density",
+                "Hessian eigenvalue density over training (stochastic Lanczos quadrature)",
+                (("hessian/density/*", "density"),),
+                "eigenvalue",
+                caption="The Hessian's eigenvalue density at each measured step (colour: the"
+                " share of eigenvalues in each bin between hessian/density/lo and hi).",
+                source="hessian/density/lo, hi, bin_<j> (HessianCallback, density=True)",
+                order=150,
+                kind="density",
+            ),
         ),
     )
 

@@ -85,6 +85,7 @@ class LipschitzCallback(AlongGradientCallback):
     logged_keys = LoggedKeys(
         prefix="lipschitz/",
         keys=(
+            LoggedKey("lipschitz/loss", "last"),
             LoggedKey("lipschitz/loss_min", "min"),
             LoggedKey("lipschitz/loss_max", "max"),
             LoggedKey("lipschitz/loss_range", "max"),
@@ -103,6 +104,7 @@ class LipschitzCallback(AlongGradientCallback):
                 " landscape.",
                 source="lipschitz/loss_min and loss_max (LipschitzCallback)",
                 order=10,
+                kind="band",
             ),
             Panel(
                 "panels/thm41_ratio",

@@ -139,6 +139,7 @@ class SmoothnessCallback(AlongGradientCallback):
                 " lower means the gradient stays predictive along a step.",
                 source="smoothness/grad_diff_min and grad_diff_max (SmoothnessCallback)",
                 order=20,
+                kind="band",
             ),
             Panel(
                 "panels/beta_smoothness",

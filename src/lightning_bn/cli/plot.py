@@ -20,11 +20,12 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     """Add the ``plot`` sub-command to the sub-parsers of ``lightning-bn``."""
     plot = sub.add_parser(
         "plot",
-        help="draw the paper's figures of logged runs side by side (CSVLogger or reproduce runs)",
+        help="draw the paper's figures of logged runs side by side (CSVLogger, TensorBoard or"
+        " reproduce runs)",
         description="Draw the paper's figures (ICS, loss landscape, gradient predictiveness, "
         "β_eff, Hessian, Theorem 4.1, noise) of one or more runs, one line or band per run. "
-        "A RUN is a Lightning CSVLogger metrics.csv, a folder holding one (the newest "
-        "version_N is taken), or a `lightning-bn reproduce` run folder; a reproduce run given "
+        "A RUN is a Lightning CSVLogger metrics.csv or TensorBoard event file, a folder "
+        "holding either (the newest version_N is taken), or a `lightning-bn reproduce` run folder; a reproduce run given "
         "alone (no other option) gets its own figures and summary.md redrawn.",
     )
     plot.add_argument(
@@ -32,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         type=Path,
         nargs="+",
         metavar="RUN",
-        help="a metrics.csv, a CSVLogger folder, or a reproduce run folder",
+        help="a metrics.csv, a TensorBoard event file, a CSVLogger or TensorBoardLogger folder,"
+        " or a reproduce run folder",
     )
     plot.add_argument(
         "--labels",

@@ -6,6 +6,8 @@
   hooks every diagnostic callback calls, and :class:`~lightning_bn.logging.extras.MetricHistory`;
 - :mod:`~lightning_bn.logging.wandb`: the W&B extras (metric summaries, run config, the paper's
   panels), registered when this package is imported;
+- :mod:`~lightning_bn.logging.tensorboard`: the TensorBoard extras (a custom-scalars layout of
+  the paper's panels), registered when this package is imported;
 - :mod:`~lightning_bn.logging.panels`: :class:`~lightning_bn.logging.keys.Panel`, one chart of logged keys;
 - :mod:`~lightning_bn.logging.csv_log`: a CSVLogger ``metrics.csv`` as ``key -> (steps, values)``.
 
@@ -15,9 +17,10 @@ Python's standard ``logging`` (if at all) by absolute import, so the name does n
 
 from __future__ import annotations
 
-# The W&B extras register themselves with `extras` on import; the callbacks import
-# `lightning_bn.logging.extras`, which imports this package first, so every diagnostic callback
-# has them without its base knowing W&B by name.
+# The W&B and TensorBoard extras register themselves with `extras` on import; the callbacks
+# import `lightning_bn.logging.extras`, which imports this package first, so every diagnostic
+# callback has them without its base knowing either logger by name.
+from lightning_bn.logging import tensorboard as _tensorboard  # noqa: F401
 from lightning_bn.logging import wandb as _wandb  # noqa: F401
 
 __all__: list[str] = []

@@ -37,8 +37,11 @@ __all__ = [
     "Panel",
     "declared",
     "forget",
+    "instance_of",
+    "instance_summaries",
     "owners",
     "panels",
+    "panels_for",
     "prefixes",
     "summaries",
 ]
@@ -64,6 +67,11 @@ class Panel:
             order of declaration).
         guide: A horizontal dashed line drawn at this value in per-layer PNG figures (such as
             the bound 1 of a ratio), or ``None``.
+        kind: How the lines are drawn: ``"line"`` (one line per key), ``"band"`` (two keys,
+            the lower and upper edge of a band: Fig. 4a and 4b; a margin chart in TensorBoard)
+            or ``"density"`` (a histogram over training, one key family ``<prefix>lo``,
+            ``<prefix>hi``, ``<prefix>bin_<j>``: the first line's key is ``<prefix>*``; a
+            heatmap of step × value in ``lightning-bn plot``, a table in W&B).
     """
 
     key: str
@@ -74,6 +82,15 @@ class Panel:
     source: str = ""
     order: int = 1000
     guide: float | None = None
+    kind: str = "line"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(
+                f"Expected `kind` to be one of {', '.join(_KINDS)}, but got {self.kind!r}"
+            )
+        if self.kind == "band" and len(self.lines) != 2:
+            raise ValueError(f"Expected a band panel to have two lines, but got {len(self.lines)}")
 
     @property
     def name(self) -> str:
@@ -84,6 +101,25 @@ class Panel:
     def per_layer(self) -> bool:
         """Whether the panel has one line per layer (its keys hold ``{layer}``)."""
         return any("{layer}" in key for key, _ in self.lines)
+
+    def for_prefix(self, base: str, prefix: str) -> Panel:
+        """This panel for a callback instance logging under ``prefix`` instead of ``base``.
+
+        ``prefix`` is ``<base>@<name>/`` (``"ics@late/"`` for ``base="ics/"``): the keys are
+        moved under it, the chart key and PNG name get ``@<name>`` (``panels/ics_l2@late``) and
+        the title names the instance.
+        """
+        if prefix == base:
+            return self
+        instance = prefix.removesuffix("/")
+        tag = instance.partition("@")[2] or instance
+        lines = tuple(
+            ((prefix + key.removeprefix(base)) if key.startswith(base) else key, label)
+            for key, label in self.lines
+        )
+        return replace(
+            self, key=f"{self.key}@{tag}", title=f"{self.title} [{instance}]", lines=lines
+        )
 
     def resolve(self, keys: Iterable[str]) -> list[tuple[str, str]]:
         """The concrete ``(key, label)`` lines among ``keys``, in panel then history order."""
@@ -152,6 +188,9 @@ class LoggedKeys:
 
 
 _DECLARED: dict[str, LoggedKeys] = {}
+_KINDS = ("line", "band", "density")
+# A logged key's first part: a declared prefix's base, and the instance's `@<name>` if any.
+_INSTANCE = re.compile(r"(?P<base>[^/@]+)(?:@[^/]+)?/")
 
 
 class DeclaresKeys:
@@ -208,3 +247,63 @@ def owners(prefix_of: Iterable[str]) -> list[str]:
     """The classes that declared the given prefixes (for messages)."""
     wanted = set(prefix_of)
     return [d.owner for d in _DECLARED.values() if d.prefix in wanted]
+
+
+def instance_of(key: str) -> tuple[LoggedKeys, str] | None:
+    """The declaration a logged key belongs to and the prefix it was logged under.
+
+    A callback with ``name="late"`` logs ``<base>@late/...`` (``ics@late/model.0/l2``), and
+    several unnamed callbacks of one class ``<base>@1/...``, ``<base>@2/...``: the key belongs
+    to the declaration of prefix ``<base>/``.
+
+    Example:
+        >>> import lightning_bn.callbacks
+        >>> logged, prefix = instance_of("ics@late/model.0/l2")
+        >>> logged.owner, prefix
+        ('ICSCallback', 'ics@late/')
+        >>> instance_of("train/loss") is None
+        True
+    """
+    match = _INSTANCE.match(key)
+    if match is None:
+        return None
+    base = match["base"] + "/"
+    for logged in _DECLARED.values():
+        if logged.prefix == base:
+            return logged, match.group(0)
+    return None
+
+
+def instance_summaries() -> dict[str, str]:
+    """:func:`summaries` plus the same summaries for every instance prefix (``ics@*/*/l2``)."""
+    out = summaries()
+    for glob, summary in list(out.items()):
+        base, _, rest = glob.partition("/")
+        out.setdefault(f"{base}@*/{rest}", summary)
+    return out
+
+
+def panels_for(keys: Iterable[str]) -> tuple[Panel, ...]:
+    """Every declared panel, plus each panel again for every instance prefix among ``keys``.
+
+    The instance panels (``panels/ics_l2@late`` for keys ``ics@late/...``) come right after the
+    declared panel they copy.
+
+    Example:
+        >>> import lightning_bn.callbacks
+        >>> [p.key for p in panels_for(["ics@late/0/l2"]) if p.key.startswith("panels/ics")]
+        ['panels/ics_l2', 'panels/ics_l2@late', 'panels/ics_cos', 'panels/ics_cos@late']
+    """
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        hit = instance_of(key)
+        if hit is not None and hit[1] != hit[0].prefix:
+            seen = found.setdefault(hit[0].prefix, [])
+            if hit[1] not in seen:
+                seen.append(hit[1])
+    out: list[Panel] = []
+    for panel in panels():
+        out.append(panel)
+        base = next((d.prefix for d in _DECLARED.values() if panel in d.panels), "")
+        out.extend(panel.for_prefix(base, prefix) for prefix in found.get(base, []))
+    return tuple(out)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import math
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -56,8 +57,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_bn.logging.extras import MetricHistory, register_logger_extras
-from lightning_bn.logging.keys import Panel, summaries
-from lightning_bn.logging.keys import panels as declared_panels
+from lightning_bn.logging.keys import Panel, instance_summaries, panels_for
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -286,8 +286,11 @@ def log_paper_panels(
     Args:
         trainer: The trainer whose ``WandbLogger`` runs to log to.
         history: The measurements (see :class:`~lightning_bn.logging.extras.MetricHistory`).
-        panels: The charts to draw; by default every panel the callback classes declare
-            (:func:`lightning_bn.logging.keys.panels`).
+        panels: The charts to draw; by default every panel the callback classes declare,
+            for each callback instance in ``history`` (:func:`lightning_bn.logging.keys.panels_for`:
+            a callback with ``name="late"`` gets ``panels/ics_l2@late``, ...). A density panel
+            (``kind="density"``) is a ``wandb.Table`` of ``step``, ``lo``, ``hi``, ``bin``,
+            ``value`` (the bin's centre) and ``mass`` per measured step and bin.
 
     Returns:
         The keys logged (with the logger's prefix); empty on ranks other than zero, without
@@ -299,7 +302,13 @@ def log_paper_panels(
     import wandb
 
     drawn: list[tuple[Panel, list[str], list[list[int]], list[list[float]]]] = []
-    for panel in declared_panels() if panels is None else panels:
+    tables: dict[str, Any] = {}
+    for panel in panels_for(history.keys()) if panels is None else panels:
+        if panel.kind == "density":
+            rows = _density_rows(history, panel.lines[0][0].removesuffix("*"))
+            if rows:
+                tables[panel.key] = rows
+            continue
         labels: list[str] = []
         xs: list[list[int]] = []
         ys: list[list[float]] = []
@@ -311,7 +320,7 @@ def log_paper_panels(
                 ys.append([v for _, v in points])
         if labels:
             drawn.append((panel, labels, xs, ys))
-    if not drawn:
+    if not drawn and not tables:
         return []
 
     logged: list[str] = []
@@ -322,9 +331,32 @@ def log_paper_panels(
             )
             for panel, labels, xs, ys in drawn
         }
+        for key, rows in tables.items():
+            payload[prefix + key] = wandb.Table(columns=list(_DENSITY_COLUMNS), data=rows)
         run.log({**payload, STEP_METRIC: trainer.global_step})
         logged.extend(k for k in payload if k not in logged)
     return logged
+
+
+_DENSITY_COLUMNS = ("step", "lo", "hi", "bin", "value", "mass")
+
+
+def _density_rows(history: MetricHistory, family: str) -> list[list[float]]:
+    """One row per measured step and bin of a logged histogram (``<family>lo``, ``hi``, ``bin_<j>``)."""
+    pattern = re.compile(re.escape(family) + r"bin_(\d+)\Z")
+    names = history.keys()
+    bins = sorted((int(m[1]), key) for key in names if (m := pattern.match(key)))
+    lo = dict(zip(*history.series(family + "lo"), strict=True))
+    hi = dict(zip(*history.series(family + "hi"), strict=True))
+    rows: list[list[float]] = []
+    for step in sorted(set(lo) & set(hi)):
+        width = (hi[step] - lo[step]) / max(len(bins), 1)
+        for j, key in bins:
+            mass = dict(zip(*history.series(key), strict=True)).get(step)
+            if mass is not None and math.isfinite(mass):
+                centre = lo[step] + (j + 0.5) * width
+                rows.append([step, lo[step], hi[step], j, centre, mass])
+    return rows
 
 
 class WandbExtras:
@@ -346,7 +378,7 @@ class WandbExtras:
 
     def on_log(self, trainer: Trainer, keys: Iterable[str]) -> None:
         """Define the summary of each new key (the paper's min/max/last)."""
-        define_metrics(trainer, summaries(), keys=keys)
+        define_metrics(trainer, instance_summaries(), keys=keys)
 
     def on_fit_end(self, trainer: Trainer, history: MetricHistory) -> None:
         """Log the paper's figures as W&B line-series charts."""

@@ -51,7 +51,8 @@ from lightning_bn.figures.draw import (
     panel_figure,
     union_layers,
 )
-from lightning_bn.logging.keys import Panel, panels
+from lightning_bn.figures.panels import density_figure, lines_figure
+from lightning_bn.logging.keys import Panel, panels_for
 from lightning_bn.plot.run_logs import Loaded, LoggedRun, load_runs
 
 __all__ = ["FigureSet", "RunFigure", "build_figures", "plot_runs", "save_figures"]
@@ -121,11 +122,15 @@ def _history(run: LoggedRun, index: int) -> RunHistory:
 
 def _panel_figure(panel: Panel, runs: Sequence[RunHistory]) -> Figure | None:
     keys = [key for key, _ in panel.lines]
+    if panel.kind == "density":
+        return density_figure(runs, keys[0].removesuffix("*"), panel.ylabel, panel.title)
     if panel.per_layer:
         head, _, tail = keys[0].partition("{layer}")
         return layers_figure(runs, head, tail, panel.ylabel, panel.title, guide=panel.guide)
-    if len(keys) == 2:  # a min-max band over the step sizes
+    if panel.kind == "band":  # a min-max band over the step sizes
         return band_figure([("", runs)], keys[0], keys[1], panel.ylabel, panel.title, _WIDTH)
+    if len(keys) > 1:
+        return lines_figure(runs, panel.lines, panel.ylabel, panel.title, _WIDTH)
     return line_figure([("", runs)], keys[0], panel.ylabel, panel.title, _WIDTH)
 
 
@@ -148,7 +153,7 @@ def build_figures(runs: Sequence[RunHistory]) -> FigureSet:
     """
     source, caption = dict(_SOURCE), dict(_CAPTION)
     made: list[tuple[str, Figure | None]] = [("train_loss", _train_loss(runs))]
-    for panel in panels():
+    for panel in panels_for(key for run in runs for key in run.series):
         made.append((panel.name, _panel_figure(panel, runs)))
         source[panel.name] = panel.source or " or ".join(key for key, _ in panel.lines)
         caption[panel.name] = panel.caption or panel.title
@@ -195,9 +200,9 @@ def plot_runs(
     """The paper's figures of several logged runs side by side (for notebooks).
 
     Args:
-        runs: CSVLogger ``metrics.csv`` files, folders holding one (at any depth of
-            ``version_N``; the newest is taken) or ``lightning-bn reproduce`` run folders
-            (each finished variant is one run).
+        runs: CSVLogger ``metrics.csv`` files, TensorBoard event files, folders holding
+            either (at any depth of ``version_N``; the newest is taken) or ``lightning-bn
+            reproduce`` run folders (each finished variant is one run).
         labels: one legend label per entry of ``runs`` (default: the folder names).
         steps: keep the steps in ``(FROM, TO)`` or ``"FROM:TO"`` (either side may be open).
 

@@ -1,10 +1,15 @@
-"""Read logged runs back for ``lightning-bn plot``: CSVLogger files and reproduce run folders.
+"""Read logged runs back for ``lightning-bn plot``: CSVLogger and TensorBoard logs, reproduce runs.
 
 A *run* given to ``lightning-bn plot`` (or :func:`lightning_bn.plot_runs`) is one of
 
 - a Lightning :class:`~lightning.pytorch.loggers.CSVLogger` ``metrics.csv`` file;
-- a folder holding one, directly or at any depth of ``version_N`` folders (the newest
-  version is taken, and the choice is said in :attr:`LoggedRun.notes`);
+- a TensorBoard event file (``events.out.tfevents.*``, as Lightning's
+  :class:`~lightning.pytorch.loggers.TensorBoardLogger` writes), read with the ``tensorboard``
+  package's own reader (``pip install lightning-bn[tensorboard]``); TensorBoard keeps scalars
+  in float32, so its values are the CSV values rounded to float32;
+- a folder holding either, directly or at any depth of ``version_N`` folders (the newest
+  version is taken, and the choice is said in :attr:`LoggedRun.notes`; a folder holding both
+  a ``metrics.csv`` and event files is read from the CSV, which keeps float64);
 - a ``lightning-bn reproduce`` run folder (it holds ``run.json``): each of its variants whose
   training finished becomes one run; unfinished ones are listed as incomplete, never drawn.
 
@@ -33,7 +38,7 @@ import numpy as np
 import lightning_bn.callbacks  # noqa: F401  (defines the built-in callbacks: their keys are declared)
 from lightning_bn._types import Series
 from lightning_bn.logging.csv_log import LogFormatError, read_csv_log
-from lightning_bn.logging.keys import owners, prefixes
+from lightning_bn.logging.keys import instance_of, owners, prefixes
 
 __all__ = [
     "DIAGNOSTIC_PREFIXES",  # noqa: F822 (module __getattr__)
@@ -42,15 +47,18 @@ __all__ = [
     "LoggedRun",
     "diagnostic_prefixes",
     "find_metrics_csv",
+    "find_run_log",
     "load_runs",
     "parse_steps",
     "read_csv_log",
+    "read_event_log",
 ]
 
 
 #: The key prefixes of lightning-bn's four diagnostic callbacks.
 _METRICS = "metrics.csv"
 _VERSION = re.compile(r"version_(\d+)\Z")
+_EVENTS = "events.out.tfevents.*"
 
 
 @dataclass
@@ -102,26 +110,87 @@ def find_metrics_csv(folder: Path) -> tuple[Path, str | None]:
     Raises:
         LogFormatError: no ``metrics.csv`` in the folder or below it.
     """
+    path, note = find_run_log(folder, tensorboard=False)
+    return path, note
+
+
+def _is_event_file(path: Path) -> bool:
+    return path.is_file() and path.name.startswith("events.out.tfevents.")
+
+
+def find_run_log(folder: Path, tensorboard: bool = True) -> tuple[Path, str | None]:
+    """The log of a run folder: its ``metrics.csv``, or (with ``tensorboard``) the folder of its
+    TensorBoard event files; directly in ``folder`` or in its newest ``version_N``.
+
+    Returns:
+        A ``metrics.csv`` file or a folder of event files, and a line saying which version was
+        chosen among several (else ``None``).
+
+    Raises:
+        LogFormatError: no log in the folder or below it.
+    """
     direct = folder / _METRICS
     if direct.is_file():
         return direct, None
-    found = sorted(p for p in folder.rglob(_METRICS) if p.is_file())
+    if tensorboard and any(_is_event_file(p) for p in folder.glob(_EVENTS)):
+        return folder, None
+    found = {p.parent: p for p in folder.rglob(_METRICS) if p.is_file()}
+    if tensorboard:
+        for event in folder.rglob(_EVENTS):
+            if _is_event_file(event):
+                found.setdefault(event.parent, event.parent)  # a CSV beside it is preferred
     if not found:
         raise LogFormatError(
-            f"{folder}: no {_METRICS} in this folder or below it (expected a Lightning "
+            f"{folder}: no {_METRICS} in this folder or below it, nor a TensorBoard event file"
+            " (expected a Lightning CSVLogger or TensorBoardLogger folder, a lightning-bn"
+            " reproduce run, a metrics.csv or an events.out.tfevents.* file)"
+            if tensorboard
+            else f"{folder}: no {_METRICS} in this folder or below it (expected a Lightning "
             "CSVLogger folder, a lightning-bn reproduce run, or a metrics.csv file)"
         )
     if len(found) == 1:
-        return found[0], None
+        return next(iter(found.values())), None
 
-    def newest(p: Path) -> tuple[int, float]:
+    def newest(parent: Path) -> tuple[int, float]:
         # the highest version number wins; the modification time breaks ties between trees
-        numbers = [int(m[1]) for part in p.parent.parts if (m := _VERSION.match(part))]
-        return (numbers[-1] if numbers else -1), p.stat().st_mtime
+        numbers = [int(m[1]) for part in parent.parts if (m := _VERSION.match(part))]
+        return (numbers[-1] if numbers else -1), found[parent].stat().st_mtime
 
     chosen = max(found, key=newest)
-    rel = chosen.parent.relative_to(folder)
-    return chosen, f"{folder}: {len(found)} logged versions; using the newest, {rel}"
+    rel = chosen.relative_to(folder)
+    return found[chosen], f"{folder}: {len(found)} logged versions; using the newest, {rel}"
+
+
+def read_event_log(path: Path) -> dict[str, Series]:
+    """Every scalar of a TensorBoard event file, or of all event files in a folder.
+
+    Read with ``tensorboard``'s ``EventAccumulator`` (every value kept, no sampling). A step
+    logged twice (a resumed run) keeps its last value.
+
+    Returns:
+        tag -> ``(steps int64, values float64)``, sorted by step.
+
+    Raises:
+        LogFormatError: ``tensorboard`` is not installed, or the file cannot be read.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise LogFormatError(
+            f"{path}: reading TensorBoard logs needs the tensorboard package"
+            " (pip install 'lightning-bn[tensorboard]')"
+        ) from None
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    try:
+        accumulator.Reload()
+    except Exception as err:  # a corrupt record: one line naming the file
+        raise LogFormatError(f"{path}: not a readable TensorBoard event file ({err})") from None
+    series: dict[str, Series] = {}
+    for tag in accumulator.Tags().get("scalars", []):
+        points = {int(e.step): float(e.value) for e in accumulator.Scalars(tag)}
+        steps = np.array(sorted(points), dtype=np.int64)
+        series[tag] = (steps, np.array([points[int(s)] for s in steps], dtype=np.float64))
+    return series
 
 
 def parse_steps(text: str) -> tuple[int | None, int | None]:
@@ -166,11 +235,13 @@ def diagnostic_prefixes() -> tuple[str, ...]:
 
 
 def _has_diagnostics(series: dict[str, Series]) -> bool:
-    return any(key.startswith(diagnostic_prefixes()) for key in series)
+    # a named callback's keys (`ics@late/...`) count as its class's
+    return any(instance_of(key) is not None for key in series)
 
 
 def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
-    series = read_csv_log(path)
+    tensorboard = path.is_dir() or _is_event_file(path)
+    series = read_event_log(path) if tensorboard else read_csv_log(path)
     if not _has_diagnostics(series):
         known = diagnostic_prefixes()
         classes = owners(known)
@@ -205,7 +276,7 @@ def _non_finite_notes(run: LoggedRun) -> list[str]:
         notes.append(f"diverged: training loss {_word(first)} from step {step}")
     for key, (steps, values) in run.series.items():
         bad = ~np.isfinite(values)
-        if key != "train/loss" and key.startswith(diagnostic_prefixes()) and bad.any():
+        if key != "train/loss" and instance_of(key) is not None and bad.any():
             where = int(steps[int(np.argmax(bad))])
             kinds = sorted({_word(v) for v in values[bad]})
             notes.append(
@@ -223,7 +294,7 @@ def _default_labels(paths: Sequence[Path]) -> list[str]:
     """Folder names (a metrics.csv: its folder's); parents added until they are distinct."""
 
     def name(path: Path, depth: int) -> str:
-        base = path.parent if path.name == _METRICS else path
+        base = path.parent if path.name == _METRICS or _is_event_file(path) else path
         parts = base.resolve().parts
         return "/".join(parts[-depth:]) if parts else str(base)
 
@@ -246,7 +317,8 @@ def load_runs(
     """Read every run given to ``lightning-bn plot``.
 
     Args:
-        paths: metrics.csv files, CSVLogger folders or reproduce run folders.
+        paths: metrics.csv files, TensorBoard event files, CSVLogger or TensorBoardLogger
+            folders, or reproduce run folders.
         labels: one legend entry per path (default: the folder names).
         steps: keep the steps in ``[FROM, TO]`` (``None``: unbounded).
 
@@ -275,8 +347,8 @@ def load_runs(
         elif path.is_dir() and (path / "run.json").is_file():
             runs = _reproduce_runs(path, label, loaded)
         elif path.is_dir():
-            csv_path, note = find_metrics_csv(path)
-            runs = [_csv_run(csv_path, label, note)]
+            log_path, note = find_run_log(path)
+            runs = [_csv_run(log_path, label, note)]
         else:
             raise LogFormatError(f"{path}: does not exist (no such file or folder)")
         for run in runs:
