@@ -26,6 +26,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_selection",
     "check_step_sizes",
     "MAX_STEP_SIZE",
 ]
@@ -165,6 +166,42 @@ def check_choice(name: str, value: _T, choices: Iterable[Any]) -> _T:
 #: (largest value 65504) for any gradient entry above ~0.07 and float32 soon after: the losses
 #: there are ``inf``/NaN, not a measurement.
 MAX_STEP_SIZE = 1e6
+
+
+def check_selection(
+    name: str, value: Any, module_type: type, type_name: str = "torch.nn.Module"
+) -> list[Any] | None:
+    """Return a selection of modules as a list: ``None`` stays ``None`` (the default layers); a
+    name (a glob such as ``"encoder.*"``) or a subclass of ``module_type`` stands for a list of
+    one; otherwise a non-empty sequence of these.
+
+    Raises:
+        ArgumentTypeError: not ``None``, a name, a type or a sequence of them (``123``, a dict,
+            an entry that is an instance rather than a type).
+        ValueError: an empty sequence (``None`` is the way to ask for the default layers).
+    """
+    expected = (
+        f"None, a module name (glob) or a {type_name} subclass, or a non-empty list of these"
+    )
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        value = [value]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise _fail(name, expected, value, ArgumentTypeError)
+    items = list(value)
+    for item in items:
+        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, module_type))):
+            raise ArgumentTypeError(
+                f"Expected argument `{name}` to be {expected}, but got {value!r}"
+                f" (the entry {item!r} is neither a name nor a {type_name} subclass)"
+            )
+    if not items:
+        raise ValueError(
+            f"Expected argument `{name}` to be {expected}, but got {value!r} (pass None for the"
+            " default layers)"
+        )
+    return items
 
 
 def check_step_sizes(step_sizes: Any) -> tuple[float, ...] | None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_bn._validation import check_bool
+from lightning_bn._validation import check_bool, check_selection
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
 from lightning_bn.layers.selection import describe_modules
@@ -156,18 +156,7 @@ class ICSCallback(DiagnosticCallback):
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
-        if isinstance(layers, (str, type)):
-            layers = [layers]
-        if layers is not None:
-            layers = list(layers)
-            for sel in layers:
-                if not isinstance(sel, str) and not (
-                    isinstance(sel, type) and issubclass(sel, nn.Module)
-                ):
-                    raise TypeError(
-                        "Expected argument `layers` to hold module names or nn.Module types,"
-                        f" but got {sel!r}"
-                    )
+        layers = check_selection("layers", layers, nn.Module)
         self.layers = layers
         self.distributional = check_bool("distributional", distributional)
         self._layers: list[ICSLayer] = []
