@@ -166,6 +166,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._probe: Probe | None = None
         self._record: StepRecord | None = None  # the step being measured, between hooks
         self.measured_steps: list[int] = []
+        self._empty_grid_warned = False  # said once per fit: every learning rate is 0
         #: Everything this callback logged (what logger extras draw at the end of fit).
         self.panel_history = MetricHistory()
 
@@ -178,6 +179,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._check_trainer(trainer, pl_module)
         warn_unsynchronised_norms(trainer, pl_module)
         self._check_siblings(trainer, pl_module)
+        self._empty_grid_warned = False
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(
             pl_module,
@@ -365,6 +367,36 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         return {
             n: by_id.get(id(p), 0.0) for n, p in pl_module.named_parameters() if p.requires_grad
         }
+
+    def _drop_empty_grid(
+        self,
+        metrics: dict[str, float],
+        steps: list[float],
+        scales: Mapping[str, float] | None,
+        keys: tuple[str, ...],
+        step: int,
+    ) -> dict[str, float]:
+        """``metrics`` without the step-size grid's ``keys`` when every point of the grid is the
+        current weights (every learning rate is 0, as at the start of a warm-up, with relative
+        step sizes): a loss range of 0 and a NaN effective smoothness there would read as
+        measurements. The first such step in a fit says so in one warning."""
+        moves = any(s != 0 for s in steps) and (
+            scales is None or any(v != 0 for v in scales.values())
+        )
+        if moves:
+            return metrics
+        if not self._empty_grid_warned:
+            self._empty_grid_warned = True
+            names = ", ".join(f"{self.key_prefix}/{k}" for k in keys)
+            warnings.warn(
+                f"{type(self).__name__}: every optimiser learning rate is 0 at step {step} (a"
+                " warm-up start?), so every step size relative to it is 0 and the grid is the"
+                f" current weights only; {names} are not logged at such steps (the other values"
+                " are). Pass `relative_to_lr=False` with absolute `step_sizes` to measure there.",
+                DiagnosticWarning,
+                stacklevel=3,
+            )
+        return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in keys}
 
     @staticmethod
     def _current_lr(trainer: pl.Trainer) -> float:

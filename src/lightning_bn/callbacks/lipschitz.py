@@ -173,7 +173,9 @@ class LipschitzCallback(DiagnosticCallback):
             scales=scales,
         )
         self._warn_on_violation(values, record.step)
-        return {f"{self.key_prefix}/{k}": v for k, v in values.items()}
+        metrics = {f"{self.key_prefix}/{k}": v for k, v in values.items()}
+        grid = ("loss_min", "loss_max", "loss_range")
+        return self._drop_empty_grid(metrics, etas, scales, grid, record.step)
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
         bad = {

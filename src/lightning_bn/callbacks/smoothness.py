@@ -246,7 +246,9 @@ class SmoothnessCallback(DiagnosticCallback):
         )
         if result.eigenvector is not None:
             self.eigenvector = dict_clone(result.eigenvector)
-        return {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
+        metrics = {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
+        grid = ("grad_diff_min", "grad_diff_max", "beta_eff")
+        return self._drop_empty_grid(metrics, etas, scales, grid, record.step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
