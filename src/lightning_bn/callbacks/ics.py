@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from lightning_bn._validation import check_bool, check_selection
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
+from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
 from lightning_bn.layers.selection import describe_modules
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
@@ -184,6 +186,7 @@ class ICSCallback(DiagnosticCallback):
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         assert record.before is not None  # measure_after_step: the base kept W^t
+        self._rederive_layers(record.step)
         results = compute_ics(
             self.probe,
             self._layers,
@@ -198,3 +201,34 @@ class ICSCallback(DiagnosticCallback):
             for layer, vals in results.items()
             for key, value in vals.items()
         }
+
+    def _rederive_layers(self, step: int) -> None:
+        """Resolve the layers again and say what changed since the last measurement: a submodule
+        replaced (``model.block = NewBlock()``) is measured anew under its name, a layer frozen
+        (no trainable parameter left) or removed leaves the set, so no layer's value silently
+        takes in another's parameters."""
+        current = measured_layers(self.probe.module, self.layers)
+        before = {lay.name: lay for lay in self._layers}
+        now = {lay.name: lay for lay in current}
+        if [(n, id(lay.module), lay.params) for n, lay in before.items()] == [
+            (n, id(lay.module), lay.params) for n, lay in now.items()
+        ]:
+            return
+        changes = []
+        for name, old in before.items():
+            new = now.get(name)
+            if new is None:
+                changes.append(f"{name} left (frozen: no trainable parameter, or removed)")
+            elif new.module is not old.module:
+                changes.append(f"{name} was replaced by another module (measured anew)")
+            elif new.params != old.params:
+                changes.append(f"{name}'s trainable parameters changed (frozen or unfrozen)")
+        changes += [f"{name} joined" for name in now if name not in before]
+        warnings.warn(
+            f"{type(self).__name__}: the measured layers changed before step {step}: "
+            f"{'; '.join(changes)}. From this step it measures"
+            f" {', '.join(now) or 'no layer'}; a layer that left logs no more values.",
+            DiagnosticWarning,
+            stacklevel=3,
+        )
+        self._layers = current
