@@ -454,13 +454,15 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     def _check_siblings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse indistinguishable callbacks of this class; derive key prefixes where needed."""
         same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(self)]
-        keys = [cb.state_key for cb in same]
+        keys = [cb.settings_state_key() for cb in same]
         names = [cb.name for cb in same if cb.name is not None]
         cls = type(self).__name__
         if len(set(keys)) < len(keys) or len(set(names)) < len(names):
+            what = "`name`" if len(set(names)) < len(names) else "settings"
             raise ValueError(
-                f"The Trainer has {len(same)} {cls}s with the same settings or `name`: their"
-                " states and logged keys would be mixed up; give each a distinct `name=`"
+                f"The Trainer has {len(same)} {cls}s with the same {what}: their checkpointed"
+                " states and logged keys would be mixed up; give each a distinct `name=` (e.g."
+                f" {cls}(..., name='a') and {cls}(..., name='b')) or drop the duplicate"
             )
         self._derived_prefix = None
         unnamed = [cb for cb in same if cb.name is None]
