@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from lightning_bn._validation import check_bool
+from lightning_bn.layers.agreement import check_peers
 from lightning_bn.layers._base import check_dtype, check_eps, check_momentum, check_num_features
 from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm, LpNorm
@@ -70,6 +71,7 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, group: Any) -> Tensor:
         ctx.group = group  # type: ignore[attr-defined]
+        check_peers(group, x)  # inside a diagnostic pass: no rank failed before this collective
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
@@ -87,6 +89,7 @@ class _AllGatherStack(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, group: Any) -> Tensor:
         ctx.group = group  # type: ignore[attr-defined]
         ctx.rank = dist.get_rank(group)  # type: ignore[attr-defined]
+        check_peers(group, x)
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x, group=group)
