@@ -80,6 +80,13 @@ def _device_sync(module: nn.Module) -> Callable[[], None] | None:
     return lambda: torch.cuda.synchronize(device)
 
 
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    dynamo = getattr(torch, "_dynamo", None)
+    wrapper = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", None)
+    return wrapper is not None and isinstance(module, wrapper)
+
+
 def _sharded_strategy_types() -> tuple[type, ...]:
     from lightning.pytorch import strategies
 
@@ -444,6 +451,17 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             raise ValueError(
                 f"{name} needs automatic optimisation (one optimiser, one step per batch); the"
                 " module sets `automatic_optimization = False`"
+            )
+        compiled = [
+            n or "the module" for n, m in pl_module.named_modules() if _is_compiled(m)
+        ]
+        if compiled:
+            raise NotImplementedError(
+                f"{name} does not support torch.compile'd submodules ({', '.join(compiled[:3])}):"
+                " its probes evaluate the model at other parameter values and differentiate"
+                " twice, which a compiled graph refuses (donated buffers) or recompiles for at"
+                " every point. Measure an uncompiled model (remove torch.compile from the modules"
+                " for the runs you measure)"
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
