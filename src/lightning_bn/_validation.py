@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, overload
 from lightning_bn.errors import ArgumentTypeError
 
 __all__ = [
+    "MAX_STEP_SIZE",
     "ArgumentTypeError",
     "check_bool",
     "check_choice",
@@ -28,7 +29,6 @@ __all__ = [
     "check_int",
     "check_selection",
     "check_step_sizes",
-    "MAX_STEP_SIZE",
 ]
 
 _T = TypeVar("_T")
@@ -180,9 +180,7 @@ def check_selection(
             an entry that is an instance rather than a type).
         ValueError: an empty sequence (``None`` is the way to ask for the default layers).
     """
-    expected = (
-        f"None, a module name (glob) or a {type_name} subclass, or a non-empty list of these"
-    )
+    expected = f"None, a module name (glob) or a {type_name} subclass, or a non-empty list of these"
     if value is None:
         return None
     if isinstance(value, (str, type)):
@@ -191,7 +189,9 @@ def check_selection(
         raise _fail(name, expected, value, ArgumentTypeError)
     items = list(value)
     for item in items:
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, module_type))):
+        if not (
+            isinstance(item, str) or (isinstance(item, type) and issubclass(item, module_type))
+        ):
             raise ArgumentTypeError(
                 f"Expected argument `{name}` to be {expected}, but got {value!r}"
                 f" (the entry {item!r} is neither a name nor a {type_name} subclass)"

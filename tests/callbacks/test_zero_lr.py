@@ -31,10 +31,16 @@ def test_zero_learning_rate_is_not_a_measurement() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(lambda: WarmUp(mlp().double()), callbacks, steps=4, logger=logger)
-    said = [w for w in caught if issubclass(w.category, DiagnosticWarning) and "is 0" in str(w.message)]
+    said = [
+        w for w in caught if issubclass(w.category, DiagnosticWarning) and "is 0" in str(w.message)
+    ]
     assert len(said) == 2, [str(w.message) for w in said]  # one per callback, not one per step
-    assert "LipschitzCallback" in str(said[0].message) and "lipschitz/loss_range" in str(said[0].message)
-    assert "SmoothnessCallback" in str(said[1].message) and "smoothness/beta_eff" in str(said[1].message)
+    assert "LipschitzCallback" in str(said[0].message) and "lipschitz/loss_range" in str(
+        said[0].message
+    )
+    assert "SmoothnessCallback" in str(said[1].message) and "smoothness/beta_eff" in str(
+        said[1].message
+    )
     for step in (0, 1):
         got = logger.history[step]
         for key in ("lipschitz/loss_range", "lipschitz/loss_min", "smoothness/beta_eff"):

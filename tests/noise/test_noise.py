@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_bn.noise import NoiseSample, NoiseSampler, inject_noise
 from lightning_bn.callbacks.noise_injection import NoiseInjectionCallback
+from lightning_bn.noise import NoiseSample, NoiseSampler, inject_noise
 
 # (mean_range n_μ, std_range n_σ, mean_jitter r_μ, std_jitter r_σ): the paper's values and a set
 # where every constant differs, so that a swapped constant or a variance/std mix-up shows.
@@ -159,7 +159,10 @@ def test_zero_width_noise_is_the_identity() -> None:
         ({"std_jitter": -0.2}, r"`std_jitter` to be a finite number in \[0, 10000\], but got -0.2"),
         ({"std_jitter": float("nan")}, r"`std_jitter` to be a finite number in .*, but got nan"),
         ({"std_range": float("inf")}, r"`std_range` to be a finite number in .*, but got inf"),
-        ({"std_range": 1e300}, r"`std_range` to be a finite number in \[1, 10000\], but got 1e\+300"),
+        (
+            {"std_range": 1e300},
+            r"`std_range` to be a finite number in \[1, 10000\], but got 1e\+300",
+        ),
         ({"mean_range": 1e5}, r"`mean_range` to be a finite number in .*, but got 100000.0"),
         ({"std_jitter": 1e40}, r"`std_jitter` to be a finite number in .*, but got 1e\+40"),
         ({"mean_range": True}, r"`mean_range` to be a finite number in .*, but got True"),

@@ -8,7 +8,6 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-
 #: Every instance whose ``state_key`` was read outside a run (to find identical twins).
 _LIVE: weakref.WeakSet[CachedStateKey] = weakref.WeakSet()
 

@@ -452,9 +452,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
                 f"{name} needs automatic optimisation (one optimiser, one step per batch); the"
                 " module sets `automatic_optimization = False`"
             )
-        compiled = [
-            n or "the module" for n, m in pl_module.named_modules() if _is_compiled(m)
-        ]
+        compiled = [n or "the module" for n, m in pl_module.named_modules() if _is_compiled(m)]
         if compiled:
             raise NotImplementedError(
                 f"{name} does not support torch.compile'd submodules ({', '.join(compiled[:3])}):"

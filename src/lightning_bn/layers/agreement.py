@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["GuardedStage", "PeerFailed", "exchange_failure", "guarded", "check_peers"]
+__all__ = ["GuardedStage", "PeerFailed", "check_peers", "exchange_failure", "guarded"]
 
 
-class PeerFailed(BaseException):  # noqa: N818 (not an error of this rank)
+class PeerFailed(BaseException):
     """Another rank's diagnostic pass failed: this rank leaves the stage before the next collective.
 
     A ``BaseException``, so that code inside the stage that catches ``Exception`` (a fallback from a

@@ -4,6 +4,8 @@ parametrisations. Plain torch."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -76,8 +78,8 @@ def carry_over(name: str, old: nn.Module, new: nn.Module) -> None:
     if not any(True for _ in new.parameters()) and not any(True for _ in new.buffers()):
         return  # "none": nn.Identity has nothing to carry into
     where = f"`{name}`" if name else "the model"
-    if _lacks_bias(old) and isinstance(getattr(new, "bias", None), nn.Parameter):
-        bias = new.bias
+    bias = getattr(new, "bias", None)
+    if _lacks_bias(old) and isinstance(bias, nn.Parameter):
         del new.bias
         new.register_buffer("bias", torch.zeros_like(bias).detach(), persistent=False)
     if parametrize.is_parametrized(old):
@@ -98,16 +100,17 @@ def carry_over(name: str, old: nn.Module, new: nn.Module) -> None:
 
 
 def _carry_parametrisations(where: str, old: nn.Module, new: nn.Module) -> None:
-    tables = old.parametrizations
+    tables = cast(nn.ModuleDict, old.parametrizations)
+    ours_tables = lambda: cast(nn.ModuleDict, new.parametrizations)  # noqa: E731
     for tensor_name, plist in tables.items():
         if not isinstance(getattr(new, tensor_name, None), torch.Tensor):
             raise ValueError(
                 f"swap_norm_layers cannot carry the parametrisation of `{tensor_name}` of {where}:"
                 f" the new {type(new).__name__} has no `{tensor_name}` (keep `affine=True`)"
             )
-        for p in plist:
+        for p in cast(parametrize.ParametrizationList, plist):
             parametrize.register_parametrization(new, tensor_name, p, unsafe=True)
-        ours, theirs = new.parametrizations[tensor_name], plist
+        ours, theirs = ours_tables()[tensor_name], plist
         with torch.no_grad():
             for attr in ("original", *(f"original{i}" for i in range(8))):
                 src = getattr(theirs, attr, None)

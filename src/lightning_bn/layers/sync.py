@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from lightning_bn._validation import check_bool
-from lightning_bn.layers.agreement import check_peers
 from lightning_bn.layers._base import check_dtype, check_eps, check_momentum, check_num_features
+from lightning_bn.layers.agreement import check_peers
 from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm, LpNorm
 
