@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
+from lightning_bn.callbacks._guards import refuse_compiled_submodules
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
@@ -78,13 +79,6 @@ def _device_sync(module: nn.Module) -> Callable[[], None] | None:
         return None
     device = param.device
     return lambda: torch.cuda.synchronize(device)
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
-    dynamo = getattr(torch, "_dynamo", None)
-    wrapper = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", None)
-    return wrapper is not None and isinstance(module, wrapper)
 
 
 def _sharded_strategy_types() -> tuple[type, ...]:
@@ -375,36 +369,6 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             n: by_id.get(id(p), 0.0) for n, p in pl_module.named_parameters() if p.requires_grad
         }
 
-    def _drop_empty_grid(
-        self,
-        metrics: dict[str, float],
-        steps: list[float],
-        scales: Mapping[str, float] | None,
-        keys: tuple[str, ...],
-        step: int,
-    ) -> dict[str, float]:
-        """``metrics`` without the step-size grid's ``keys`` when every point of the grid is the
-        current weights (every learning rate is 0, as at the start of a warm-up, with relative
-        step sizes): a loss range of 0 and a NaN effective smoothness there would read as
-        measurements. The first such step in a fit says so in one warning."""
-        moves = any(s != 0 for s in steps) and (
-            scales is None or any(v != 0 for v in scales.values())
-        )
-        if moves:
-            return metrics
-        if not self._empty_grid_warned:
-            self._empty_grid_warned = True
-            names = ", ".join(f"{self.key_prefix}/{k}" for k in keys)
-            warnings.warn(
-                f"{type(self).__name__}: every optimiser learning rate is 0 at step {step} (a"
-                " warm-up start?), so every step size relative to it is 0 and the grid is the"
-                f" current weights only; {names} are not logged at such steps (the other values"
-                " are). Pass `relative_to_lr=False` with absolute `step_sizes` to measure there.",
-                DiagnosticWarning,
-                stacklevel=3,
-            )
-        return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in keys}
-
     @staticmethod
     def _current_lr(trainer: pl.Trainer) -> float:
         """The learning rate of the first optimiser's first group (step sizes scale with it)."""
@@ -452,15 +416,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
                 f"{name} needs automatic optimisation (one optimiser, one step per batch); the"
                 " module sets `automatic_optimization = False`"
             )
-        compiled = [n or "the module" for n, m in pl_module.named_modules() if _is_compiled(m)]
-        if compiled:
-            raise NotImplementedError(
-                f"{name} does not support torch.compile'd submodules ({', '.join(compiled[:3])}):"
-                " its probes evaluate the model at other parameter values and differentiate"
-                " twice, which a compiled graph refuses (donated buffers) or recompiles for at"
-                " every point. Measure an uncompiled model (remove torch.compile from the modules"
-                " for the runs you measure)"
-            )
+        refuse_compiled_submodules(name, pl_module)
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"{name} measures one optimiser step on one batch and does not support gradient"

@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_bn._types import LossFn
 from lightning_bn._validation import check_bool, check_step_sizes
+from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.base import DiagnosticCallback
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers, resolve_steps
 from lightning_bn.errors import DiagnosticWarning
@@ -175,7 +176,10 @@ class LipschitzCallback(DiagnosticCallback):
         self._warn_on_violation(values, record.step)
         metrics = {f"{self.key_prefix}/{k}": v for k, v in values.items()}
         grid = ("loss_min", "loss_max", "loss_range")
-        return self._drop_empty_grid(metrics, etas, scales, grid, record.step)
+        kept, self._empty_grid_warned = drop_empty_grid(
+            self, metrics, etas, scales, grid, record.step, self._empty_grid_warned
+        )
+        return kept
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
         bad = {

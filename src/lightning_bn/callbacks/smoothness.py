@@ -16,6 +16,7 @@ from lightning_bn._validation import (
     check_int,
     check_step_sizes,
 )
+from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
@@ -248,7 +249,10 @@ class SmoothnessCallback(DiagnosticCallback):
             self.eigenvector = dict_clone(result.eigenvector)
         metrics = {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
         grid = ("grad_diff_min", "grad_diff_max", "beta_eff")
-        return self._drop_empty_grid(metrics, etas, scales, grid, record.step)
+        kept, self._empty_grid_warned = drop_empty_grid(
+            self, metrics, etas, scales, grid, record.step, self._empty_grid_warned
+        )
+        return kept
 
     @override
     def state_dict(self) -> dict[str, Any]:
