@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -21,9 +22,10 @@ class CachedStateKey(Callback):
     ``setup`` (after anything there that thaws it) and :meth:`_thaw_state_key` in ``teardown``
     and ``on_exception`` (Lightning skips ``teardown`` after an exception); outside a run the
     key is computed from the current settings on each read (:meth:`settings_state_key`), with
-    one exception: before its first run, a callback with an identical twin that has not run
-    either reads a key of its own, so that two identical callbacks in one Trainer reach the
-    callbacks' own ``setup`` check and its message instead of Lightning's.
+    one exception: to Lightning's check of the callback list when a Trainer is built, a callback
+    that has not run and has an identical twin that has not run either shows a key of its own,
+    so that two identical callbacks in one Trainer reach the callbacks' own ``setup`` check and
+    its message (which says what to pass) instead of Lightning's.
     """
 
     _state_key_cache: str | None = None
@@ -35,7 +37,7 @@ class CachedStateKey(Callback):
         if self._state_key_cache is not None:
             return self._state_key_cache
         key = self.settings_state_key()
-        if self._has_run:
+        if self._has_run or sys._getframe(1).f_code.co_name != "_validate_callbacks_list":
             return key
         _LIVE.add(self)
         if any(
