@@ -15,17 +15,19 @@ working; a value of the right type out of range raises :class:`ValueError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar, overload
 
 from lightning_bn.errors import ArgumentTypeError
 
 __all__ = [
+    "MAX_STEP_SIZE",
     "ArgumentTypeError",
     "check_bool",
     "check_choice",
     "check_float",
     "check_int",
+    "check_selection",
     "check_step_sizes",
 ]
 
@@ -158,24 +160,94 @@ def check_choice(name: str, value: _T, choices: Iterable[Any]) -> _T:
     return value
 
 
-def check_step_sizes(step_sizes: Sequence[float] | None) -> tuple[float, ...] | None:
-    """Return ``step_sizes`` as a tuple of floats (``None`` stays ``None``: the default grid).
+#: The largest step size a grid may hold. Steps are multiples of the learning rate (or absolute
+#: steps); at a million learning rates the point :math:`W - \eta g` is far outside the region a
+#: loss landscape along the gradient describes, and beyond it the moved weights overflow float16
+#: (largest value 65504) for any gradient entry above ~0.07 and float32 soon after: the losses
+#: there are ``inf``/NaN, not a measurement.
+MAX_STEP_SIZE = 1e6
+
+
+def check_selection(
+    name: str, value: Any, module_type: type, type_name: str = "torch.nn.Module"
+) -> list[Any] | None:
+    """Return a selection of modules as a list: ``None`` stays ``None`` (the default layers); a
+    name (a glob such as ``"encoder.*"``) or a subclass of ``module_type`` stands for a list of
+    one; otherwise a non-empty sequence of these.
 
     Raises:
-        TypeError: not a sequence of numbers.
-        ValueError: empty, or a value that is not positive and finite.
+        ArgumentTypeError: not ``None``, a name, a type or a sequence of them (``123``, a dict,
+            an entry that is an instance rather than a type).
+        ValueError: an empty sequence (``None`` is the way to ask for the default layers).
+    """
+    expected = f"None, a module name (glob) or a {type_name} subclass, or a non-empty list of these"
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        value = [value]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise _fail(name, expected, value, ArgumentTypeError)
+    items = list(value)
+    for item in items:
+        if not (
+            isinstance(item, str) or (isinstance(item, type) and issubclass(item, module_type))
+        ):
+            raise ArgumentTypeError(
+                f"Expected argument `{name}` to be {expected}, but got {value!r}"
+                f" (the entry {item!r} is neither a name nor a {type_name} subclass)"
+            )
+    if not items:
+        raise ValueError(
+            f"Expected argument `{name}` to be {expected}, but got {value!r} (pass None for the"
+            " default layers)"
+        )
+    return items
+
+
+def check_step_sizes(step_sizes: Any) -> tuple[float, ...] | None:
+    """Return ``step_sizes`` as a tuple of floats (``None`` stays ``None``: the default grid).
+
+    A grid is a list or tuple (or any other sequence, a numpy array or a 1-d tensor) of real
+    numbers; a string (``"123"``), a mapping, a set and ``bool`` entries are refused, as they
+    would silently become a grid of their characters, keys or ones.
+
+    Raises:
+        TypeError: not a sequence of real numbers.
+        ValueError: empty, or a value that is not positive, finite and at most
+            :data:`MAX_STEP_SIZE`.
     """
     if step_sizes is None:
         return None
-    try:
-        grid = tuple(float(s) for s in step_sizes)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"Expected argument `step_sizes` to be a sequence of numbers, but got {step_sizes!r}"
-        ) from None
-    if not grid or any(not (math.isfinite(s) and s > 0) for s in grid):
-        raise ValueError(
-            "Expected argument `step_sizes` to be a non-empty sequence of positive finite numbers,"
-            f" but got {step_sizes!r}"
+    expected = "a non-empty sequence of positive finite numbers"
+    if isinstance(step_sizes, (str, bytes, Mapping, set, frozenset)) or not isinstance(
+        step_sizes, Iterable
+    ):
+        raise ArgumentTypeError(
+            f"Expected argument `step_sizes` to be {expected} (a list or tuple), but got"
+            f" {step_sizes!r}"
         )
-    return grid
+    values = list(step_sizes)
+    grid: list[float] = []
+    for value in values:
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy or torch scalar
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ArgumentTypeError(
+                f"Expected argument `step_sizes` to be {expected}, but got {step_sizes!r}"
+                f" (the entry {value!r} is not a real number)"
+            )
+        grid.append(float(value))
+    if not grid:
+        raise ValueError(f"Expected argument `step_sizes` to be {expected}, but got {step_sizes!r}")
+    for s in grid:
+        if not (math.isfinite(s) and 0 < s <= MAX_STEP_SIZE):
+            raise ValueError(
+                f"Expected argument `step_sizes` to be {expected} at most {MAX_STEP_SIZE:g}, but got"
+                f" {step_sizes!r} (the entry {s!r}"
+                + (
+                    " moves the weights past the float range)"
+                    if math.isfinite(s) and s > 0
+                    else " is not positive and finite)"
+                )
+            )
+    return tuple(grid)

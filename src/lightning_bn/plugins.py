@@ -57,7 +57,16 @@ class SyncNorm(LayerSync):
         self.use_torch_kernel = use_torch_kernel
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Switch every batch-statistics layer of ``model`` to its synchronised version (in place)."""
+        """Switch every batch-statistics layer of ``model`` to its synchronised version (in place).
+
+        Raises:
+            TypeError: ``model`` is not a ``torch.nn.Module``.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected argument `model` of SyncNorm.apply to be a torch.nn.Module, but got"
+                f" {model!r}"
+            )
         model, skipped = convert_sync_norm(
             model, self.process_group, use_torch_kernel=self.use_torch_kernel
         )
@@ -70,4 +79,9 @@ class SyncNorm(LayerSync):
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Switch the layers converted by :meth:`apply` back to their original classes."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected argument `model` of SyncNorm.revert to be a torch.nn.Module, but got"
+                f" {model!r}"
+            )
         return revert_sync_norm(model)

@@ -229,7 +229,10 @@ def test_layer_selection_and_errors() -> None:
         ValueError, match="`every_n_steps` to be 'auto' or a positive integer, but got 0"
     ):
         ICSCallback(every_n_steps=0)
-    with pytest.raises(TypeError, match=r"`layers` to hold module names or nn\.Module types"):
+    with pytest.raises(
+        TypeError,
+        match=r"`layers` to be None, a module name \(glob\) or a torch\.nn\.Module subclass",
+    ):
         ICSCallback(layers=[3])  # type: ignore[list-item]
 
 

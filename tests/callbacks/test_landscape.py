@@ -329,7 +329,9 @@ def test_argument_errors() -> None:
         SmoothnessCallback(tol=-1.0)
     with pytest.raises(ValueError, match="`hvp_method` to be one of"):
         SmoothnessCallback(hvp_method="magic")
-    with pytest.raises(TypeError, match="`step_sizes` to be a sequence of numbers"):
+    with pytest.raises(
+        TypeError, match="`step_sizes` to be a non-empty sequence of positive finite numbers"
+    ):
         LipschitzCallback(step_sizes=["a"])  # type: ignore[list-item]
 
 

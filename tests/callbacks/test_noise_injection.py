@@ -306,10 +306,22 @@ def test_setup_errors_name_what_the_model_contains(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"std_range": 0.5}, ValueError, r"Expected argument `std_range` to be >= 1, but got 0.5"),
-        ({"mean_range": -1.0}, ValueError, r"`mean_range` to be >= 0, but got -1.0"),
+        (
+            {"std_range": 0.5},
+            ValueError,
+            r"Expected argument `std_range` to be a finite number in \[1, 10000\], but got 0.5",
+        ),
+        (
+            {"mean_range": -1.0},
+            ValueError,
+            r"`mean_range` to be a finite number in \[0, 10000\], but got -1.0",
+        ),
         ({"mean_jitter": float("nan")}, ValueError, r"`mean_jitter` to be a finite number"),
-        ({"std_jitter": -0.1}, ValueError, r"`std_jitter` to be >= 0, but got -0.1"),
+        (
+            {"std_jitter": -0.1},
+            ValueError,
+            r"`std_jitter` to be a finite number in \[0, 10000\], but got -0.1",
+        ),
         ({"seed": -1}, ValueError, r"`seed` to be an integer in \[0, 2\*\*63\), but got -1"),
         ({"seed": 1.5}, ValueError, r"`seed` to be an integer in \[0, 2\*\*63\), but got 1.5"),
         ({"log_every_n_steps": 0}, ValueError, r"`log_every_n_steps` to be a positive integer"),

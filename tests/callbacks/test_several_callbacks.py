@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_bn import ICSCallback, LipschitzCallback, NoiseInjectionCallback
+from lightning_bn import HessianCallback, ICSCallback, LipschitzCallback, NoiseInjectionCallback
 from tests.support.models import Classifier, MemoryLogger, loader, mlp, trainer
 
 
@@ -101,9 +101,19 @@ def test_unnamed_colliding_callbacks_get_derived_prefixes() -> None:
 
 
 def test_indistinguishable_callbacks_are_refused() -> None:
-    # same settings: the same state key, which Lightning itself refuses when the Trainer is built
-    with pytest.raises(RuntimeError, match="state_key` must be unique"):
-        _fit([ICSCallback(every_n_steps=2), ICSCallback(every_n_steps=2)])
+    # same settings: the same state key; refused by our setup, with what to pass (Lightning's
+    # own check when the Trainer is built speaks of checkpointing and `state_key`)
+    for make in (
+        lambda: ICSCallback(every_n_steps=2),
+        lambda: LipschitzCallback(every_n_steps=2),
+        lambda: HessianCallback(every_n_steps=2),
+    ):
+        pair = [make(), make()]
+        with pytest.raises(ValueError, match=r"2 \w+Callbacks with the same settings.*`name=`"):
+            _fit(pair)
+        assert pair[0].settings_state_key() == pair[1].settings_state_key()
+    with pytest.raises(ValueError, match=r"same layer"):
+        _fit([NoiseInjectionCallback(seed=1), NoiseInjectionCallback(seed=1)])
     # one name for two: their keys would mix, refused at setup
     with pytest.raises(ValueError, match="distinct `name=`"):
         _fit([ICSCallback(every_n_steps=1, name="x"), ICSCallback(every_n_steps=2, name="x")])

@@ -113,6 +113,31 @@ def test_without_the_plugin_the_runs_differ(runs: dict[str, Any]) -> None:
     assert _max_state_diff(runs["single"]["state"], runs["ddp"]["state"]) < 1e-9
 
 
+@pytest.mark.slow
+def test_a_probe_failing_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    """Rank 1's loss_fn raises before its forward pass at step 1 while rank 0 enters the
+    synchronised layers' collectives: every rank agrees on the failure before that collective
+    and skips the measurement (it used to crash both with a gloo collective mismatch)."""
+    out = tmp_path / "fail.json"
+    run = _run("ddp-fail", out)
+    history = run["history"]
+    families = ("ics", "lipschitz", "smoothness")
+    for step in ("0", "2"):
+        for family in families:
+            assert any(k.startswith(family + "/") for k in history[step]), (step, family)
+    assert not any(k.startswith(families) for k in history.get("1", {}))
+    for rank in (0, 1):
+        skipped = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert len(skipped) == 3, skipped  # one per callback, at step 1 only
+        assert all("at step 1:" in message for message in skipped)
+        if rank == 1:
+            assert all("injected failure on rank 1" in message for message in skipped)
+        else:
+            assert all("failed on 1 other rank" in message for message in skipped)
+    # the training itself was untouched: the weights are finite and the run went to the end
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in run["state"].values())
+
+
 def _net() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(8, 6),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from lightning_bn.callbacks.noise_injection import NoiseInjectionCallback
 from lightning_bn.noise import NoiseSample, NoiseSampler, inject_noise
 
 # (mean_range n_μ, std_range n_σ, mean_jitter r_μ, std_jitter r_σ): the paper's values and a set
@@ -152,14 +153,20 @@ def test_zero_width_noise_is_the_identity() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"std_range": 0.5}, r"Expected argument `std_range` to be >= 1, but got 0.5"),
-        ({"mean_range": -0.1}, r"Expected argument `mean_range` to be >= 0, but got -0.1"),
-        ({"mean_jitter": -1}, r"Expected argument `mean_jitter` to be >= 0, but got -1"),
-        ({"std_jitter": -0.2}, r"Expected argument `std_jitter` to be >= 0, but got -0.2"),
-        ({"std_jitter": float("nan")}, r"`std_jitter` to be a finite number, but got nan"),
-        ({"std_range": float("inf")}, r"`std_range` to be a finite number, but got inf"),
-        ({"mean_range": True}, r"`mean_range` to be a finite number, but got True"),
-        ({"mean_range": "0.5"}, r"`mean_range` to be a finite number, but got '0.5'"),
+        ({"std_range": 0.5}, r"`std_range` to be a finite number in \[1, 10000\], but got 0.5"),
+        ({"mean_range": -0.1}, r"`mean_range` to be a finite number in \[0, 10000\], but got -0.1"),
+        ({"mean_jitter": -1}, r"`mean_jitter` to be a finite number in \[0, 10000\], but got -1"),
+        ({"std_jitter": -0.2}, r"`std_jitter` to be a finite number in \[0, 10000\], but got -0.2"),
+        ({"std_jitter": float("nan")}, r"`std_jitter` to be a finite number in .*, but got nan"),
+        ({"std_range": float("inf")}, r"`std_range` to be a finite number in .*, but got inf"),
+        (
+            {"std_range": 1e300},
+            r"`std_range` to be a finite number in \[1, 10000\], but got 1e\+300",
+        ),
+        ({"mean_range": 1e5}, r"`mean_range` to be a finite number in .*, but got 100000.0"),
+        ({"std_jitter": 1e40}, r"`std_jitter` to be a finite number in .*, but got 1e\+40"),
+        ({"mean_range": True}, r"`mean_range` to be a finite number in .*, but got True"),
+        ({"mean_range": "0.5"}, r"`mean_range` to be a finite number in .*, but got '0.5'"),
     ],
 )
 def test_bad_constants_raise(kwargs: dict[str, object], match: str) -> None:
@@ -167,6 +174,15 @@ def test_bad_constants_raise(kwargs: dict[str, object], match: str) -> None:
         NoiseSampler(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=match):
         inject_noise(torch.zeros(2, 2), _gen(0), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=match):
+        NoiseInjectionCallback(**kwargs)  # type: ignore[arg-type]
+
+
+def test_largest_allowed_noise_stays_finite() -> None:
+    """At the largest allowed ranges, float32 activations of unit scale stay finite."""
+    x = torch.randn(64, 8)
+    out = NoiseSampler(1e4, 1e4, 1e4, 1e4)(x, _gen(1)).output
+    assert torch.isfinite(out).all()
 
 
 def test_bad_activations_raise() -> None:

@@ -90,6 +90,19 @@ class ShardedData(Data):
         return DataLoader(self.data, batch_sampler=batches)
 
 
+class FailingLoss:
+    """The module's loss as a ``loss_fn`` that raises on rank 1 at step 1, before any forward pass
+    (a probe failure on one rank only, while the other enters the synchronised layers)."""
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and trainer.global_rank == 1 and trainer.global_step == 1:
+            raise RuntimeError("injected failure on rank 1")
+        x, y = batch
+        loss = nn.functional.cross_entropy(module(x), y, reduction="sum")
+        return loss * (trainer.world_size if trainer is not None else 1) / (2 * B)
+
+
 class TypeRecorder(pl.Callback):
     """The norm layers' types while training (after the plugin converted them)."""
 
@@ -103,15 +116,23 @@ class TypeRecorder(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["single", "ddp", "ddp-nosync", "ddp-uneven"])
+    parser.add_argument("mode", choices=["single", "ddp", "ddp-nosync", "ddp-uneven", "ddp-fail"])
     parser.add_argument("out")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", message=".*skipped the measurement.*")
     torch.set_num_threads(1)
     ddp = args.mode != "single"
     recorder = TypeRecorder()
     callbacks: list[pl.Callback] = [recorder]
-    if args.mode != "ddp-nosync":
+    if args.mode == "ddp-fail":
+        fail = FailingLoss()
+        callbacks += [
+            ICSCallback(every_n_steps=1, loss_fn=fail),
+            LipschitzCallback(every_n_steps=1, loss_fn=fail),
+            SmoothnessCallback(every_n_steps=1, max_iters=5, loss_fn=fail),
+        ]
+    elif args.mode != "ddp-nosync":
         callbacks += [
             ICSCallback(every_n_steps=1),
             LipschitzCallback(every_n_steps=1),
@@ -125,7 +146,7 @@ def main() -> None:
         accelerator="cpu",
         devices=2 if ddp else 1,
         strategy="ddp" if ddp else "auto",
-        plugins=[SyncNorm()] if args.mode in ("ddp", "ddp-uneven") else None,
+        plugins=[SyncNorm()] if args.mode in ("ddp", "ddp-uneven", "ddp-fail") else None,
         max_steps=STEPS,
         callbacks=callbacks,
         logger=logger,
@@ -142,7 +163,13 @@ def main() -> None:
         data = ShardedData(UNEVEN if args.mode == "ddp-uneven" else (B, B))
     else:
         data = Data(ddp)
-    trainer.fit(module, datamodule=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=".*skipped the measurement.*")
+        trainer.fit(module, datamodule=data)
+    skipped = [str(w.message) for w in caught if "skipped the measurement" in str(w.message)]
+    if args.mode == "ddp-fail":  # every rank writes what it skipped
+        with open(f"{args.out}.rank{trainer.global_rank}", "w") as fh:
+            json.dump(skipped, fh)
     if trainer.global_rank == 0:
         out = {
             "history": {str(k): v for k, v in logger.history.items()},

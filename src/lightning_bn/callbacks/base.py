@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
+from lightning_bn.callbacks._guards import refuse_compiled_submodules
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.schedule import Calibration, choose_interval
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
@@ -166,6 +167,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._probe: Probe | None = None
         self._record: StepRecord | None = None  # the step being measured, between hooks
         self.measured_steps: list[int] = []
+        self._empty_grid_warned = False  # said once per fit: every learning rate is 0
         #: Everything this callback logged (what logger extras draw at the end of fit).
         self.panel_history = MetricHistory()
 
@@ -178,6 +180,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._check_trainer(trainer, pl_module)
         warn_unsynchronised_norms(trainer, pl_module)
         self._check_siblings(trainer, pl_module)
+        self._empty_grid_warned = False
         # the probes run under the training step's precision context (autocast for *-mixed)
         self._probe = Probe(
             pl_module,
@@ -413,6 +416,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
                 f"{name} needs automatic optimisation (one optimiser, one step per batch); the"
                 " module sets `automatic_optimization = False`"
             )
+        refuse_compiled_submodules(name, pl_module)
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"{name} measures one optimiser step on one batch and does not support gradient"
@@ -422,13 +426,15 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     def _check_siblings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse indistinguishable callbacks of this class; derive key prefixes where needed."""
         same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(self)]
-        keys = [cb.state_key for cb in same]
+        keys = [cb.settings_state_key() for cb in same]
         names = [cb.name for cb in same if cb.name is not None]
         cls = type(self).__name__
         if len(set(keys)) < len(keys) or len(set(names)) < len(names):
+            what = "`name`" if len(set(names)) < len(names) else "settings"
             raise ValueError(
-                f"The Trainer has {len(same)} {cls}s with the same settings or `name`: their"
-                " states and logged keys would be mixed up; give each a distinct `name=`"
+                f"The Trainer has {len(same)} {cls}s with the same {what}: their checkpointed"
+                " states and logged keys would be mixed up; give each a distinct `name=` (e.g."
+                f" {cls}(..., name='a') and {cls}(..., name='b')) or drop the duplicate"
             )
         self._derived_prefix = None
         unnamed = [cb for cb in same if cb.name is None]

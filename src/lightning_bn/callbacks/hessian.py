@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_bn._validation import check_int
+from lightning_bn._validation import check_int, check_selection
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.hessian import (
     HessianSettings,
@@ -238,9 +238,7 @@ class HessianCallback(DiagnosticCallback):
             preconditioned=preconditioned,
             hvp_method=hvp_method,
         )
-        if isinstance(layers, (str, type)):
-            layers = [layers]
-        self.layers = None if layers is None else list(layers)
+        self.layers = check_selection("layers", layers, nn.Module)
         self.seed = check_int("seed", seed, minimum=0, maximum=2**63 - 1)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.state = HessianState()

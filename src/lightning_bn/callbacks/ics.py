@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_bn._validation import check_bool
+from lightning_bn._validation import check_bool, check_selection
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
+from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.layers.selection import describe_modules
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import StepRecord
@@ -156,18 +158,7 @@ class ICSCallback(DiagnosticCallback):
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, budget, name, vmap_chunk_size)
-        if isinstance(layers, (str, type)):
-            layers = [layers]
-        if layers is not None:
-            layers = list(layers)
-            for sel in layers:
-                if not isinstance(sel, str) and not (
-                    isinstance(sel, type) and issubclass(sel, nn.Module)
-                ):
-                    raise TypeError(
-                        "Expected argument `layers` to hold module names or nn.Module types,"
-                        f" but got {sel!r}"
-                    )
+        layers = check_selection("layers", layers, nn.Module)
         self.layers = layers
         self.distributional = check_bool("distributional", distributional)
         self._layers: list[ICSLayer] = []
@@ -195,6 +186,7 @@ class ICSCallback(DiagnosticCallback):
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         assert record.before is not None  # measure_after_step: the base kept W^t
+        self._rederive_layers(record.step)
         results = compute_ics(
             self.probe,
             self._layers,
@@ -209,3 +201,34 @@ class ICSCallback(DiagnosticCallback):
             for layer, vals in results.items()
             for key, value in vals.items()
         }
+
+    def _rederive_layers(self, step: int) -> None:
+        """Resolve the layers again and say what changed since the last measurement: a submodule
+        replaced (``model.block = NewBlock()``) is measured anew under its name, a layer frozen
+        (no trainable parameter left) or removed leaves the set, so no layer's value silently
+        takes in another's parameters."""
+        current = measured_layers(self.probe.module, self.layers)
+        before = {lay.name: lay for lay in self._layers}
+        now = {lay.name: lay for lay in current}
+        if [(n, id(lay.module), lay.params) for n, lay in before.items()] == [
+            (n, id(lay.module), lay.params) for n, lay in now.items()
+        ]:
+            return
+        changes = []
+        for name, old in before.items():
+            new = now.get(name)
+            if new is None:
+                changes.append(f"{name} left (frozen: no trainable parameter, or removed)")
+            elif new.module is not old.module:
+                changes.append(f"{name} was replaced by another module (measured anew)")
+            elif new.params != old.params:
+                changes.append(f"{name}'s trainable parameters changed (frozen or unfrozen)")
+        changes += [f"{name} joined" for name in now if name not in before]
+        warnings.warn(
+            f"{type(self).__name__}: the measured layers changed before step {step}: "
+            f"{'; '.join(changes)}. From this step it measures"
+            f" {', '.join(now) or 'no layer'}; a layer that left logs no more values.",
+            DiagnosticWarning,
+            stacklevel=3,
+        )
+        self._layers = current

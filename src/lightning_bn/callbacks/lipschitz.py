@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._types import LossFn
+from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers
 from lightning_bn.errors import DiagnosticWarning
@@ -168,7 +169,12 @@ class LipschitzCallback(AlongGradientCallback):
             scales=scales,
         )
         self._warn_on_violation(values, record.step)
-        return {f"{self.key_prefix}/{k}": v for k, v in values.items()}
+        metrics = {f"{self.key_prefix}/{k}": v for k, v in values.items()}
+        grid = ("loss_min", "loss_max", "loss_range")
+        kept, self._empty_grid_warned = drop_empty_grid(
+            self, metrics, etas, scales, grid, record.step, self._empty_grid_warned
+        )
+        return kept
 
     def _warn_on_violation(self, values: Mapping[str, float], step: int) -> None:
         bad = {

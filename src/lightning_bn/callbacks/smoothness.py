@@ -16,6 +16,7 @@ from lightning_bn._validation import (
     check_float,
     check_int,
 )
+from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
@@ -240,7 +241,12 @@ class SmoothnessCallback(AlongGradientCallback):
         )
         if result.eigenvector is not None:
             self.eigenvector = dict_clone(result.eigenvector)
-        return {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
+        metrics = {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
+        grid = ("grad_diff_min", "grad_diff_max", "beta_eff")
+        kept, self._empty_grid_warned = drop_empty_grid(
+            self, metrics, etas, scales, grid, record.step, self._empty_grid_warned
+        )
+        return kept
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_bn._validation import check_bool, check_float, check_int
+from lightning_bn._validation import ArgumentTypeError, check_bool, check_float, check_int
 
 
 def check_num_features(num_features: Any) -> int:
@@ -20,6 +20,20 @@ def check_eps(eps: Any) -> float:
 
 def check_momentum(momentum: Any) -> float | None:
     return check_float("momentum", momentum, minimum=0, maximum=1, finite=False, optional=True)
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` if it is ``None`` or a floating-point ``torch.dtype`` (the parameters and running
+    statistics of a normalisation layer are real numbers with gradients: an integer or complex
+    dtype cannot hold them)."""
+    expected = "None or a floating-point torch.dtype (torch.float32, torch.float64, ...)"
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(f"Expected argument `dtype` to be {expected}, but got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"Expected argument `dtype` to be {expected}, but got {dtype!r}")
+    return dtype
 
 
 class _BatchStatNorm(nn.Module):
@@ -47,7 +61,7 @@ class _BatchStatNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_bn._validation import ArgumentTypeError
+from lightning_bn.layers.carry import carry_over, check_carriable
 from lightning_bn.layers.layer_norm import LayerNorm
 from lightning_bn.layers.registry import (
     SWAPPABLE_NORM_TYPES,
@@ -76,7 +77,8 @@ def _copy_matching(old: nn.Module, new: nn.Module) -> None:
         new.load_state_dict(matching, strict=False)
 
 
-def _make(old: nn.Module, factory: Any, layer_kwargs: dict[str, Any]) -> nn.Module:
+def _make(old: nn.Module, factory: Any, layer_kwargs: dict[str, Any], name: str = "") -> nn.Module:
+    check_carriable(name, old)
     num_features = _num_features(old)
     if num_features is None:
         raise ValueError(
@@ -93,6 +95,7 @@ def _make(old: nn.Module, factory: Any, layer_kwargs: dict[str, Any]) -> nn.Modu
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
     _copy_matching(old, new)
+    carry_over(name, old, new)
     new.train(old.training)
     return new
 
@@ -163,6 +166,12 @@ def swap_norm_layers(
     dimension replaced by a batch layer gets ``channels_last=True``. ``"none"`` gives
     :class:`torch.nn.Identity` (the paper's "standard" network).
 
+    What the user set on the old layer is kept (:mod:`lightning_bn.layers.carry`): each parameter's
+    ``requires_grad`` (a frozen layer stays frozen), forward, forward-pre and backward hooks (a
+    handle kept from ``register_forward_hook`` still removes the hook), a missing bias
+    (``nn.LayerNorm(bias=False)`` gets no trainable bias: a fixed zero shift outside the
+    ``state_dict``) and parametrisations (``torch.nn.utils.parametrize``, with their originals).
+
     Args:
         model: the model; modified in place.
         kind: ``"batchnorm" | "l1" | "l2" | "linf" | "layernorm" | "none"`` or a class.
@@ -177,8 +186,10 @@ def swap_norm_layers(
         The model, or the new layer when ``model`` itself is a normalisation layer.
 
     Raises:
-        ValueError: unknown ``kind`` (lists the valid ones), an empty ``include``, or no layer
-            matched (names the normalisation types the model does contain).
+        ValueError: unknown ``kind`` (lists the valid ones), an empty ``include``, no layer
+            matched (names the normalisation types the model does contain), a layer with
+            state-dict hooks (the deprecated ``weight_norm``/``spectral_norm``), or a parametrised
+            tensor the new layer lacks; nothing is replaced then.
         TypeError: ``model`` is not an ``nn.Module``, or is scripted (``torch.jit.script``) or
             compiled (``torch.compile``): swap before scripting; ``include`` is neither a string
             nor an iterable of strings.
@@ -211,8 +222,10 @@ def swap_norm_layers(
         )
     if "" in targets:
         return _make(model, factory, layer_kwargs)
+    for name, module in selection.modules:  # refuse before anything is replaced
+        check_carriable(name, module)
     # by identity: a module registered at several places gets one new module at all of them
-    new_by_id = {id(m): _make(m, factory, layer_kwargs) for _, m in selection.modules}
+    new_by_id = {id(m): _make(m, factory, layer_kwargs, n) for n, m in selection.modules}
     for parent in list(model.modules()):
         # `_modules`, not named_children(): that one lists a module registered twice only once
         for child_name, child in list(parent._modules.items()):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn._validation import check_bool
-from lightning_bn.layers._base import check_eps, check_momentum, check_num_features
+from lightning_bn.layers._base import check_dtype, check_eps, check_momentum, check_num_features
 
 __all__ = ["LayerNorm"]
 
@@ -66,7 +66,7 @@ class LayerNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         check_momentum(momentum)

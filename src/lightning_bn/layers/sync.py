@@ -37,6 +37,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from lightning_bn._validation import check_bool
+from lightning_bn.layers._base import check_dtype, check_eps, check_momentum, check_num_features
+from lightning_bn.layers.agreement import check_peers
 from lightning_bn.layers.batch_norm import BatchNorm
 from lightning_bn.layers.lp_norm import L1Norm, L2Norm, LinfNorm, LpNorm
 
@@ -68,6 +71,7 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, group: Any) -> Tensor:
         ctx.group = group  # type: ignore[attr-defined]
+        check_peers(group, x)  # inside a diagnostic pass: no rank failed before this collective
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
@@ -85,6 +89,7 @@ class _AllGatherStack(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, group: Any) -> Tensor:
         ctx.group = group  # type: ignore[attr-defined]
         ctx.rank = dist.get_rank(group)  # type: ignore[attr-defined]
+        check_peers(group, x)
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x, group=group)
@@ -329,11 +334,18 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         *,
         use_torch_kernel: bool = True,
     ) -> None:
+        # our messages (argument, value, what is allowed), not torch's from deep inside
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            check_num_features(num_features),
+            check_eps(eps),
+            check_momentum(momentum),
+            check_bool("affine", affine),
+            check_bool("track_running_stats", track_running_stats),
+            device=device,
+            dtype=check_dtype(dtype),
         )
         self.process_group = process_group
-        self.use_torch_kernel = bool(use_torch_kernel)
+        self.use_torch_kernel = check_bool("use_torch_kernel", use_torch_kernel)
 
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 

@@ -66,14 +66,21 @@ RANK_STRIDE = 0x9E3779B97F4A7C15
 _SEED_MODULUS = 1 << 63
 
 
+#: The largest value each of the four noise ranges may take. The noise scales an activation by
+#: up to ``std_range`` (plus jitter) and shifts it by up to ``mean_range`` (plus jitter): at 1e4
+#: the noise is already ten thousand times the normalised activation's unit scale, so the network
+#: sees noise, not signal; beyond it float16 activations (largest 65504) overflow after one noisy
+#: layer and float32 ones after a few, and training turns to NaN with no other sign.
+MAX_NOISE_RANGE = 1e4
+
+
 def _check_number(name: str, value: Any, minimum: float) -> float:
-    message = f"Expected argument `{name}` to be a finite number, but got {value!r}"
+    expected = f"a finite number in [{minimum:g}, {MAX_NOISE_RANGE:g}]"
+    message = f"Expected argument `{name}` to be {expected}, but got {value!r}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(message)  # also a ValueError, as before
-    if math.isnan(value) or math.isinf(value):
+    if math.isnan(value) or math.isinf(value) or not minimum <= value <= MAX_NOISE_RANGE:
         raise ValueError(message)
-    if value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be >= {minimum:g}, but got {value!r}")
     return float(value)
 
 
@@ -109,7 +116,8 @@ class NoiseSampler:
             :math:`s_{ij} \sim N(\sigma_j, r_\sigma^2)`; ``>= 0``.
 
     Raises:
-        ValueError: an argument that is not a finite number or is below its minimum.
+        ValueError: an argument that is not a finite number, is below its minimum or above
+            :data:`MAX_NOISE_RANGE` (noise that large overflows the activations).
 
     Example:
         >>> import torch

@@ -14,6 +14,7 @@ from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_bn.errors import DiagnosticSkipped
+from lightning_bn.layers.agreement import PeerFailed, exchange_failure, guarded
 
 __all__ = ["Collective"]
 
@@ -24,7 +25,9 @@ class Collective:
     ``mean`` averages a tensor over ranks, as DDP averages gradients; ``gather`` concatenates
     tensors along dimension 0 (the union of the ranks' batches). ``guard`` runs a local stage of a
     diagnostic and then agrees on success with every rank, so a failure on one rank makes every rank
-    raise :class:`DiagnosticSkipped` instead of leaving the others waiting in a collective.
+    raise :class:`DiagnosticSkipped` instead of leaving the others waiting in a collective; the
+    synchronised layers' collectives inside the stage agree first too
+    (:mod:`lightning_bn.layers.agreement`), so the stage may contain them.
     """
 
     def __init__(self, group: Any = None) -> None:
@@ -77,14 +80,17 @@ class Collective:
         """
         error: BaseException | None = None
         result = None
-        try:
-            result = stage()
-        except Exception as exc:
-            error = exc
-        if self.world_size > 1:
-            flag = torch.tensor([0.0 if error is None else 1.0], device=self._device())
-            dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
-            failed = int(flag.item())
+        with guarded(self.group if self.world_size > 1 else None) as state:
+            try:
+                result = stage()
+            except PeerFailed:  # another rank failed: the flags were exchanged in the stage
+                pass
+            except Exception as exc:
+                error = exc
+        if state.exchanged is not None:
+            failed = state.exchanged
+        elif self.world_size > 1:
+            failed = exchange_failure(error is not None, self.group, self._device())
         else:
             failed = 0 if error is None else 1
         if error is not None:

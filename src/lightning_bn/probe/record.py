@@ -10,11 +10,13 @@ import contextvars
 import copy
 import dataclasses
 import functools
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,15 +92,40 @@ def copy_batch(batch: Any) -> Any:
 
 @dataclass
 class RNGState:
-    """The random state of the CPU and of every visible CUDA device at one moment."""
+    """The global random state at one moment: torch's (the CPU and every visible CUDA device),
+    Python's :mod:`random` and numpy's legacy :mod:`numpy.random` (``np.random.rand``, ...).
+
+    A probe replays this state before each evaluation of the training step and restores the state
+    that was current afterwards, so a step that draws from any of the three (dropout, a mixup
+    coefficient from ``np.random.beta``, a crop offset from ``random.randint``) sees the real
+    step's draws, and the real step is unaffected by the probes. Generators the user creates
+    (``torch.Generator``, ``np.random.default_rng()``) are objects of the user's, not global state,
+    and are neither replayed nor restored.
+
+    Example:
+        >>> state = RNGState.capture()
+        >>> with state.replay():
+        ...     a = (torch.rand(1).item(), float(np.random.rand()), random.random())
+        >>> with state.replay():
+        ...     b = (torch.rand(1).item(), float(np.random.rand()), random.random())
+        >>> a == b
+        True
+    """
 
     cpu: Tensor
     cuda: list[Tensor] = field(default_factory=list)
+    python: Any = None
+    numpy: Any = None
 
     @classmethod
     def capture(cls) -> RNGState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        return cls(cpu=torch.get_rng_state(), cuda=cuda)
+        return cls(
+            cpu=torch.get_rng_state(),
+            cuda=cuda,
+            python=random.getstate(),
+            numpy=np.random.get_state(),
+        )
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
@@ -107,16 +134,28 @@ class RNGState:
             self.restore()
             yield
 
-    def fork(self) -> contextlib.AbstractContextManager[Any]:
-        """A block after which the global random state (CPU and this state's CUDA devices) is
-        what it was before it; inside, :meth:`restore` may set this state any number of times."""
-        return torch.random.fork_rng(devices=list(range(len(self.cuda))))
+    @contextlib.contextmanager
+    def fork(self) -> Iterator[None]:
+        """A block after which the global random state (torch's CPU and this state's CUDA
+        devices, Python's and numpy's) is what it was before it; inside, :meth:`restore` may set
+        this state any number of times."""
+        python, numpy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=list(range(len(self.cuda)))):
+                yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
     def restore(self) -> None:
         """Set the global random state to this one (inside :meth:`fork`)."""
         torch.set_rng_state(self.cpu)
         if self.cuda:
             torch.cuda.set_rng_state_all(self.cuda)
+        if self.python is not None:
+            random.setstate(self.python)
+        if self.numpy is not None:
+            np.random.set_state(self.numpy)
 
 
 @dataclass
