@@ -208,7 +208,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         ledger.tick(trainer.global_step, self.clock())
         if ledger.step_time is not None and not ledger.planned:  # the fit's first plan
             self._replan(trainer)
-        if ledger.plans != self._seen_plan:
+        if ledger.plans != self._seen_plan and self.schedule == "auto":  # a new interval
             self._log_schedule(trainer)
         if not self._should_measure(trainer):
             return

@@ -100,11 +100,14 @@ class SharedBudget:
         return self.clock()
 
     def _book(self, trainer: pl.Trainer, step: int, ok: bool) -> None:
-        """Book the measurement that just ended (its seconds in ``_cost``) and plan again."""
-        self.ledger.book(self.state_key, step, self._cost + self._tick(), ok)
+        """Book the measurement that just ended (its seconds in ``_cost``), plan again, log."""
+        ledger = self.ledger
+        ledger.book(self.state_key, step, self._cost + self._tick(), ok)
         self._cost = 0.0
-        if self.ledger.step_time is not None:
+        auto = any(e.interval is None for e in ledger.entries.values())
+        if auto and ledger.step_time is not None:
             self._replan(trainer)
+        self._log_schedule(trainer)
 
     def _replan(self, trainer: pl.Trainer) -> None:
         """Plan every callback's next measurement from rank zero's ledger (all ranks alike)."""
@@ -117,6 +120,8 @@ class SharedBudget:
         """Log what the budget pays for (after a plan): spent shares, the planned interval."""
         ledger, entry, prefix = self.ledger, self._entry, self.key_prefix
         self._seen_plan = ledger.plans
+        if ledger.train_seconds <= 0:  # the first step: no training time to divide by yet
+            return
         metrics = {
             "budget/spent": ledger.spent_fraction(),
             f"{prefix}/spent": ledger.spent_fraction(self.state_key),
