@@ -54,12 +54,15 @@ class SharedBudget:
     overhead: float | None
     clock: Callable[[], float]
     state_key: str
-    key_prefix: str
     _ledger: Ledger | None
     _ledger_state: dict[str, Any] | None
     _seen_plan: int
     _cost: float
     _sync: Callable[[], None] | None
+
+    @property
+    def key_prefix(self) -> str:  # the base class's
+        raise NotImplementedError
 
     @property
     def ledger(self) -> Ledger:
