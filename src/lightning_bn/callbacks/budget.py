@@ -110,7 +110,8 @@ class SharedBudget:
         auto = any(e.interval is None for e in ledger.entries.values())
         if auto and ledger.step_time is not None:
             self._replan(trainer)
-        self._log_schedule(trainer)
+        if self.schedule == "auto":  # a fixed schedule logs only its measurements
+            self._log_schedule(trainer)
 
     def _replan(self, trainer: pl.Trainer) -> None:
         """Plan every callback's next measurement from rank zero's ledger (all ranks alike)."""
