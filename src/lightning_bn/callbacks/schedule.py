@@ -107,8 +107,8 @@ class Entry:
     Attributes:
         interval: its fixed ``every_n_steps``, or ``None`` for ``"auto"``.
         spent: seconds of all its measurement attempts, failed ones included.
-        costs: seconds of each successful measurement (the first one and the running mean of
-            the rest are kept: ``first``, ``later_sum``, ``later_n``).
+        first: seconds of its first successful measurement (``None`` before one).
+        later_sum / later_n: sum and count of the successful ones after it.
         attempts / failures: counts.
         last_step: the step of its last attempt (``None`` before one).
         next_step: the step it is due at (``None``: not planned yet, measure at the first step).
