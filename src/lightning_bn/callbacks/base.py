@@ -263,6 +263,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         self._thaw_state_key()
         self._record = None
         self._probe = None
+        self._ledger_state = None
 
     @override
     def on_exception(
@@ -300,7 +301,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         self.measured_steps = list(state_dict.get("measured_steps", []))
         if self.schedule == "auto":
             self.every_n_steps, self.overhead = state_dict.get("every_n_steps"), None
-        self._ledger_state = state_dict.get("ledger")
+        self._ledger_state = state_dict.get("ledger")  # for the next setup, or now if fitting
         if self._ledger is not None and self._ledger_state is not None:
             self._ledger.load_state_dict(self._ledger_state)
         if "panel_history" in state_dict:

@@ -92,8 +92,9 @@ class SharedBudget:
         fixed = None if self.schedule == "auto" else self.schedule
         ledger.register(self.state_key, fixed)
         self._seen_plan = ledger.plans
-        if self._ledger_state is not None:
+        if self._ledger_state is not None:  # loaded before this fit's setup
             ledger.load_state_dict(self._ledger_state)
+            self._ledger_state = None
         self._sync = device_sync(pl_module)
 
     def _tick(self) -> float:
