@@ -174,7 +174,7 @@ def _declaration_lines(path: Path) -> int:
 def test_callback_files_are_thin() -> None:
     """A callback file is its wiring (under 250 lines) plus the declaration of what it logs."""
     for path in sorted((SRC / "callbacks").glob("*.py")):
-        if path.name in ("__init__.py", "base.py"):  # the shared wiring, not a callback
+        if path.name in ("__init__.py", "base.py", "schedule.py"):  # wiring, plain logic
             continue
         n = len(path.read_text().splitlines()) - _declaration_lines(path)
         assert n < 250, f"{path.name} has {n} lines besides its declared keys"

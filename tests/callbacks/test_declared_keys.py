@@ -62,6 +62,7 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
     from lightning_bn.callbacks import PAPER_PANELS, PAPER_SUMMARIES
 
     assert PAPER_SUMMARIES == {
+        "budget/spent": "last",
         "ics/*/l2": "max",
         "ics/*/l2_rel": "max",
         "ics/*/cos": "min",
@@ -131,7 +132,9 @@ def test_builtin_declarations_give_the_tables_of_0_1_0() -> None:
         ("panels/hessian_layer_eig", (("hessian/{layer}/eig_max", "{layer}"),)),
         ("panels/hessian_density", (("hessian/density/*", "density"),)),
     ]
-    assert keys.prefixes()[:5] == ("hessian/", "ics/", "lipschitz/", "noise/", "smoothness/")
+    assert keys.prefixes()[:6] == (
+        "budget/", "hessian/", "ics/", "lipschitz/", "noise/", "smoothness/"
+    )  # fmt: skip
 
 
 def test_plot_draws_the_declared_panel_of_a_csv_run(

@@ -1,10 +1,12 @@
-"""The self-calibrating schedule (``every_n_steps="auto"``) on a fake clock."""
+"""The shared budget: the ledger's schedule, on a fake clock and against brute-force scans."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ import torch
 
 from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
 from lightning_bn.callbacks.base import DiagnosticCallback
-from lightning_bn.callbacks.schedule import CALIBRATION_STEPS, LAST_RUNG, choose_interval, ladder
+from lightning_bn.callbacks.schedule import MIN_INTERVAL, NEVER, Ledger, allowance
+from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.probe import StepRecord
 from tests.support.models import Classifier, MemoryLogger, loader, mlp, trainer
 
@@ -53,6 +56,8 @@ class Costly(DiagnosticCallback):
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         self.clock.now += self.cost
+        if record.step in getattr(self, "fail_at", ()):
+            raise RuntimeError("fused kernel has no double backward")
         return {"costly/value": float(record.step)}
 
 
@@ -60,130 +65,244 @@ class CostlyAfter(Costly):
     measure_after_step = True
 
 
-def _fit(callback: DiagnosticCallback, clock: FakeClock, steps: int, seconds: list[float]) -> Any:
+def _fit(
+    callback: DiagnosticCallback | list[DiagnosticCallback],
+    clock: FakeClock,
+    steps: int,
+    seconds: list[float],
+    **kwargs: Any,
+) -> Any:
     logger = MemoryLogger()
-    t = trainer([callback, Tick(clock, seconds)], steps, logger=logger, log_every_n_steps=1)
+    callbacks = callback if isinstance(callback, list) else [callback]
+    t = trainer(
+        [*callbacks, Tick(clock, seconds)], steps, logger=logger, log_every_n_steps=1, **kwargs
+    )
     t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))  # 16 batches/epoch
     return logger
 
 
-def test_ladder_and_choice() -> None:
-    assert list(itertools.islice(ladder(), 12)) == [
-        10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
-    ]  # fmt: skip
-    # the smallest n with cost / (n t) <= budget: n >= cost / (budget t)
-    assert choose_interval(0.0, 1.0, 0.03) == 10
-    assert choose_interval(0.3, 1.0, 0.03) == 10  # exactly on the rung
-    assert choose_interval(0.31, 1.0, 0.03) == 20
-    assert choose_interval(12.6, 1.0, 0.03) == 500  # 420 steps needed
-    assert choose_interval(35.6, 2.0, 0.03) == 1000  # 593
-    assert choose_interval(35.6, 2.0, 0.1) == 200  # 178
-    assert choose_interval(1.0, 0.0, 0.03) == LAST_RUNG == 10**9  # a step too short to see
-    assert choose_interval(1e300, 1e-300, 0.03) == LAST_RUNG
-    assert choose_interval(0.0, 0.0, 0.03) == 10
+def _scan(h: Any, low: int, need: float, limit: int = 200_000) -> int:
+    return next((s for s in range(low, limit) if h(s) >= need), NEVER)
+
+
+def _excess(t: float, budget: float, horizon: int | None, rate: float, now: int) -> Any:
+    """h(s) = A(s) - r (s - now), written out here."""
+    return lambda s: allowance(s, t, budget, horizon) - rate * (s - now)
+
+
+def test_first_step_against_a_scan() -> None:
+    """The planned step is the first one whose allowance covers the need (brute-force scan)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        horizon = rng.choice([None, 50, 1000, 20_000])
+        budget, t = rng.choice([0.01, 0.05, 0.2]), rng.uniform(0.1, 2.0)
+        rate = rng.choice([0.0, 0.0, rng.uniform(0, 0.3 * budget * t)])
+        now = rng.randrange(0, 300)
+        low, need = now + rng.randrange(0, 20), rng.uniform(0, 40 * t)
+        ledger = Ledger(budget=budget, horizon=horizon)
+        h = _excess(t, budget, horizon, rate, now)
+
+        got = ledger._first_step(low, now, need, t, rate)
+        expected = _scan(h, low, need)
+        if expected == NEVER:  # beyond the scan: the answer must still be the first crossing
+            assert got > 200_000 - 1 and (got == NEVER or h(got) >= need > h(got - 1))
+        else:
+            assert got == expected, (horizon, budget, t, rate, now, low, need)
+
+
+def test_allowance_front_loads_the_same_total() -> None:
+    # A(s) = b t sqrt(s T): at T the uniform total b t T, and half of it by T / 4
+    assert allowance(2000, 0.5, 0.04, 2000) == pytest.approx(0.04 * 0.5 * 2000)
+    assert allowance(500, 0.5, 0.04, 2000) == pytest.approx(0.5 * allowance(2000, 0.5, 0.04, 2000))
+    assert allowance(3000, 0.5, 0.04, 2000) == pytest.approx(0.04 * 0.5 * 3000)
+    assert allowance(0, 0.5, 0.04, 2000) == 0.0
+
+
+def _expected_steps(cost: float, budget: float, horizon: int, first_plan: int = 4) -> list[int]:
+    """One ``"auto"`` callback, 1 s steps: after k measurements the next is the first step
+    s >= last + MIN_INTERVAL with budget * sqrt(s * T) >= (k + 1) * cost (closed form)."""
+    steps = [0]
+    while True:
+        k = len(steps)
+        s = math.ceil(((k + 1) * cost / budget) ** 2 / horizon - 1e-9)
+        low = max(steps[-1] + MIN_INTERVAL, first_plan if k == 1 else steps[-1] + 1)
+        s = max(s, low)
+        if s >= horizon:
+            return steps
+        steps.append(s)
 
 
 @pytest.mark.parametrize("cls", [Costly, CostlyAfter])
-@pytest.mark.parametrize(
-    ("cost", "seconds", "expected"),
-    [
-        (0.2, [1.0], 10),  # 0.2 / (10 × 1) = 2% <= 3%
-        (1.0, [1.0], 50),  # needs 33.3 steps
-        # warm-up: the first timed step is slow, the median of the three ignores it
-        (6.0, [1.0, 50.0, 2.0, 2.0], 100),  # 6 / (0.03 × 2) = 100
-    ],
-)
-def test_interval_from_fake_clock(
-    cls: type[Costly], cost: float, seconds: list[float], expected: int
-) -> None:
+def test_one_callback_follows_the_front_loaded_rule(cls: type[Costly]) -> None:
     clock = FakeClock()
-    callback = cls(clock, cost)
+    callback = cls(clock, 1.0, budget=0.05)
     callback.clock = clock
-    assert callback.every_n_steps is None
-    logger = _fit(callback, clock, 2 * expected + 5, seconds)
-    assert callback.every_n_steps == expected
-    assert callback.measured_steps == [0, expected, 2 * expected]
-    timed = [seconds[min(i, len(seconds) - 1)] for i in range(1, 1 + CALIBRATION_STEPS)]
-    step_time = sorted(timed)[len(timed) // 2]
-    assert callback.overhead == pytest.approx(cost / (expected * step_time))
-    # logged once, at the step where the calibration ended (after 1 + 3 optimiser steps)
-    decided = {k: v for step, m in logger.calls for k, v in m.items() if k.startswith("costly/e")}
-    assert decided == {"costly/every_n_steps": expected}
-    (step,) = [s for s, m in logger.calls if "costly/overhead" in m]
-    assert step == 1 + CALIBRATION_STEPS
-    assert callback.state_dict()["every_n_steps"] == expected
+    logger = _fit(callback, clock, 400, [1.0])
+    expected = _expected_steps(1.0, 0.05, 400)
+    assert callback.measured_steps == expected
+    gaps = [b - a for a, b in itertools.pairwise(expected)]
+    assert gaps[0] == MIN_INTERVAL and gaps == sorted(gaps) and gaps[-1] > 2 * MIN_INTERVAL
+    # the ledger: 1 s per measurement, 1 s per training step (the measurements taken out)
+    ledger = callback.ledger
+    assert ledger.entries[callback.state_key].spent == pytest.approx(len(expected))
+    assert ledger.step_time == pytest.approx(1.0)
+    # logged at every plan: the first at step 1 + 3 timed steps
+    spent = [(s, m["budget/spent"]) for s, m in logger.calls if "budget/spent" in m]
+    assert spent[0] == (4, pytest.approx(1.0 / 4))
+    # early above the budget (front-loaded), never above the allowance plus one measurement
+    assert all(f <= (allowance(s, 1.0, 0.05, 400) + 1.0) / s for s, f in spent)
+    assert 0.04 <= ledger.spent_fraction() <= 0.05
+    assert all(
+        m["costly/spent"] == m["budget/spent"] for _, m in logger.calls if "costly/spent" in m
+    )
 
 
-def test_int_schedule_unchanged() -> None:
+def test_a_larger_budget_measures_more() -> None:
+    counts, spent = {}, {}
+    for budget in (0.01, 0.05, 0.2):
+        clock = FakeClock()
+        callbacks = [Costly(clock, 2.0, budget=budget, name="a"), Costly(clock, 0.5, name="b")]
+        for cb in callbacks:
+            cb.clock = clock
+        _fit(callbacks, clock, 600, [1.0])
+        counts[budget] = [len(cb.measured_steps) for cb in callbacks]
+        spent[budget] = callbacks[0].ledger.spent_fraction()
+        a, b = (callbacks[0].ledger.entries[cb.state_key].spent for cb in callbacks)
+        if budget == 0.05:  # they take turns: each spent about half, the cheap one more often
+            assert abs(a - b) <= 2.0 and counts[budget][1] > 2 * counts[budget][0]
+        if budget == 0.2:  # the cheap one is held by MIN_INTERVAL: the other spends the rest
+            assert callbacks[1].measured_steps == list(range(0, 600, MIN_INTERVAL))
+            assert a > 2 * b
+    assert counts[0.01] < counts[0.05] < counts[0.2]
+    assert [sum(c) for c in counts.values()] == sorted(sum(c) for c in counts.values())
+    assert spent[0.01] < spent[0.05] <= 0.05 * 1.05 and spent[0.2] <= 0.2 * 1.05
+
+
+def test_fixed_interval_kept_and_left_to_it() -> None:
     clock = FakeClock()
-    callback = Costly(clock, cost=1000.0, every_n_steps=3)
+    alone = Costly(clock, 1.0, budget=0.1, name="auto")
+    alone.clock = clock
+    _fit(alone, clock, 300, [1.0])
+    clock = FakeClock()
+    fixed = Costly(clock, 1.0, every_n_steps=25, name="fixed")
+    shared = Costly(clock, 1.0, budget=0.1, name="auto")
+    for cb in (fixed, shared):
+        cb.clock = clock
+    _fit([fixed, shared], clock, 300, [1.0])
+    assert fixed.measured_steps == list(range(0, 300, 25))
+    assert fixed.every_n_steps == 25 and fixed.overhead is None
+    # the fixed callback's 12 s come off the 0.1 × 300 s: the other measures less
+    assert len(shared.measured_steps) < len(alone.measured_steps)
+    assert shared.ledger.spent_fraction() <= 0.1 * 1.05
+
+
+def test_a_failed_measurement_never_sets_the_cost() -> None:
+    clock = FakeClock()
+    callback = Costly(clock, 5.0, budget=0.05)
+    callback.fail_at = {0}  # type: ignore[attr-defined]
     callback.clock = clock
-    logger = _fit(callback, clock, 10, [1.0])
-    assert callback.measured_steps == [0, 3, 6, 9]
-    assert callback.every_n_steps == 3 and callback.overhead is None
-    assert not any("costly/overhead" in m for _, m in logger.calls)
-
-
-def test_resume_keeps_the_interval() -> None:
+    with pytest.warns(DiagnosticWarning, match="fused kernel"):
+        _fit(callback, clock, 200, [1.0])
+    entry = callback.ledger.entries[callback.state_key]
+    assert (entry.failures, entry.first) == (1, 5.0)  # the first success, not the failure
+    assert entry.spent == pytest.approx(5.0 * entry.attempts)
+    # tried again when the allowance covers the failure's 5 s: 0.05 sqrt(200 s) >= 5, s = 50
+    assert callback.measured_steps[0] == 50
+    # a cheap failure (raising at once) does not make the next plan optimistic either
     clock = FakeClock()
-    first = Costly(clock, cost=1.0)
+    quick = Costly(clock, 5.0, budget=0.05)
+    quick.clock = clock
+    quick._compute = _fail_at_once_then(quick)  # type: ignore[method-assign]
+    with pytest.warns(DiagnosticWarning):
+        _fit(quick, clock, 200, [1.0])
+    entry = quick.ledger.entries[quick.state_key]
+    assert (
+        entry.failures == 1
+        and entry.first == 5.0
+        and entry.spent == pytest.approx(5.0 * (entry.attempts - 1))
+    )
+
+
+def _fail_at_once_then(callback: Costly) -> Any:
+    original = Costly._compute
+
+    def compute(trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
+        if record.step == 0:
+            raise RuntimeError("no double backward")
+        return original(callback, trainer, record)
+
+    return compute
+
+
+def test_budgets_must_agree() -> None:
+    clock = FakeClock()
+    with pytest.raises(ValueError, match=r"share one `budget`, but got 0.01 .*, 0.2 "):
+        _fit(
+            [Costly(clock, 0, budget=0.01, name="a"), Costly(clock, 0, budget=0.2, name="b")],
+            clock,
+            2,
+            [1.0],
+        )
+
+
+def test_resume_goes_on_spending_the_same_budget() -> None:
+    clock = FakeClock()
+    first = Costly(clock, 1.0, budget=0.05)
     first.clock = clock
-    _fit(first, clock, 8, [1.0])
-    assert first.every_n_steps == 50
+    _fit(first, clock, 200, [1.0])
     state = first.state_dict()
-    # a resumed run whose clock would now choose 10: the saved interval wins, no new calibration
-    resumed = Costly(clock, cost=0.0)
+    assert state["ledger"]["entries"][first.state_key]["spent"] == len(first.measured_steps)
+    # a run of 400 steps from the same state: what the first 200 steps spent is still booked
+    resumed = Costly(clock, 1.0)
     resumed.clock = clock
     resumed.load_state_dict(state)
-    assert (resumed.every_n_steps, resumed.overhead) == (50, first.overhead)
     resumed.measured_steps = []
-    _fit(resumed, clock, 101, [1.0])
-    assert resumed.measured_steps == [0, 50, 100]
-    # an int given to the constructor wins over a saved interval
-    fixed = Costly(clock, cost=0.0, every_n_steps=7)
-    fixed.load_state_dict(state)
-    assert fixed.every_n_steps == 7
+    t = trainer([resumed, Tick(clock, [1.0])], 400, logger=MemoryLogger())
+    t.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = 200
+    t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
+    ledger = resumed.ledger
+    assert ledger.entries[resumed.state_key].spent == pytest.approx(
+        len(first.measured_steps) + len(resumed.measured_steps)
+    )
+    assert ledger.train_seconds > 200
 
 
 def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     clock = FakeClock()
     callback = LipschitzCallback()
-    callback.clock = clock  # a measurement takes no time on this clock: 10 steps
-    t = trainer([callback, Tick(clock, [1.0])], 6, default_root_dir=tmp_path)
+    callback.clock = clock  # a measurement takes no time on this clock: every MIN_INTERVAL
+    t = trainer([callback, Tick(clock, [1.0])], 16, default_root_dir=tmp_path)
     t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
-    assert callback.every_n_steps == 10
+    assert callback.measured_steps == [0, 10]
     t.save_checkpoint(tmp_path / "a.ckpt")
     resumed = LipschitzCallback()
-    t2 = trainer([resumed, Tick(clock, [1.0])], 25, default_root_dir=tmp_path)
+    resumed.clock = clock
+    t2 = trainer([resumed, Tick(clock, [1.0])], 35, default_root_dir=tmp_path)
     t2.fit(
         Classifier(mlp(dropout=0.0).double()),
         loader(n=64, batch_size=4),
         ckpt_path=tmp_path / "a.ckpt",
     )
-    assert resumed.every_n_steps == 10
-    assert resumed.measured_steps == [0, 10, 20]
+    entry = resumed.ledger.entries[resumed.state_key]
+    assert entry.attempts == 2 + len(resumed.measured_steps) - 2
+    assert resumed.measured_steps == [0, 10, 20, 30]
 
 
 @pytest.mark.parametrize("cls", [ICSCallback, LipschitzCallback, SmoothnessCallback])
 def test_defaults_are_auto_and_logged_in_the_config(cls: type[DiagnosticCallback]) -> None:
     callback = cls()
-    assert (callback.schedule, callback.every_n_steps, callback.budget) == ("auto", None, 0.03)
+    assert (callback.schedule, callback.every_n_steps, callback.budget) == ("auto", None, None)
     assert callback._settings()["every_n_steps"] == "auto"
     clock = FakeClock()
     callback.clock = clock
-    params: dict[str, Any] = {}
-
-    class Hparams(MemoryLogger):
-        def log_hyperparams(self, p: Any, *args: Any, **kwargs: Any) -> None:
-            params.update(p)
-
-    logger = Hparams()
+    logger = MemoryLogger()
     t = trainer([callback, Tick(clock, [1.0])], 5, logger=logger)
     t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
+    assert callback.ledger.budget == 0.04
     prefix = callback.key_prefix
-    assert params[f"{prefix}/every_n_steps"] == 10  # no measured cost on this clock
-    assert logger.history[4][f"{prefix}/every_n_steps"] == 10
+    assert logger.history[4][f"{prefix}/every_n_steps"] == MIN_INTERVAL  # nothing spent here
     assert logger.history[4][f"{prefix}/overhead"] == 0.0
+    assert logger.history[4][f"{prefix}/spent"] == logger.history[4]["budget/spent"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -217,8 +336,9 @@ def test_ddp_ranks_share_rank_zeros_interval(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    # rank 1's own clock would pick 500; rank 0 decides 10 for both
+    # rank 1's own ledger would plan step 650; rank 0 decides step 10 for both
     assert [r["every_n_steps"] for r in ranks] == [10, 10]
     assert [r["measured_steps"] for r in ranks] == [[0, 10], [0, 10]]
     assert ranks[0]["overhead"] == ranks[1]["overhead"]
+    assert ranks[0]["spent"] == ranks[1]["spent"]  # rank zero's ledger, broadcast
     assert torch.isfinite(torch.tensor(ranks[0]["overhead"]))

@@ -13,8 +13,8 @@ OUT.json, with the final weights.
 the second step), 4 steps.
 
 ``--auto``: a LipschitzCallback with ``every_n_steps="auto"`` on a fake clock whose measurement
-cost differs by rank (rank 0's calibration picks 10 steps, rank 1's alone would pick 500), 12
-steps; every rank writes its interval and measured steps to OUT.json.rank<R>.
+cost differs by rank (rank 0's ledger plans 10 steps ahead, rank 1's alone would plan 650), 12
+steps; every rank writes its interval, measured steps and ledger spending to OUT.json.rank<R>.
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ def main() -> None:
 
 def run_auto(ddp: bool, out: str) -> None:
     clock = FakeClock()
-    # Lipschitz evaluates the loss 1 + len(step_sizes) = 13 times: 0.13 s on rank 0 (10 steps at
-    # budget 0.03), 13 s on rank 1 (500 steps)
+    # Lipschitz evaluates the loss 1 + len(step_sizes) = 13 times: 0.13 s on rank 0 (next at
+    # step 10 at the default budget), 13 s on rank 1 (step 650)
     callback = LipschitzCallback(loss_fn=SlowOnRank(clock, {0: 0.01, 1: 1.0}))
     callback.clock = clock
     pl.seed_everything(0, verbose=False)
@@ -202,6 +202,7 @@ def run_auto(ddp: bool, out: str) -> None:
         "every_n_steps": callback.every_n_steps,
         "overhead": callback.overhead,
         "measured_steps": callback.measured_steps,
+        "spent": callback.ledger.spent,
         "world_size": trainer.world_size,
     }
     with open(f"{out}.rank{trainer.global_rank}", "w") as fh:

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -18,7 +17,7 @@ from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
 from lightning_bn.callbacks._guards import refuse_compiled_submodules
 from lightning_bn.callbacks._state_key import CachedStateKey
-from lightning_bn.callbacks.schedule import Calibration, choose_interval
+from lightning_bn.callbacks.budget import SharedBudget, horizon
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
@@ -72,15 +71,6 @@ def _pinned_step(trainer: pl.Trainer, step: int, epoch: int) -> Iterator[None]:
         counter.completed, epochs.completed = saved
 
 
-def _device_sync(module: nn.Module) -> Callable[[], None] | None:
-    """``torch.cuda.synchronize`` of the module's device when it is a CUDA one, else ``None``."""
-    param = next(module.parameters(), None)
-    if param is None or param.device.type != "cuda":
-        return None
-    device = param.device
-    return lambda: torch.cuda.synchronize(device)
-
-
 def _sharded_strategy_types() -> tuple[type, ...]:
     from lightning.pytorch import strategies
 
@@ -88,7 +78,7 @@ def _sharded_strategy_types() -> tuple[type, ...]:
     return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
 
 
-class DiagnosticCallback(CachedStateKey, DeclaresKeys):
+class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     """Base of the diagnostic callbacks (ICS, Lipschitz, Smoothness).
 
     Subclasses implement :meth:`_compute` and choose when it runs: ``measure_after_step = False``
@@ -104,15 +94,19 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     knowing any logger by name. Before measuring it calls ``prepare_batch`` on every other
     callback that is a :class:`BatchPreparer`.
 
-    **Schedule.** ``every_n_steps="auto"`` (the default) calibrates: the callback measures at the
-    first training step, times that measurement and the next few (unmeasured) training steps, and
-    fixes ``every_n_steps`` for the run as the smallest rung of 10, 20, 50, 100, 200, 500, 1000,
-    ... that keeps its share of training time at most ``budget`` (see
-    :mod:`lightning_bn.callbacks.schedule` for what is timed). Rank zero decides and broadcasts;
-    the interval is logged as ``<prefix>/every_n_steps`` (a metric and a hyperparameter), the
-    projected share as ``<prefix>/overhead``, and both are kept in :meth:`state_dict` (a resumed
-    run keeps the interval). An ``int`` is a fixed schedule, ``global_step % every_n_steps == 0``.
-    ``clock`` (default :func:`time.perf_counter`) may be replaced before fitting, e.g. by a test.
+    **Schedule.** All the diagnostic callbacks of a Trainer spend one ``budget`` (a share of
+    training time, default :data:`~lightning_bn.callbacks.schedule.DEFAULT_BUDGET` for all of them
+    together; a value given to any of them sets it, and two different values are an error),
+    booked in one :class:`~lightning_bn.callbacks.schedule.Ledger` of measured costs. With
+    ``every_n_steps="auto"`` (the default) a callback measures at the first training step, and
+    then whenever the ledger says its turn has come: more often early in training, less later
+    (see :mod:`lightning_bn.callbacks.schedule`). Rank zero decides and broadcasts; the ledger is
+    kept in :meth:`state_dict`. An ``int`` is a fixed schedule, ``global_step % every_n_steps ==
+    0``, whose cost the ``"auto"`` callbacks leave to it. Logged at every plan: ``budget/spent``
+    (all the callbacks' seconds ÷ training seconds), ``<prefix>/spent`` (this callback's),
+    ``<prefix>/every_n_steps`` (its planned interval) and ``<prefix>/overhead`` (that interval's
+    projected share). ``clock`` (default :func:`time.perf_counter`) may be replaced before
+    fitting, e.g. by a test.
     """
 
     measure_after_step: bool = False
@@ -123,7 +117,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self,
         every_n_steps: int | Literal["auto"] = "auto",
         loss_fn: LossFn | None = None,
-        budget: float = 0.03,
+        budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:
@@ -151,17 +145,24 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._derived_prefix: str | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected argument `loss_fn` to be callable, but got {loss_fn!r}")
-        self.budget = check_float("budget", budget, minimum=0, maximum=1)
+        #: The share of training time of all the Trainer's diagnostics (``None``: the default).
+        self.budget = (
+            None if budget is None else check_float("budget", budget, minimum=0, maximum=1)
+        )
         if self.budget == 0:
             raise ValueError(f"Expected argument `budget` to be in (0, 1], but got {budget!r}")
         #: What the constructor was given: ``"auto"`` or a fixed interval.
         self.schedule: int | Literal["auto"] = every_n_steps
-        #: The interval in use; ``None`` while ``"auto"`` has not decided yet.
+        #: The interval in use (``"auto"``: the last planned one; ``None`` before a plan).
         self.every_n_steps: int | None = None if every_n_steps == "auto" else every_n_steps
-        #: The share of training time measured by the calibration (``None`` before it).
+        #: The projected share of training time of the planned interval (``None`` before a plan).
         self.overhead: float | None = None
         self.clock: Callable[[], float] = time.perf_counter
-        self._calibration: Calibration | None = None
+        self._ledger = None
+        self._ledger_state: dict[str, Any] | None = None  # loaded before the ledger was known
+        self._seen_plan = -1
+        self._cost = 0.0  # seconds of the measurement in progress
+        self._sync: Callable[[], None] | None = None
         self.loss_fn = loss_fn
         self.collective = Collective()
         self._probe: Probe | None = None
@@ -189,6 +190,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             vmap_chunk_size=self.vmap_chunk_size,
         )
         self._setup(trainer, pl_module)
+        self._join_ledger(trainer, pl_module)
         for extras in logger_extras():
             extras.on_setup(trainer, type(self).__name__, self._settings())
         if not trainer.loggers:
@@ -198,20 +200,22 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ledger.start_fit(horizon(trainer))
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        calibration = self._calibration
-        if calibration is not None:  # "auto", deciding: time this (unmeasured) training step
-            calibration.start()
-            return
+        ledger = self.ledger
+        ledger.tick(trainer.global_step, self.clock())
+        if ledger.step_time is not None and not ledger.planned:  # the fit's first plan
+            self._replan(trainer)
+        if ledger.plans != self._seen_plan and self.schedule == "auto":  # a new interval
+            self._log_schedule(trainer)
         if not self._should_measure(trainer):
             return
-        if self.every_n_steps is None:  # "auto": this first measurement calibrates
-            calibration = self._calibration = Calibration(
-                trainer.global_step, clock=self.clock, sync=_device_sync(pl_module)
-            )
-            calibration.start()
+        self._cost = -self._tick()
         # e.g. NoiseInjectionCallback: draw this step's noise before the probes run
         for other in getattr(trainer, "callbacks", []):
             if other is not self and isinstance(other, BatchPreparer):
@@ -226,9 +230,10 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             epoch=trainer.current_epoch,
         )
         if not self.measure_after_step:
-            self._measure(trainer, pl_module)
-        if calibration is not None:
-            calibration.cost += calibration.stop() or 0.0
+            self._book(trainer, self._record.step, self._measure(trainer, pl_module))
+            self._record = None
+        else:
+            self._cost += self._tick()
 
     @override
     def on_train_batch_end(
@@ -239,21 +244,10 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        calibration = self._calibration
-        if calibration is not None and self._record is None:
-            # not the calibrating measurement (it leaves a record): a timed training step ends
-            elapsed = calibration.stop()
-            if elapsed is not None:
-                calibration.step_times.append(elapsed)
-            if calibration.done:
-                self._decide(trainer, calibration)
-            return
-        if self._record is not None and self.measure_after_step:
-            if calibration is not None:
-                calibration.start()
-            self._measure(trainer, pl_module)
-            if calibration is not None:
-                calibration.cost += calibration.stop() or 0.0
+        record = self._record
+        if record is not None and self.measure_after_step:
+            self._cost -= self._tick()
+            self._book(trainer, record.step, self._measure(trainer, pl_module))
         self._record = None
 
     @override
@@ -272,7 +266,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         self._thaw_state_key()
         self._record = None
         self._probe = None
-        self._calibration = None
+        self._ledger_state = None
 
     @override
     def on_exception(
@@ -284,7 +278,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     def _state_key_settings(self) -> dict[str, Any]:
         """The state key is derived from the settings (and ``name``), so that several callbacks
         of one class can be in one Trainer and each finds its own state on resume."""
-        return {k: v for k, v in self._settings().items() if k != "loss_fn"}
+        return {k: v for k, v in self._settings().items() if k not in ("loss_fn", "budget")}
 
     @property
     def key_prefix(self) -> str:
@@ -302,17 +296,17 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             "panel_history": self.panel_history.state_dict(),
             "every_n_steps": self.every_n_steps,
             "overhead": self.overhead,
+            "ledger": self._ledger.state_dict() if self._ledger else self._ledger_state,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = list(state_dict.get("measured_steps", []))
-        saved = state_dict.get("every_n_steps")
-        if self.schedule == "auto" and isinstance(saved, int):
-            # a resumed run keeps the calibrated interval (an int given to the constructor wins)
-            self.every_n_steps = saved
-            self.overhead = state_dict.get("overhead")
-            self._calibration = None
+        if self.schedule == "auto":
+            self.every_n_steps, self.overhead = state_dict.get("every_n_steps"), None
+        self._ledger_state = state_dict.get("ledger")  # for the next setup, or now if fitting
+        if self._ledger is not None and self._ledger_state is not None:
+            self._ledger.load_state_dict(self._ledger_state)
         if "panel_history" in state_dict:
             self.panel_history.load_state_dict(state_dict["panel_history"])
 
@@ -379,30 +373,12 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
     def _should_measure(self, trainer: pl.Trainer) -> bool:
         if not trainer.training:
             return False
-        if self.every_n_steps is None:  # "auto" before calibrating: measure the first step seen
-            return self._calibration is None
-        return trainer.global_step % self.every_n_steps == 0
-
-    def _decide(self, trainer: pl.Trainer, calibration: Calibration) -> None:
-        """Fix ``every_n_steps`` from the calibration (rank zero's, broadcast) and log it."""
-        step_time = calibration.step_time()
-        interval = choose_interval(calibration.cost, step_time, self.budget)
-        share = calibration.cost / (interval * step_time) if step_time > 0 else float("inf")
-        # every rank calls broadcast at the same step (the calibration's steps are the same)
-        interval, share = trainer.strategy.broadcast((interval, share), src=0)
-        self.every_n_steps, self.overhead = int(interval), float(share)
-        self._calibration = None
-        prefix = self.key_prefix
-        metrics = {
-            f"{prefix}/every_n_steps": float(self.every_n_steps),
-            f"{prefix}/overhead": share,
-        }
-        # straight to the loggers, not into panel_history (no panel draws the schedule)
-        for extras in logger_extras():
-            extras.on_log(trainer, list(metrics))
-        for logger in trainer.loggers:
-            logger.log_hyperparams({f"{prefix}/every_n_steps": self.every_n_steps})
-            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.schedule != "auto":
+            return trainer.global_step % self.schedule == 0
+        entry = self._entry
+        if entry.next_step is None:  # not planned yet: measure the first step seen
+            return entry.last_step is None
+        return trainer.global_step >= entry.next_step
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
@@ -449,7 +425,7 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
                 f" `{self._derived_prefix}/...` (pass `name=` to choose the prefix)"
             )
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         record = self._record
         assert record is not None
         try:
@@ -462,9 +438,10 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
                 DiagnosticWarning,
                 stacklevel=2,
             )
-            return
+            return False
         self.measured_steps.append(record.step)
         self._log(trainer, metrics, record.step)
+        return True
 
     def _safe_extras(
         self, extras: LoggerExtras, what: str, hook: Callable[..., None], *args: Any

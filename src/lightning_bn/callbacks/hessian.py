@@ -63,7 +63,7 @@ class HessianCallback(DiagnosticCallback):
     Memory: the Lanczos basis, at most ``max_iters`` (or ``density_steps``) float32 copies of the
     trainable parameters during a measurement, and ``top_k`` + 2 copies kept between
     measurements for the warm starts. The default ``every_n_steps="auto"`` times the first
-    measurement and picks the interval that keeps the share of training time within ``budget``.
+    measurement and schedules the next ones within the Trainer's shared ``budget``.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
@@ -97,7 +97,7 @@ class HessianCallback(DiagnosticCallback):
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
         hvp_method: ``"reverse"`` (default: one kept first-order graph), ``"forward"``, ``"auto"``.
         seed: seed of the callback's own generator (the global RNG is never used).
-        budget: the largest share of training time ``"auto"`` allows (default 0.03).
+        budget: the share of training time of all the Trainer's diagnostics (``None``: 0.04).
         name: distinguishes several HessianCallbacks: keys ``hessian@<name>/...``.
 
     Raises:
@@ -218,7 +218,7 @@ class HessianCallback(DiagnosticCallback):
         loss_fn: LossFn | None = None,
         hvp_method: str = "reverse",
         seed: int = 0,
-        budget: float = 0.03,
+        budget: float | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_fn, budget, name)

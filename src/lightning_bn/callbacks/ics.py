@@ -69,8 +69,8 @@ class ICSCallback(DiagnosticCallback):
 
     Cost: k measured layers take k gradient evaluations (one pass gives every :math:`G`; each other
     :math:`G'` takes one pass whose backward stops at its layer) plus a copy of the weights. The
-    default ``every_n_steps="auto"`` times the first measurement and picks the interval that
-    keeps this share within ``budget`` (``benchmarks/cost_table.py`` prints the cost in training
+    default ``every_n_steps="auto"`` times every measurement and spaces them within the Trainer's
+    shared ``budget`` (``benchmarks/cost_table.py`` prints the cost in training
     steps, ``benchmarks/ics_overhead.py`` the measured ratio at a fixed interval).
 
     In DDP the gradients are averaged over ranks before any norm, and the inputs gathered, so the
@@ -78,12 +78,12 @@ class ICSCallback(DiagnosticCallback):
     BatchNorm statistics, which make the networks themselves differ).
 
     Args:
-        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
-            that this callback's share of training time stays within ``budget`` (see
-            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
+            Trainer's shared budget says its turn has come (more often early; see
+            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
             ``global_step % every_n_steps == 0``.
-        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
-            (default 0.03: three diagnostic callbacks together stay under about 10%).
+        budget: the share of training time of *all* the Trainer's diagnostic callbacks
+            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
         layers: module names (globs such as ``"features.*"``) or module types; each selected
             module is measured with the trainable parameters of its subtree (a parameter under
             the deepest selected module holding it). Default: the rule above.
@@ -153,7 +153,7 @@ class ICSCallback(DiagnosticCallback):
         layers: Sequence[str | type[nn.Module]] | None = None,
         loss_fn: LossFn | None = None,
         distributional: bool = True,
-        budget: float = 0.03,
+        budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:

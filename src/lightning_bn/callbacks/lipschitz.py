@@ -57,12 +57,12 @@ class LipschitzCallback(AlongGradientCallback):
     ``lipschitz/<layer>/act_grad_norm``, ``lipschitz/<layer>/thm41_ratio``.
 
     Args:
-        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
-            that this callback's share of training time stays within ``budget`` (see
-            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
+            Trainer's shared budget says its turn has come (more often early; see
+            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
             ``global_step % every_n_steps == 0``.
-        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
-            (default 0.03: three diagnostic callbacks together stay under about 10%).
+        budget: the share of training time of *all* the Trainer's diagnostic callbacks
+            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
             rate (else absolute, the same for every parameter).
@@ -138,7 +138,7 @@ class LipschitzCallback(AlongGradientCallback):
         step_sizes: Sequence[float] | None = None,
         relative_to_lr: bool = True,
         loss_fn: LossFn | None = None,
-        budget: float = 0.03,
+        budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:

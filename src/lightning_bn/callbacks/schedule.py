@@ -1,28 +1,55 @@
-r"""The self-calibrating measurement schedule of the diagnostic callbacks (``every_n_steps="auto"``).
+r"""One overhead budget for all the diagnostic callbacks of a Trainer, spent from one ledger.
 
-A diagnostic callback with ``every_n_steps="auto"`` measures at the first training step it sees
-(:math:`s_0`, step 0 of a fresh run) and times that measurement, :math:`c` seconds (the time spent
-inside its own hooks at :math:`s_0`: ``on_train_batch_start``, plus ``on_train_batch_end`` for the
-callbacks that measure after the optimiser step). It then times the next
-:data:`CALIBRATION_STEPS` training steps, which it does not measure, from its
-``on_train_batch_start`` to its ``on_train_batch_end`` (forward, backward, optimiser step and the
-other callbacks' hooks in between; the data loading and Lightning's logging outside it are left
-out, so the step time :math:`t` is a slight under-estimate and the share below an over-estimate),
-and takes their median :math:`t` (the first step after :math:`s_0` may still carry warm-up; the
-median discards one outlier). The interval is then the smallest rung :math:`n` of :func:`ladder`
-(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, ...) with
+Every :class:`~lightning_bn.callbacks.base.DiagnosticCallback` of a Trainer books into the same
+:class:`Ledger` (:func:`ledger_for`): the seconds each measurement took (the time inside the
+callback's hooks at the measured step; on CUDA the device is synchronised at the edges of a
+measurement) and the training time between them. The ledger then schedules the next measurement
+of every callback with ``every_n_steps="auto"`` from what *all* of them spent.
+
+**Training time.** :math:`W` is the time between consecutive training batches (read at the first
+``on_train_batch_start`` of each step), with the diagnostics' own time taken out: forward,
+backward, optimiser step, data loading, logging and validation are in it. The step time
+:math:`\hat t` used for planning is the mean gap, leaving out the first of each fit (warm-up, and
+the first measurements). Planning starts once :data:`CALIBRATION_STEPS` such gaps are timed.
+
+**Allowance.** With a budget :math:`b` (a fraction of training time, default
+:data:`DEFAULT_BUDGET`) and a run of :math:`T` steps (``trainer.estimated_stepping_batches``), the
+diagnostics may have spent, by step :math:`s`,
 
 .. math::
-    \text{share}(n) = \frac{c}{n\,t} \le \text{budget},
+    A(s) = b\,\hat t\,\sqrt{s\,T} \quad (s < T), \qquad A(s) = b\,\hat t\,s \quad (s \ge T),
 
-fixed for the rest of the run, and ``share(n)`` is logged as ``<prefix>/overhead``. The first
-measurement is the most expensive one (cold caches, lazy initialisation, on CUDA the first kernels
-of the probe's graph), so :math:`c` errs high and the interval errs long, never short. On CUDA the
-device is synchronised at the edges of the timed regions only, and only during calibration.
+seconds in all. At the end of the run :math:`A(T) = b\,\hat t\,T`, the same total as spending
+:math:`b` uniformly, but the rate of spending :math:`dA/ds = \tfrac12 b\,\hat t\sqrt{T/s}` is
+high early and falls as :math:`1/\sqrt{s}`: intervals grow like :math:`\sqrt{s}`. The paper's
+claims (internal covariate shift, the loss landscape's smoothness) are about the early phase,
+where the landscape changes fastest, so that is where the measurements go. When the run length is
+unknown (an iterable dataset without ``max_steps``) the allowance is uniform, :math:`b\,\hat t\,s`.
 
-Rank zero decides and broadcasts (``trainer.strategy.broadcast``), so every rank measures at the
-same steps. The chosen interval goes to the loggers (a metric and a hyperparameter) and into the
-callback's ``state_dict``, so a resumed run keeps it.
+**Turns.** Callbacks with a fixed ``every_n_steps`` measure at their own steps; their spending is
+taken off the allowance first (what they spent, plus their mean cost per step projected ahead).
+The ``"auto"`` callbacks share the rest and take turns by what they have spent: callback :math:`i`
+is due at the first step :math:`s' \ge s_i + ` :data:`MIN_INTERVAL` (its last attempt
+:math:`s_i`) where
+
+.. math::
+    A(s') - F(s') \ge C + \hat c_i + \sum_{j:\,C_j < C_i} \hat c_j ,
+
+:math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' projected
+spending from now to :math:`s'`, :math:`\hat c_j` callback :math:`j`'s cost estimate and
+:math:`C_j` its spending so far: the callbacks that spent less go first. In the long run the
+``"auto"`` callbacks spend alike, so a cheap diagnostic measures more often than a costly one.
+
+**Failures.** Only successful measurements enter a callback's cost estimate :math:`\hat c_i` (the
+mean of its successful measurements after the first, cold one; the first alone until there is a
+second). A failed attempt (a pass that raises on a fused kernel, say) never sets the schedule:
+its seconds count as spent, the estimate is unchanged (zero before any success), and the callback
+tries again on its next turn.
+
+Rank zero decides: the ledger's numbers are broadcast from it (``trainer.strategy.broadcast``)
+whenever the schedule is planned, so every rank measures at the same steps. The ledger's state
+is in every diagnostic callback's ``state_dict``, so a resumed run goes on spending the same
+budget.
 
 Plain Python; the clock is injectable (a test passes a fake one).
 """
@@ -30,106 +57,262 @@ Plain Python; the clock is injectable (a test passes a fake one).
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["CALIBRATION_STEPS", "LAST_RUNG", "Calibration", "choose_interval", "ladder"]
+__all__ = [
+    "CALIBRATION_STEPS",
+    "DEFAULT_BUDGET",
+    "MIN_INTERVAL",
+    "Entry",
+    "Ledger",
+    "allowance",
+    "ledger_for",
+]
 
-#: Training steps timed after the first measurement (their median is the step time).
+#: Default share of training time for all the diagnostics together: the three paper callbacks
+#: together cost about 1.04-1.05× the training time of a run of a few thousand steps (the rest is
+#: Lightning calling their hooks at every step, which the ledger does not see).
+DEFAULT_BUDGET = 0.04
+#: Timed training steps (after the first of a fit) before the first plan.
 CALIBRATION_STEPS = 3
-#: The first rung: an interval below it would rarely be worth a calibration.
-_FIRST_RUNG = 10
-#: The last rung (10⁹ steps: a measurement that cannot be afforded at all).
-LAST_RUNG = 10**9
+#: The fewest steps between two measurements of one ``"auto"`` callback.
+MIN_INTERVAL = 10
+#: A step that is never reached: a callback that cannot be afforded again.
+NEVER = 10**12
 
 
-def ladder() -> Iterator[int]:
-    """The intervals ``"auto"`` chooses from: 10, 20, 50, 100, 200, 500, 1000, ... (1-2-5 × 10^k).
-
-    Example:
-        >>> import itertools
-        >>> list(itertools.islice(ladder(), 9))
-        [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-    """
-    decade = _FIRST_RUNG
-    while True:
-        for factor in (1, 2, 5):
-            yield factor * decade
-        decade *= 10
-
-
-def choose_interval(cost: float, step_time: float, budget: float) -> int:
-    r"""The smallest rung :math:`n` of :func:`ladder` with :math:`c / (n\,t) \le \text{budget}`.
-
-    Args:
-        cost: seconds of one measurement, :math:`c \ge 0`.
-        step_time: seconds of one training step, :math:`t`; when no finite positive share can
-            be formed (a clock too coarse to see a step, with ``cost > 0``), the result is the
-            last rung, :data:`LAST_RUNG` (in practice: never again).
-        budget: the largest share of training time, in ``(0, 1]``.
-
-    Returns:
-        The interval, a rung of :func:`ladder`.
+def allowance(step: float, step_time: float, budget: float, horizon: int | None) -> float:
+    r"""Seconds the diagnostics may have spent by ``step``: :math:`b\,\hat t\sqrt{sT}` before the
+    horizon :math:`T`, :math:`b\,\hat t\,s` after it or without one.
 
     Example:
-        >>> choose_interval(cost=12.0, step_time=1.0, budget=0.03)  # 12 / 0.03 = 400 steps
-        500
-        >>> choose_interval(cost=0.2, step_time=1.0, budget=0.03)
-        10
+        >>> allowance(100, step_time=1.0, budget=0.05, horizon=10_000)  # 0.05 × √(10⁶)
+        50.0
+        >>> allowance(10_000, 1.0, 0.05, 10_000), allowance(100, 1.0, 0.05, None)
+        (500.0, 5.0)
     """
-    if cost <= 0:
-        return _FIRST_RUNG
-    needed = cost / (budget * step_time) if step_time > 0 else math.inf
-    for n in ladder():
-        if n >= needed or n >= LAST_RUNG:
-            return n
-    raise AssertionError("unreachable")  # pragma: no cover
+    if step <= 0:
+        return 0.0
+    if horizon is not None and step < horizon:
+        return budget * step_time * math.sqrt(step * horizon)
+    return budget * step_time * step
 
 
 @dataclass
-class Calibration:
-    """Book-keeping of one calibration: the first measurement's cost, then the step times.
+class Entry:
+    """One callback's account in the ledger.
 
     Attributes:
-        start_step: the measured step :math:`s_0`.
-        cost: seconds spent in the callback's hooks at :math:`s_0`.
-        step_times: seconds of the timed training steps after it.
-        clock: the clock (``time.perf_counter`` unless a test injects one).
-        sync: called right before each clock reading (``torch.cuda.synchronize`` on CUDA).
+        interval: its fixed ``every_n_steps``, or ``None`` for ``"auto"``.
+        spent: seconds of all its measurement attempts, failed ones included.
+        first: seconds of its first successful measurement (``None`` before one).
+        later_sum / later_n: sum and count of the successful ones after it.
+        attempts / failures: counts.
+        last_step: the step of its last attempt (``None`` before one).
+        next_step: the step it is due at (``None``: not planned yet, measure at the first step).
     """
 
-    start_step: int
-    clock: Callable[[], float] = time.perf_counter
-    sync: Callable[[], None] | None = None
-    cost: float = 0.0
-    step_times: list[float] = field(default_factory=list)
-    _t0: float | None = None
-
-    def tick(self) -> float:
-        """The clock, after the device has finished its queued work."""
-        if self.sync is not None:
-            self.sync()
-        return self.clock()
-
-    def start(self) -> None:
-        """Open a timed region."""
-        self._t0 = self.tick()
-
-    def stop(self) -> float | None:
-        """Close the timed region opened by :meth:`start`; its seconds (``None`` if none open)."""
-        if self._t0 is None:
-            return None
-        elapsed = self.tick() - self._t0
-        self._t0 = None
-        return elapsed
+    interval: int | None = None
+    spent: float = 0.0
+    first: float | None = None
+    later_sum: float = 0.0
+    later_n: int = 0
+    attempts: int = 0
+    failures: int = 0
+    last_step: int | None = None
+    next_step: int | None = None
 
     @property
-    def done(self) -> bool:
-        """Whether enough training steps are timed to decide."""
-        return len(self.step_times) >= CALIBRATION_STEPS
+    def cost(self) -> float:
+        """The cost estimate :math:`\\hat c`: mean of the successes after the first, else the first,
+        else 0 (no success yet)."""
+        if self.later_n:
+            return self.later_sum / self.later_n
+        return self.first or 0.0
 
-    def step_time(self) -> float:
-        """The median of the timed training steps."""
-        return statistics.median(self.step_times)
+
+@dataclass
+class Ledger:
+    """What all the diagnostic callbacks of one Trainer spent, and when each measures next.
+
+    Attributes:
+        budget: the share of training time for all of them together, in ``(0, 1]``.
+        horizon: the run's length in steps, ``None`` if unknown.
+        entries: one :class:`Entry` per callback (by its ``state_key``).
+        train_seconds: :math:`W`, the training time booked (diagnostics' time taken out).
+        steps: training steps booked.
+    """
+
+    budget: float = DEFAULT_BUDGET
+    horizon: int | None = None
+    entries: dict[str, Entry] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    steps: int = 0
+    est_seconds: float = 0.0
+    est_steps: int = 0
+    #: Plans made (each callback logs its schedule when it sees a new one).
+    plans: int = 0
+    #: Whether this fit has been planned.
+    planned: bool = False
+    _last_tick: tuple[int, float] | None = None
+    _in_gap: float = 0.0
+    _fit_gaps: int = 0
+
+    # --- booking -----------------------------------------------------------------------------
+    def register(self, key: str, interval: int | None) -> Entry:
+        """The entry of the callback ``key`` (created if new; its interval is set either way)."""
+        entry = self.entries.setdefault(key, Entry())
+        entry.interval = interval
+        return entry
+
+    def start_fit(self, horizon: int | None) -> None:
+        """A fit of ``horizon`` steps begins: its first gap (warm-up) is not used for planning."""
+        self._last_tick, self._in_gap, self._fit_gaps = None, 0.0, 0
+        self.horizon, self.planned = horizon, False
+
+    def tick(self, step: int, now: float) -> None:
+        """A training step begins (idempotent within a step): book the gap since the last one."""
+        last = self._last_tick
+        if last is not None and last[0] == step:
+            return
+        if last is not None:
+            gap = max(0.0, now - last[1] - self._in_gap)
+            self.train_seconds += gap
+            self.steps += 1
+            self._fit_gaps += 1
+            if self._fit_gaps > 1:
+                self.est_seconds += gap
+                self.est_steps += 1
+        self._last_tick, self._in_gap = (step, now), 0.0
+
+    def book(self, key: str, step: int, seconds: float, ok: bool) -> None:
+        """Book one measurement attempt of ``key`` at ``step``; only a success is a cost sample."""
+        entry = self.entries[key]
+        entry.spent += seconds
+        entry.attempts += 1
+        entry.last_step = step
+        self._in_gap += seconds
+        if not ok:
+            entry.failures += 1
+        elif entry.first is None:
+            entry.first = seconds
+        else:
+            entry.later_sum += seconds
+            entry.later_n += 1
+
+    # --- planning ----------------------------------------------------------------------------
+    @property
+    def step_time(self) -> float | None:
+        """:math:`\\hat t` (``None`` until :data:`CALIBRATION_STEPS` steps are timed in a fit)."""
+        if self._fit_gaps <= CALIBRATION_STEPS or not self.est_steps:
+            return None
+        return self.est_seconds / self.est_steps
+
+    @property
+    def spent(self) -> float:
+        """Seconds spent by all the callbacks."""
+        return sum(e.spent for e in self.entries.values())
+
+    def spent_fraction(self, key: str | None = None) -> float:
+        """Spent seconds (of ``key``, or of all) ÷ training seconds (``inf`` before any)."""
+        spent = self.spent if key is None else self.entries[key].spent
+        if self.train_seconds <= 0:
+            return math.inf if spent > 0 else 0.0
+        return spent / self.train_seconds
+
+    def plan(self, step: int) -> None:
+        """Set ``next_step`` of every ``"auto"`` entry from the ledger as it is at ``step``."""
+        t = self.step_time
+        if t is None:
+            return
+        self.plans, self.planned = self.plans + 1, True
+        fixed_rate = sum(e.cost / e.interval for e in self.entries.values() if e.interval)
+        auto = [(k, e) for k, e in self.entries.items() if e.interval is None]
+        order = sorted(range(len(auto)), key=lambda i: (auto[i][1].spent, i))
+        total, reserved = self.spent, 0.0
+        for i in order:
+            _, entry = auto[i]
+            low = step + 1 if entry.last_step is None else entry.last_step + MIN_INTERVAL
+            need = total + reserved + entry.cost
+            entry.next_step = self._first_step(max(low, step), step, need, t, fixed_rate)
+            reserved += entry.cost
+
+    def _first_step(self, low: int, now: int, need: float, t: float, rate: float) -> int:
+        r"""The first step :math:`s \ge` ``low`` with :math:`h(s) = A(s) - r\,(s - \text{now})
+        \ge` ``need`` (:data:`NEVER` if none). Before the horizon :math:`h` is concave (the steps
+        where it reaches ``need`` are one interval: find its peak, then bisect the rising part);
+        after it, linear."""
+
+        def h(s: int) -> float:
+            return allowance(s, t, self.budget, self.horizon) - rate * (s - now)
+
+        horizon = self.horizon
+        if horizon is not None and low < horizon:
+            lo, hi = low, horizon - 1
+            while hi - lo > 2:  # ternary search for the peak of the concave part
+                m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+                lo, hi = (lo, m2) if h(m1) >= h(m2) else (m1, hi)
+            peak = max(range(lo, hi + 1), key=h)
+            if h(peak) >= need:
+                if h(low) >= need:
+                    return low
+                lo, hi = low, peak
+                while hi - lo > 1:  # h(lo) < need <= h(hi)
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if h(mid) >= need else (mid, hi)
+                return hi
+            low = horizon
+        if h(low) >= need:
+            return low
+        slope = self.budget * t - rate
+        if slope <= 0:
+            return NEVER
+        s = max(low, math.ceil((need - h(0)) / slope))
+        while h(s) < need and s < NEVER:  # float rounding: a step or two
+            s += 1
+        return min(s, NEVER)
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "train_seconds": self.train_seconds,
+            "steps": self.steps,
+            "est_seconds": self.est_seconds,
+            "est_steps": self.est_steps,
+            "entries": {k: asdict(e) for k, e in self.entries.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("train_seconds", "steps", "est_seconds", "est_steps"):
+            setattr(self, name, type(getattr(self, name))(state.get(name, 0)))
+        for key, saved in state.get("entries", {}).items():
+            entry = self.entries.get(key)
+            if entry is None:  # a callback not in this Trainer any more
+                continue
+            interval = entry.interval  # the current setting wins over the saved one
+            for name, value in saved.items():
+                setattr(entry, name, value)
+            entry.interval = interval
+
+    def snapshot(self) -> dict[str, Any]:
+        """What rank zero broadcasts: the state plus the horizon and the per-fit step counters."""
+        return {**self.state_dict(), "horizon": self.horizon, "fit_gaps": self._fit_gaps}
+
+    def adopt(self, snap: dict[str, Any]) -> None:
+        """Take rank zero's numbers (after a broadcast)."""
+        self.load_state_dict(snap)
+        self.horizon, self._fit_gaps = snap["horizon"], snap["fit_gaps"]
+
+
+_LEDGERS: weakref.WeakKeyDictionary[Any, Ledger] = weakref.WeakKeyDictionary()
+
+
+def ledger_for(owner: Any) -> Ledger:
+    """The ledger of ``owner`` (a Trainer), created on first use; it goes when the owner does."""
+    ledger = _LEDGERS.get(owner)
+    if ledger is None:
+        ledger = _LEDGERS[owner] = Ledger()
+    return ledger

@@ -70,7 +70,7 @@ class SmoothnessCallback(AlongGradientCallback):
     that keeps its graph and one backward through it per Hessian-vector product (a warm start
     usually converges in a few). At a fixed 100 the 13 gradients and the products would add ~20% to
     a small model's training time, so the default ``every_n_steps="auto"`` times the first
-    measurement and picks the interval that keeps the share within ``budget``
+    measurement and spaces the next ones within the Trainer's shared ``budget``
     (``benchmarks/cost_table.py`` prints the cost in training steps).
 
     Logged metrics: ``smoothness/grad_diff_min``, ``smoothness/grad_diff_max``,
@@ -79,12 +79,12 @@ class SmoothnessCallback(AlongGradientCallback):
     ``smoothness/grad_curvature``.
 
     Args:
-        every_n_steps: ``"auto"`` (default) calibrates the interval at the first measurement so
-            that this callback's share of training time stays within ``budget`` (see
-            :class:`~lightning_bn.callbacks.base.DiagnosticCallback`); an ``int`` measures when
+        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
+            Trainer's shared budget says its turn has come (more often early; see
+            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
             ``global_step % every_n_steps == 0``.
-        budget: the largest share of training time ``"auto"`` allows this callback, in (0, 1]
-            (default 0.03: three diagnostic callbacks together stay under about 10%).
+        budget: the share of training time of *all* the Trainer's diagnostic callbacks
+            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
         step_sizes: the grid; ``None`` for the default above.
         relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
             rate (else absolute, the same for every parameter).
@@ -187,7 +187,7 @@ class SmoothnessCallback(AlongGradientCallback):
         seed: int = 0,
         eig_algorithm: str = "lanczos",
         power_iters: int | None = None,
-        budget: float = 0.03,
+        budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
     ) -> None:

@@ -1,0 +1,144 @@
+"""The diagnostic callbacks' side of the shared budget: joining the Trainer's ledger, timing and
+booking measurements, planning from rank zero's numbers, logging what is spent.
+
+The schedule itself (plain Python) is :mod:`lightning_bn.callbacks.schedule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_bn.callbacks.schedule import DEFAULT_BUDGET, Entry, Ledger, ledger_for
+from lightning_bn.logging.extras import logger_extras
+from lightning_bn.logging.keys import DeclaresKeys, LoggedKey, LoggedKeys
+
+__all__ = ["BudgetKeys", "SharedBudget", "device_sync", "horizon"]
+
+
+class BudgetKeys(DeclaresKeys):
+    """What the shared budget logs besides each callback's ``<prefix>/spent``."""
+
+    logged_keys = LoggedKeys(prefix="budget/", keys=(LoggedKey("budget/spent", "last"),))
+
+
+def device_sync(module: nn.Module) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` of the module's device when it is a CUDA one, else ``None``."""
+    param = next(module.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        return None
+    device = param.device
+    return lambda: torch.cuda.synchronize(device)
+
+
+def horizon(trainer: pl.Trainer) -> int | None:
+    """The run's length in optimiser steps, ``None`` if unknown."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # no length: an iterable dataset, no max_steps
+        return None
+    return int(steps) if 0 < steps < float("inf") else None
+
+
+class SharedBudget:
+    """Mixin of :class:`~lightning_bn.callbacks.base.DiagnosticCallback`: its account in the
+    Trainer's :class:`~lightning_bn.callbacks.schedule.Ledger`."""
+
+    budget: float | None
+    schedule: int | Literal["auto"]
+    every_n_steps: int | None
+    overhead: float | None
+    clock: Callable[[], float]
+    state_key: str
+    _ledger: Ledger | None
+    _ledger_state: dict[str, Any] | None
+    _seen_plan: int
+    _cost: float
+    _sync: Callable[[], None] | None
+
+    @property
+    def key_prefix(self) -> str:  # the base class's
+        raise NotImplementedError
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger this callback books into (its Trainer's, from ``setup`` on)."""
+        if self._ledger is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up: add it to a Trainer and fit")
+        return self._ledger
+
+    @property
+    def _entry(self) -> Entry:
+        return self.ledger.entries[self.state_key]
+
+    def _join_ledger(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Book into the Trainer's ledger; all its diagnostics must agree on one budget."""
+        given = {
+            (type(cb).__name__, cb.budget)
+            for cb in getattr(trainer, "callbacks", [])
+            if isinstance(cb, SharedBudget) and cb.budget is not None
+        }
+        if len({b for _, b in given}) > 1:
+            listed = ", ".join(f"{b} ({n})" for n, b in sorted(given))
+            raise ValueError(
+                "The diagnostic callbacks of one Trainer share one `budget`, but got " + listed
+            )
+        self._ledger = ledger = ledger_for(trainer)
+        ledger.budget = next(iter(given))[1] if given else DEFAULT_BUDGET
+        fixed = None if self.schedule == "auto" else self.schedule
+        ledger.register(self.state_key, fixed)
+        self._seen_plan = ledger.plans
+        if self._ledger_state is not None:  # loaded before this fit's setup
+            ledger.load_state_dict(self._ledger_state)
+            self._ledger_state = None
+        self._sync = device_sync(pl_module)
+
+    def _tick(self) -> float:
+        """The clock, after the device has finished its queued work (measurements only)."""
+        if self._sync is not None:
+            self._sync()
+        return self.clock()
+
+    def _book(self, trainer: pl.Trainer, step: int, ok: bool) -> None:
+        """Book the measurement that just ended (its seconds in ``_cost``), plan again, log."""
+        ledger = self.ledger
+        ledger.book(self.state_key, step, self._cost + self._tick(), ok)
+        self._cost = 0.0
+        auto = any(e.interval is None for e in ledger.entries.values())
+        if auto and ledger.step_time is not None:
+            self._replan(trainer)
+        if self.schedule == "auto":  # a fixed schedule logs only its measurements
+            self._log_schedule(trainer)
+
+    def _replan(self, trainer: pl.Trainer) -> None:
+        """Plan every callback's next measurement from rank zero's ledger (all ranks alike)."""
+        ledger = self.ledger
+        # every rank calls broadcast at the same hook of the same step (the schedule is shared)
+        ledger.adopt(trainer.strategy.broadcast(ledger.snapshot(), src=0))
+        ledger.plan(trainer.global_step)
+
+    def _log_schedule(self, trainer: pl.Trainer) -> None:
+        """Log what the budget pays for (after a plan): spent shares, the planned interval."""
+        ledger, entry, prefix = self.ledger, self._entry, self.key_prefix
+        self._seen_plan = ledger.plans
+        if ledger.train_seconds <= 0:  # the first step: no training time to divide by yet
+            return
+        metrics = {
+            "budget/spent": ledger.spent_fraction(),
+            f"{prefix}/spent": ledger.spent_fraction(self.state_key),
+        }
+        step_time = ledger.step_time
+        if entry.interval is None and entry.next_step is not None and step_time:
+            self.every_n_steps = max(1, entry.next_step - (entry.last_step or 0))
+            self.overhead = entry.cost / (self.every_n_steps * step_time)
+            metrics[f"{prefix}/every_n_steps"] = float(self.every_n_steps)
+            metrics[f"{prefix}/overhead"] = self.overhead
+        # straight to the loggers, not into panel_history (no panel draws the schedule)
+        for extras in logger_extras():
+            extras.on_log(trainer, list(metrics))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
