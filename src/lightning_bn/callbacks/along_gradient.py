@@ -34,7 +34,7 @@ class AlongGradientCallback(DiagnosticCallback):
         step_sizes: Sequence[float] | None,
         relative_to_lr: bool,
         loss_fn: LossFn | None,
-        budget: float,
+        budget: float | None,
         name: str | None,
         vmap_chunk_size: VmapChunkSize,
     ) -> None:
