@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_bn._outputs import OutputFolder, pending_figures
 from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import FINDINGS, Finding, evaluate_findings
 from lightning_bn.reproduce.history import RunData, RunFormatError, VariantHistory, load_run
-from lightning_bn.reproduce.interrupt import RunInterrupted, interrupt_guard
+from lightning_bn.reproduce.interrupt import RunInterrupted, interrupt_guard, process_gone
 from lightning_bn.reproduce.plan import (
     EXPERIMENTS,
     KINDS,
@@ -151,6 +153,9 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     """
     run = load_run(run_dir)
     notes = [f"{vid}: incomplete ({why}); left out" for vid, why in run.incomplete.items()]
+    gone = process_gone(run.manifest)
+    if gone is not None:
+        notes.insert(0, gone)
     summary = run.path / SUMMARY
     figures_dir = run.path / "figures"
     findings_file = run.path / FINDINGS_JSON
@@ -164,11 +169,26 @@ def redraw(run_dir: str | Path) -> RedrawResult:
             f"{summary.name}, {findings_file.name} and {figures_dir.name}/ instead"
         )
     findings = evaluate_findings(run)
-    figures = plot_run(run, figures_dir)
-    mark = f"<!-- lightning-bn data: {json.dumps(_data_of(run))} -->\n"
-    summary.write_text(render_summary(run, findings, figures) + mark)
+    with pending_figures() as batch:
+        figures = plot_run(run, figures_dir)
+    notes += batch.failed
+    # results first, figures last and best-effort: a full disk or a figure matplotlib cannot
+    # draw costs that figure (one line in notes), never findings.json or summary.md
+    folder = OutputFolder.open(run.path)
     data = findings_json(run, findings)
-    findings_file.write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    folder.write_text(
+        findings_file, json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    )
+    mark = f"<!-- lightning-bn data: {json.dumps(_data_of(run))} -->\n"
+    folder.write_text(summary, render_summary(run, findings, figures) + mark)
+    written, failed = batch.write(folder)
+    if failed:
+        notes += failed
+        figures = [f for f in figures if f.path in written]
+        with contextlib.suppress(OSError):
+            folder.write_text(summary, render_summary(run, findings, figures) + mark)
+    folder.remove_stale(figures_dir.name)
+    notes += folder.notes
     return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file, notes)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lightning_bn.logging.csv_log import LogFormatError, TruncatedLogError, read_csv_log
+from lightning_bn.reproduce.interrupt import process_gone
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [
@@ -259,6 +260,8 @@ def load_run(run_dir: str | Path) -> RunData:
             f"{str(manifest_path)!r} is not a valid run description: {err}"
         ) from err
     status = str(manifest.get("status", "finished"))
+    if process_gone(manifest) is not None:
+        status = "interrupted (process gone)"
     finished = status in COMPLETE_STATUSES
     listed = manifest.get("completed", manifest.get("completed_runs", []))
     completed = {str(v) for v in listed} if isinstance(listed, list) else set()
