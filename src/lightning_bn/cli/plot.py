@@ -151,5 +151,7 @@ def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     for line in folder.notes:
         print(line)
     drawn = sum(1 for f in figures.figures if f"{f.name}.png" in folder.written)
+    if not drawn:
+        parser.error(f"no figure could be drawn or written (see {index})")
     print(f"figures: {drawn} PNG files in {out} (list: {index})")
     return 0

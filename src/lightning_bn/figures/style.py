@@ -137,8 +137,15 @@ def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile | None:
     """
     import io
 
+    from matplotlib.text import Text
+
     from lightning_bn._outputs import current_batch
 
+    for text in fig.findobj(Text):
+        # a label from a non-UTF-8 folder name holds surrogate escapes, which no font can draw
+        label = text.get_text()
+        if any("\udc80" <= ch <= "\udcff" for ch in label):
+            text.set_text(label.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     batch = current_batch()
     if batch is None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,19 @@ def _has_diagnostics(series: dict[str, Series]) -> bool:
 
 
 def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
+    from lightning_bn.plot.text_cells import text_cells
+
     series = read_csv_log(path)
+    texts = text_cells(path, diagnostic_prefixes())
+    if texts and not _has_diagnostics(series):
+        key, (row, cell, count) = next(iter(texts.items()))
+        raise LogFormatError(
+            f"{path}: column {key!r} holds text where numbers are expected (row {row}: {cell!r}; "
+            f"{count} such cell(s), {len(texts)} column(s))"
+        )
+    notes = [
+        f"{k}: {n} text cell(s) skipped, first in row {r}: {c!r}" for k, (r, c, n) in texts.items()
+    ]
     if not _has_diagnostics(series):
         known = diagnostic_prefixes()
         classes = owners(known)
@@ -180,7 +192,7 @@ def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
             if len(classes) > 1
             else f"{path}: no lightning-bn diagnostic key; was a diagnostic callback in the Trainer?"
         )
-    return LoggedRun(label, path, series, [note] if note else [])
+    return LoggedRun(label, path, series, ([note] if note else []) + notes)
 
 
 def _reproduce_runs(folder: Path, label: str, loaded: Loaded) -> list[LoggedRun]:
