@@ -313,6 +313,8 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
 
 def _report(result: RedrawResult, seconds: float, mode: str) -> None:
+    for note in result.notes:
+        print(note)
     print("\nFindings (median over seeds [95% interval] vs threshold):")
     for line in finding_lines(result):
         print(line)
