@@ -32,8 +32,8 @@ from lightning_bn import (
     SmoothnessCallback,
     plot_runs,
 )
-from lightning_bn.callbacks import PAPER_PANELS
 from lightning_bn._outputs import RECORD
+from lightning_bn.callbacks import PAPER_PANELS
 from lightning_bn.cli import main
 from lightning_bn.reproduce import build_plan
 from tests.support.models import Classifier, loader, mlp, trainer

@@ -82,10 +82,24 @@ def test_full_disk_names_the_file_and_leaves_the_old_one(
     folder = OutputFolder.open(tmp_path)
     path = folder.write_text(tmp_path / "x.md", "old\n")
 
-    def full(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_fdopen = os.fdopen
 
-    monkeypatch.setattr(os, "write", full)
+    class FullDisk:
+        """A file on a full disk: opening works, writing fails (as on ext4 without space)."""
+
+        def __init__(self, fd: int, mode: str = "r") -> None:
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
     with pytest.raises(OSError) as exc:
         folder.write_text(path, "new, much longer\n" * 1000)
     monkeypatch.undo()
@@ -298,8 +312,12 @@ def test_run_left_running_by_a_killed_process(
     import socket
 
     run = _reproduce_folder(tmp_path / "run", logs, status="running")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     manifest = json.loads((run / "run.json").read_text())
     manifest |= {"pid": int(dead.stdout), "host": socket.gethostname(), "completed": []}
     (run / "run.json").write_text(json.dumps(manifest))

@@ -128,6 +128,17 @@ def new_figure(
     return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
 
 
+def _drawable_text(fig: Figure) -> None:
+    """Replace the surrogate escapes of a label made from a non-UTF-8 folder name (no font can
+    draw them) by U+FFFD."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        label = text.get_text()
+        if any("\udc80" <= ch <= "\udcff" for ch in label):
+            text.set_text(label.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
 def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile | None:
     """Save ``fig`` as a PNG at ``path`` (folders created).
 
@@ -137,22 +148,17 @@ def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile | None:
     """
     import io
 
-    from matplotlib.text import Text
-
     from lightning_bn._outputs import current_batch
 
-    for text in fig.findobj(Text):
-        # a label from a non-UTF-8 folder name holds surrogate escapes, which no font can draw
-        label = text.get_text()
-        if any("\udc80" <= ch <= "\udcff" for ch in label):
-            text.set_text(label.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     batch = current_batch()
     if batch is None:
+        _drawable_text(fig)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=_DPI)
         return FigureFile(path, caption)
     buffer = io.BytesIO()
     try:
+        _drawable_text(fig)  # lays out the ticks: fails as savefig would
         fig.savefig(buffer, format="png", dpi=_DPI)
     except (ValueError, OverflowError, RuntimeError, MemoryError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__

@@ -255,7 +255,7 @@ def load_run(run_dir: str | Path) -> RunData:
         plan = ExperimentPlan.from_dict(manifest["plan"])
         # format 2 lists every run (variant and seed); format 1 one run per variant
         entries = list(manifest["runs"] if "runs" in manifest else manifest["variants"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise RunFormatError(
             f"{str(manifest_path)!r} is not a valid run description: {err}"
         ) from err
