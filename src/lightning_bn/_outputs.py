@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,13 +157,18 @@ class OutputFolder:
         """:meth:`write_bytes` of ``text`` as UTF-8 (unencodable characters as ``\\uXXXX``)."""
         return self.write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
-    def remove_stale(self, under: str = "") -> list[str]:
+    def remove_stale(self, under: str = "", keep: Iterable[Path] = ()) -> list[str]:
         """Delete the files under ``under`` that the record lists, that were not written through
-        this object, and that are unchanged (a figure not drawn this time); returns them."""
+        this object, and that are unchanged (a figure not drawn this time); returns them.
+
+        ``keep``: files to leave even so (a figure drawn this time but not written, a full disk:
+        the older one stays).
+        """
         removed = []
         prefix = f"{under.rstrip('/')}/" if under else ""
+        kept = {self._rel(p) for p in keep}
         for rel in sorted(self._files):
-            if rel in self.written or not rel.startswith(prefix):
+            if rel in self.written or rel in kept or not rel.startswith(prefix):
                 continue
             path = self.root / rel
             if self.owns(path):

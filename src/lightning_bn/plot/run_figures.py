@@ -270,5 +270,5 @@ def save_figures(figures: FigureSet, out: Path, folder: OutputFolder | None = No
     if not_drawn:
         lines += ["", "Not drawn:", ""] + [f"- {line}" for line in not_drawn]
     index = folder.write_text(out / "index.md", "\n".join(lines) + "\n")
-    folder.remove_stale()
+    folder.remove_stale(keep=batch.rendered)
     return index

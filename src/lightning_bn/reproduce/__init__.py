@@ -187,7 +187,7 @@ def redraw(run_dir: str | Path) -> RedrawResult:
         figures = [f for f in figures if f.path in written]
         with contextlib.suppress(OSError):
             folder.write_text(summary, render_summary(run, findings, figures) + mark)
-    folder.remove_stale(figures_dir.name)
+    folder.remove_stale(figures_dir.name, keep=batch.rendered)
     notes += folder.notes
     return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file, notes)
 
