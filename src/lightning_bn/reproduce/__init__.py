@@ -139,7 +139,10 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     Runs whose training did not finish (an interrupted run, a CSV cut short) are left out and
     named in ``notes`` as incomplete. An existing ``summary.md`` made from more data than the
     folder now holds is kept: the new summary goes to ``summary.partial.md`` and its figures
-    to ``figures.partial/``, and ``notes`` says so.
+    to ``figures.partial/``, and ``notes`` says so. A file edited by hand since lightning-bn
+    wrote it (``summary.md`` with notes added) is kept as ``summary.kept.md`` (see
+    :mod:`lightning_bn._outputs`). ``findings.json`` and ``summary.md`` are written before the
+    figures; a figure that cannot be drawn or written is left out, one line in ``notes``.
 
     Args:
         run_dir: a folder written by :func:`reproduce` (it holds ``run.json``).
@@ -213,7 +216,8 @@ def reproduce(
 
     Args:
         plan: what to train (see :func:`build_plan`).
-        out_dir: the run folder (created).
+        out_dir: the run folder: new or empty (created; a folder holding files is refused with
+            ``ValueError``, so no file of the user's is overwritten).
         wandb: ``"auto"`` (online when an API key is configured, else offline), ``"online"``,
             ``"offline"`` or ``"off"``.
         project: the W&B project.

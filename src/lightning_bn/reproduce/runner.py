@@ -249,6 +249,7 @@ def train_plan(
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM received.
+        ValueError: ``out_dir`` is a file, or a folder holding files (a run, the user's files).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Expected argument `jobs` to be a positive integer, but got {jobs!r}")
