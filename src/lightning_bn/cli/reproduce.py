@@ -211,7 +211,8 @@ def _check_out_dir(parser: argparse.ArgumentParser, out: Path) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             manifest = json.loads((out / MANIFEST).read_text())
             gone = process_gone(manifest)
-            status = " (interrupted (process gone))" if gone else f" ({manifest['status']})"
+            said = manifest.get("status")
+            status = " (interrupted (process gone))" if gone else f" ({said})" if said else ""
         parser.error(f"--out {shown!r} already holds a run{status}; pass a new or empty folder")
     if state in ("ours", "foreign"):
         parser.error(
