@@ -292,7 +292,7 @@ def test_invalid_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 def test_plot_and_out_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # a folder without run.json is read as a CSVLogger folder (lightning-bn plot on any log)
     assert "no metrics.csv in this folder" in _error_line(capsys, ["plot", str(tmp_path)])
-    assert "does not exist" in _error_line(capsys, ["plot", str(tmp_path / "nothing")])
+    assert "no such file or folder" in _error_line(capsys, ["plot", str(tmp_path / "nothing")])
     (tmp_path / "run.json").write_text("{}")
     assert "already holds a run" in _error_line(capsys, ["reproduce", "--out", str(tmp_path)])
 

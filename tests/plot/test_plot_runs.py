@@ -32,6 +32,7 @@ from lightning_bn import (
     SmoothnessCallback,
     plot_runs,
 )
+from lightning_bn._outputs import RECORD
 from lightning_bn.callbacks import PAPER_PANELS
 from lightning_bn.cli import main
 from lightning_bn.reproduce import build_plan
@@ -160,7 +161,7 @@ def test_cli_writes_expected_pngs_and_index(
     argv = ["plot", str(logs["bn"]), str(logs["plain"]), "--labels", "BN,plain"]
     assert main([*argv, "--out", str(out)]) == 0
     written = {p.name for p in out.iterdir()}
-    assert written == EXPECTED_PNGS | {"index.md"}
+    assert written == EXPECTED_PNGS | {"index.md", RECORD}
     for png in EXPECTED_PNGS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (out / "index.md").read_text()
@@ -194,8 +195,8 @@ def test_run_kinds_csv_file_newest_version_and_default_out(
     assert main(["plot", str(exp), str(logs["plain"] / "metrics.csv")]) == 0
     text = capsys.readouterr().out
     assert "2 logged versions; using the newest, version_1" in text
-    out = tmp_path / "logs" / "figures"  # beside the first run
-    assert {p.name for p in out.iterdir()} == EXPECTED_PNGS | {"index.md"}
+    out = exp / "lightning-bn-plot"  # inside the first RUN given, never beside it
+    assert {p.name for p in out.iterdir()} == EXPECTED_PNGS | {"index.md", RECORD}
     figs = _by_name(plot_runs([exp, logs["plain"] / "metrics.csv"]))
     (ax,) = figs["beta_smoothness"].axes
     assert list(ax.get_lines()[0].get_xdata()) == [0, 4]  # version_1 has steps 0 and 4 only
@@ -240,7 +241,7 @@ def test_run_kind_reproduce_folder(logs: dict[str, Path], tmp_path: Path) -> Non
     ]
     assert main(["plot", str(run), str(logs["plain"])]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (run / "figures").iterdir()} == own
-    assert (tmp_path / "figures" / "index.md").is_file()
+    assert (run / "lightning-bn-plot" / "index.md").is_file()
 
 
 # --- bad input: one line naming the file, exit 2 --------------------------------------------------

@@ -160,6 +160,23 @@ def test_sigint_stops_the_worker_pool(tmp_path: Path, capsys: pytest.CaptureFixt
     assert printed.count(": incomplete") == len(load_run(out).incomplete) > 0
 
 
+def test_sigkill_of_the_main_process_ends_its_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SIGKILL runs no cleanup: the workers end by their death signal (Linux) or their watchdog
+    code, _, _, out, workers = _interrupt(tmp_path, jobs=2, signals=[signal.SIGKILL])
+    assert code == -signal.SIGKILL
+    assert len(workers) >= 2
+    deadline = time.monotonic() + 30  # a limit for a loaded machine, not a timing claim
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "workers left training under init"
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "running"  # nobody could record the end
+    assert main(["plot", str(out)]) == 0
+    assert "interrupted (process gone)" in capsys.readouterr().out
+
+
 def test_sigterm_in_process(tmp_path: Path) -> None:
     code, stdout, stderr, out, workers = _interrupt(
         tmp_path, jobs=1, signals=[signal.SIGTERM], extra=["--no-progress"]

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -54,6 +55,13 @@ def _int_in(minimum: int, maximum: float, expected: str) -> Callable[[str], int]
 
 arg_positive_int = _int_in(1, math.inf, "a positive integer")
 arg_non_negative_int = _int_in(0, math.inf, "an integer >= 0")
+
+
+def arg_folder(text: str) -> Path:
+    """A folder path; the empty string (which would be the current folder) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return Path(text)
 
 
 def arg_labels(text: str) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning_bn.cli._common import (
     Parser,
+    arg_folder,
     arg_labels,
     arg_steps,
     check_extras,
@@ -44,9 +45,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     plot.add_argument(
         "--out",
-        type=Path,
+        type=arg_folder,
         metavar="DIR",
-        help="folder for the PNG files and index.md (default: figures/ beside the first RUN)",
+        help="folder for the PNG files and index.md: a new or empty one, or one lightning-bn "
+        "wrote (default: lightning-bn-plot/ in the first RUN's folder, -2, -3, ... when that "
+        "holds files of yours)",
     )
     plot.add_argument(
         "--steps", type=arg_steps, metavar="FROM:TO", help="draw only these steps (e.g. 100:500)"
@@ -64,6 +67,12 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"--labels: expected one label per RUN ({len(runs)}), got {len(args.labels)}: "
             f"{','.join(args.labels)!r}"
         )
+    for run in runs:
+        if not run.exists():
+            parser.error(
+                f"RUN {str(run)!r}: no such file or folder (expected a metrics.csv, a CSVLogger "
+                "folder or a lightning-bn reproduce run folder)"
+            )
     alone = args.labels is None and args.out is None and args.steps is None
     try:
         if alone and len(runs) == 1 and (runs[0] / "run.json").is_file():
@@ -94,12 +103,20 @@ def _redraw(run_dir: Path) -> int:
 
 
 def _default_out(first: Path) -> Path:
-    """``figures/`` beside the first run (so never a reproduce run's own ``figures/``)."""
-    run_folder = first.parent if first.is_file() else first
-    return run_folder.resolve().parent / "figures"
+    """``lightning-bn-plot/`` in the first run's folder (inside the folder given, never beside
+    it), or ``lightning-bn-plot-2/`` … when that one holds files lightning-bn did not write."""
+    from lightning_bn._outputs import folder_state
+
+    base = (first.parent if first.is_file() else first) / "lightning-bn-plot"
+    out, n = base, 1
+    while folder_state(out) in ("foreign", "file"):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from lightning_bn._outputs import OutputFolder, folder_state, foreign_files
     from lightning_bn.plot.run_figures import figure_set, save_figures
 
     out: Path = args.out if args.out is not None else _default_out(args.runs[0])
@@ -107,8 +124,14 @@ def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         parser.error(
             f"--out {str(out)!r} is the figures folder of a reproduce run; choose another folder"
         )
-    if out.exists() and not out.is_dir():
+    state = folder_state(out)
+    if state == "file":
         parser.error(f"--out {str(out)!r} exists and is not a folder")
+    if state == "foreign":
+        parser.error(
+            f"--out {str(out)!r} holds files lightning-bn did not write ({foreign_files(out)}); "
+            "pass a new or empty folder, or leave --out off"
+        )
     figures = figure_set(args.runs, args.labels, args.steps or (None, None))
     loaded = figures.loaded
     assert loaded is not None  # figure_set always records what it read
@@ -125,6 +148,12 @@ def _plot_runs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if not figures.figures:
         window = " in the --steps window" if args.steps else ""
         parser.error(f"nothing to draw: no run has a diagnostic value{window}")
-    index = save_figures(figures, out)
-    print(f"figures: {len(figures.figures)} PNG files in {out} (list: {index})")
+    folder = OutputFolder.open(out)
+    index = save_figures(figures, out, folder)
+    for line in folder.notes:
+        print(line)
+    drawn = sum(1 for f in figures.figures if f"{f.name}.png" in folder.written)
+    if not drawn:
+        parser.error(f"no figure could be drawn or written (see {index})")
+    print(f"figures: {drawn} PNG files in {out} (list: {index})")
     return 0

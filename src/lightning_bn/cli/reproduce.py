@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
     from lightning_bn.reproduce import RedrawResult
 
 from lightning_bn.cli._common import (
+    _MAX_SEED,
     WANDB_CHOICES,
     Parser,
+    arg_folder,
     arg_learning_rate,
     arg_names,
     arg_non_negative_int,
@@ -65,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     rep.add_argument(
         "--out",
-        type=Path,
+        type=arg_folder,
         metavar="DIR",
         help="run folder (default: ./lightning-bn-runs/<experiment>-<YYYYmmdd-HHMMSS>)",
     )
@@ -196,9 +200,25 @@ def _check_out_dir(parser: argparse.ArgumentParser, out: Path) -> None:
     Probing (a temporary folder made and removed) rather than ``os.access``: permission bits do
     not bind root, and a read-only file system or a pseudo file system answers only a real try.
     """
+    from lightning_bn._outputs import folder_state, foreign_files
+    from lightning_bn.reproduce.history import MANIFEST
+    from lightning_bn.reproduce.interrupt import process_gone
+
     shown = str(out)
-    if (out / "run.json").exists():
-        parser.error(f"--out {shown!r} already holds a run; choose another folder")
+    state = folder_state(out, markers=(MANIFEST,))
+    if state == "ours" and (out / MANIFEST).is_file():
+        status = ""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            manifest = json.loads((out / MANIFEST).read_text())
+            gone = process_gone(manifest)
+            said = manifest.get("status")
+            status = " (interrupted (process gone))" if gone else f" ({said})" if said else ""
+        parser.error(f"--out {shown!r} already holds a run{status}; pass a new or empty folder")
+    if state in ("ours", "foreign"):
+        parser.error(
+            f"--out {shown!r} holds files lightning-bn did not write ({foreign_files(out)}); "
+            "pass a new or empty folder"
+        )
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -246,6 +266,12 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         )
     except ValueError as err:
         parser.error(str(err))
+    last_seed = max(plan.seed_list)
+    if last_seed > _MAX_SEED:
+        parser.error(
+            f"--seed {args.seed} with {plan.seeds} seeds uses seeds up to {last_seed}: expected "
+            f"--seed + seeds - 1 <= {_MAX_SEED} (2**32 - 1)"
+        )
     _check_accelerator(parser, plan.accelerator)
     out: Path = args.out if args.out is not None else default_out_dir(args.experiment)
     _check_out_dir(parser, out)
@@ -281,10 +307,15 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         except RunInterrupted as stop:
             print(stop.message(out), file=sys.stderr, flush=True)
             return stop.exit_code
+        except OSError as err:  # a full disk, a folder made read-only while training
+            where = f" {err.filename}" if err.filename else ""
+            parser.error(f"cannot write{where}: {err.strerror or err}")
     return 0
 
 
 def _report(result: RedrawResult, seconds: float, mode: str) -> None:
+    for note in result.notes:
+        print(note)
     print("\nFindings (median over seeds [95% interval] vs threshold):")
     for line in finding_lines(result):
         print(line)

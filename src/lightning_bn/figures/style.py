@@ -112,10 +112,43 @@ def new_figure(
     return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
 
 
-def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile:
-    """Save ``fig`` as a PNG at ``path`` (folders created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+def _drawable_text(fig: Figure) -> None:
+    """Replace the surrogate escapes of a label made from a non-UTF-8 folder name (no font can
+    draw them) by U+FFFD."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        label = text.get_text()
+        if any("\udc80" <= ch <= "\udcff" for ch in label):
+            text.set_text(label.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
+def save_figure(fig: Figure, path: Path, caption: str) -> FigureFile | None:
+    """Save ``fig`` as a PNG at ``path`` (folders created).
+
+    Inside :func:`lightning_bn._outputs.pending_figures` the PNG is rendered into the batch and
+    written later; a figure matplotlib cannot render (values near the float range, ±1e308) is
+    then one line in the batch's ``failed`` and ``None`` is returned.
+    """
+    import io
+
+    from lightning_bn._outputs import current_batch
+
+    batch = current_batch()
+    if batch is None:
+        _drawable_text(fig)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=_DPI)
+        return FigureFile(path, caption)
+    buffer = io.BytesIO()
+    try:
+        _drawable_text(fig)  # lays out the ticks: fails as savefig would
+        fig.savefig(buffer, format="png", dpi=_DPI)
+    except (ValueError, OverflowError, RuntimeError, MemoryError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        batch.failed.append(f"{path.name}: not drawn, matplotlib cannot draw its values ({reason})")
+        return None
+    batch.rendered[path] = buffer.getvalue()
     return FigureFile(path, caption)
 
 

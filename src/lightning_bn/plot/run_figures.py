@@ -40,6 +40,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from lightning_bn._outputs import OutputFolder
 from lightning_bn.figures.draw import (
     Column,
     RunHistory,
@@ -236,15 +237,27 @@ def _relative(path: Path, start: Path) -> str:
         return str(path)
 
 
-def save_figures(figures: FigureSet, out: Path) -> Path:
+def save_figures(figures: FigureSet, out: Path, folder: OutputFolder | None = None) -> Path:
     """Save the figures as ``<out>/<name>.png`` and write ``<out>/index.md``.
+
+    Files go through ``folder`` (default: :meth:`OutputFolder.open` of ``out``): a file there
+    that lightning-bn did not write is kept under a new name, figures an earlier call wrote and
+    this one does not draw are removed, and a figure that cannot be drawn or written is one line
+    in ``folder.notes`` and under "Not drawn" in ``index.md``.
 
     Returns:
         The path of ``index.md``.
     """
+    from lightning_bn._outputs import OutputFolder, pending_figures
     from lightning_bn.figures.draw import save_figure
 
-    out.mkdir(parents=True, exist_ok=True)
+    folder = folder if folder is not None else OutputFolder.open(out)
+    with pending_figures() as batch:
+        for fig in figures.figures:
+            save_figure(fig.figure, out / f"{fig.name}.png", fig.caption)
+    written, failed = batch.write(folder)
+    problems = batch.failed + failed
+    folder.notes += problems
     lines = ["# lightning-bn plot", ""]
     loaded = figures.loaded
     if loaded is not None:
@@ -256,10 +269,11 @@ def save_figures(figures: FigureSet, out: Path) -> Path:
         lines.append("")
     lines += ["Figures:", ""]
     for fig in figures.figures:
-        save_figure(fig.figure, out / f"{fig.name}.png", fig.caption)
-        lines.append(f"- [`{fig.name}.png`]({fig.name}.png): {fig.caption}")
-    if figures.skipped:
-        lines += ["", "Not drawn:", ""] + [f"- {line}" for line in figures.skipped]
-    index = out / "index.md"
-    index.write_text("\n".join(lines) + "\n")
+        if out / f"{fig.name}.png" in written:
+            lines.append(f"- [`{fig.name}.png`]({fig.name}.png): {fig.caption}")
+    not_drawn = list(figures.skipped) + problems
+    if not_drawn:
+        lines += ["", "Not drawn:", ""] + [f"- {line}" for line in not_drawn]
+    index = folder.write_text(out / "index.md", "\n".join(lines) + "\n")
+    folder.remove_stale(keep=batch.rendered)
     return index

@@ -240,8 +240,24 @@ def _has_diagnostics(series: dict[str, Series]) -> bool:
 
 
 def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
-    tensorboard = path.is_dir() or _is_event_file(path)
-    series = read_event_log(path) if tensorboard else read_csv_log(path)
+    from lightning_bn.plot.text_cells import text_cells
+
+    notes: list[str] = []
+    if path.is_dir() or _is_event_file(path):
+        series = read_event_log(path)
+    else:
+        series = read_csv_log(path)
+        texts = text_cells(path, diagnostic_prefixes())
+        if texts and not _has_diagnostics(series):
+            key, (row, cell, count) = next(iter(texts.items()))
+            raise LogFormatError(
+                f"{path}: column {key!r} holds text where numbers are expected (row {row}: "
+                f"{cell!r}; {count} such cell(s), {len(texts)} column(s))"
+            )
+        notes = [
+            f"{k}: {n} text cell(s) skipped, first in row {r}: {c!r}"
+            for k, (r, c, n) in texts.items()
+        ]
     if not _has_diagnostics(series):
         known = diagnostic_prefixes()
         classes = owners(known)
@@ -251,7 +267,7 @@ def _csv_run(path: Path, label: str, note: str | None) -> LoggedRun:
             if len(classes) > 1
             else f"{path}: no lightning-bn diagnostic key; was a diagnostic callback in the Trainer?"
         )
-    return LoggedRun(label, path, series, [note] if note else [])
+    return LoggedRun(label, path, series, ([note] if note else []) + notes)
 
 
 def _reproduce_runs(folder: Path, label: str, loaded: Loaded) -> list[LoggedRun]:

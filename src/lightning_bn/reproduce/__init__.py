@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -29,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_bn._outputs import OutputFolder, pending_figures
 from lightning_bn.reproduce.figures import plot_run
 from lightning_bn.reproduce.findings import FINDINGS, Finding, evaluate_findings
 from lightning_bn.reproduce.history import RunData, RunFormatError, VariantHistory, load_run
-from lightning_bn.reproduce.interrupt import RunInterrupted, interrupt_guard
+from lightning_bn.reproduce.interrupt import RunInterrupted, interrupt_guard, process_gone
 from lightning_bn.reproduce.plan import (
     EXPERIMENTS,
     KINDS,
@@ -137,7 +139,10 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     Runs whose training did not finish (an interrupted run, a CSV cut short) are left out and
     named in ``notes`` as incomplete. An existing ``summary.md`` made from more data than the
     folder now holds is kept: the new summary goes to ``summary.partial.md`` and its figures
-    to ``figures.partial/``, and ``notes`` says so.
+    to ``figures.partial/``, and ``notes`` says so. A file edited by hand since lightning-bn
+    wrote it (``summary.md`` with notes added) is kept as ``summary.kept.md`` (see
+    :mod:`lightning_bn._outputs`). ``findings.json`` and ``summary.md`` are written before the
+    figures; a figure that cannot be drawn or written is left out, one line in ``notes``.
 
     Args:
         run_dir: a folder written by :func:`reproduce` (it holds ``run.json``).
@@ -151,6 +156,9 @@ def redraw(run_dir: str | Path) -> RedrawResult:
     """
     run = load_run(run_dir)
     notes = [f"{vid}: incomplete ({why}); left out" for vid, why in run.incomplete.items()]
+    gone = process_gone(run.manifest)
+    if gone is not None:
+        notes.insert(0, gone)
     summary = run.path / SUMMARY
     figures_dir = run.path / "figures"
     findings_file = run.path / FINDINGS_JSON
@@ -164,11 +172,26 @@ def redraw(run_dir: str | Path) -> RedrawResult:
             f"{summary.name}, {findings_file.name} and {figures_dir.name}/ instead"
         )
     findings = evaluate_findings(run)
-    figures = plot_run(run, figures_dir)
-    mark = f"<!-- lightning-bn data: {json.dumps(_data_of(run))} -->\n"
-    summary.write_text(render_summary(run, findings, figures) + mark)
+    with pending_figures() as batch:
+        figures = plot_run(run, figures_dir)
+    notes += batch.failed
+    # results first, figures last and best-effort: a full disk or a figure matplotlib cannot
+    # draw costs that figure (one line in notes), never findings.json or summary.md
+    folder = OutputFolder.open(run.path)
     data = findings_json(run, findings)
-    findings_file.write_text(json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    folder.write_text(
+        findings_file, json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    )
+    mark = f"<!-- lightning-bn data: {json.dumps(_data_of(run))} -->\n"
+    folder.write_text(summary, render_summary(run, findings, figures) + mark)
+    written, failed = batch.write(folder)
+    if failed:
+        notes += failed
+        figures = [f for f in figures if f.path in written]
+        with contextlib.suppress(OSError):
+            folder.write_text(summary, render_summary(run, findings, figures) + mark)
+    folder.remove_stale(figures_dir.name, keep=batch.rendered)
+    notes += folder.notes
     return RedrawResult(run, findings, [f.path for f in figures], summary, findings_file, notes)
 
 
@@ -193,7 +216,8 @@ def reproduce(
 
     Args:
         plan: what to train (see :func:`build_plan`).
-        out_dir: the run folder (created).
+        out_dir: the run folder: new or empty (created; a folder holding files is refused with
+            ``ValueError``, so no file of the user's is overwritten).
         wandb: ``"auto"`` (online when an API key is configured, else offline), ``"online"``,
             ``"offline"`` or ``"off"``.
         project: the W&B project.

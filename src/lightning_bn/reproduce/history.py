@@ -17,6 +17,7 @@ import numpy as np
 
 from lightning_bn._types import Series, SeriesHistory, series_arrays
 from lightning_bn.logging.csv_log import LogFormatError, TruncatedLogError, read_csv_log
+from lightning_bn.reproduce.interrupt import process_gone
 from lightning_bn.reproduce.plan import ExperimentPlan, VariantSpec
 
 __all__ = [
@@ -227,11 +228,13 @@ def load_run(run_dir: str | Path) -> RunData:
         plan = ExperimentPlan.from_dict(manifest["plan"])
         # format 2 lists every run (variant and seed); format 1 one run per variant
         entries = list(manifest["runs"] if "runs" in manifest else manifest["variants"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise RunFormatError(
             f"{str(manifest_path)!r} is not a valid run description: {err}"
         ) from err
     status = str(manifest.get("status", "finished"))
+    if process_gone(manifest) is not None:
+        status = "interrupted (process gone)"
     finished = status in COMPLETE_STATUSES
     listed = manifest.get("completed", manifest.get("completed_runs", []))
     completed = {str(v) for v in listed} if isinstance(listed, list) else set()

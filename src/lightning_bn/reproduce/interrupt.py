@@ -17,13 +17,21 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["InterruptGuard", "RunInterrupted", "block_signals", "interrupt_guard", "worker_signals"]
+__all__ = [
+    "InterruptGuard",
+    "RunInterrupted",
+    "block_signals",
+    "interrupt_guard",
+    "process_gone",
+    "worker_signals",
+]
 
 #: The signals that stop a reproduce run.
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -172,9 +180,67 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     os._exit(128 + signum)
 
 
-def worker_signals() -> None:
-    """Initializer of the worker processes: ignore SIGINT, exit at once on SIGTERM."""
+#: Seconds between two checks of the worker watchdog that its parent is alive.
+WATCHDOG_EVERY = 1.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, even by SIGKILL (no cleanup can run there).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, the kernel's own death signal. Everywhere, also
+    a daemon thread that polls the parent's pid every :data:`WATCHDOG_EVERY` seconds and exits
+    once this process has been re-parented (to init or a subreaper).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1  # <linux/prctl.h>
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent ended before the death signal was set
+        os._exit(128 + int(signal.SIGKILL))
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(WATCHDOG_EVERY)
+        os._exit(128 + int(signal.SIGKILL))
+
+    threading.Thread(target=watch, name="lightning-bn-parent-watchdog", daemon=True).start()
+
+
+def worker_signals(parent_pid: int | None = None) -> None:
+    """Initializer of the worker processes: ignore SIGINT, exit at once on SIGTERM, and end
+    with the parent process ``parent_pid`` (see :func:`_die_with_parent`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+
+
+def process_gone(manifest: dict[str, object]) -> str | None:
+    """One line when ``run.json`` says ``"running"`` but the process that wrote it is gone (a
+    run killed by SIGKILL, a power cut), else ``None``.
+
+    The process is looked up by the ``"pid"`` and ``"host"`` that ``run.json`` records; on
+    another host, or without them (an older run), it cannot be told and ``None`` is returned.
+    """
+    if manifest.get("status") != "running":
+        return None
+    pid, host = manifest.get("pid"), manifest.get("host")
+    if not isinstance(pid, int) or isinstance(pid, bool) or host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        done = manifest.get("completed")
+        count = len(done) if isinstance(done, list) else 0
+        return (
+            f"run.json: interrupted (process gone): status 'running' but process {pid} has "
+            f"ended; {count} run(s) had finished"
+        )
+    except OSError:  # PermissionError: alive, another user's
+        return None
+    return None

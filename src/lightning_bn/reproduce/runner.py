@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_bn._outputs import folder_state, foreign_files
 from lightning_bn.reproduce.experiments import get_experiment
 from lightning_bn.reproduce.history import MANIFEST
 from lightning_bn.reproduce.interrupt import (
@@ -247,15 +249,25 @@ def train_plan(
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM received.
+        ValueError: ``out_dir`` is a file, or a folder holding files (a run, the user's files).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Expected argument `jobs` to be a positive integer, but got {jobs!r}")
+    state = folder_state(out_dir, markers=(MANIFEST,))
+    if state not in ("new", "empty"):
+        what = {"file": "is a file", "ours": f"already holds a run ({MANIFEST})"}.get(
+            state, f"holds files lightning-bn did not write ({foreign_files(out_dir)})"
+        )
+        raise ValueError(f"out_dir {str(out_dir)!r} {what}: pass a new or empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now()
     meta: dict[str, Any] = {
         "created": started.isoformat(timespec="seconds"),
         "wandb": wandb_mode,
         "jobs": jobs,
+        # who writes the run: a later plot or reproduce tells a killed run from a running one
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "completed": [],
     }
     write_manifest(out_dir, plan, "running", meta)
@@ -309,7 +321,10 @@ def train_plan(
                 # the workers start with SIGINT/SIGTERM blocked, until worker_signals runs
                 with block_signals():
                     pool = concurrent.futures.ProcessPoolExecutor(
-                        jobs, mp_context=context, initializer=worker_signals
+                        jobs,
+                        mp_context=context,
+                        initializer=worker_signals,
+                        initargs=(os.getpid(),),
                     )
                     futures = {
                         pool.submit(
