@@ -33,7 +33,8 @@ from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
 from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.paramvec import dict_norm, dict_sub_
-from lightning_bn.layers import NORM_TYPES, is_batchnorm
+from lightning_bn.layers import NORM_TYPES, is_batchnorm, is_norm_layer
+from lightning_bn.layers.fused import register_norm_output_hook
 from lightning_bn.layers.sync import sync_group
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
@@ -107,8 +108,9 @@ def scaled_direction(grad: Mapping[str, Tensor], scales: Mapping[str, float] | N
 
 
 def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Qualified names and modules of every normalisation layer (ours and torch's)."""
-    return [(n, m) for n, m in module.named_modules() if n and isinstance(m, NORM_LAYER_TYPES)]
+    """Qualified names and modules of every normalisation layer (ours, torch's and RMS norms
+    libraries write themselves: :func:`lightning_bn.layers.is_norm_layer`)."""
+    return [(n, m) for n, m in module.named_modules() if n and is_norm_layer(m)]
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -154,9 +156,11 @@ class LayerCapture:
 
     def attach(self) -> None:
         # prepend: see the layer's own output, before hooks of others (e.g. injected noise)
-        # replace it, so that the gradient is taken with respect to the layer's output
+        # replace it, so that the gradient is taken with respect to the layer's output; in a
+        # layer that applies an activation after normalising, z is the normalisation's output
         for name, module in self.layers:
-            self._handles.append(module.register_forward_hook(self._hook(name), prepend=True))
+            hook = self._hook(name)
+            self._handles.append(register_norm_output_hook(module, hook, name=name, prepend=True))
 
     def detach(self) -> None:
         """Remove the module and tensor hooks and move the gradients into the records."""
