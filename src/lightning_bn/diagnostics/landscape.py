@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.bounds import theorem41_bound
-from lightning_bn.diagnostics.curvature import gradient_curvature
-from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
+from lightning_bn.diagnostics.curvature import hessian_metrics
 from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.paramvec import dict_norm, dict_sub_
@@ -481,19 +480,16 @@ def compute_smoothness(
         start = None
         if init is not None and init.keys() == trainable.keys():
             start = {k: init[k].to(trainable[k]) for k in trainable}
-        eig = top_hessian_eigenvalue(
+        hessian_part, eigenvector = hessian_metrics(
             hvp_fn,
+            grad,
             start,
             max_iters=max_iters,
             tol=tol,
             generator=generator,
             like=trainable,
-            algorithm=eig_algorithm,  # type: ignore[arg-type]
+            algorithm=eig_algorithm,
             warn=False,  # logged as hessian_converged instead
         )
-        eigenvector = eig.eigenvector
-        metrics["hessian_top_eig"] = eig.eigenvalue
-        metrics["hessian_iters"] = float(eig.iterations)
-        metrics["hessian_converged"] = float(eig.converged)
-        metrics["grad_curvature"] = gradient_curvature(hvp_fn, grad) if g_norm > 0 else math.nan
+        metrics.update(hessian_part)
     return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn._types import LossFn, Params, scalar_loss
+from lightning_bn.probe.attention import with_math_attention
 from lightning_bn.probe.batched import VmapState, batched_along, check_vmap_chunk_size
 from lightning_bn.probe.layout import Layout, Silenced, UseTrace, loss_from_output
 from lightning_bn.probe.record import StepRecord, accepts_batch_triple, copy_batch
@@ -47,6 +48,8 @@ class Probe:
         context: a zero-argument callable returning the context every evaluation runs in, e.g.
             the trainer's precision context (``trainer.precision_plugin.train_step_context``),
             so that under mixed precision a probe computes what the training step computes.
+            Every evaluation also runs ``scaled_dot_product_attention`` with its math backend
+            (:mod:`lightning_bn.probe.attention`), which has second derivatives.
         vmap_chunk_size: how :meth:`losses_along` and :meth:`loss_and_grad_along` evaluate
             their grid, and :func:`~lightning_bn.diagnostics.ics.compute_ics` its G′ passes
             (:mod:`lightning_bn.probe.batched`): ``None`` point by point, an ``int``
@@ -76,7 +79,8 @@ class Probe:
             )
         self.module = module
         self.loss_fn = loss_fn
-        self.context = context if context is not None else contextlib.nullcontext
+        # attention under its math backend: the fused kernels have no double backward
+        self.context = with_math_attention(context if context is not None else contextlib.nullcontext)
         self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         self._vmap = VmapState()  # what the batched path learnt about this module (fallback, chunk)
         self._param_names = [n for n, _ in module.named_parameters()]
