@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.diagnostics.tied import tied_aliases, tied_owner, warn_left_out_parameters
 from lightning_bn.layers.registry import is_norm_layer
 from lightning_bn.layers.selection import describe_modules, match_modules
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
@@ -39,6 +40,7 @@ from lightning_bn.probe.batched import batched_points
 
 __all__ = [
     "ICSLayer",
+    "warn_left_out",
     "compute_ics",
     "default_layers",
     "input_units",
@@ -114,11 +116,12 @@ def _flat64(tensors: Sequence[Tensor]) -> Tensor:
 
 def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
     """Trainable and frozen parameters by owner: the module under whose qualified name
-    ``root.named_parameters()`` lists them (a tied parameter is listed once, under its first
-    registration)."""
+    ``root.named_parameters()`` lists them, or for a tied parameter the module holding its last
+    alias (:mod:`lightning_bn.diagnostics.tied`)."""
     owned: dict[str, list[tuple[str, Tensor]]] = {}
+    tied = tied_owner(root)
     for name, p in root.named_parameters():
-        owned.setdefault(name.rpartition(".")[0], []).append((name, p))
+        owned.setdefault(tied.get(name, name.rpartition(".")[0]), []).append((name, p))
     return owned
 
 
@@ -151,12 +154,15 @@ def _group_selected(
     ``root.named_parameters()``), every parameter to the deepest selected module holding it."""
     names = list(dict.fromkeys(n for n, _ in modules))
     groups: dict[str, list[str]] = {n: [] for n in names}
+    aliases = tied_aliases(root)
     for pname, p in root.named_parameters():
         if not p.requires_grad:
             continue
-        holders = [n for n in names if not n or pname.startswith(f"{n}.")]
-        if holders:  # nested names are prefixes of each other: the longest is the deepest
-            groups[max(holders, key=len)].append(pname)
+        for alias in reversed(aliases.get(pname, [pname])):  # a tied one: its last holder first
+            holders = [n for n in names if not n or alias.startswith(f"{n}.")]
+            if holders:  # nested names are prefixes of each other: the longest is the deepest
+                groups[max(holders, key=len)].append(pname)
+                break
     return {n: tuple(ps) for n, ps in groups.items()}
 
 
@@ -168,8 +174,8 @@ def measured_layers(
     A selected module (by qualified-name glob or type, :func:`lightning_bn.layers.selection.match_modules`)
     is measured with the trainable parameters of its subtree, each parameter under the deepest
     selected module holding it (selecting ``"attn"`` and ``"attn.out_proj"`` measures
-    ``out_proj`` on its own and the rest of ``attn`` together). A parameter tied to another
-    module is measured under the module ``named_parameters()`` lists it with.
+    ``out_proj`` on its own and the rest of ``attn`` together). A tied parameter is measured
+    under the deepest selected module holding its last alias that any selected module holds.
 
     Raises:
         ValueError: a selector matches no module; a selector matches only modules without
@@ -198,6 +204,14 @@ def measured_layers(
                 f" contains: {describe_modules(root)}"
             )
     return [ICSLayer(n, m, groups[n]) for n, m in selection.modules if groups[n]]
+
+
+def warn_left_out(root: nn.Module, layers: Sequence[ICSLayer]) -> tuple[list[str], list[str]]:
+    """Warn once about the trainable parameters none of ``layers`` measures (see
+    :func:`~lightning_bn.diagnostics.tied.warn_left_out_parameters`)."""
+    norms = [n for n, m in root.named_modules() if n and is_norm_layer(m)]
+    measured = {p for lay in layers for p in lay.params}
+    return warn_left_out_parameters(root, measured, norms, "ICSCallback")
 
 
 def _what(sel: str | type[nn.Module]) -> str:
@@ -241,8 +255,10 @@ def compute_ics(
     ``out_proj.weight``, ``out_proj.bias`` (the order in which
     ``F.multi_head_attention_forward`` takes them), so :math:`G'` of ``out_proj`` has
     ``in_proj`` and everything before the attention at :math:`W^{t+1}`, although
-    ``out_proj``'s ``forward`` never runs. A tied parameter is measured once, under its owner,
-    at its first use.
+    ``out_proj``'s ``forward`` never runs. A tied parameter (an embedding and the output layer
+    sharing one weight) is measured once, in the layer of its last holder, at its last use
+    (:mod:`lightning_bn.diagnostics.tied`): every parameter used before the output layer is at
+    :math:`W^{t+1}` in its :math:`G'`.
 
     Distributional shifts need the layer's input: the first positional argument of its
     module's ``forward`` (a forward pre-hook). They are reported for a layer whose module's
@@ -275,6 +291,10 @@ def compute_ics(
     coll = collective if collective is not None else Collective()
     chosen = _as_layers(probe.module, layers, set(probe.trainable_names()))
     order = coll.guard(lambda: probe.use_order(before, step))
+    # a tied parameter sits at its last use (the output layer), every other one at its first
+    spans, tied = probe.use_spans(before, step), tied_aliases(probe.module)
+    at = {n: (spans[n][1] if n in tied else spans[n][0], i) for i, n in enumerate(order)}
+    order = sorted(order, key=at.__getitem__)
     seq = {n: i for i, n in enumerate(order)}
     first = {
         lay.name: min(seq[p] for p in lay.params if p in seq)

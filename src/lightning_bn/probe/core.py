@@ -87,7 +87,9 @@ class Probe:
         self._layout_cache: Layout | None = None
         self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
         self._trace_result: list[str] = []
+        self._trace_spans: dict[str, tuple[int, int]] = {}
         self._use_orders: dict[tuple[Any, ...], list[str]] = {}
+        self._use_spans: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 
     # --- parameter points ---------------------------------------------------------------
     def parameters(self) -> Params:
@@ -131,6 +133,25 @@ class Probe:
         cached = self._use_orders.get(key)
         if cached is not None:
             return list(cached)
+        self._use_spans[key] = self._trace_uses(params, step, trainable)
+        order = sorted(self._use_spans[key], key=lambda n: self._use_spans[key][n][0])
+        self._use_orders[key] = order
+        return list(order)
+
+    @accepts_batch_triple(2)
+    def use_spans(self, params: Mapping[str, Tensor], step: StepRecord) -> dict[str, tuple[int, int]]:
+        """Each used trainable parameter's first and last use in the forward pass, as indices
+        of the torch calls that used it (traced with :meth:`use_order`, from the same pass).
+        A tied weight (an embedding and the output layer sharing it) has first < last."""
+        trainable = self.trainable_names()
+        key = tuple((n, tuple(params[n].shape)) for n in trainable if n in params)
+        if key not in self._use_spans:
+            self.use_order(params, step)
+        return dict(self._use_spans[key])
+
+    def _trace_uses(
+        self, params: Mapping[str, Tensor], step: StepRecord, trainable: list[str]
+    ) -> dict[str, tuple[int, int]]:
         point = {n: t.detach() for n, t in params.items()}
         for n in trainable:
             if n in point:
@@ -139,12 +160,11 @@ class Probe:
         try:
             with torch.enable_grad():
                 self.loss(point, step)
-            order = list(self._trace_result)
+            return dict(self._trace_spans)
         finally:
             self._trace_names = None
             self._trace_result = []
-        self._use_orders[key] = order
-        return list(order)
+            self._trace_spans = {}
 
     # --- evaluation -------------------------------------------------------------------------
     def _step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -178,6 +198,7 @@ class Probe:
             out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
             self._trace_result = trace.order
+            self._trace_spans = trace.spans
         return scalar_loss(out)
 
     @accepts_batch_triple(2)
