@@ -391,6 +391,7 @@ def compute_smoothness(
     collective: Collective | None = None,
     power_iters: int | None = None,
     scales: Mapping[str, float] | None = None,
+    basis_size: int | None = None,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
 
@@ -419,6 +420,7 @@ def compute_smoothness(
             :func:`resolve_steps`): the grid points are :math:`W^t - c\,(s \odot g_t)` and the
             step length in ``beta_eff`` is :math:`\lVert c\,(s \odot g_t)\rVert_2`; ``None``
             moves every parameter by :math:`\eta g_t`.
+        basis_size: most Lanczos vectors kept (restarted beyond; ``None``: ``max_iters``).
 
     Returns:
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
@@ -451,18 +453,19 @@ def compute_smoothness(
     direction = scaled_direction(grad, scales)
     d_norm = g_norm if scales is None else _norm(direction)
 
-    def grid_pass() -> list[Params]:
-        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names)
-        return [g for _, g in along]
+    # In place: the averaged gradient at a grid point is not used again; the difference is
+    # correctly rounded in the gradients' dtype; the norms reach the host in one transfer.
+    def distance(g_local: Params) -> Tensor:
+        return dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
 
-    grads_local = coll.guard(grid_pass)
-    # In place: the averaged gradient at the grid point is not used again. The difference is
-    # correctly rounded in the gradients' dtype (float64 copies would cost a sizeable part of a
-    # gradient pass); the norms reach the host in one transfer.
-    norms = [
-        dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
-        for g_local in grads_local
-    ]
+    def grid_pass() -> list[Tensor]:
+        # alone, each point is reduced as it comes (one gradient held, not one per point); under
+        # DDP each rank finishes its grid first (no collective that a failed rank would hang)
+        on_point = distance if coll.world_size == 1 else None
+        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names, on_point)
+        return [distance(g) for _, g in along] if on_point is None else [g for _, g in along]
+
+    norms = coll.guard(grid_pass)
     diffs = torch.stack(norms).tolist() if norms else []
     betas = [
         diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan
@@ -490,6 +493,7 @@ def compute_smoothness(
             like=trainable,
             algorithm=eig_algorithm,
             warn=False,  # logged as hessian_converged instead
+            basis_size=basis_size,
         )
         metrics.update(hessian_part)
     return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

@@ -264,15 +264,18 @@ class Probe:
         step_sizes: Sequence[float],
         step: StepRecord,
         wrt: Sequence[str] | None = None,
-    ) -> list[tuple[Tensor, Params]]:
+        reduce: Callable[[Params], Any] | None = None,
+    ) -> list[tuple[Tensor, Any]]:
         r"""The loss and its gradient at :math:`W - \eta d` for every :math:`\eta`, in order.
 
         The same values as :meth:`loss_and_grad` at each point (gradients w.r.t. ``wrt``, default
         the trainable parameters), with one reparametrisation for the whole grid as in
-        :meth:`losses_along`.
+        :meth:`losses_along`. With ``reduce``, each point's gradients are replaced by
+        ``reduce(gradients)`` as soon as they are computed, so that a long grid holds one
+        gradient at a time (point by point; a ``vmap`` chunk holds its points' gradients).
         """
         names = list(wrt) if wrt is not None else self.trainable_names()
-        return self._along(params, direction, step_sizes, step, names)
+        return self._along(params, direction, step_sizes, step, names, reduce)
 
     def _along(
         self,
@@ -281,7 +284,8 @@ class Probe:
         step_sizes: Sequence[float],
         step: StepRecord,
         wrt: list[str] | None,
-    ) -> list[tuple[Tensor, Params]]:
+        reduce: Callable[[Params], Any] | None = None,
+    ) -> list[tuple[Tensor, Any]]:
         unknown = sorted(set(direction) - set(params))
         if unknown:
             raise ValueError(f"Expected `direction` to have keys of `params`, but got {unknown}")
@@ -291,7 +295,7 @@ class Probe:
         if self.vmap_chunk_size is not None and step.rng is not None:
             batched = batched_along(self, params, direction, step_sizes, step, wrt)
             if batched is not None:
-                return batched
+                return batched if reduce is None else [(loss, reduce(g)) for loss, g in batched]
         # --- sequential evaluation ---
         point = {n: t.detach() for n, t in params.items()}
         # Every moved parameter, and every parameter a gradient is taken for, gets a tensor of its
@@ -311,7 +315,8 @@ class Probe:
         state = {**point, **fresh}
         layout = self._layout_knowing(state, layout)
         originals, copies = list(buffers.values()), list(fresh.values())
-        results: list[tuple[Tensor, Params]] = []
+        results: list[tuple[Tensor, Any]] = []
+        keep: Callable[[Params], Any] = reduce if reduce is not None else (lambda g: g)
 
         rng = step.rng
 
@@ -332,15 +337,12 @@ class Probe:
                         results.append((loss.detach(), {}))
                         continue
                     grads = torch.autograd.grad(loss, [slots[n] for n in wrt], allow_unused=True)
-                results.append(
-                    (
-                        loss.detach(),
-                        {
-                            n: g if g is not None else torch.zeros_like(slots[n])
-                            for n, g in zip(wrt, grads, strict=True)
-                        },
-                    )
-                )
+                point_grads = {
+                    n: g if g is not None else torch.zeros_like(slots[n])
+                    for n, g in zip(wrt, grads, strict=True)
+                }
+                results.append((loss.detach(), keep(point_grads)))
+                del point_grads, grads
 
         fork = rng.fork() if rng is not None else contextlib.nullcontext()
         swap = layout.swapped(state)
