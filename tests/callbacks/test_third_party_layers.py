@@ -333,3 +333,21 @@ def test_first_order_quantities_logged_when_the_hessian_fails() -> None:
     keys = {k for vals in logger.history.values() for k in vals}
     assert "smoothness/beta_eff" in keys and "smoothness/grad_diff_max" in keys
     assert "smoothness/hessian_top_eig" not in keys
+
+
+def test_peak_memory_of_a_measurement_is_logged() -> None:
+    from lightning_bn.probe.memory import PeakMemory
+
+    with PeakMemory() as memory:
+        block = torch.ones(50 * 1024 * 1024 // 8, dtype=torch.float64)  # 50 MiB, touched
+        del block
+    assert 40 <= memory.host_mb < 1000
+    logger = MemoryLogger()
+    fit(
+        lambda: Classifier(fused_net().double()),
+        [SmoothnessCallback(every_n_steps=1, max_iters=3)],
+        steps=1,
+        logger=logger,
+    )
+    assert logger.history[0]["smoothness/peak_mem_mb"] >= 0
+    assert "smoothness/peak_cuda_mem_mb" not in logger.history[0]  # on the CPU

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,7 @@ from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extr
 from lightning_bn.logging.keys import DeclaresKeys
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
 from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
+from lightning_bn.probe.memory import PeakMemory
 
 __all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
 
@@ -447,7 +449,9 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         record = self._record
         assert record is not None
         try:
-            metrics = self._compute(trainer, record)
+            with PeakMemory(trainer.strategy.root_device) as memory:
+                metrics = self._compute(trainer, record)
+            metrics.update(self._memory_metrics(memory))
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
                 f"{type(self).__name__} skipped the measurement at step {record.step}:"
@@ -459,6 +463,11 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             return
         self.measured_steps.append(record.step)
         self._log(trainer, metrics, record.step)
+
+    def _memory_metrics(self, memory: PeakMemory) -> dict[str, float]:
+        """``<prefix>/peak_mem_mb`` (host) and, on CUDA, ``<prefix>/peak_cuda_mem_mb``."""
+        out = {"peak_mem_mb": memory.host_mb, "peak_cuda_mem_mb": memory.cuda_mb}
+        return {f"{self.key_prefix}/{k}": v for k, v in out.items() if not math.isnan(v)}
 
     def _safe_extras(
         self, extras: LoggerExtras, what: str, hook: Callable[..., None], *args: Any

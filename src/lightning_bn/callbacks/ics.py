@@ -117,6 +117,8 @@ class ICSCallback(DiagnosticCallback):
         prefix="ics/",
         # larger l2 / smaller cosine = more shift: W&B keeps the worst value of the run
         keys=(
+            LoggedKey("ics/peak_mem_mb", "max"),
+            LoggedKey("ics/peak_cuda_mem_mb", "max"),
             LoggedKey("ics/{layer}/l2", "max"),
             LoggedKey("ics/{layer}/l2_rel", "max"),
             LoggedKey("ics/{layer}/cos", "min"),

@@ -87,6 +87,8 @@ class LipschitzCallback(DiagnosticCallback):
         prefix="lipschitz/",
         keys=(
             LoggedKey("lipschitz/loss_min", "min"),
+            LoggedKey("lipschitz/peak_mem_mb", "max"),
+            LoggedKey("lipschitz/peak_cuda_mem_mb", "max"),
             LoggedKey("lipschitz/loss_max", "max"),
             LoggedKey("lipschitz/loss_range", "max"),
             LoggedKey("lipschitz/grad_norm", "max"),

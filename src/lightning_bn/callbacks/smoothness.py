@@ -123,6 +123,8 @@ class SmoothnessCallback(DiagnosticCallback):
         prefix="smoothness/",
         keys=(
             LoggedKey("smoothness/grad_diff_min", "min"),
+            LoggedKey("smoothness/peak_mem_mb", "max"),
+            LoggedKey("smoothness/peak_cuda_mem_mb", "max"),
             LoggedKey("smoothness/grad_diff_max", "max"),
             LoggedKey("smoothness/beta_eff", "max"),
             LoggedKey("smoothness/hessian_top_eig", "max"),
