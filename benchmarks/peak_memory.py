@@ -12,11 +12,12 @@ Run: ``PYTHONPATH=src python benchmarks/peak_memory.py`` (a few minutes on two c
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import subprocess
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 CALLBACKS = ["none", "ICSCallback", "LipschitzCallback", "SmoothnessCallback"]
 
@@ -32,7 +33,7 @@ def _child(name: str) -> None:
     torch.manual_seed(0)
     widths = [1024, 1536, 1536, 1536, 1536]
     layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:], strict=False):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
     net = nn.Sequential(*layers, nn.Linear(widths[-1], 10))
 
@@ -49,7 +50,7 @@ def _child(name: str) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     class Keep(pl.loggers.logger.Logger):
-        values: dict[str, float] = {}
+        values: ClassVar[dict[str, float]] = {}
         name, version = "keep", 0
 
         def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:

@@ -77,7 +77,9 @@ def _weight_bearing(model: nn.Module, prefix: str) -> set[str]:
     last: dict[int, tuple[str, nn.Parameter]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         last[id(p)] = (name, p)
-    owners = {name.rpartition(".")[0] for name, p in last.values() if p.requires_grad and p.dim() >= 2}
+    owners = {
+        name.rpartition(".")[0] for name, p in last.values() if p.requires_grad and p.dim() >= 2
+    }
     return {
         f"{prefix}{n}" for n, m in model.named_modules() if n in owners and not is_norm_layer(m)
     }

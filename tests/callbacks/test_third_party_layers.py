@@ -21,11 +21,11 @@ from lightning_bn.callbacks import (
     SmoothnessCallback,
 )
 from lightning_bn.diagnostics.bounds import theorem41_bound
+from lightning_bn.diagnostics.landscape import compute_smoothness
 from lightning_bn.layers import is_norm_layer, is_rms_norm, overrides_norm_forward
 from lightning_bn.layers.fused import register_norm_output_hook
 from lightning_bn.noise import NoiseInjector, NoiseSampler, NoiseSeedStream
 from lightning_bn.probe import Probe, StepRecord
-from lightning_bn.diagnostics.landscape import compute_smoothness
 from tests.support.models import Classifier, MemoryLogger, Recorder, fit
 
 SILU_MIN = -0.2784645  # min over x of x * sigmoid(x)
@@ -215,7 +215,7 @@ def test_norm_zoo_gets_noise_and_per_layer_values() -> None:
         for name in NORMS:
             module = net.get_submodule(name[len("net.") :])
             module.register_forward_pre_hook(
-                lambda m, args, name=name: inputs.__setitem__(name, args[0])
+                lambda m, args, name=name, inputs=inputs: inputs.__setitem__(name, args[0])
             )
         x, y = record["batch"]
         loss = F.cross_entropy(net(x), y)
@@ -283,7 +283,9 @@ def test_smoothness_through_fused_attention_matches_the_full_hessian() -> None:
     dominant = float(eigs[eigs.abs().argmax()])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "Hessian failed" warning
-        result = compute_smoothness(probe, params, StepRecord(batch), [0.1], max_iters=200, tol=1e-7)
+        result = compute_smoothness(
+            probe, params, StepRecord(batch), [0.1], max_iters=200, tol=1e-7
+        )
     assert result.metrics["hessian_top_eig"] == pytest.approx(dominant, rel=1e-3)
     assert result.metrics["beta_eff"] > 0
 

@@ -40,12 +40,12 @@ from lightning_bn.probe.batched import batched_points
 
 __all__ = [
     "ICSLayer",
-    "warn_left_out",
     "compute_ics",
     "default_layers",
     "input_units",
     "measured_layers",
     "unit_shift",
+    "warn_left_out",
 ]
 
 _EPS = 1e-12

@@ -48,7 +48,8 @@ def left_out_parameters(
         measured: names (as in ``named_parameters()``) of the parameters some layer measures.
         norm_modules: qualified names of the model's normalisation layers.
     """
-    norms, others = [], []
+    norms: list[str] = []
+    others: list[str] = []
     for name, p in root.named_parameters():
         if not p.requires_grad or name in measured:
             continue
@@ -66,7 +67,9 @@ def warn_left_out_parameters(
     norms, others = left_out_parameters(root, measured, norm_modules)
     parts = []
     if others:
-        listed = ", ".join(others[:_LISTED]) + (f", … and {len(others) - _LISTED} more" if len(others) > _LISTED else "")
+        listed = ", ".join(others[:_LISTED]) + (
+            f", … and {len(others) - _LISTED} more" if len(others) > _LISTED else ""
+        )
         parts.append(
             f"{len(others)} held by no measured layer (a module without a weight matrix of its"
             f" own, or the root): {listed}"

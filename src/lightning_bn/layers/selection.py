@@ -126,7 +126,9 @@ def match_modules(
     if not isinstance(default, tuple):  # a predicate
         if selectors is None:
             picked = [(n, m) for n, m in named if default(m)]
-            return Selection([(n, m) for n, m in picked if within is None or isinstance(m, within)], ())
+            return Selection(
+                [(n, m) for n, m in picked if within is None or isinstance(m, within)], ()
+            )
         default = ()
     chosen: list[Selector] = list(default) if selectors is None else list(selectors)
     hit: set[int] = set()

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from lightning_bn.layers.registry import is_channels_last, is_norm_layer
 from lightning_bn.layers.selection import Selector, describe_modules, match_modules, selector_repr
 from lightning_bn.noise.sampler import (
-    DEFAULT_NOISE_TARGETS,
     NoiseSample,
     NoiseSampler,
     NoiseSeedStream,

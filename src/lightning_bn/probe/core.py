@@ -80,7 +80,9 @@ class Probe:
         self.module = module
         self.loss_fn = loss_fn
         # attention under its math backend: the fused kernels have no double backward
-        self.context = with_math_attention(context if context is not None else contextlib.nullcontext)
+        self.context = with_math_attention(
+            context if context is not None else contextlib.nullcontext
+        )
         self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         self._vmap = VmapState()  # what the batched path learnt about this module (fallback, chunk)
         self._param_names = [n for n, _ in module.named_parameters()]
@@ -139,7 +141,9 @@ class Probe:
         return list(order)
 
     @accepts_batch_triple(2)
-    def use_spans(self, params: Mapping[str, Tensor], step: StepRecord) -> dict[str, tuple[int, int]]:
+    def use_spans(
+        self, params: Mapping[str, Tensor], step: StepRecord
+    ) -> dict[str, tuple[int, int]]:
         """Each used trainable parameter's first and last use in the forward pass, as indices
         of the torch calls that used it (traced with :meth:`use_order`, from the same pass).
         A tied weight (an embedding and the output layer sharing it) has first < last."""
