@@ -63,6 +63,8 @@ def _child(name: str) -> None:
 
     x, y = torch.randn(48, 1024), torch.randint(0, 10, (48,))
     callbacks = [] if name == "none" else [getattr(cbs, name)(every_n_steps=1)]
+    for callback in callbacks:
+        callback.log_peak_memory = True
     trainer = pl.Trainer(
         max_steps=3,
         callbacks=callbacks,

@@ -345,9 +345,11 @@ def test_peak_memory_of_a_measurement_is_logged() -> None:
     assert 40 <= memory.host_mb < 1000
     del block
     logger = MemoryLogger()
+    callback = SmoothnessCallback(every_n_steps=1, max_iters=3)
+    callback.log_peak_memory = True
     fit(
         lambda: Classifier(fused_net().double()),
-        [SmoothnessCallback(every_n_steps=1, max_iters=3)],
+        [callback],
         steps=1,
         logger=logger,
     )

@@ -449,9 +449,12 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
         record = self._record
         assert record is not None
         try:
-            with PeakMemory(trainer.strategy.root_device) as memory:
+            if self.log_peak_memory:
+                with PeakMemory(trainer.strategy.root_device) as memory:
+                    metrics = self._compute(trainer, record)
+                metrics.update(self._memory_metrics(memory))
+            else:
                 metrics = self._compute(trainer, record)
-            metrics.update(self._memory_metrics(memory))
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
                 f"{type(self).__name__} skipped the measurement at step {record.step}:"
@@ -463,6 +466,11 @@ class DiagnosticCallback(CachedStateKey, DeclaresKeys):
             return
         self.measured_steps.append(record.step)
         self._log(trainer, metrics, record.step)
+
+    #: Log ``<prefix>/peak_mem_mb`` (host, sampled) and on CUDA ``<prefix>/peak_cuda_mem_mb``,
+    #: the extra peak memory of each measurement. Off by default: the values vary from run to
+    #: run (they are not a property of the model) and a sampling thread runs while measuring.
+    log_peak_memory: bool = False
 
     def _memory_metrics(self, memory: PeakMemory) -> dict[str, float]:
         """``<prefix>/peak_mem_mb`` (host) and, on CUDA, ``<prefix>/peak_cuda_mem_mb``."""
