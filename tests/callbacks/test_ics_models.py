@@ -150,8 +150,10 @@ class TiedNet(nn.Module):
 
 TIED_GROUPS: Groups = [
     ("net.gate", _p("net.gate", "weight", "bias")),
-    ("net.emb", ["net.emb.weight"]),  # also the output weight: measured once, here
     ("net.mid", _p("net.mid", "weight", "bias")),
+    # the embedding's weight is also the output weight: measured once, at the output layer (its
+    # last holder and last use), with every other layer's parameters before it moved
+    ("net.out", ["net.emb.weight"]),
 ]
 
 
@@ -282,7 +284,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Groups, dict[str, str]]] = {
         FUNCTIONAL_GROUPS,
         {"net.custom": "net.custom", "net.head": "net.head"},
     ),
-    "tied": (TiedNet, TIED_GROUPS, {"net.gate": "net.gate", "net.mid": "net.mid"}),
+    "tied": (
+        TiedNet,
+        TIED_GROUPS,
+        {"net.gate": "net.gate", "net.mid": "net.mid", "net.out": "net.out"},
+    ),
 }
 
 

@@ -72,11 +72,13 @@ def _fit(make: Any, callbacks: list[Any], logger: Any = False) -> tuple[LM, pl.T
 
 
 def _weight_bearing(model: nn.Module, prefix: str) -> set[str]:
-    """Modules owning (by their qualified parameter names) a trainable matrix, norms excluded."""
+    """Modules owning (by their qualified parameter names) a trainable matrix, norms excluded;
+    a tensor held under several names (tied) belongs to the module holding its last name."""
+    last: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        last[id(p)] = (name, p)
     owners = {
-        name.rpartition(".")[0]
-        for name, p in model.named_parameters()
-        if p.requires_grad and p.dim() >= 2
+        name.rpartition(".")[0] for name, p in last.values() if p.requires_grad and p.dim() >= 2
     }
     return {
         f"{prefix}{n}" for n, m in model.named_modules() if n in owners and not is_norm_layer(m)
@@ -90,9 +92,12 @@ def test_every_weight_bearing_layer_measured(make: Any) -> None:
     expected = _weight_bearing(module.model, "model.")
     if make is _gpt2:  # Conv1D layers, not nn.Linear; lm_head's weight is the tied wte
         assert "model.transformer.h.0.attn.c_attn" in expected
-        assert "model.lm_head" not in expected
-    else:  # the decoder's weight is tied to the word embeddings: its bias is its own
+        # the tied weight is measured at the output layer, its last holder and last use
+        assert "model.lm_head" in expected and "model.transformer.wte" not in expected
+    else:  # the decoder's weight is tied to the word embeddings, its bias to cls.predictions.bias
         assert "model.bert.encoder.layer.0.attention.self.query" in expected
+        assert "model.cls.predictions.decoder" in expected
+        assert "model.bert.embeddings.word_embeddings" not in expected
     for step in range(3):
         values = {k: v for k, v in logger.history[step].items() if k.startswith("ics/")}
         layers = {k.split("/")[1] for k in values}

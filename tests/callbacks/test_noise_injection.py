@@ -278,13 +278,6 @@ def test_targets_by_glob_and_by_type() -> None:
     ("targets", "model", "match"),
     [
         (
-            None,
-            MLP(norm=False),
-            r"found no normalisation layer \(BatchNorm, LayerNorm, GroupNorm or lightning-bn's "
-            r"layers\)\. The model contains: blocks \(ModuleList\), blocks\.0 \(Block\), "
-            r"blocks\.0\.linear \(Linear\), blocks\.0\.norm \(Identity\)",
-        ),
-        (
             ["blocks.*.norm", "*.bn"],
             MLP(),
             r"the glob\(s\) '\*\.bn' in `targets` matched no module name\. "
@@ -301,6 +294,15 @@ def test_setup_errors_name_what_the_model_contains(
             model, _loader()
         )
     assert _hook_count(model) == 0
+
+
+def test_default_targets_finding_nothing_warn_and_training_goes_on() -> None:
+    model = MLP(norm=False)
+    callback = NoiseInjectionCallback()
+    with pytest.warns(UserWarning, match=r"found no normalisation layer.*`targets=`"):
+        _trainer(max_steps=2, callbacks=[callback]).fit(model, _loader())
+    assert callback.target_names == [] and _hook_count(model) == 0
+    assert model.trainer.global_step == 2
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,9 @@ def test_norm_type_registry() -> None:
         (LayerNorm(3), True, False, False),
         (nn.LayerNorm(3), True, False, False),
         (nn.GroupNorm(1, 3), True, False, False),
-        (nn.InstanceNorm1d(3), False, False, False),
+        (nn.InstanceNorm1d(3), True, False, False),
+        (nn.InstanceNorm2d(3, affine=True), True, False, False),
+        (nn.RMSNorm(3), True, False, False),
         (nn.Linear(3, 3), False, False, False),
     ]
     for module, norm, batch_stat, batchnorm in cases:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,7 @@ from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extr
 from lightning_bn.logging.keys import DeclaresKeys
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
 from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
+from lightning_bn.probe.memory import PeakMemory
 
 __all__ = ["BatchPreparer", "DiagnosticCallback", "DiagnosticWarning"]
 
@@ -429,7 +431,12 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         record = self._record
         assert record is not None
         try:
-            metrics = self._compute(trainer, record)
+            if self.log_peak_memory:
+                with PeakMemory(trainer.strategy.root_device) as memory:
+                    metrics = self._compute(trainer, record)
+                metrics.update(self._memory_metrics(memory))
+            else:
+                metrics = self._compute(trainer, record)
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
                 f"{type(self).__name__} skipped the measurement at step {record.step}:"
@@ -442,6 +449,16 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         self.measured_steps.append(record.step)
         self._log(trainer, metrics, record.step)
         return True
+
+    #: Log ``<prefix>/peak_mem_mb`` (host, sampled) and on CUDA ``<prefix>/peak_cuda_mem_mb``,
+    #: the extra peak memory of each measurement. Off by default: the values vary from run to
+    #: run (they are not a property of the model) and a sampling thread runs while measuring.
+    log_peak_memory: bool = False
+
+    def _memory_metrics(self, memory: PeakMemory) -> dict[str, float]:
+        """``<prefix>/peak_mem_mb`` (host) and, on CUDA, ``<prefix>/peak_cuda_mem_mb``."""
+        out = {"peak_mem_mb": memory.host_mb, "peak_cuda_mem_mb": memory.cuda_mb}
+        return {f"{self.key_prefix}/{k}": v for k, v in out.items() if not math.isnan(v)}
 
     def _safe_extras(
         self, extras: LoggerExtras, what: str, hook: Callable[..., None], *args: Any

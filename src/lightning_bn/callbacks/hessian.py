@@ -115,6 +115,8 @@ class HessianCallback(DiagnosticCallback):
         prefix="hessian/",
         keys=(
             LoggedKey("hessian/eig_converged", "min"),
+            LoggedKey("hessian/peak_mem_mb", "max"),
+            LoggedKey("hessian/peak_cuda_mem_mb", "max"),
             LoggedKey("hessian/eig_iters", "max"),
             LoggedKey("hessian/eig_*", "max"),
             LoggedKey("hessian/trace", "max"),

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_bn._validation import check_bool, check_selection
 from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
-from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers
+from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers, warn_left_out
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.layers.selection import describe_modules
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
@@ -42,7 +42,10 @@ class ICSCallback(DiagnosticCallback):
     is every trainable parameter first used before layer i's, norm-layer γ, β included: those
     are at :math:`W^{t+1}` in :math:`G'`, layer i and everything after it at :math:`W^t`. A
     parameter shared by several modules (tied embedding and output weights) is measured once,
-    under the module ``named_parameters()`` lists it with, at its first use. Both gradients use
+    in the layer of the module holding its last alias (the output layer), at its last use
+    (:mod:`lightning_bn.diagnostics.tied`). Trainable parameters no layer holds (those of
+    normalisation layers, biases of modules without a weight matrix, the root's own) are named
+    in one warning at setup. Both gradients use
     a private copy of the step's batch, its dropout masks (the RNG state is replayed), the
     step's ``global_step``, and batch statistics, without touching running statistics,
     ``.grad`` or the optimiser: a run with this callback ends with the same weights, bit for
@@ -116,6 +119,8 @@ class ICSCallback(DiagnosticCallback):
         prefix="ics/",
         # larger l2 / smaller cosine = more shift: W&B keeps the worst value of the run
         keys=(
+            LoggedKey("ics/peak_mem_mb", "max"),
+            LoggedKey("ics/peak_cuda_mem_mb", "max"),
             LoggedKey("ics/{layer}/l2", "max"),
             LoggedKey("ics/{layer}/l2_rel", "max"),
             LoggedKey("ics/{layer}/cos", "min"),
@@ -173,6 +178,7 @@ class ICSCallback(DiagnosticCallback):
                 f" {describe_modules(pl_module)}. Choose modules with trainable parameters by"
                 " name or type, e.g. `ICSCallback(layers=['encoder.*', torch.nn.Linear])`"
             )
+        warn_left_out(pl_module, self._layers)
 
     def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
         try:

@@ -88,6 +88,8 @@ class LipschitzCallback(AlongGradientCallback):
         keys=(
             LoggedKey("lipschitz/loss", "last"),
             LoggedKey("lipschitz/loss_min", "min"),
+            LoggedKey("lipschitz/peak_mem_mb", "max"),
+            LoggedKey("lipschitz/peak_cuda_mem_mb", "max"),
             LoggedKey("lipschitz/loss_max", "max"),
             LoggedKey("lipschitz/loss_range", "max"),
             LoggedKey("lipschitz/grad_norm", "max"),

@@ -8,12 +8,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_bn._validation import check_bool, check_int
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
+from lightning_bn.layers.fused import register_norm_output_hook
 from lightning_bn.layers.selection import Selector, check_selectors, selector_repr
 from lightning_bn.logging.keys import DeclaresKeys, LoggedKey, LoggedKeys
 from lightning_bn.noise import (
@@ -57,10 +57,10 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
 
     Args:
         targets: which modules get noise: a glob on qualified module names (``"encoder.*.bn"``),
-            an ``nn.Module`` subclass, or a sequence of them. ``None`` (default): every
-            normalisation layer, :data:`DEFAULT_NOISE_TARGETS`, chosen by
-            :func:`lightning_bn.layers.selection.match_modules`. The root module is never a target.
-            To compare with a network without normalisation, target the modules that stand in
+            an ``nn.Module`` subclass, or a sequence of them. ``None`` (default): every norm layer
+            (:func:`lightning_bn.layers.is_norm_layer`, RMS norms such as ``T5LayerNorm`` too; a
+            model with none gets one warning and no noise). Noise goes at the norm's own output,
+            also in a fused norm+activation layer (:mod:`lightning_bn.layers.fused`). To compare with a network without normalisation, target the modules that stand in
             the norm layers' place (e.g. ``nn.Identity`` placeholders, by name).
         mean_range: :math:`n_\mu`, range of the per-unit shift (``>= 0``).
         std_range: :math:`n_\sigma`, upper end of the per-unit scale (``>= 1``).
@@ -77,9 +77,9 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
 
     Raises:
         ValueError: in ``__init__``, an argument out of range or an empty ``targets``; at
-            ``setup``, a glob that matches no module, no target at all (the message lists
-            what the model contains), or a layer that another NoiseInjectionCallback of the
-            Trainer also targets (callbacks on different layers work side by side).
+            ``setup``, a glob that matches no module, no target of explicit ``targets`` (the
+            message lists the model's modules), or a layer that another NoiseInjectionCallback of
+            the Trainer also targets (callbacks on different layers work side by side).
         TypeError: in ``__init__``, a ``targets`` entry that is neither a string nor an
             ``nn.Module`` subclass; during training, a target whose output is not a tensor.
 
@@ -121,7 +121,7 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
         self._stream = NoiseSeedStream(self.seed)
         self._generator = self._stream.generator  # the stream's position: what state_dict saves
         self._batches_seen = 0
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Any] = []  # hook handles (each with `remove()`)
         self._trainer: pl.Trainer | None = None
         self._injector: NoiseInjector | None = None
         self._prepared_batch: int | None = None
@@ -207,7 +207,7 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
-        found = resolve_noise_targets(pl_module, self.targets)
+        found = resolve_noise_targets(pl_module, self.targets)  # [] with a warning: no noise
         # a layer another NoiseInjectionCallback also targets would get noise twice
         peers = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, type(self))]
         check_disjoint_targets(pl_module, found, [c.targets for c in peers if c is not self])
@@ -218,9 +218,9 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
         self._injector = NoiseInjector(
             self.sampler, self._stream, found, rank, device, global_batch_sizes=sizes
         )
-        self._handles = [
-            module.register_forward_hook(functools.partial(self._forward_hook, index))
-            for index, (_, module) in enumerate(found)
+        self._handles = [  # at the norm's own output, also in a fused norm+activation layer
+            register_norm_output_hook(module, functools.partial(self._forward_hook, index), name=n)
+            for index, (n, module) in enumerate(found)
         ]
 
     def _detach(self) -> None:

@@ -61,10 +61,10 @@ class SmoothnessCallback(AlongGradientCallback):
     full reorthogonalisation, the Ritz value of largest magnitude; see
     :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`): it estimates the same
     quantity and, at the same ``tol``, needs fewer Hessian-vector products and lands closer to
-    the exact value, warm or cold (``benchmarks/hessian_vs_pyhessian.py`` measures both). The
-    price is memory: Lanczos keeps every basis vector, up to ``max_iters`` float32 copies of the
-    trainable parameters for the duration of one measurement; use ``"power"`` (two vectors)
-    where that does not fit.
+    the exact value, warm or cold (``benchmarks/hessian_vs_pyhessian.py`` measures both). Its
+    memory is bounded by ``lanczos_basis`` (default 8 copies of the trainable parameters): a
+    cycle that fills the basis without meeting ``tol`` restarts from its Ritz vector, with the
+    same stopping rule; ``"power"`` keeps two vectors.
 
     Cost of one measurement: one gradient per step size, plus with the Hessian one gradient pass
     that keeps its graph and one backward through it per Hessian-vector product (a warm start
@@ -99,8 +99,11 @@ class SmoothnessCallback(AlongGradientCallback):
         seed: seed of the callback's own generator for the cold start (the global RNG is never
             used).
         eig_algorithm: ``"lanczos"`` (default: Lanczos with full reorthogonalisation, fewer
-            products and a closer value; memory ``max_iters`` × the model's size) or ``"power"``
-            (power iteration; two vectors of memory). See above.
+            products and a closer value; memory ``lanczos_basis`` × the model's size) or
+            ``"power"`` (power iteration; two vectors of memory). See above.
+        lanczos_basis: most Lanczos vectors kept (``>= 2``; restarted beyond; ``None``: up to
+            ``max_iters``). Default 8: the basis then costs at most 8 parameter copies at any
+            model size, and the warm start makes a restart rare after the first measurement.
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         name: tells several SmoothnessCallbacks in one Trainer apart: keys
@@ -120,6 +123,8 @@ class SmoothnessCallback(AlongGradientCallback):
         prefix="smoothness/",
         keys=(
             LoggedKey("smoothness/grad_diff_min", "min"),
+            LoggedKey("smoothness/peak_mem_mb", "max"),
+            LoggedKey("smoothness/peak_cuda_mem_mb", "max"),
             LoggedKey("smoothness/grad_diff_max", "max"),
             LoggedKey("smoothness/beta_eff", "max"),
             LoggedKey("smoothness/hessian_top_eig", "max"),
@@ -190,9 +195,13 @@ class SmoothnessCallback(AlongGradientCallback):
         budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
+        lanczos_basis: int | None = 8,
     ) -> None:
         super().__init__(
             every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
+        )
+        self.lanczos_basis = (
+            None if lanczos_basis is None else check_int("lanczos_basis", lanczos_basis, minimum=2)
         )
         self.max_iters = resolve_max_iters(max_iters, power_iters)
         self.tol = check_float("tol", tol, minimum=0)
@@ -214,6 +223,7 @@ class SmoothnessCallback(AlongGradientCallback):
             "tol": self.tol,
             "hvp_method": self.hvp_method,
             "eig_algorithm": self.eig_algorithm,
+            "lanczos_basis": self.lanczos_basis,
             "seed": self.seed,
         }
 
@@ -238,6 +248,7 @@ class SmoothnessCallback(AlongGradientCallback):
             eig_algorithm=self.eig_algorithm,
             collective=self.collective,
             scales=scales,
+            basis_size=self.lanczos_basis,
         )
         if result.eigenvector is not None:
             self.eigenvector = dict_clone(result.eigenvector)

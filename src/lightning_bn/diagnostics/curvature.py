@@ -8,7 +8,9 @@ importable from here, where they lived before the split.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -41,6 +43,7 @@ __all__ = [
     "dict_normalise",
     "grad_and_loss",
     "gradient_curvature",
+    "hessian_metrics",
     "hvp",
     "top_hessian_eigenvalue",
 ]
@@ -70,3 +73,42 @@ def gradient_curvature(
         return math.nan
     u = {k: t.detach() / norm for k, t in grad.items()}
     return float(dict_dot(u, hvp_fn(u)))
+
+
+def hessian_metrics(
+    hvp_fn: Callable[[TensorDict], TensorDict],
+    grad: TensorDict,
+    start: TensorDict | None,
+    **eig_kwargs: Any,
+) -> tuple[dict[str, float], TensorDict | None]:
+    """The Hessian part of the smoothness measurement: ``hessian_top_eig``, ``hessian_iters``,
+    ``hessian_converged`` and ``grad_curvature``, with the top eigenvector.
+
+    A model whose second derivative cannot be taken (an operation without double backward)
+    gives a warning that names the reason and no Hessian keys, so the first-order quantities
+    measured before still get logged.
+
+    Args:
+        hvp_fn: the Hessian-vector product (averaged over ranks).
+        grad: the gradient :math:`g` at the point.
+        start: warm start of the eigenvalue solver, or ``None``.
+        **eig_kwargs: the keyword arguments of :func:`top_hessian_eigenvalue`.
+    """
+    try:
+        eig = top_hessian_eigenvalue(hvp_fn, start, **eig_kwargs)
+        g_norm = float(dict_norm(grad))
+        curvature = gradient_curvature(hvp_fn, grad) if g_norm > 0 else math.nan
+    except RuntimeError as exc:  # e.g. "derivative for ... is not implemented"
+        warnings.warn(
+            f"lightning-bn: no Hessian quantities at this step (the first-order ones are logged):"
+            f" {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            stacklevel=2,
+        )
+        return {}, None
+    metrics = {
+        "hessian_top_eig": eig.eigenvalue,
+        "hessian_iters": float(eig.iterations),
+        "hessian_converged": float(eig.converged),
+        "grad_curvature": curvature,
+    }
+    return metrics, eig.eigenvector

@@ -81,6 +81,7 @@ def top_hessian_eigenvalue(
     like: Mapping[str, Tensor] | None = None,
     algorithm: EigAlgorithm = "lanczos",
     warn: bool = True,
+    basis_size: int | None = None,
 ) -> EigResult:
     r"""Dominant Hessian eigenvalue from Hessian-vector products (Lanczos or power iteration).
 
@@ -176,6 +177,10 @@ def top_hessian_eigenvalue(
             products, and a stopping rule that can stop far from the answer on a small gap).
         warn: issue a :class:`ConvergenceWarning` when the iteration hits ``max_iters`` (the
             callbacks log a converged flag instead).
+        basis_size: most Lanczos vectors kept (``>= 2``); ``None`` (default): ``max_iters``. A
+            cycle that fills the basis without meeting the stopping rule restarts from its Ritz
+            vector (explicit restart), so memory stays at ``basis_size`` vectors; the stopping
+            rule and ``tol`` are the same, at the cost of more products on a small gap.
 
     Returns:
         :class:`EigResult`. If :math:`Hv = 0` (a zero Hessian, or a start in its null space) the
@@ -195,6 +200,7 @@ def top_hessian_eigenvalue(
         (-5.0, 4, True)
     """
     check_int("max_iters", max_iters, minimum=1)
+    size = max_iters if basis_size is None else check_int("basis_size", basis_size, minimum=2)
     tol = check_float("tol", tol, minimum=0)
     check_choice("algorithm", algorithm, _ALGORITHMS)
     if init is None:
@@ -213,7 +219,7 @@ def top_hessian_eigenvalue(
         raise ValueError(f"Cannot normalise a vector of norm {norm}")
     q.div_(norm)
     if algorithm == "lanczos":
-        result = _lanczos(matvec, layout, q, max_iters, tol)
+        result = _restarted(matvec, layout, q, max_iters, tol, size)
     else:
         result = _power(matvec, layout, q, max_iters, tol)
     if warn and not result.converged:
@@ -348,6 +354,25 @@ class _Tridiagonal:
 
     def matrix(self) -> Tensor:
         return self._buffer[: self.size, : self.size]
+
+
+def _restarted(
+    matvec: Callable[[Tensor], Tensor],
+    layout: FlatLayout,
+    q: Tensor,
+    max_iters: int,
+    tol: float,
+    size: int,
+) -> EigResult:
+    """Lanczos cycles of at most ``size`` products, each started from the last one's Ritz
+    vector, until one meets the stopping rule or ``max_iters`` products are spent."""
+    used = 0
+    while True:
+        result = _lanczos(matvec, layout, q, min(size, max_iters - used), tol)
+        used += result.iterations
+        if result.converged or used >= max_iters or not math.isfinite(result.eigenvalue):
+            return EigResult(result.eigenvalue, result.eigenvector, used, result.converged)
+        q = layout.flat(result.eigenvector)  # a unit vector: the next cycle's start
 
 
 def _lanczos(

@@ -28,11 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_bn.diagnostics.input_shift import (
+    _SHIFT_KEYS,
+    _unit_shift_tensor,
+    input_units,
+    unit_shift,
+)
 from lightning_bn.diagnostics.paramvec import dict_flat, vector_change
+from lightning_bn.diagnostics.tied import tied_aliases, tied_owner, warn_left_out_parameters
 from lightning_bn.layers.registry import is_norm_layer
 from lightning_bn.layers.selection import describe_modules, match_modules
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
@@ -45,6 +51,7 @@ __all__ = [
     "input_units",
     "measured_layers",
     "unit_shift",
+    "warn_left_out",
 ]
 
 _EPS = 1e-12
@@ -60,60 +67,14 @@ class ICSLayer:
     params: tuple[str, ...]
 
 
-def input_units(module: nn.Module, x: Tensor) -> Tensor:
-    """Reshape a layer's input to ``(units, values)``: a unit is a channel (dimension 1) for a
-    convolution and a feature (last dimension) otherwise; values run over batch (× positions)."""
-    x = x.detach()
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
-    return x.reshape(-1, x.shape[-1]).transpose(0, 1)
-
-
-def unit_shift(before: Tensor, after: Tensor) -> dict[str, float]:
-    r"""Distributional shift between two ``(units, values)`` tensors with the same number of values.
-
-    .. math::
-        \text{mean\_shift} = \frac1U \sum_u |\bar x'_u - \bar x_u|, \quad
-        \text{std\_shift} = \frac1U \sum_u |s'_u - s_u|, \quad
-        \text{emd} = \frac1U \sum_u \frac1n \sum_r |x'_{u,(r)} - x_{u,(r)}|,
-
-    with :math:`s` the population (biased) standard deviation and :math:`x_{u,(r)}` the r-th
-    smallest value of unit u: in one dimension the earth mover's (Wasserstein-1) distance between
-    two empirical distributions of n values is the mean absolute difference of their sorted values.
-    """
-    values = _unit_shift_tensor(before, after).tolist()
-    return dict(zip(_SHIFT_KEYS, values, strict=True))
-
-
-_SHIFT_KEYS = ("mean_shift", "std_shift", "emd")
-
-
-def _unit_shift_tensor(before: Tensor, after: Tensor) -> Tensor:
-    """:func:`unit_shift`'s three values as one tensor (no host synchronisation on a GPU)."""
-    both = torch.stack([before, after])  # (2, units, values): one kernel call per statistic
-    var, mean = torch.var_mean(both, dim=2, correction=0)
-    if both.device.type == "cpu":  # numpy sorts short rows about 20x faster than torch on CPU
-        data = both if both.dtype in (torch.float32, torch.float64) else both.float()
-        ordered = torch.from_numpy(np.sort(data.numpy(), axis=2))
-    else:
-        ordered = both.sort(dim=2).values
-    emd = (ordered[1] - ordered[0]).abs().mean(dim=1)
-    return torch.stack(
-        [
-            (mean[1] - mean[0]).abs().mean().double(),
-            (var[1].sqrt() - var[0].sqrt()).abs().mean().double(),
-            emd.mean().double(),
-        ]
-    )
-
-
 def _owned_params(root: nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
     """Trainable and frozen parameters by owner: the module under whose qualified name
-    ``root.named_parameters()`` lists them (a tied parameter is listed once, under its first
-    registration)."""
+    ``root.named_parameters()`` lists them, or for a tied parameter the module holding its last
+    alias (:mod:`lightning_bn.diagnostics.tied`)."""
     owned: dict[str, list[tuple[str, Tensor]]] = {}
+    tied = tied_owner(root)
     for name, p in root.named_parameters():
-        owned.setdefault(name.rpartition(".")[0], []).append((name, p))
+        owned.setdefault(tied.get(name, name.rpartition(".")[0]), []).append((name, p))
     return owned
 
 
@@ -146,12 +107,15 @@ def _group_selected(
     ``root.named_parameters()``), every parameter to the deepest selected module holding it."""
     names = list(dict.fromkeys(n for n, _ in modules))
     groups: dict[str, list[str]] = {n: [] for n in names}
+    aliases = tied_aliases(root)
     for pname, p in root.named_parameters():
         if not p.requires_grad:
             continue
-        holders = [n for n in names if not n or pname.startswith(f"{n}.")]
-        if holders:  # nested names are prefixes of each other: the longest is the deepest
-            groups[max(holders, key=len)].append(pname)
+        for alias in reversed(aliases.get(pname, [pname])):  # a tied one: its last holder first
+            holders = [n for n in names if not n or alias.startswith(f"{n}.")]
+            if holders:  # nested names are prefixes of each other: the longest is the deepest
+                groups[max(holders, key=len)].append(pname)
+                break
     return {n: tuple(ps) for n, ps in groups.items()}
 
 
@@ -163,8 +127,8 @@ def measured_layers(
     A selected module (by qualified-name glob or type, :func:`lightning_bn.layers.selection.match_modules`)
     is measured with the trainable parameters of its subtree, each parameter under the deepest
     selected module holding it (selecting ``"attn"`` and ``"attn.out_proj"`` measures
-    ``out_proj`` on its own and the rest of ``attn`` together). A parameter tied to another
-    module is measured under the module ``named_parameters()`` lists it with.
+    ``out_proj`` on its own and the rest of ``attn`` together). A tied parameter is measured
+    under the deepest selected module holding its last alias that any selected module holds.
 
     Raises:
         ValueError: a selector matches no module; a selector matches only modules without
@@ -193,6 +157,14 @@ def measured_layers(
                 f" contains: {describe_modules(root)}"
             )
     return [ICSLayer(n, m, groups[n]) for n, m in selection.modules if groups[n]]
+
+
+def warn_left_out(root: nn.Module, layers: Sequence[ICSLayer]) -> tuple[list[str], list[str]]:
+    """Warn once about the trainable parameters none of ``layers`` measures (see
+    :func:`~lightning_bn.diagnostics.tied.warn_left_out_parameters`)."""
+    norms = [n for n, m in root.named_modules() if n and is_norm_layer(m)]
+    measured = {p for lay in layers for p in lay.params}
+    return warn_left_out_parameters(root, measured, norms, "ICSCallback")
 
 
 def _what(sel: str | type[nn.Module]) -> str:
@@ -236,8 +208,10 @@ def compute_ics(
     ``out_proj.weight``, ``out_proj.bias`` (the order in which
     ``F.multi_head_attention_forward`` takes them), so :math:`G'` of ``out_proj`` has
     ``in_proj`` and everything before the attention at :math:`W^{t+1}`, although
-    ``out_proj``'s ``forward`` never runs. A tied parameter is measured once, under its owner,
-    at its first use.
+    ``out_proj``'s ``forward`` never runs. A tied parameter (an embedding and the output layer
+    sharing one weight) is measured once, in the layer of its last holder, at its last use
+    (:mod:`lightning_bn.diagnostics.tied`): every parameter used before the output layer is at
+    :math:`W^{t+1}` in its :math:`G'`.
 
     Distributional shifts need the layer's input: the first positional argument of its
     module's ``forward`` (a forward pre-hook). They are reported for a layer whose module's
@@ -312,6 +286,10 @@ class _UseOrder:
     @classmethod
     def trace(cls, at: _Points, layers: Sequence[ICSLayer]) -> _UseOrder:
         order = at.probe.use_order(at.before, at.step)
+        # a tied parameter sits at its last use (the output layer), every other one at its first
+        spans, tied = at.probe.use_spans(at.before, at.step), tied_aliases(at.probe.module)
+        pos = {n: (spans[n][1] if n in tied else spans[n][0], i) for i, n in enumerate(order)}
+        order = sorted(order, key=pos.__getitem__)
         seq = {n: i for i, n in enumerate(order)}
         first = {
             lay.name: min(seq[p] for p in lay.params if p in seq)

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 
 from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.bounds import theorem41_bound
-from lightning_bn.diagnostics.curvature import gradient_curvature
-from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
+from lightning_bn.diagnostics.curvature import hessian_metrics
 from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.paramvec import dict_norm, dict_sub_
-from lightning_bn.layers import NORM_TYPES, is_batchnorm
+from lightning_bn.layers import NORM_TYPES, is_batchnorm, is_norm_layer
+from lightning_bn.layers.fused import register_norm_output_hook
 from lightning_bn.layers.sync import sync_group
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
 
@@ -107,8 +107,9 @@ def scaled_direction(grad: Mapping[str, Tensor], scales: Mapping[str, float] | N
 
 
 def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Qualified names and modules of every normalisation layer (ours and torch's)."""
-    return [(n, m) for n, m in module.named_modules() if n and isinstance(m, NORM_LAYER_TYPES)]
+    """Qualified names and modules of every normalisation layer (ours, torch's and RMS norms
+    libraries write themselves: :func:`lightning_bn.layers.is_norm_layer`)."""
+    return [(n, m) for n, m in module.named_modules() if n and is_norm_layer(m)]
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -154,9 +155,11 @@ class LayerCapture:
 
     def attach(self) -> None:
         # prepend: see the layer's own output, before hooks of others (e.g. injected noise)
-        # replace it, so that the gradient is taken with respect to the layer's output
+        # replace it, so that the gradient is taken with respect to the layer's output; in a
+        # layer that applies an activation after normalising, z is the normalisation's output
         for name, module in self.layers:
-            self._handles.append(module.register_forward_hook(self._hook(name), prepend=True))
+            hook = self._hook(name)
+            self._handles.append(register_norm_output_hook(module, hook, name=name, prepend=True))
 
     def detach(self) -> None:
         """Remove the module and tensor hooks and move the gradients into the records."""
@@ -388,6 +391,7 @@ def compute_smoothness(
     collective: Collective | None = None,
     power_iters: int | None = None,
     scales: Mapping[str, float] | None = None,
+    basis_size: int | None = None,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
 
@@ -416,6 +420,7 @@ def compute_smoothness(
             :func:`resolve_steps`): the grid points are :math:`W^t - c\,(s \odot g_t)` and the
             step length in ``beta_eff`` is :math:`\lVert c\,(s \odot g_t)\rVert_2`; ``None``
             moves every parameter by :math:`\eta g_t`.
+        basis_size: most Lanczos vectors kept (restarted beyond; ``None``: ``max_iters``).
 
     Returns:
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
@@ -448,18 +453,19 @@ def compute_smoothness(
     direction = scaled_direction(grad, scales)
     d_norm = g_norm if scales is None else _norm(direction)
 
-    def grid_pass() -> list[Params]:
-        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names)
-        return [g for _, g in along]
+    # In place: the averaged gradient at a grid point is not used again; the difference is
+    # correctly rounded in the gradients' dtype; the norms reach the host in one transfer.
+    def distance(g_local: Params) -> Tensor:
+        return dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
 
-    grads_local = coll.guard(grid_pass)
-    # In place: the averaged gradient at the grid point is not used again. The difference is
-    # correctly rounded in the gradients' dtype (float64 copies would cost a sizeable part of a
-    # gradient pass); the norms reach the host in one transfer.
-    norms = [
-        dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
-        for g_local in grads_local
-    ]
+    def grid_pass() -> list[Tensor]:
+        # alone, each point is reduced as it comes (one gradient held, not one per point); under
+        # DDP each rank finishes its grid first (no collective that a failed rank would hang)
+        on_point = distance if coll.world_size == 1 else None
+        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names, on_point)
+        return [distance(g) for _, g in along] if on_point is None else [g for _, g in along]
+
+    norms = coll.guard(grid_pass)
     diffs = torch.stack(norms).tolist() if norms else []
     betas = [
         diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan
@@ -477,19 +483,17 @@ def compute_smoothness(
         start = None
         if init is not None and init.keys() == trainable.keys():
             start = {k: init[k].to(trainable[k]) for k in trainable}
-        eig = top_hessian_eigenvalue(
+        hessian_part, eigenvector = hessian_metrics(
             hvp_fn,
+            grad,
             start,
             max_iters=max_iters,
             tol=tol,
             generator=generator,
             like=trainable,
-            algorithm=eig_algorithm,  # type: ignore[arg-type]
+            algorithm=eig_algorithm,
             warn=False,  # logged as hessian_converged instead
+            basis_size=basis_size,
         )
-        eigenvector = eig.eigenvector
-        metrics["hessian_top_eig"] = eig.eigenvalue
-        metrics["hessian_iters"] = float(eig.iterations)
-        metrics["hessian_converged"] = float(eig.converged)
-        metrics["grad_curvature"] = gradient_curvature(hvp_fn, grad) if g_norm > 0 else math.nan
+        metrics.update(hessian_part)
     return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

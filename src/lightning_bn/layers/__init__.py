@@ -13,6 +13,8 @@ from lightning_bn.layers.registry import (
     is_batch_stat_norm,
     is_batchnorm,
     is_norm_layer,
+    is_rms_norm,
+    overrides_norm_forward,
 )
 
 __all__ = [
@@ -30,5 +32,7 @@ __all__ = [
     "is_batch_stat_norm",
     "is_batchnorm",
     "is_norm_layer",
+    "is_rms_norm",
+    "overrides_norm_forward",
     "swap_norm_layers",
 ]

@@ -29,6 +29,8 @@ __all__ = [
     "is_batchnorm",
     "is_channels_last",
     "is_norm_layer",
+    "is_rms_norm",
+    "overrides_norm_forward",
     "resolve_norm_kind",
 ]
 
@@ -47,8 +49,26 @@ SWAPPABLE_NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
 )
 
-#: Every normalisation layer type: the swappable ones and :class:`torch.nn.GroupNorm`.
-NORM_TYPES: tuple[type[nn.Module], ...] = (*SWAPPABLE_NORM_TYPES, nn.GroupNorm)
+#: :class:`torch.nn.RMSNorm` where this torch has it (2.4 and later).
+_TORCH_RMS_TYPES: tuple[type[nn.Module], ...] = (
+    (nn.RMSNorm,) if isinstance(getattr(nn, "RMSNorm", None), type) else ()
+)
+
+#: Every normalisation layer type: the swappable ones, :class:`torch.nn.GroupNorm`,
+#: :class:`torch.nn.InstanceNorm1d`/``2d``/``3d`` (and their lazy variants) and
+#: :class:`torch.nn.RMSNorm`. RMS norms that libraries write themselves (Hugging Face's
+#: ``T5LayerNorm``, ``LlamaRMSNorm``) have no common type: :func:`is_norm_layer` finds them by
+#: structure.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    *SWAPPABLE_NORM_TYPES,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    *_TORCH_RMS_TYPES,
+)
+
+#: Modules whose classes define the forward of a normalisation layer that this package trusts to
+#: return the normalised output itself (a subclass that overrides ``forward`` may do more).
+_TRUSTED_FORWARD_MODULES = ("torch.nn.", "lightning_bn.")
 
 # lightning-bn's layers, all of which take the `channels_last` layout flag
 _OWN_LAYOUT_TYPES: tuple[type[nn.Module], ...] = (_BatchStatNorm, LayerNorm)
@@ -113,8 +133,44 @@ def create_norm_layer(kind: str | type[nn.Module], num_features: int, **kwargs: 
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for every normalisation layer of :data:`NORM_TYPES` (torch's and ours)."""
-    return isinstance(module, NORM_TYPES)
+    """True for every normalisation layer: those of :data:`NORM_TYPES` (torch's and ours) and
+    the RMS norms libraries write themselves (:func:`is_rms_norm`)."""
+    return isinstance(module, NORM_TYPES) or is_rms_norm(module)
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    r"""True for an RMS norm, :math:`z = w \odot x / \sqrt{\mathrm{mean}(x^2) + \epsilon}` over
+    the last dimension: :class:`torch.nn.RMSNorm`, or by structure a module a library wrote itself
+    (Hugging Face's ``T5LayerNorm``, ``LlamaRMSNorm``, ``MistralRMSNorm``, ...): a class named
+    ``*RMSNorm`` or ``*LayerNorm`` with no submodules, one 1-D parameter ``weight`` and an
+    ``eps`` or ``variance_epsilon`` attribute. Its features are the last dimension."""
+    if isinstance(module, _TORCH_RMS_TYPES):
+        return True
+    if isinstance(module, NORM_TYPES):
+        return False
+    name = type(module).__name__.lower()
+    if not (name.endswith("rmsnorm") or name.endswith("layernorm")):
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if set(params) - {"weight", "bias"} or weight is None or weight.dim() != 1:
+        return False
+    return hasattr(module, "variance_epsilon") or hasattr(module, "eps")
+
+
+def overrides_norm_forward(module: nn.Module) -> bool:
+    """True for a subclass of a normalisation layer type whose ``forward`` is its own (or a
+    third-party base's): it may do more than normalise, as timm's ``BatchNormAct2d``,
+    ``GroupNormAct`` and ``LayerNormAct`` do (``act(drop(norm(x)))``). Such a layer's output is
+    not the normalisation's output; :mod:`lightning_bn.layers.fused` finds the latter."""
+    if not isinstance(module, NORM_TYPES):
+        return False
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return not cls.__module__.startswith(_TRUSTED_FORWARD_MODULES)
+    return False
 
 
 def is_batch_stat_norm(module: nn.Module) -> bool:
@@ -135,8 +191,8 @@ def accepts_channels_last(factory: Callable[..., nn.Module]) -> bool:
 
 def is_channels_last(module: nn.Module) -> bool:
     """Whether the module's features (units) sit in the last dimension of its input and output:
-    ``torch.nn.LayerNorm``, ``torch.nn.Linear``, or any layer with ``channels_last=True`` (our
+    ``torch.nn.LayerNorm``, ``torch.nn.Linear``, an RMS norm (:func:`is_rms_norm`), or any layer with ``channels_last=True`` (our
     :class:`LayerNorm` by default); otherwise dimension 1."""
-    if isinstance(module, (nn.LayerNorm, nn.Linear)):
+    if isinstance(module, (nn.LayerNorm, nn.Linear)) or is_rms_norm(module):
         return True
     return bool(getattr(module, "channels_last", False))

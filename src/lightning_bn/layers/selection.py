@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +104,7 @@ def match_modules(
     root: nn.Module,
     selectors: Sequence[Selector] | None,
     *,
-    default: tuple[type[nn.Module], ...] = (),
+    default: tuple[type[nn.Module], ...] | Callable[[nn.Module], bool] = (),
     within: tuple[type[nn.Module], ...] | None = None,
     include_root: bool = False,
 ) -> Selection:
@@ -113,7 +113,9 @@ def match_modules(
     Args:
         root: the model.
         selectors: globs and types (a union), or ``None`` for ``default``.
-        default: the types selected when ``selectors`` is ``None``.
+        default: the types selected when ``selectors`` is ``None``, or a predicate on modules
+            (e.g. :func:`lightning_bn.layers.is_norm_layer`, which also recognises layers by
+            structure).
         within: keep only modules of these types (applied after the selectors).
         include_root: whether ``root`` itself (name ``""``) can be selected.
 
@@ -121,6 +123,13 @@ def match_modules(
         The selected modules and the selectors that matched nothing.
     """
     named = [(n, m) for n, m in root.named_modules() if include_root or n]
+    if not isinstance(default, tuple):  # a predicate
+        if selectors is None:
+            picked = [(n, m) for n, m in named if default(m)]
+            return Selection(
+                [(n, m) for n, m in picked if within is None or isinstance(m, within)], ()
+            )
+        default = ()
     chosen: list[Selector] = list(default) if selectors is None else list(selectors)
     hit: set[int] = set()
     modules: list[tuple[str, nn.Module]] = []

@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_bn.layers.registry import is_channels_last
+from lightning_bn.layers.registry import is_channels_last, is_norm_layer
 from lightning_bn.layers.selection import Selector, describe_modules, match_modules, selector_repr
 from lightning_bn.noise.sampler import (
-    DEFAULT_NOISE_TARGETS,
     NoiseSample,
     NoiseSampler,
     NoiseSeedStream,
@@ -39,27 +38,40 @@ def resolve_noise_targets(
 
     Args:
         pl_module: the model (never a target itself).
-        targets: globs and types (a union), or ``None`` for :data:`DEFAULT_NOISE_TARGETS`.
+        targets: globs and types (a union), or ``None`` for every normalisation layer
+            (:func:`~lightning_bn.layers.registry.is_norm_layer`: the types of
+            :data:`DEFAULT_NOISE_TARGETS` and RMS norms libraries write themselves).
+
+    Returns:
+        The targets; empty (with one warning that says what to pass) when ``targets`` is
+        ``None`` and the model has no normalisation layer.
 
     Raises:
-        ValueError: a glob that matches no module name, or no target at all; the message lists
-            what the model contains. (A type that matches nothing is fine if others match.)
+        ValueError: a glob that matches no module name, or no target at all for explicit
+            ``targets``; the message lists what the model contains. (A type that matches nothing
+            is fine if others match.)
     """
-    selection = match_modules(pl_module, targets, default=DEFAULT_NOISE_TARGETS)
+    selection = match_modules(pl_module, targets, default=is_norm_layer)
     missing = [t for t in selection.unmatched if isinstance(t, str)]  # a type may match nothing
     if missing:
         raise ValueError(
             f"NoiseInjectionCallback: the glob(s) {', '.join(map(repr, missing))} in `targets` "
             f"matched no module name. The model contains: {describe_modules(pl_module)}"
         )
-    if not selection.modules:
-        wanted = (
-            "normalisation layer (BatchNorm, LayerNorm, GroupNorm or lightning-bn's layers)"
-            if targets is None
-            else f"module of the types in targets={[selector_repr(t) for t in targets]}"
+    if not selection.modules and targets is None:
+        # the default found nothing: not the user's request, so the rest of the fit goes on
+        warnings.warn(
+            f"NoiseInjectionCallback found no normalisation layer in {type(pl_module).__name__}"
+            " (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm or lightning-bn's layers)"
+            " and adds no noise. Choose the modules that get noise with `targets=`, e.g."
+            " `NoiseInjectionCallback(targets=['encoder.*.norm', MyNorm])`",
+            stacklevel=2,
         )
+        return []
+    if not selection.modules:
         raise ValueError(
-            f"NoiseInjectionCallback found no {wanted}. The model contains: "
+            "NoiseInjectionCallback found no module of the types in "
+            f"targets={[selector_repr(t) for t in targets or ()]}. The model contains: "
             f"{describe_modules(pl_module)}"
         )
     return selection.modules

@@ -54,8 +54,9 @@ __all__ = [
 
 #: Module types that receive noise when no targets are chosen: every normalisation layer of the
 #: registry (:data:`lightning_bn.layers.NORM_TYPES`): torch's BatchNorm1d/2d/3d, SyncBatchNorm
-#: (all ``_BatchNorm``), LayerNorm and GroupNorm, and lightning-bn's BatchNorm, ℓp norms and
-#: LayerNorm.
+#: (all ``_BatchNorm``), LayerNorm, GroupNorm, InstanceNorm and RMSNorm, and lightning-bn's
+#: BatchNorm, ℓp norms and LayerNorm. RMS norms that libraries write themselves (``T5LayerNorm``,
+#: ``LlamaRMSNorm``) are found by structure as well (:func:`lightning_bn.layers.is_norm_layer`).
 DEFAULT_NOISE_TARGETS: tuple[type[nn.Module], ...] = NORM_TYPES
 
 #: Seeds drawn by :class:`NoiseSeedStream` lie in ``[0, SEED_BOUND)``.

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn._types import LossFn, Params, scalar_loss
+from lightning_bn.probe.attention import with_math_attention
 from lightning_bn.probe.batched import VmapState, batched_along, check_vmap_chunk_size
 from lightning_bn.probe.layout import Layout, Silenced, UseTrace, loss_from_output
 from lightning_bn.probe.record import StepRecord, accepts_batch_triple, copy_batch
@@ -47,6 +48,8 @@ class Probe:
         context: a zero-argument callable returning the context every evaluation runs in, e.g.
             the trainer's precision context (``trainer.precision_plugin.train_step_context``),
             so that under mixed precision a probe computes what the training step computes.
+            Every evaluation also runs ``scaled_dot_product_attention`` with its math backend
+            (:mod:`lightning_bn.probe.attention`), which has second derivatives.
         vmap_chunk_size: how :meth:`losses_along` and :meth:`loss_and_grad_along` evaluate
             their grid, and :func:`~lightning_bn.diagnostics.ics.compute_ics` its G′ passes
             (:mod:`lightning_bn.probe.batched`): ``None`` point by point, an ``int``
@@ -76,14 +79,19 @@ class Probe:
             )
         self.module = module
         self.loss_fn = loss_fn
-        self.context = context if context is not None else contextlib.nullcontext
+        # attention under its math backend: the fused kernels have no double backward
+        self.context = with_math_attention(
+            context if context is not None else contextlib.nullcontext
+        )
         self.vmap_chunk_size = check_vmap_chunk_size(vmap_chunk_size)
         self._vmap = VmapState()  # what the batched path learnt about this module (fallback, chunk)
         self._param_names = [n for n, _ in module.named_parameters()]
         self._layout_cache: Layout | None = None
         self._trace_names: list[str] | None = None  # set while `use_order` traces a pass
         self._trace_result: list[str] = []
+        self._trace_spans: dict[str, tuple[int, int]] = {}
         self._use_orders: dict[tuple[Any, ...], list[str]] = {}
+        self._use_spans: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 
     # --- parameter points ---------------------------------------------------------------
     def parameters(self) -> Params:
@@ -127,6 +135,27 @@ class Probe:
         cached = self._use_orders.get(key)
         if cached is not None:
             return list(cached)
+        self._use_spans[key] = self._trace_uses(params, step, trainable)
+        order = sorted(self._use_spans[key], key=lambda n: self._use_spans[key][n][0])
+        self._use_orders[key] = order
+        return list(order)
+
+    @accepts_batch_triple(2)
+    def use_spans(
+        self, params: Mapping[str, Tensor], step: StepRecord
+    ) -> dict[str, tuple[int, int]]:
+        """Each used trainable parameter's first and last use in the forward pass, as indices
+        of the torch calls that used it (traced with :meth:`use_order`, from the same pass).
+        A tied weight (an embedding and the output layer sharing it) has first < last."""
+        trainable = self.trainable_names()
+        key = tuple((n, tuple(params[n].shape)) for n in trainable if n in params)
+        if key not in self._use_spans:
+            self.use_order(params, step)
+        return dict(self._use_spans[key])
+
+    def _trace_uses(
+        self, params: Mapping[str, Tensor], step: StepRecord, trainable: list[str]
+    ) -> dict[str, tuple[int, int]]:
         point = {n: t.detach() for n, t in params.items()}
         for n in trainable:
             if n in point:
@@ -135,12 +164,11 @@ class Probe:
         try:
             with torch.enable_grad():
                 self.loss(point, step)
-            order = list(self._trace_result)
+            return dict(self._trace_spans)
         finally:
             self._trace_names = None
             self._trace_result = []
-        self._use_orders[key] = order
-        return list(order)
+            self._trace_spans = {}
 
     # --- evaluation -------------------------------------------------------------------------
     def _step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -174,6 +202,7 @@ class Probe:
             out = self._step(copy_batch(step.batch), step.batch_idx)
         if trace is not None:
             self._trace_result = trace.order
+            self._trace_spans = trace.spans
         return scalar_loss(out)
 
     @accepts_batch_triple(2)
@@ -239,15 +268,18 @@ class Probe:
         step_sizes: Sequence[float],
         step: StepRecord,
         wrt: Sequence[str] | None = None,
-    ) -> list[tuple[Tensor, Params]]:
+        reduce: Callable[[Params], Any] | None = None,
+    ) -> list[tuple[Tensor, Any]]:
         r"""The loss and its gradient at :math:`W - \eta d` for every :math:`\eta`, in order.
 
         The same values as :meth:`loss_and_grad` at each point (gradients w.r.t. ``wrt``, default
         the trainable parameters), with one reparametrisation for the whole grid as in
-        :meth:`losses_along`.
+        :meth:`losses_along`. With ``reduce``, each point's gradients are replaced by
+        ``reduce(gradients)`` as soon as they are computed, so that a long grid holds one
+        gradient at a time (point by point; a ``vmap`` chunk holds its points' gradients).
         """
         names = list(wrt) if wrt is not None else self.trainable_names()
-        return self._along(params, direction, step_sizes, step, names)
+        return self._along(params, direction, step_sizes, step, names, reduce)
 
     def _along(
         self,
@@ -256,7 +288,8 @@ class Probe:
         step_sizes: Sequence[float],
         step: StepRecord,
         wrt: list[str] | None,
-    ) -> list[tuple[Tensor, Params]]:
+        reduce: Callable[[Params], Any] | None = None,
+    ) -> list[tuple[Tensor, Any]]:
         unknown = sorted(set(direction) - set(params))
         if unknown:
             raise ValueError(f"Expected `direction` to have keys of `params`, but got {unknown}")
@@ -266,7 +299,7 @@ class Probe:
         if self.vmap_chunk_size is not None and step.rng is not None:
             batched = batched_along(self, params, direction, step_sizes, step, wrt)
             if batched is not None:
-                return batched
+                return batched if reduce is None else [(loss, reduce(g)) for loss, g in batched]
         # --- sequential evaluation ---
         point = {n: t.detach() for n, t in params.items()}
         # Every moved parameter, and every parameter a gradient is taken for, gets a tensor of its
@@ -286,7 +319,8 @@ class Probe:
         state = {**point, **fresh}
         layout = self._layout_knowing(state, layout)
         originals, copies = list(buffers.values()), list(fresh.values())
-        results: list[tuple[Tensor, Params]] = []
+        results: list[tuple[Tensor, Any]] = []
+        keep: Callable[[Params], Any] = reduce if reduce is not None else (lambda g: g)
 
         rng = step.rng
 
@@ -307,15 +341,12 @@ class Probe:
                         results.append((loss.detach(), {}))
                         continue
                     grads = torch.autograd.grad(loss, [slots[n] for n in wrt], allow_unused=True)
-                results.append(
-                    (
-                        loss.detach(),
-                        {
-                            n: g if g is not None else torch.zeros_like(slots[n])
-                            for n, g in zip(wrt, grads, strict=True)
-                        },
-                    )
-                )
+                point_grads = {
+                    n: g if g is not None else torch.zeros_like(slots[n])
+                    for n, g in zip(wrt, grads, strict=True)
+                }
+                results.append((loss.detach(), keep(point_grads)))
+                del point_grads, grads
 
         fork = rng.fork() if rng is not None else contextlib.nullcontext()
         swap = layout.swapped(state)

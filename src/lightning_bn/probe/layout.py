@@ -204,6 +204,9 @@ class UseTrace(TorchFunctionMode):
         }
         self.order: list[str] = []
         self.seen: set[str] = set()
+        # call index of each parameter's first and last use (a tied weight is used twice or more)
+        self.spans: dict[str, tuple[int, int]] = {}
+        self._calls = 0
 
     def __torch_function__(
         self,
@@ -218,9 +221,13 @@ class UseTrace(TorchFunctionMode):
         if isinstance(out, Tensor) or (
             isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)
         ):
+            self._calls += 1
             for leaf in tree_flatten((args, kwargs))[0]:
                 name = self.ids.get(id(leaf)) if isinstance(leaf, Tensor) else None
-                if name is not None and name not in self.seen:
+                if name is None:
+                    continue
+                self.spans[name] = (self.spans.get(name, (self._calls, 0))[0], self._calls)
+                if name not in self.seen:
                     self.seen.add(name)
                     self.order.append(name)
         return out
