@@ -36,6 +36,18 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+def add_affine(module: nn.Module, num_features: int, factory: dict[str, Any]) -> None:
+    """``weight`` γ = 1 and ``bias`` β = 0 of shape ``(num_features,)`` when ``module.affine``,
+    else both registered as ``None`` (torch's names and layout, so checkpoints move between them).
+    """
+    if module.affine:
+        module.weight = nn.Parameter(torch.ones(num_features, **factory))
+        module.bias = nn.Parameter(torch.zeros(num_features, **factory))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class _BatchStatNorm(nn.Module):
     """Base of layers that normalise each channel with statistics over the batch.
 
@@ -45,6 +57,8 @@ class _BatchStatNorm(nn.Module):
     (``weight``, ``bias``, ``running_mean``, ``num_batches_tracked``) so checkpoints move between them.
     """
 
+    weight: nn.Parameter  # None without ``affine``, as torch's
+    bias: nn.Parameter
     running_mean: Tensor | None
     num_batches_tracked: Tensor | None
 
@@ -68,12 +82,7 @@ class _BatchStatNorm(nn.Module):
         self.affine = check_bool("affine", affine)
         self.track_running_stats = check_bool("track_running_stats", track_running_stats)
         self.channels_last = check_bool("channels_last", channels_last)
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine(self, self.num_features, factory)
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self._register_scale_buffer(torch.ones(num_features, **factory))
