@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_bn._validation import check_bool
 from lightning_bn.layers._base import (
-    add_affine,
-    check_dtype,
-    check_eps,
     check_momentum,
-    check_num_features,
+    init_affine_norm,
 )
 
 __all__ = ["LayerNorm"]
@@ -58,6 +54,9 @@ class LayerNorm(nn.Module):
         TypeError: both ``channels_last`` and the deprecated ``channels_first`` given.
     """
 
+    num_features: int
+    eps: float
+    affine: bool
     weight: nn.Parameter  # None without ``affine``, as torch's
     bias: nn.Parameter
 
@@ -75,10 +74,7 @@ class LayerNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
-        self.num_features = check_num_features(num_features)
-        self.eps = check_eps(eps)
-        self.affine = check_bool("affine", affine)
+        init_affine_norm(self, num_features, eps, affine, device, dtype)
         check_momentum(momentum)
         check_bool("track_running_stats", track_running_stats)
         if channels_first is not None:
@@ -92,7 +88,6 @@ class LayerNorm(nn.Module):
         self.channels_last = (
             True if channels_last is None else check_bool("channels_last", channels_last)
         )
-        add_affine(self, self.num_features, factory)
 
     def extra_repr(self) -> str:
         return (
