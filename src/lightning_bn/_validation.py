@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypedDict, TypeVar, overload
+
+from typing_extensions import Unpack
 
 from lightning_bn.errors import ArgumentTypeError
 
@@ -69,34 +71,24 @@ def check_int(
     return value
 
 
+class FloatBounds(TypedDict, total=False):
+    """The bounds of :func:`check_float`: ``minimum``, ``maximum`` (``None``: none) and ``finite``."""
+
+    minimum: float | None
+    maximum: float | None
+    finite: bool
+
+
 @overload
 def check_float(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = ...,
-    maximum: float | None = ...,
-    finite: bool = ...,
-    optional: Literal[False] = ...,
+    name: str, value: Any, *, optional: Literal[False] = ..., **bounds: Unpack[FloatBounds]
 ) -> float: ...
 @overload
 def check_float(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = ...,
-    maximum: float | None = ...,
-    finite: bool = ...,
-    optional: bool,
+    name: str, value: Any, *, optional: bool, **bounds: Unpack[FloatBounds]
 ) -> float | None: ...
 def check_float(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    finite: bool = True,
-    optional: bool = False,
+    name: str, value: Any, *, optional: bool = False, **bounds: Unpack[FloatBounds]
 ) -> float | None:
     """Return ``float(value)`` if it is an ``int`` or ``float`` (not a ``bool``), not NaN, finite
     unless ``finite=False``, and in ``[minimum, maximum]``; with ``optional``, ``None`` passes.
@@ -105,6 +97,8 @@ def check_float(
         ArgumentTypeError: ``value`` is not a real number or is a ``bool``.
         ValueError: NaN, infinite (with ``finite``) or out of range.
     """
+    minimum, maximum = bounds.get("minimum"), bounds.get("maximum")
+    finite = bounds.get("finite", True)
     expected = "a finite number" if finite else "a number"
     if minimum is not None and maximum is not None:
         expected += f" in [{minimum:g}, {maximum:g}]"

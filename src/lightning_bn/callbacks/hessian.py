@@ -13,7 +13,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_bn._validation import check_int, check_selection
-from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
+from lightning_bn.callbacks._docs import fill_doc
+from lightning_bn.callbacks.base import DiagnosticCallback, LossFn, peak_memory_keys
 from lightning_bn.diagnostics.hessian import (
     HessianSettings,
     HessianState,
@@ -27,6 +28,7 @@ from lightning_bn.probe import StepRecord
 __all__ = ["HessianCallback"]
 
 
+@fill_doc
 class HessianCallback(DiagnosticCallback):
     r"""Measure the Hessian of the training loss beyond its top eigenvalue, during training.
 
@@ -74,7 +76,7 @@ class HessianCallback(DiagnosticCallback):
     ``density/bin_<j>`` (bin masses, summing to about 1).
 
     Args:
-        every_n_steps: ``"auto"`` (default) or a fixed interval, as the other callbacks.
+        %(every_n_steps)s
         top_k: how many of the largest eigenvalues (``>= 1``).
         max_iters: most products of one Lanczos run (the top-k, each layer, the preconditioned
             sharpness); also the most basis vectors kept (default 100).
@@ -94,16 +96,15 @@ class HessianCallback(DiagnosticCallback):
             for its default rule.
         preconditioned: measure the preconditioned sharpness and threshold (SGD, RMSprop, Adam,
             AdamW; another optimiser gets a warning at the first measurement and no such keys).
-        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
-        hvp_method: ``"reverse"`` (default: one kept first-order graph), ``"forward"``, ``"auto"``.
+        %(loss_fn)s
+        %(hvp_method)s
         seed: seed of the callback's own generator (the global RNG is never used).
-        budget: the share of training time of all the Trainer's diagnostics (``None``: 0.04).
-        name: distinguishes several HessianCallbacks: keys ``hessian@<name>/...``.
+        %(budget)s
+        %(name)s
 
     Raises:
-        ValueError: bad arguments; at setup, manual optimisation, gradient accumulation, or a
-            ``layers`` entry that matches nothing.
-        NotImplementedError: at setup, a strategy that shards parameters.
+        %(raises)s
+        ValueError: at setup, a ``layers`` entry that matches nothing.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -115,8 +116,7 @@ class HessianCallback(DiagnosticCallback):
         prefix="hessian/",
         keys=(
             LoggedKey("hessian/eig_converged", "min"),
-            LoggedKey("hessian/peak_mem_mb", "max"),
-            LoggedKey("hessian/peak_cuda_mem_mb", "max"),
+            *peak_memory_keys("hessian"),
             LoggedKey("hessian/eig_iters", "max"),
             LoggedKey("hessian/eig_*", "max"),
             LoggedKey("hessian/trace", "max"),

@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._validation import check_bool, check_selection
-from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
+from lightning_bn.callbacks._docs import fill_doc
+from lightning_bn.callbacks.base import DiagnosticCallback, LossFn, peak_memory_keys
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers, warn_left_out
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.layers.selection import describe_modules
@@ -21,6 +22,7 @@ from lightning_bn.probe.batched import VmapChunkSize
 __all__ = ["ICSCallback"]
 
 
+@fill_doc
 class ICSCallback(DiagnosticCallback):
     r"""Measure internal covariate shift, as the paper defines it, on any LightningModule.
 
@@ -81,17 +83,12 @@ class ICSCallback(DiagnosticCallback):
     BatchNorm statistics, which make the networks themselves differ).
 
     Args:
-        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
-            Trainer's shared budget says its turn has come (more often early; see
-            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
-            ``global_step % every_n_steps == 0``.
-        budget: the share of training time of *all* the Trainer's diagnostic callbacks
-            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
+        %(every_n_steps)s
+        %(budget)s
         layers: module names (globs such as ``"features.*"``) or module types; each selected
             module is measured with the trainable parameters of its subtree (a parameter under
             the deepest selected module holding it). Default: the rule above.
-        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``
-            (tensor or dict with ``"loss"``), its ``self.log`` calls silenced during the passes.
+        %(loss_fn)s
         distributional: also log the input shifts (``mean_shift``, ``std_shift``, ``emd``).
         name: tells several ICSCallbacks in one Trainer apart: keys ``ics@<name>/<layer>/...``.
             Unnamed ones on different layers log ``ics/...``; unnamed ones that share a layer
@@ -102,11 +99,10 @@ class ICSCallback(DiagnosticCallback):
             passes per call (each a full backward). The values are the same (to float rounding).
 
     Raises:
-        ValueError: bad arguments; at setup, a ``layers`` entry matching no module or only
-            modules without trainable parameters (a ``ReLU``), no layer to measure (the message
-            lists the model's modules), manual optimisation or gradient accumulation (a measurement is one optimiser
-            step on one batch: both are refused rather than measured wrongly).
-        NotImplementedError: at setup, a strategy that shards parameters (FSDP, DeepSpeed).
+        %(raises)s
+        ValueError: at setup, a ``layers`` entry matching no module or only modules without
+            trainable parameters (a ``ReLU``), or no layer to measure (the message lists the
+            model's modules).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -119,8 +115,7 @@ class ICSCallback(DiagnosticCallback):
         prefix="ics/",
         # larger l2 / smaller cosine = more shift: W&B keeps the worst value of the run
         keys=(
-            LoggedKey("ics/peak_mem_mb", "max"),
-            LoggedKey("ics/peak_cuda_mem_mb", "max"),
+            *peak_memory_keys("ics"),
             LoggedKey("ics/{layer}/l2", "max"),
             LoggedKey("ics/{layer}/l2_rel", "max"),
             LoggedKey("ics/{layer}/cos", "min"),

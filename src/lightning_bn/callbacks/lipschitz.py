@@ -10,8 +10,10 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_bn._types import LossFn
+from lightning_bn.callbacks._docs import fill_doc
 from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
+from lightning_bn.callbacks.base import peak_memory_keys
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
@@ -24,6 +26,7 @@ __all__ = ["LipschitzCallback"]
 THM41_TOLERANCE = 1e-4
 
 
+@fill_doc
 class LipschitzCallback(AlongGradientCallback):
     r"""Measure how much the loss varies along the gradient, and the Lipschitzness of the loss.
 
@@ -57,26 +60,18 @@ class LipschitzCallback(AlongGradientCallback):
     ``lipschitz/<layer>/act_grad_norm``, ``lipschitz/<layer>/thm41_ratio``.
 
     Args:
-        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
-            Trainer's shared budget says its turn has come (more often early; see
-            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
-            ``global_step % every_n_steps == 0``.
-        budget: the share of training time of *all* the Trainer's diagnostic callbacks
-            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
-        step_sizes: the grid; ``None`` for the default above.
-        relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
-            rate (else absolute, the same for every parameter).
-        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
-        name: tells several LipschitzCallbacks in one Trainer apart: keys ``lipschitz@<name>/...``
-            (unnamed ones get ``lipschitz@1/...``, ``lipschitz@2/...``).
+        %(every_n_steps)s
+        %(budget)s
+        %(step_sizes)s
+        %(loss_fn)s
+        %(name)s
         vmap_chunk_size: how the grid is evaluated (:mod:`lightning_bn.probe.batched`): ``"auto"``
             (default) under :func:`torch.func.vmap` on CUDA, point by point elsewhere; ``None``
             always point by point; an ``int``, under ``vmap`` with at most that many points per
             call. The values are the same (to float rounding).
 
     Raises:
-        ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
-        NotImplementedError: at setup, a strategy that shards parameters.
+        %(raises)s
 
     Example:
         >>> import lightning.pytorch as pl
@@ -88,8 +83,7 @@ class LipschitzCallback(AlongGradientCallback):
         keys=(
             LoggedKey("lipschitz/loss", "last"),
             LoggedKey("lipschitz/loss_min", "min"),
-            LoggedKey("lipschitz/peak_mem_mb", "max"),
-            LoggedKey("lipschitz/peak_cuda_mem_mb", "max"),
+            *peak_memory_keys("lipschitz"),
             LoggedKey("lipschitz/loss_max", "max"),
             LoggedKey("lipschitz/loss_range", "max"),
             LoggedKey("lipschitz/grad_norm", "max"),

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._validation import check_bool, check_int
+from lightning_bn.callbacks._hooks import AfterTrainBatch
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.layers.fused import register_norm_output_hook
@@ -29,7 +30,7 @@ from lightning_bn.noise import (
 __all__ = ["DEFAULT_NOISE_TARGETS", "NoiseInjectionCallback"]
 
 
-class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
+class NoiseInjectionCallback(CachedStateKey, AfterTrainBatch, DeclaresKeys):
     r"""Make the output distribution of every normalisation layer unstable: "noisy BatchNorm".
 
     Santurkar et al. (2018, Fig. 2, App. A) add time-varying noise after every BatchNorm layer, so
@@ -155,14 +156,7 @@ class NoiseInjectionCallback(CachedStateKey, DeclaresKeys):
         self.prepare_batch(trainer)
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
         if self._injector is not None and self._injector.record:
             self._log_stats(trainer)
 

@@ -16,8 +16,10 @@ from lightning_bn._validation import (
     check_float,
     check_int,
 )
+from lightning_bn.callbacks._docs import fill_doc
 from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
+from lightning_bn.callbacks.base import peak_memory_keys
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
@@ -33,6 +35,7 @@ _HVP_METHODS = ("reverse", "forward", "auto")
 _EIG_ALGORITHMS = ("power", "lanczos")
 
 
+@fill_doc
 class SmoothnessCallback(AlongGradientCallback):
     r"""Measure how predictive the gradient is and how smooth the loss is, along the gradient.
 
@@ -79,23 +82,15 @@ class SmoothnessCallback(AlongGradientCallback):
     ``smoothness/grad_curvature``.
 
     Args:
-        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
-            Trainer's shared budget says its turn has come (more often early; see
-            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
-            ``global_step % every_n_steps == 0``.
-        budget: the share of training time of *all* the Trainer's diagnostic callbacks
-            together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
-        step_sizes: the grid; ``None`` for the default above.
-        relative_to_lr: ``step_sizes`` are multiples of each parameter group's current learning
-            rate (else absolute, the same for every parameter).
+        %(every_n_steps)s
+        %(budget)s
+        %(step_sizes)s
         hessian: also compute the Hessian quantities.
         max_iters: most Hessian-vector products of one eigenvalue estimate (either algorithm;
             for Lanczos also the most parameter-sized vectors it keeps); default 20.
         tol: relative change of the eigenvalue estimate that stops the iteration.
-        loss_fn: ``loss_fn(module, batch) -> Tensor``; default the module's ``training_step``.
-        hvp_method: ``"reverse"`` (default: reverse-over-reverse on a kept first-order graph, the
-            fastest here), ``"auto"`` (``torch.func`` forward-over-reverse with a
-            reverse-over-reverse fallback) or ``"forward"``.
+        %(loss_fn)s
+        %(hvp_method)s
         seed: seed of the callback's own generator for the cold start (the global RNG is never
             used).
         eig_algorithm: ``"lanczos"`` (default: Lanczos with full reorthogonalisation, fewer
@@ -106,13 +101,11 @@ class SmoothnessCallback(AlongGradientCallback):
             model size, and the warm start makes a restart rare after the first measurement.
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
-        name: tells several SmoothnessCallbacks in one Trainer apart: keys
-            ``smoothness@<name>/...`` (unnamed ones get ``smoothness@1/...``, ``smoothness@2/...``).
+        %(name)s
         vmap_chunk_size: how the grid is evaluated, as for :class:`LipschitzCallback`.
 
     Raises:
-        ValueError: bad arguments; at setup, manual optimisation or gradient accumulation.
-        NotImplementedError: at setup, a strategy that shards parameters.
+        %(raises)s
 
     Example:
         >>> import lightning.pytorch as pl
@@ -123,8 +116,7 @@ class SmoothnessCallback(AlongGradientCallback):
         prefix="smoothness/",
         keys=(
             LoggedKey("smoothness/grad_diff_min", "min"),
-            LoggedKey("smoothness/peak_mem_mb", "max"),
-            LoggedKey("smoothness/peak_cuda_mem_mb", "max"),
+            *peak_memory_keys("smoothness"),
             LoggedKey("smoothness/grad_diff_max", "max"),
             LoggedKey("smoothness/beta_eff", "max"),
             LoggedKey("smoothness/hessian_top_eig", "max"),

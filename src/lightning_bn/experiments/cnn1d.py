@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_bn.experiments.models import NormKind, _check_positive_int, _check_sizes, make_norm
+from lightning_bn.experiments.models import (
+    NormKind,
+    _check_positive_int,
+    _check_sizes,
+    pooled_conv_stages,
+)
 
 __all__ = ["SmallCNN1d"]
 
@@ -58,20 +62,9 @@ class SmallCNN1d(nn.Module):
         self.widths = _check_sizes("widths", widths, allow_empty=False)
         self.input_length = _check_positive_int("input_length", input_length)
         self.norm = norm
-        stages = []
-        channels, length = in_channels, input_length
-        for width in self.widths:
-            layers: OrderedDict[str, nn.Module] = OrderedDict(
-                conv=nn.Conv1d(channels, width, kernel_size=3, padding=1),
-                norm=make_norm(norm, width, norm_kwargs),
-                act=nn.ReLU(),
-            )
-            if length >= 2:
-                layers["pool"] = nn.MaxPool1d(2)
-                length //= 2
-            stages.append(nn.Sequential(layers))
-            channels = width
-        self.features = nn.Sequential(*stages)
+        self.features, channels, length = pooled_conv_stages(
+            1, in_channels, self.widths, input_length, norm, norm_kwargs
+        )
         self.head = nn.Linear(channels * length, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -176,15 +176,46 @@ class MLP(nn.Module):
 
 
 def _conv_block(
-    in_channels: int, out_channels: int, norm: NormKind, norm_kwargs: Mapping[str, Any] | None
+    in_channels: int,
+    out_channels: int,
+    norm: NormKind,
+    norm_kwargs: Mapping[str, Any] | None,
+    conv: type[nn.Conv1d | nn.Conv2d] = nn.Conv2d,
 ) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            conv=conv(in_channels, out_channels, kernel_size=3, padding=1),
             norm=make_norm(norm, out_channels, norm_kwargs),
             act=nn.ReLU(),
         )
     )
+
+
+def pooled_conv_stages(
+    dims: int,
+    in_channels: int,
+    widths: Sequence[int],
+    size: int,
+    norm: NormKind,
+    norm_kwargs: Mapping[str, Any] | None,
+) -> tuple[nn.Sequential, int, int]:
+    """``[conv 3 → norm → ReLU → max-pool 2]`` per width, in ``dims`` (1 or 2) dimensions, the
+    pool only while the input side ``size`` is at least 2; stage ``i`` is child ``i`` with
+    children ``conv``, ``norm``, ``act`` (and ``pool``).
+
+    Returns:
+        The stages, the channels and the side length they output.
+    """
+    conv, pool = (nn.Conv1d, nn.MaxPool1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d)
+    stages, channels = [], in_channels
+    for width in widths:
+        stage = _conv_block(channels, width, norm, norm_kwargs, conv)
+        if size >= 2:
+            stage.add_module("pool", pool(2))
+            size //= 2
+        stages.append(stage)
+        channels = width
+    return nn.Sequential(*stages), channels, size
 
 
 class SmallCNN(nn.Module):
@@ -229,16 +260,9 @@ class SmallCNN(nn.Module):
         self.widths = _check_sizes("widths", widths, allow_empty=False)
         self.input_size = _check_positive_int("input_size", input_size)
         self.norm = norm
-        stages = []
-        channels, size = in_channels, input_size
-        for width in self.widths:
-            stage = _conv_block(channels, width, norm, norm_kwargs)
-            if size >= 2:
-                stage.add_module("pool", nn.MaxPool2d(2))
-                size //= 2
-            stages.append(stage)
-            channels = width
-        self.features = nn.Sequential(*stages)
+        self.features, channels, _ = pooled_conv_stages(
+            2, in_channels, self.widths, input_size, norm, norm_kwargs
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(channels, num_classes)
 

@@ -36,6 +36,34 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+def init_affine_norm(
+    module: Any,  # the norm layer (an nn.Module declaring these attributes)
+    num_features: int,
+    eps: float,
+    affine: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """Check and set ``num_features``, ``eps`` and ``affine`` of a norm layer, and give it
+    ``weight`` γ = 1 and ``bias`` β = 0 of shape ``(num_features,)`` (both registered as ``None``
+    without ``affine``: torch's names and layout, so checkpoints move between them).
+
+    Returns:
+        The ``device`` and (checked) ``dtype`` keywords for the layer's other tensors.
+    """
+    factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
+    module.num_features = check_num_features(num_features)
+    module.eps = check_eps(eps)
+    module.affine = check_bool("affine", affine)
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features, **factory))
+        module.bias = nn.Parameter(torch.zeros(num_features, **factory))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+    return factory
+
+
 class _BatchStatNorm(nn.Module):
     """Base of layers that normalise each channel with statistics over the batch.
 
@@ -45,6 +73,11 @@ class _BatchStatNorm(nn.Module):
     (``weight``, ``bias``, ``running_mean``, ``num_batches_tracked``) so checkpoints move between them.
     """
 
+    num_features: int
+    eps: float
+    affine: bool
+    weight: nn.Parameter  # None without ``affine``, as torch's
+    bias: nn.Parameter
     running_mean: Tensor | None
     num_batches_tracked: Tensor | None
 
@@ -61,19 +94,10 @@ class _BatchStatNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
-        self.num_features = check_num_features(num_features)
-        self.eps = check_eps(eps)
+        factory = init_affine_norm(self, num_features, eps, affine, device, dtype)
         self.momentum = check_momentum(momentum)
-        self.affine = check_bool("affine", affine)
         self.track_running_stats = check_bool("track_running_stats", track_running_stats)
         self.channels_last = check_bool("channels_last", channels_last)
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self._register_scale_buffer(torch.ones(num_features, **factory))

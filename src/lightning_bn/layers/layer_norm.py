@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_bn._validation import check_bool
-from lightning_bn.layers._base import check_dtype, check_eps, check_momentum, check_num_features
+from lightning_bn.layers._base import (
+    check_momentum,
+    init_affine_norm,
+)
 
 __all__ = ["LayerNorm"]
 
@@ -37,13 +39,13 @@ class LayerNorm(nn.Module):
     Args:
         num_features: size ``C`` of the feature (channel) dimension.
         eps: added to the variance.
-        momentum: ignored (no running statistics).
         affine: learn ``weight`` and ``bias`` of shape ``(C,)``.
-        track_running_stats: ignored.
         channels_last: the features are the last dimension (default); ``False`` normalises a
             ``(N, C, *)`` map over ``C`` and the spatial dimensions.
         channels_first: deprecated alias of ``channels_last=not channels_first`` (0.1.0 spelling);
             emits a :class:`DeprecationWarning`.
+        momentum: ignored (no running statistics; accepted so this layer replaces any other).
+        track_running_stats: ignored (likewise).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -52,26 +54,29 @@ class LayerNorm(nn.Module):
         TypeError: both ``channels_last`` and the deprecated ``channels_first`` given.
     """
 
+    num_features: int
+    eps: float
+    affine: bool
+    weight: nn.Parameter  # None without ``affine``, as torch's
+    bias: nn.Parameter
+
     def __init__(
         self,
         num_features: int,
         *,
         eps: float = 1e-5,
-        momentum: float | None = None,
         affine: bool = True,
-        track_running_stats: bool = False,
         channels_last: bool | None = None,
         channels_first: bool | None = None,
+        momentum: float | None = None,
+        track_running_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": check_dtype(dtype)}
-        self.num_features = check_num_features(num_features)
-        self.eps = check_eps(eps)
+        init_affine_norm(self, num_features, eps, affine, device, dtype)
         check_momentum(momentum)
         check_bool("track_running_stats", track_running_stats)
-        self.affine = check_bool("affine", affine)
         if channels_first is not None:
             if channels_last is not None:
                 raise TypeError(
@@ -83,12 +88,6 @@ class LayerNorm(nn.Module):
         self.channels_last = (
             True if channels_last is None else check_bool("channels_last", channels_last)
         )
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
         return (

@@ -191,7 +191,37 @@ def global_moments(x: Tensor, dims: list[int], group: Any) -> tuple[Tensor, Tens
     return mean, var, total[0]
 
 
-class SyncBatchNorm(BatchNorm):
+class _GlobalBatch(nn.Module):
+    """What each synchronised layer here adds to its layer: the ``process_group`` argument
+    (``None``: the whole world) and the statistics of the global batch while it synchronises.
+
+    A subclass puts this first among its bases and implements :meth:`_global_stats`; the
+    layer's own ``_batch_stats`` serves outside DDP training, so the two agree there exactly.
+    """
+
+    process_group: Any = None
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _synchronises(self) -> bool:
+        return sync_group(self) is not None
+
+    def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
+        group = sync_group(self)
+        if group is None:
+            return super()._batch_stats(x, dims, m)  # type: ignore[misc]
+        return self._global_stats(x, dims, m, group)
+
+    def _global_stats(
+        self, x: Tensor, dims: list[int], m: int, group: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Centre, divisor and running-statistic update of the global batch over ``group``."""
+        raise NotImplementedError
+
+
+class SyncBatchNorm(_GlobalBatch, BatchNorm):
     r""":class:`~lightning_bn.BatchNorm` with the statistics of the global batch over all processes.
 
     .. math::
@@ -204,26 +234,16 @@ class SyncBatchNorm(BatchNorm):
     :mod:`lightning_bn.layers.sync`.
     """
 
-    process_group: Any = None
-
-    def __init__(self, num_features: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        super().__init__(num_features, **kwargs)
-        self.process_group = process_group
-
-    def _synchronises(self) -> bool:
-        return sync_group(self) is not None
-
-    def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
-        group = sync_group(self)
-        if group is None:
-            return super()._batch_stats(x, dims, m)
+    def _global_stats(
+        self, x: Tensor, dims: list[int], m: int, group: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
         mean, var, count = global_moments(x, dims, group)
         divisor = torch.sqrt(var + self.eps)
         unbiased = var.detach() * (count / (count - 1))
         return mean.to(x.dtype), divisor.to(x.dtype), unbiased.to(x.dtype)
 
 
-class SyncLpNorm(LpNorm):
+class SyncLpNorm(_GlobalBatch, LpNorm):
     r""":class:`~lightning_bn.LpNorm` with the centre and divisor of the global batch.
 
     .. math::
@@ -238,21 +258,9 @@ class SyncLpNorm(LpNorm):
     ``process_group``.
     """
 
-    process_group: Any = None
-
-    def __init__(
-        self, num_features: int, p: float | str = 2, *, process_group: Any = None, **kwargs: Any
-    ) -> None:
-        super().__init__(num_features, p, **kwargs)
-        self.process_group = process_group
-
-    def _synchronises(self) -> bool:
-        return sync_group(self) is not None
-
-    def _batch_stats(self, x: Tensor, dims: list[int], m: int) -> tuple[Tensor, Tensor, Tensor]:
-        group = sync_group(self)
-        if group is None:
-            return super()._batch_stats(x, dims, m)
+    def _global_stats(
+        self, x: Tensor, dims: list[int], m: int, group: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if self.p == 2 and self.centered_divisor:  # one collective: the merged moments
             centre, var, _ = global_moments(x, dims, group)
             divisor, update = torch.sqrt(var + self.eps), torch.sqrt(var.detach())
@@ -276,25 +284,13 @@ class SyncLpNorm(LpNorm):
 class SyncL1Norm(SyncLpNorm, L1Norm):
     """:class:`SyncLpNorm` with ``p = 1`` (an :class:`~lightning_bn.L1Norm`)."""
 
-    def __init__(self, num_features: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        L1Norm.__init__(self, num_features, **kwargs)
-        self.process_group = process_group
-
 
 class SyncL2Norm(SyncLpNorm, L2Norm):
     """:class:`SyncLpNorm` with ``p = 2`` (an :class:`~lightning_bn.L2Norm`)."""
 
-    def __init__(self, num_features: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        L2Norm.__init__(self, num_features, **kwargs)
-        self.process_group = process_group
-
 
 class SyncLinfNorm(SyncLpNorm, LinfNorm):
     """:class:`SyncLpNorm` with ``p = inf`` (an :class:`~lightning_bn.LinfNorm`)."""
-
-    def __init__(self, num_features: int, *, process_group: Any = None, **kwargs: Any) -> None:
-        LinfNorm.__init__(self, num_features, **kwargs)
-        self.process_group = process_group
 
 
 class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_bn._outputs import folder_state, foreign_files
+from lightning_bn.callbacks._hooks import AfterTrainBatch
 from lightning_bn.reproduce.experiments import get_experiment
 from lightning_bn.reproduce.history import MANIFEST
 from lightning_bn.reproduce.interrupt import (
@@ -152,21 +152,14 @@ def _run_job(
         )
 
 
-class _ProgressTick(Callback):
+class _ProgressTick(AfterTrainBatch):
     """Tell the progress display how far the run in progress is (``--jobs 1``; reporting only)."""
 
     def __init__(self, display: ProgressDisplay) -> None:
         self.display = display
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0
         self.display.tick(trainer.global_step / steps if steps else None)
 

@@ -26,6 +26,7 @@ from lightning_bn.callbacks import (
     NoiseInjectionCallback,
     SmoothnessCallback,
 )
+from lightning_bn.callbacks._hooks import AfterTrainBatch
 from lightning_bn.experiments import ClassificationModule, RegressionModule
 from lightning_bn.logging.wandb import finish_active_run
 from lightning_bn.reproduce.experiments import get_experiment
@@ -105,7 +106,7 @@ def _progress_bar(plan: ExperimentPlan, progress: bool) -> list[Callback]:
     return [TQDMProgressBar(refresh_rate=max(1, plan.steps // 100))] if progress else []
 
 
-class TrainLossRecorder(Callback):
+class TrainLossRecorder(AfterTrainBatch):
     """Keep the training loss of every step, and stop a run whose loss is no longer finite.
 
     A diverged run (NaN or infinite loss) cannot recover; stopping it saves the budget, and the
@@ -118,14 +119,7 @@ class TrainLossRecorder(Callback):
         self.diverged_at: int | None = None
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
