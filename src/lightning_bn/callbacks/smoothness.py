@@ -22,7 +22,6 @@ from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
 )
-from lightning_bn.diagnostics.paramvec import dict_clone
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
 from lightning_bn.probe import Params, StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
@@ -195,7 +194,7 @@ class SmoothnessCallback(AlongGradientCallback):
         budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
-        lanczos_basis: int | None = 8,
+        lanczos_basis: int | None = 5,
     ) -> None:
         super().__init__(
             every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
@@ -234,24 +233,26 @@ class SmoothnessCallback(AlongGradientCallback):
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         etas, scales = self._steps(trainer)
+        # the warm start's memory becomes Lanczos's working vector (kept only if this succeeds)
+        init, self.eigenvector = self.eigenvector, None
         result = compute_smoothness(
             self.probe,
-            self.probe.parameters(),
+            self.probe.parameters(copy=False),  # W^t: the step has not run yet
             record,
             etas,
             hessian=self.hessian,
             max_iters=self.max_iters,
             tol=self.tol,
-            init=self.eigenvector,
+            init=init,
             generator=self._generator,
             hvp_method=self.hvp_method,
             eig_algorithm=self.eig_algorithm,
             collective=self.collective,
             scales=scales,
             basis_size=self.lanczos_basis,
+            reuse_init=True,
         )
-        if result.eigenvector is not None:
-            self.eigenvector = dict_clone(result.eigenvector)
+        self.eigenvector = result.eigenvector  # its own memory, no view of the model's
         metrics = {f"{self.key_prefix}/{k}": v for k, v in result.metrics.items()}
         grid = ("grad_diff_min", "grad_diff_max", "beta_eff")
         kept, self._empty_grid_warned = drop_empty_grid(
