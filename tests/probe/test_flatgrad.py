@@ -27,7 +27,7 @@ def test_backward_into_equals_autograd_grad_and_leaves_no_grad() -> None:
     # a second pass over the kept graph gives the same values again, in the same memory
     again = backward_into([loss], [w, b, unused], out)
     assert again.data_ptr() == out.data_ptr() and torch.equal(
-        flat_views(again, [w])[0], expected[0]
+        flat_views(again, [w, b, unused])[0], expected[0]
     )
 
 
