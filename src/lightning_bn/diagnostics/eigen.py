@@ -137,9 +137,10 @@ def top_hessian_eigenvalue(
     problem; a zero Hessian stops after one, with eigenvalue 0). As with power iteration, a start
     with no component along the dominant eigenvector cannot find it: the result is then exact for
     the part of the spectrum the start reaches. **Memory**: Lanczos keeps every basis vector, up
-    to ``max_iters`` vectors of the model's size (flattened, in float32 or the parameters' dtype
-    if wider, allocated in blocks as the iteration grows, never copied), i.e.
-    ``max_iters × n_params × 4`` bytes in float32. **Time**: the reorthogonalisation at product
+    to ``basis_size`` (default ``max_iters``) vectors of the model's size (flattened, in float32
+    or the parameters' dtype if wider, allocated in blocks as the iteration grows, never
+    copied), i.e. ``basis_size × n_params × 4`` bytes in float32, plus one working vector that
+    every product is written into (with ``reuse_init``, the warm start's memory). **Time**: the reorthogonalisation at product
     :math:`k` is :math:`4kn` flops reading the :math:`k` stored vectors twice, small against a
     Hessian-vector product (a backward pass through the model) for any model of interest, so
     Lanczos pays off whenever it saves a product (``benchmarks/hessian_vs_pyhessian.py`` measures
@@ -182,9 +183,11 @@ def top_hessian_eigenvalue(
         warn: issue a :class:`ConvergenceWarning` when the iteration hits ``max_iters`` (the
             callbacks log a converged flag instead).
         basis_size: most Lanczos vectors kept (``>= 2``); ``None`` (default): ``max_iters``. A
-            cycle that fills the basis without meeting the stopping rule restarts from its Ritz
-            vector (explicit restart), so memory stays at ``basis_size`` vectors; the stopping
-            rule and ``tol`` are the same, at the cost of more products on a small gap.
+            cycle that fills the basis without meeting the stopping rule restarts, in the same
+            basis, from the normalised sum of the Ritz vectors of both ends of its spectrum (so
+            an end that leads early cannot shut out the other one), so memory stays at
+            ``basis_size`` vectors; the stopping rule and ``tol`` are the same, at the cost of
+            more products on a small gap.
         reuse_init: Lanczos may overwrite ``init`` once it is read, using its memory as the
             working vector, when ``init`` is views of one flat tensor in the layout (as the
             ``eigenvector`` of a previous result is): a warm start then costs no memory of its
