@@ -336,7 +336,7 @@ def _restarted(
     while True:
         steps = min(basis.capacity, max_iters - used)
         restart = used + steps < max_iters
-        result, w = _lanczos(matvec, layout, basis, q, steps, tol, w, restart)
+        result, w = _lanczos(matvec, layout, basis, q, w, steps, tol, restart)
         used += result.iterations
         if result.converged or used >= max_iters or not math.isfinite(result.eigenvalue):
             return EigResult(result.eigenvalue, result.eigenvector, used, result.converged)
@@ -349,9 +349,9 @@ def _lanczos(
     layout: FlatLayout,
     basis: _Basis,
     q: Tensor,
+    w: Tensor | None,
     max_iters: int,
     tol: float,
-    w: Tensor | None = None,
     restart: bool = False,
 ) -> tuple[EigResult, Tensor]:
     r"""Lanczos with full reorthogonalisation from the unit vector ``q`` (the only row of
