@@ -362,8 +362,7 @@ class _AveragedProduct:
         return self.collective.mean_dict(self.collective.guard(lambda: self.op(vector)))
 
     def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
-        mean = self.collective.mean(self.collective.guard(lambda: self.op.matvec(vector, out)))
-        return mean if out is None or mean is out else out.copy_(mean)
+        return self.collective.mean_(self.collective.guard(lambda: self.op.matvec(vector, out)))
 
 
 @dataclass
