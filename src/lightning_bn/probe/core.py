@@ -394,8 +394,9 @@ def _uniform(tensors: Sequence[Tensor]) -> bool:
 
 def _copies(tensors: Sequence[Tensor], names: Sequence[str]) -> dict[str, Tensor]:
     """Copies of ``tensors`` by name: views of one flat tensor where they share a dtype and
-    device (one allocation, which the allocator hands back whole), else one clone each."""
-    if not _uniform(tensors):
+    device and are contiguous (one allocation, which the allocator hands back whole), else one
+    clone each (which keeps each tensor's memory format)."""
+    if not _uniform(tensors) or not all(t.is_contiguous() for t in tensors):
         return {n: t.clone() for n, t in zip(names, tensors, strict=True)}
     flat = torch.cat([t.reshape(-1) for t in tensors])
     return dict(zip(names, flat_views(flat, tensors), strict=True))
