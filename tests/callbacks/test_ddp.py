@@ -102,6 +102,21 @@ def test_rank_local_failure_does_not_deadlock(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
+def test_failure_at_one_grid_point_skips_the_measurement_on_both_ranks(tmp_path: Path) -> None:
+    # every rank reduces the step-size grid point by point (an all-reduce per point): rank 1
+    # fails at its 5th evaluation of step 2 (the 4th grid point) while rank 0 waits in that
+    # point's collective; both ranks skip the measurement and training goes on
+    result = _run(
+        "ddp", tmp_path / "grid.json", "--fail-rank", "1", "--fail-step", "2", "--fail-call", "5"
+    )
+    smoothness = {
+        s for s, v in result["history"].items() if any(k.startswith("smoothness/") for k in v)
+    }
+    lipschitz = {s for s, v in result["history"].items() if "lipschitz/loss" in v}
+    assert smoothness == {"0"} and lipschitz == {"0", "1", "2", "3"}
+
+
 @pytest.mark.parametrize("cls", [ICSCallback, LipschitzCallback, SmoothnessCallback])
 def test_sharded_strategy_refused(cls: type) -> None:
     # FSDP needs a GPU here, so a bare instance of the real strategy class stands in for it

@@ -110,9 +110,10 @@ class SlowOnRank:
 class FailOnRank:
     """A loss_fn that raises on one rank at one measured step (a rank-local probe failure)."""
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, call: int | None = None) -> None:
+        self.rank, self.step, self.call = rank, step, call  # call: only the call-th evaluation
         self.trainer: pl.Trainer | None = None
+        self.calls = 0
 
     def __call__(self, module: nn.Module, batch: Any) -> torch.Tensor:
         trainer = getattr(module, "_trainer", None)
@@ -121,7 +122,9 @@ class FailOnRank:
             and trainer.global_rank == self.rank
             and trainer.global_step == self.step
         ):
-            raise RuntimeError(f"injected failure on rank {self.rank}")
+            self.calls += 1
+            if self.call is None or self.calls == self.call:
+                raise RuntimeError(f"injected failure on rank {self.rank}")
         x, y = batch
         return nn.functional.cross_entropy(module(x), y)
 
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-step", type=int, default=None)
+    # only SmoothnessCallback's evaluation number N of the step fails (a point of its grid)
+    parser.add_argument("--fail-call", type=int, default=None)
     parser.add_argument("--auto", action="store_true")
     parser.add_argument("--hessian", action="store_true")
     args = parser.parse_args()
@@ -142,10 +147,13 @@ def main() -> None:
         run_auto(ddp, args.out)
         return
     loss_fn = FailOnRank(args.fail_rank, args.fail_step) if args.fail_rank is not None else None
+    smooth_fn = loss_fn
+    if args.fail_call is not None:
+        loss_fn, smooth_fn = None, FailOnRank(args.fail_rank, args.fail_step, args.fail_call)
     callbacks: list[pl.Callback] = [
         ICSCallback(every_n_steps=1, loss_fn=loss_fn),
         LipschitzCallback(every_n_steps=1, loss_fn=loss_fn),
-        SmoothnessCallback(every_n_steps=2, power_iters=30, tol=1e-6, loss_fn=loss_fn),
+        SmoothnessCallback(every_n_steps=2, power_iters=30, tol=1e-6, loss_fn=smooth_fn),
     ]
     optimizer = "sgd"
     if args.hessian:

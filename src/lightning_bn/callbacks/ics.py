@@ -192,7 +192,7 @@ class ICSCallback(DiagnosticCallback):
             self.probe,
             self._layers,
             record.before,
-            self.probe.parameters(),
+            self.probe.parameters(copy=False),  # W^{t+1}: nothing changes it while measuring
             record,
             collective=self.collective,
             distributional=self.distributional,

@@ -157,7 +157,7 @@ class LipschitzCallback(AlongGradientCallback):
         etas, scales = self._steps(trainer)
         values = compute_lipschitz(
             self.probe,
-            self.probe.parameters(),
+            self.probe.parameters(copy=False),  # W^t: the step has not run yet
             record,
             etas,
             self._norm_layers,

@@ -9,17 +9,20 @@ vector per product. Plain torch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_bn._validation import check_choice, check_float, check_int
 from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
+from lightning_bn.diagnostics.krylov import Basis as _Basis
+from lightning_bn.diagnostics.krylov import Tridiagonal as _Tridiagonal
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
 
 __all__ = ["ConvergenceWarning", "EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
@@ -82,6 +85,7 @@ def top_hessian_eigenvalue(
     algorithm: EigAlgorithm = "lanczos",
     warn: bool = True,
     basis_size: int | None = None,
+    reuse_init: bool = False,
 ) -> EigResult:
     r"""Dominant Hessian eigenvalue from Hessian-vector products (Lanczos or power iteration).
 
@@ -133,9 +137,10 @@ def top_hessian_eigenvalue(
     problem; a zero Hessian stops after one, with eigenvalue 0). As with power iteration, a start
     with no component along the dominant eigenvector cannot find it: the result is then exact for
     the part of the spectrum the start reaches. **Memory**: Lanczos keeps every basis vector, up
-    to ``max_iters`` vectors of the model's size (flattened, in float32 or the parameters' dtype
-    if wider, allocated in blocks as the iteration grows, never copied), i.e.
-    ``max_iters × n_params × 4`` bytes in float32. **Time**: the reorthogonalisation at product
+    to ``basis_size`` (default ``max_iters``) vectors of the model's size (flattened, in float32
+    or the parameters' dtype if wider, allocated in blocks as the iteration grows, never
+    copied), i.e. ``basis_size × n_params × 4`` bytes in float32, plus one working vector that
+    every product is written into (with ``reuse_init``, the warm start's memory). **Time**: the reorthogonalisation at product
     :math:`k` is :math:`4kn` flops reading the :math:`k` stored vectors twice, small against a
     Hessian-vector product (a backward pass through the model) for any model of interest, so
     Lanczos pays off whenever it saves a product (``benchmarks/hessian_vs_pyhessian.py`` measures
@@ -178,9 +183,15 @@ def top_hessian_eigenvalue(
         warn: issue a :class:`ConvergenceWarning` when the iteration hits ``max_iters`` (the
             callbacks log a converged flag instead).
         basis_size: most Lanczos vectors kept (``>= 2``); ``None`` (default): ``max_iters``. A
-            cycle that fills the basis without meeting the stopping rule restarts from its Ritz
-            vector (explicit restart), so memory stays at ``basis_size`` vectors; the stopping
-            rule and ``tol`` are the same, at the cost of more products on a small gap.
+            cycle that fills the basis without meeting the stopping rule restarts, in the same
+            basis, from the normalised sum of the Ritz vectors of both ends of its spectrum (so
+            an end that leads early cannot shut out the other one), so memory stays at
+            ``basis_size`` vectors; the stopping rule and ``tol`` are the same, at the cost of
+            more products on a small gap.
+        reuse_init: Lanczos may overwrite ``init`` once it is read, using its memory as the
+            working vector, when ``init`` is views of one flat tensor in the layout (as the
+            ``eigenvector`` of a previous result is): a warm start then costs no memory of its
+            own. ``init`` then holds the returned eigenvector.
 
     Returns:
         :class:`EigResult`. If :math:`Hv = 0` (a zero Hessian, or a start in its null space) the
@@ -213,13 +224,19 @@ def top_hessian_eigenvalue(
             )
         init = _random_like(like, generator)
     layout, matvec = _flat_operator(hvp_fn, init)
-    q = layout.flat(init)
+    # Lanczos: the start is written straight into the basis's first row (no copy of its own)
+    basis = None
+    if algorithm == "lanczos":
+        basis = _Basis(layout.numel, min(size, max_iters), layout.dtype, layout.device)
+    q = layout.flat(init, out=None if basis is None else basis.append())
+    w = _flat_storage(init, layout) if reuse_init and basis is not None else None
+    del init  # a cold start's random vector is not kept past here
     norm = float(torch.linalg.vector_norm(q))
     if not 0.0 < norm < math.inf:
         raise ValueError(f"Cannot normalise a vector of norm {norm}")
     q.div_(norm)
-    if algorithm == "lanczos":
-        result = _restarted(matvec, layout, q, max_iters, tol, size)
+    if basis is not None:
+        result = _restarted(matvec, layout, basis, q, max_iters, tol, w)
     else:
         result = _power(matvec, layout, q, max_iters, tol)
     if warn and not result.converged:
@@ -229,29 +246,58 @@ def top_hessian_eigenvalue(
 
 def _flat_operator(
     hvp_fn: Callable[[TensorDict], TensorDict], init: Mapping[str, Tensor]
-) -> tuple[FlatLayout, Callable[[Tensor], Tensor]]:
+) -> tuple[FlatLayout, _Matvec]:
     r"""The layout of ``init`` and :math:`v \mapsto Hv` on flat vectors in it.
 
     ``hvp_fn.matvec`` when ``hvp_fn`` is a :class:`FlatOperator` whose layout is that of
     ``init`` (keys in the same order, shapes, dtypes, devices), else ``hvp_fn`` on dict views.
+    The returned map takes ``(v, out)``: the product is written into ``out`` when ``hvp_fn``'s
+    ``matvec`` takes an ``out`` (as :class:`HessianVectorProduct`'s does), else it is a new
+    tensor.
     """
     layout = FlatLayout(init)
     if isinstance(hvp_fn, FlatOperator) and _same_layout(hvp_fn.layout, layout):
-        return hvp_fn.layout, hvp_fn.matvec
+        flat_matvec = hvp_fn.matvec
+        if "out" in inspect.signature(flat_matvec).parameters:
+            return hvp_fn.layout, _Matvec(lambda v, out: flat_matvec(v, out=out), True)  # type: ignore[call-arg]
+        return hvp_fn.layout, _Matvec(lambda v, out: flat_matvec(v), False)
 
-    def matvec(v: Tensor) -> Tensor:
+    def matvec(v: Tensor, out: Tensor | None) -> Tensor:
         return layout.flat(hvp_fn(layout.unflat(v)))
 
-    return layout, matvec
+    return layout, _Matvec(matvec, False)
+
+
+@dataclass(frozen=True)
+class _Matvec:
+    """A product on flat vectors, ``(v, out) -> Hv``, and whether it writes into ``out``."""
+
+    product: Callable[[Tensor, Tensor | None], Tensor]
+    takes_out: bool
+
+    def __call__(self, v: Tensor, out: Tensor | None = None) -> Tensor:
+        return self.product(v, out if self.takes_out else None)
+
+
+def _flat_storage(d: Mapping[str, Tensor], layout: FlatLayout) -> Tensor | None:
+    """The flat tensor in ``layout`` whose views ``d``'s values are, in order, or ``None``."""
+    values = [d[k] for k in layout.keys]
+    base = values[0]._base if values and layout.uniform else None
+    if base is None or base.shape != (layout.numel,) or base.dtype != layout.dtype:
+        return None
+    offset = base.data_ptr()
+    for v, n in zip(values, layout.numels, strict=True):
+        if v._base is not base or not v.is_contiguous() or v.data_ptr() != offset:
+            return None
+        offset += n * base.element_size()
+    return base
 
 
 def _same_layout(a: FlatLayout, b: FlatLayout) -> bool:
     return (a.keys, a.shapes, a.dtypes, a.devices) == (b.keys, b.shapes, b.dtypes, b.devices)
 
 
-def _power(
-    matvec: Callable[[Tensor], Tensor], layout: FlatLayout, v: Tensor, max_iters: int, tol: float
-) -> EigResult:
+def _power(matvec: _Matvec, layout: FlatLayout, v: Tensor, max_iters: int, tol: float) -> EigResult:
     """Power iteration on flat vectors from the unit vector ``v``; see :func:`top_hessian_eigenvalue`."""
     eigenvalue = math.nan
     previous: float | None = None
@@ -271,122 +317,52 @@ def _power(
     return EigResult(eigenvalue, layout.unflat(v), max_iters, False)
 
 
-class _Basis:
-    r"""The orthonormal Lanczos vectors :math:`Q_k` as rows of a few blocks.
-
-    Blocks double the capacity (8, 8, 16, 32, ... rows, capped at ``capacity`` in all), so nothing
-    is ever copied, at most ``capacity`` rows are allocated, and a product with :math:`Q_k` or
-    :math:`Q_k^\top` is one matrix-vector product per block.
-    """
-
-    def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.n, self.capacity, self.dtype, self.device = n, capacity, dtype, device
-        self.size = 0
-        self._blocks: list[Tensor] = []
-        self._used: list[int] = []
-        self._views: list[Tensor] = []  # the used rows of every block
-
-    def append(self, v: Tensor, divisor: float = 1.0) -> Tensor:
-        """Store ``v / divisor`` as the next row; return the stored row (a view)."""
-        if not self._blocks or self._used[-1] == self._blocks[-1].shape[0]:
-            rows = min(max(8, self.size), self.capacity - self.size)
-            self._blocks.append(torch.empty(rows, self.n, dtype=self.dtype, device=self.device))
-            self._used.append(0)
-            self._views.append(self._blocks[-1][:0])
-        block, used = self._blocks[-1], self._used[-1]
-        row = block[used]
-        torch.div(v, divisor, out=row)
-        self._used[-1] = used + 1
-        self._views[-1] = block[: used + 1]
-        self.size += 1
-        return row
-
-    def project_out(self, w: Tensor) -> None:
-        r""":math:`w \leftarrow (I - QQ^\top) w` in place (classical Gram-Schmidt)."""
-        views = self._views
-        if len(views) == 1:
-            w.addmv_(views[0].T, views[0] @ w, alpha=-1.0)
-            return
-        coeffs = [b @ w for b in views]  # all coefficients first, then one update per block
-        for b, c in zip(views, coeffs, strict=True):
-            w.addmv_(b.T, c, alpha=-1.0)
-
-    def combine(self, s: Tensor) -> Tensor:
-        r""":math:`Q s` as a new tensor; ``s`` holds the coefficients of the first ``len(s)``
-        rows (the others count as 0)."""
-        out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        s = s.to(device=self.device, dtype=self.dtype)
-        start = 0
-        for b in self._views:
-            part = s[start : start + b.shape[0]]
-            if part.numel():
-                out.addmv_(b[: part.numel()].T, part)
-            start += b.shape[0]
-        return out
-
-
-class _Tridiagonal:
-    r"""The Lanczos matrix :math:`T_k` (float64, on the CPU), grown one row at a time.
-
-    Stored dense in a buffer that doubles when full (from at most 32 rows), lower triangle only
-    (what :func:`torch.linalg.eigh` reads).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._buffer = torch.zeros(min(capacity, 32), min(capacity, 32), dtype=torch.float64)
-        self.size = 0
-
-    def append(self, alpha: float, beta: float) -> None:
-        """Add the diagonal entry ``alpha`` below the off-diagonal ``beta`` (unused at first)."""
-        k = self.size
-        if k == self._buffer.shape[0]:
-            grown = self._buffer.new_zeros(2 * k, 2 * k)
-            grown[:k, :k] = self._buffer
-            self._buffer = grown
-        self._buffer[k, k] = alpha
-        if k:
-            self._buffer[k, k - 1] = beta
-        self.size = k + 1
-
-    def eigvalsh(self) -> list[float]:
-        """The Ritz values, ascending."""
-        return cast(list[float], torch.linalg.eigvalsh(self.matrix()).tolist())
-
-    def matrix(self) -> Tensor:
-        return self._buffer[: self.size, : self.size]
-
-
 def _restarted(
-    matvec: Callable[[Tensor], Tensor],
+    matvec: _Matvec,
     layout: FlatLayout,
+    basis: _Basis,
     q: Tensor,
     max_iters: int,
     tol: float,
-    size: int,
+    w: Tensor | None = None,
 ) -> EigResult:
-    """Lanczos cycles of at most ``size`` products, each started from the last one's Ritz
-    vector, until one meets the stopping rule or ``max_iters`` products are spent."""
+    """Lanczos cycles of at most ``basis.capacity`` products, each started from the last one's
+    Ritz vector, until one meets the stopping rule or ``max_iters`` products are spent.
+
+    ``q`` is the unit start, the basis's first row. Every cycle uses the same basis and one
+    working vector ``w`` (``None``: allocated at the first product): the products are written
+    into it, and the Ritz vector at the end."""
     used = 0
     while True:
-        result = _lanczos(matvec, layout, q, min(size, max_iters - used), tol)
+        steps = min(basis.capacity, max_iters - used)
+        restart = used + steps < max_iters
+        result, w = _lanczos(matvec, layout, basis, q, w, steps, tol, restart)
         used += result.iterations
         if result.converged or used >= max_iters or not math.isfinite(result.eigenvalue):
             return EigResult(result.eigenvalue, result.eigenvector, used, result.converged)
-        q = layout.flat(result.eigenvector)  # a unit vector: the next cycle's start
+        basis.reset()
+        q = basis.append(w)  # the Ritz vector, a unit vector: the next cycle's start
 
 
 def _lanczos(
-    matvec: Callable[[Tensor], Tensor], layout: FlatLayout, q: Tensor, max_iters: int, tol: float
-) -> EigResult:
-    r"""Lanczos with full reorthogonalisation from the unit vector ``q``; see
-    :func:`top_hessian_eigenvalue`.
+    matvec: _Matvec,
+    layout: FlatLayout,
+    basis: _Basis,
+    q: Tensor,
+    w: Tensor | None,
+    max_iters: int,
+    tol: float,
+    restart: bool = False,
+) -> tuple[EigResult, Tensor]:
+    r"""Lanczos with full reorthogonalisation from the unit vector ``q`` (the only row of
+    ``basis``); see :func:`top_hessian_eigenvalue`. ``w``: a working vector to write the
+    products into (``None``: allocated at the first). Returns the result and the flat Ritz vector
+    (in the working vector).
 
     Per product: a handful of vector operations, one host transfer (the new
     :math:`\alpha_k`, :math:`\lVert Hq_k \rVert`, :math:`\beta_k`) and the eigenvalues of the
     small :math:`T_k`; the eigenvectors of :math:`T_k` only once, for the returned Ritz vector.
     """
-    basis = _Basis(q.numel(), max_iters, q.dtype, q.device)
-    q = basis.append(q)
     q_prev: Tensor | None = None
     eps = torch.finfo(q.dtype).eps
     tri = _Tridiagonal(max_iters)
@@ -394,7 +370,9 @@ def _lanczos(
     scale = 0.0  # max_j ‖H q_j‖, a lower bound of ‖H‖
     previous: tuple[float, float] | None = None
     for k in range(1, max_iters + 1):
-        w = matvec(q)
+        if not matvec.takes_out:
+            w = None  # already copied into the basis: not kept through the next product
+        w = matvec(q, w)
         with torch.no_grad():
             hq_norm_t = torch.linalg.vector_norm(w)
             # three-term recurrence, then one classical Gram-Schmidt pass against the whole basis
@@ -410,7 +388,8 @@ def _lanczos(
         if not (math.isfinite(alpha) and math.isfinite(hq_norm) and math.isfinite(new_beta)):
             # the last finite Ritz vector (the start vector after a first bad product)
             vector = q.clone() if k == 1 else _ritz_vector(tri, basis)
-            return EigResult(math.nan, layout.unflat(vector / vector.norm()), k, False)
+            vector = vector / vector.norm()
+            return EigResult(math.nan, layout.unflat(vector), k, False), vector
         tri.append(alpha, beta)
         scale = max(scale, hq_norm)
         ends = tri.eigvalsh()  # ascending: the extremes are at the ends
@@ -420,8 +399,9 @@ def _lanczos(
         breakdown = new_beta <= _BREAKDOWN * eps * scale
         settled = previous is not None and _settled(low, high, theta, previous, tol)
         if breakdown or settled or k == max_iters:
-            vector = _ritz_vector(tri, basis)
-            return EigResult(theta, layout.unflat(vector), k, breakdown or settled)
+            both = restart and not (breakdown or settled)
+            vector = _ritz_vector(tri, basis, out=w, both=both)  # w is spent: the vector goes there
+            return EigResult(theta, layout.unflat(vector), k, breakdown or settled), vector
         previous, beta = (low, high), new_beta
         q_prev, q = q, basis.append(w, beta)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -456,16 +436,21 @@ def _settled(
     return other_change <= bound or abs(other) + _OVERTAKE_STEPS * other_change < abs(theta)
 
 
-def _ritz_vector(tri: _Tridiagonal, basis: _Basis) -> Tensor:
+def _ritz_vector(
+    tri: _Tridiagonal, basis: _Basis, out: Tensor | None = None, both: bool = False
+) -> Tensor:
     r"""The unit Ritz vector :math:`Q_k s` of the dominant Ritz value of :math:`T_k` (an end of
     its spectrum: the lowest if it is below 0 and larger in magnitude than the highest), with
-    :math:`q_1^\top Q_k s = s_1 \ge 0`."""
+    :math:`q_1^\top Q_k s = s_1 \ge 0`; ``both``: the normalised sum of the Ritz vectors of both
+    ends (a restart that keeps either end able to win)."""
     values, vectors = torch.linalg.eigh(tri.matrix())
     low, high = float(values[0]), float(values[-1])
-    ritz = vectors[:, 0 if -low > high else -1]
-    if ritz[0].item() < 0:  # a deterministic sign
-        ritz = -ritz
-    vector = basis.combine(ritz)
+    ends = [0, -1] if both else [0 if -low > high else -1]
+    ritz = torch.zeros_like(vectors[:, 0])
+    for end in ends:
+        part = vectors[:, end]
+        ritz += -part if part[0].item() < 0 else part  # a deterministic sign
+    vector = basis.combine(ritz, out=out)
     return vector.div_(torch.linalg.vector_norm(vector))
 
 

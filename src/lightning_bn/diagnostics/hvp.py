@@ -39,6 +39,7 @@ from torch import Tensor
 from lightning_bn._types import ParamsLossFn, scalar_loss
 from lightning_bn._validation import check_choice
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
+from lightning_bn.probe.flatgrad import backward_into
 
 __all__ = [
     "FlatOperator",
@@ -208,20 +209,22 @@ class HessianVectorProduct:
             return self.layout.unflat(self._flat_graph.product(self.layout.flat(tangents)))
         return _hvp_forward(self._loss_fn, primals, tangents)
 
-    def matvec(self, vector: Tensor) -> Tensor:
+    def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
         r""":math:`Hv` on flat vectors: ``vector`` and the result are 1-D in :attr:`layout` (the
         parameters flattened and concatenated in key order, in the layout's dtype); the result is
-        a new tensor.
+        a new tensor, or ``out`` (1-D, ``layout.numel`` long, the layout's dtype and device; not
+        ``vector``) overwritten with it.
 
         The same product as ``__call__``, without its dict checks and conversions: with the kept
-        graph (``"reverse"``) one backward pass whose ``grad_outputs`` are views of ``vector``,
-        then one concatenation. ``vector`` is not checked (its length must be
+        graph (``"reverse"``) one backward pass whose ``grad_outputs`` are views of ``vector``
+        and whose gradients are accumulated straight into the result (one parameter-sized
+        vector, no concatenation). ``vector`` is not checked (its length must be
         ``layout.numel``).
         """
         if self._flat_graph is None:  # forward-over-reverse (or "auto" before its first product)
-            return self.layout.flat(self(self.layout.unflat(vector)))
+            return self.layout.flat(self(self.layout.unflat(vector)), out=out)
         self.calls += 1
-        return self._flat_graph.product(vector)
+        return self._flat_graph.product(vector, out)
 
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
         leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
@@ -246,28 +249,34 @@ class _FlatGraph:
         self.outputs = [cast(Tensor, grads[i]) for i in self.index]
         self._zeros: list[Tensor | None] = [None] * len(self.inputs)
 
-    def product(self, vector: Tensor) -> Tensor:
+    def product(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
         layout = self.layout
-        if not self.outputs:
-            return torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
-        parts = torch.split_with_sizes(vector, layout.numels)
         uniform = layout.uniform
+        if out is None and (uniform or not self.outputs):
+            out = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
+        if not self.outputs:
+            return cast(Tensor, out).zero_()
+        parts = torch.split_with_sizes(vector, layout.numels)
         grad_outputs = []
         for i in self.index:
             part = parts[i].view(layout.shapes[i])
             grad_outputs.append(
                 part if uniform else part.to(dtype=layout.dtypes[i], device=layout.devices[i])
             )
+        if uniform:  # summed straight into `out`: the product exists once
+            return backward_into(
+                self.outputs, self.inputs, cast(Tensor, out), grad_outputs, retain_graph=True
+            )
         with torch.enable_grad():
-            out = torch.autograd.grad(
+            grads = torch.autograd.grad(
                 self.outputs,
                 self.inputs,
                 grad_outputs=grad_outputs,
                 retain_graph=True,
                 allow_unused=True,
             )
-        pieces = [self._piece(i, g, uniform) for i, g in enumerate(out)]
-        return torch.cat(pieces)
+        pieces = [self._piece(i, g, uniform) for i, g in enumerate(grads)]
+        return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
     def _piece(self, i: int, g: Tensor | None, uniform: bool) -> Tensor:
         layout = self.layout

@@ -33,6 +33,7 @@ from lightning_bn.diagnostics.global_bounds import theorem41_shares
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.paramvec import dict_norm, dict_sub_
 from lightning_bn.layers import NORM_TYPES, is_batchnorm, is_norm_layer
+from lightning_bn.layers.agreement import check_peers
 from lightning_bn.layers.fused import register_norm_output_hook
 from lightning_bn.layers.sync import sync_group
 from lightning_bn.probe import Collective, Params, Probe, StepRecord, accepts_batch_triple
@@ -352,9 +353,7 @@ def resolve_max_iters(
 class _AveragedProduct:
     """A :class:`HessianVectorProduct` averaged over ranks, every product guarded (DDP semantics).
 
-    A :class:`~lightning_bn.diagnostics.hvp.FlatOperator`: the eigenvalue solver calls
-    :meth:`matvec` on flat vectors (one all-reduce of one tensor per product).
-    """
+    A :class:`~lightning_bn.diagnostics.hvp.FlatOperator` (one all-reduce per product)."""
 
     def __init__(self, op: HessianVectorProduct, collective: Collective) -> None:
         self.op, self.collective, self.layout = op, collective, op.layout
@@ -362,8 +361,8 @@ class _AveragedProduct:
     def __call__(self, vector: Mapping[str, Tensor]) -> Params:
         return self.collective.mean_dict(self.collective.guard(lambda: self.op(vector)))
 
-    def matvec(self, vector: Tensor) -> Tensor:
-        return self.collective.mean(self.collective.guard(lambda: self.op.matvec(vector)))
+    def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
+        return self.collective.mean_(self.collective.guard(lambda: self.op.matvec(vector, out)))
 
 
 @dataclass
@@ -392,6 +391,7 @@ def compute_smoothness(
     power_iters: int | None = None,
     scales: Mapping[str, float] | None = None,
     basis_size: int | None = None,
+    reuse_init: bool = False,
 ) -> SmoothnessResult:
     r"""Gradient predictiveness, effective β-smoothness and Hessian curvature at :math:`W^t`.
 
@@ -421,6 +421,7 @@ def compute_smoothness(
             step length in ``beta_eff`` is :math:`\lVert c\,(s \odot g_t)\rVert_2`; ``None``
             moves every parameter by :math:`\eta g_t`.
         basis_size: most Lanczos vectors kept (restarted beyond; ``None``: ``max_iters``).
+        reuse_init: Lanczos may use ``init``'s memory once read (see ``top_hessian_eigenvalue``).
 
     Returns:
         :class:`SmoothnessResult` with ``grad_diff_min``, ``grad_diff_max`` (of
@@ -453,19 +454,17 @@ def compute_smoothness(
     direction = scaled_direction(grad, scales)
     d_norm = g_norm if scales is None else _norm(direction)
 
-    # In place: the averaged gradient at a grid point is not used again; the difference is
-    # correctly rounded in the gradients' dtype; the norms reach the host in one transfer.
+    # Each point reduced as it comes (one gradient held); under DDP all ranks agree no pass
+    # failed, then average: the same collectives in the same order everywhere (in place).
     def distance(g_local: Params) -> Tensor:
+        if coll.world_size > 1:
+            check_peers(coll.group, next(iter(g_local.values())))
         return dict_norm(dict_sub_(coll.mean_dict(g_local), grad), dtype=torch.float64)
 
-    def grid_pass() -> list[Tensor]:
-        # alone, each point is reduced as it comes (one gradient held, not one per point); under
-        # DDP each rank finishes its grid first (no collective that a failed rank would hang)
-        on_point = distance if coll.world_size == 1 else None
-        along = probe.loss_and_grad_along(params, direction, step_sizes, step, names, on_point)
-        return [distance(g) for _, g in along] if on_point is None else [g for _, g in along]
+    def grid_pass() -> list[tuple[Tensor, Tensor]]:
+        return probe.loss_and_grad_along(params, direction, step_sizes, step, names, distance)
 
-    norms = coll.guard(grid_pass)
+    norms = [g for _, g in coll.guard(grid_pass)]
     diffs = torch.stack(norms).tolist() if norms else []
     betas = [
         diff / (abs(eta) * d_norm) if eta != 0 and d_norm > 0 else math.nan
@@ -480,9 +479,8 @@ def compute_smoothness(
     if hessian:
         assert op is not None
         hvp_fn = _AveragedProduct(op, coll)
-        start = None
-        if init is not None and init.keys() == trainable.keys():
-            start = {k: init[k].to(trainable[k]) for k in trainable}
+        same = init is not None and init.keys() == trainable.keys()
+        start = {k: init[k].to(trainable[k]) for k in trainable} if init and same else None
         hessian_part, eigenvector = hessian_metrics(
             hvp_fn,
             grad,
@@ -494,6 +492,7 @@ def compute_smoothness(
             algorithm=eig_algorithm,
             warn=False,  # logged as hessian_converged instead
             basis_size=basis_size,
+            reuse_init=reuse_init,
         )
         metrics.update(hessian_part)
     return SmoothnessResult(metrics=metrics, eigenvector=eigenvector)

@@ -196,8 +196,9 @@ class FlatLayout:
         :meth:`unflat` returns plain views)."""
         return self._same
 
-    def flat(self, d: Mapping[str, Tensor]) -> Tensor:
-        """A new flat tensor (``torch.cat`` copies: never a view of ``d``), without autograd.
+    def flat(self, d: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
+        """A new flat tensor (``torch.cat`` copies: never a view of ``d``), without autograd;
+        with ``out`` (1-D, ``numel`` long, the working dtype and device) written there instead.
 
         Raises:
             ValueError: ``d`` does not have exactly the template's keys.
@@ -210,10 +211,12 @@ class FlatLayout:
             if not self.keys:
                 return torch.zeros(0, dtype=self.dtype, device=self.device)
             if self._same:
-                return torch.cat([d[k].reshape(-1) for k in self.keys])
-            return torch.cat(
-                [d[k].reshape(-1).to(device=self.device, dtype=self.dtype) for k in self.keys]
-            )
+                parts = [d[k].reshape(-1) for k in self.keys]
+            else:
+                parts = [
+                    d[k].reshape(-1).to(device=self.device, dtype=self.dtype) for k in self.keys
+                ]
+            return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     def unflat(self, v: Tensor) -> TensorDict:
         """Views of ``v`` in the template's shapes (copies only where a dtype or device differs)."""

@@ -46,6 +46,13 @@ class Collective:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out / self.world_size
 
+    def mean_(self, tensor: Tensor) -> Tensor:
+        """Average ``tensor`` over ranks in place (no copy); returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+            tensor.div_(self.world_size)
+        return tensor
+
     def mean_dict(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Average every tensor of a dict in one flat all-reduce per device and dtype."""
         if self.world_size == 1:

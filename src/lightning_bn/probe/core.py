@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_bn._types import LossFn, Params, scalar_loss
 from lightning_bn.probe.attention import with_math_attention
 from lightning_bn.probe.batched import VmapState, batched_along, check_vmap_chunk_size
+from lightning_bn.probe.flatgrad import backward_into, flat_views
 from lightning_bn.probe.layout import Layout, Silenced, UseTrace, loss_from_output
 from lightning_bn.probe.record import StepRecord, accepts_batch_triple, copy_batch
 
@@ -94,9 +95,13 @@ class Probe:
         self._use_spans: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}
 
     # --- parameter points ---------------------------------------------------------------
-    def parameters(self) -> Params:
-        """A detached copy of the current parameters (trainable and frozen)."""
-        return {n: p.detach().clone() for n, p in self.module.named_parameters()}
+    def parameters(self, copy: bool = True) -> Params:
+        """The current parameters (trainable and frozen), detached: copies, or with
+        ``copy=False`` views of the module's own tensors (no memory; for a measurement during
+        which nothing changes the parameters)."""
+        return {
+            n: p.detach().clone() if copy else p.detach() for n, p in self.module.named_parameters()
+        }
 
     @property
     def parameter_names(self) -> list[str]:
@@ -305,11 +310,14 @@ class Probe:
         # Every moved parameter, and every parameter a gradient is taken for, gets a tensor of its
         # own (a leaf), overwritten in place (under no_grad) for each point of the grid.
         slot_names = list(dict.fromkeys([*direction, *(wrt or [])]))
-        slots = {n: point[n].clone() for n in slot_names}
+        slots = _copies([point[n] for n in slot_names], slot_names)
         if wrt is not None:
             for n in wrt:
                 slots[n].requires_grad_(True)
         point.update(slots)
+        # reduced point by point: each point's gradient summed into one buffer kept for the grid
+        leaves = [slots[n] for n in wrt] if wrt is not None else []
+        grad_buffer = _flat_like(leaves) if reduce is not None else None
         origins = [params[n].detach() for n in direction]
         steps = [d.detach() for d in direction.values()]
         moved = [slots[n] for n in direction]
@@ -340,7 +348,11 @@ class Probe:
                     if wrt is None:
                         results.append((loss.detach(), {}))
                         continue
-                    grads = torch.autograd.grad(loss, [slots[n] for n in wrt], allow_unused=True)
+                    if grad_buffer is not None:
+                        backward_into([loss], leaves, grad_buffer)
+                        grads = tuple(flat_views(grad_buffer, leaves))
+                    else:
+                        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 point_grads = {
                     n: g if g is not None else torch.zeros_like(slots[n])
                     for n, g in zip(wrt, grads, strict=True)
@@ -372,3 +384,27 @@ class Probe:
                     f" but got {unknown[:5]}"
                 )
         return layout
+
+
+def _uniform(tensors: Sequence[Tensor]) -> bool:
+    return bool(tensors) and all(
+        t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors
+    )
+
+
+def _copies(tensors: Sequence[Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+    """Copies of ``tensors`` by name: views of one flat tensor where they share a dtype and
+    device and are contiguous (one allocation, which the allocator hands back whole), else one
+    clone each (which keeps each tensor's memory format)."""
+    if not _uniform(tensors) or not all(t.is_contiguous() for t in tensors):
+        return {n: t.clone() for n, t in zip(names, tensors, strict=True)}
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return dict(zip(names, flat_views(flat, tensors), strict=True))
+
+
+def _flat_like(tensors: Sequence[Tensor]) -> Tensor | None:
+    """An uninitialised flat buffer for ``tensors`` (one dtype and device), else ``None``."""
+    if not _uniform(tensors):
+        return None
+    numel = sum(t.numel() for t in tensors)
+    return torch.empty(numel, dtype=tensors[0].dtype, device=tensors[0].device)

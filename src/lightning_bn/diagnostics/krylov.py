@@ -1,0 +1,110 @@
+"""The building blocks of the Lanczos iterations (:mod:`lightning_bn.diagnostics.eigen`,
+:mod:`lightning_bn.diagnostics.spectrum`): the orthonormal basis, stored as rows of a few
+preallocated blocks, and the tridiagonal matrix. Plain torch."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import Tensor
+
+__all__ = ["Basis", "Tridiagonal"]
+
+
+class Basis:
+    r"""The orthonormal Lanczos vectors :math:`Q_k` as rows of a few blocks.
+
+    Blocks double the capacity (8, 8, 16, 32, ... rows, capped at ``capacity`` in all), so nothing
+    is ever copied, at most ``capacity`` rows are allocated, and a product with :math:`Q_k` or
+    :math:`Q_k^\top` is one matrix-vector product per block. :meth:`reset` empties the basis and
+    keeps the blocks, for the next cycle of a restarted iteration.
+    """
+
+    def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n, self.capacity, self.dtype, self.device = n, capacity, dtype, device
+        self.size = 0
+        self._blocks: list[Tensor] = []
+        self._views: list[Tensor] = []  # the used rows of every block
+
+    def append(self, v: Tensor | None = None, divisor: float = 1.0) -> Tensor:
+        """Store ``v / divisor`` as the next row (``v=None``: leave it to the caller to fill);
+        return the stored row (a view)."""
+        start = 0
+        for block in self._blocks:
+            if self.size < start + block.shape[0]:
+                break
+            start += block.shape[0]
+        else:
+            rows = min(max(8, self.size), self.capacity - self.size)
+            block = torch.empty(rows, self.n, dtype=self.dtype, device=self.device)
+            self._blocks.append(block)
+        used = self.size - start + 1
+        self._views = [*self._views[: len(self._views) - (used > 1)], block[:used]]
+        row = block[used - 1]
+        if v is not None:
+            torch.div(v, divisor, out=row)
+        self.size += 1
+        return row
+
+    def reset(self) -> None:
+        """Forget every row (the blocks stay allocated)."""
+        self.size = 0
+        self._views = []
+
+    def project_out(self, w: Tensor) -> None:
+        r""":math:`w \leftarrow (I - QQ^\top) w` in place (classical Gram-Schmidt)."""
+        views = self._views
+        if len(views) == 1:
+            w.addmv_(views[0].T, views[0] @ w, alpha=-1.0)
+            return
+        coeffs = [b @ w for b in views]  # all coefficients first, then one update per block
+        for b, c in zip(views, coeffs, strict=True):
+            w.addmv_(b.T, c, alpha=-1.0)
+
+    def combine(self, s: Tensor, out: Tensor | None = None) -> Tensor:
+        r""":math:`Q s` (into ``out`` when given, else a new tensor); ``s`` holds the coefficients
+        of the first ``len(s)`` rows (the others count as 0)."""
+        if out is None:
+            out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        else:
+            out.zero_()
+        s = s.to(device=self.device, dtype=self.dtype)
+        start = 0
+        for b in self._views:
+            part = s[start : start + b.shape[0]]
+            if part.numel():
+                out.addmv_(b[: part.numel()].T, part)
+            start += b.shape[0]
+        return out
+
+
+class Tridiagonal:
+    r"""The Lanczos matrix :math:`T_k` (float64, on the CPU), grown one row at a time.
+
+    Stored dense in a buffer that doubles when full (from at most 32 rows), lower triangle only
+    (what :func:`torch.linalg.eigh` reads).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._buffer = torch.zeros(min(capacity, 32), min(capacity, 32), dtype=torch.float64)
+        self.size = 0
+
+    def append(self, alpha: float, beta: float) -> None:
+        """Add the diagonal entry ``alpha`` below the off-diagonal ``beta`` (unused at first)."""
+        k = self.size
+        if k == self._buffer.shape[0]:
+            grown = self._buffer.new_zeros(2 * k, 2 * k)
+            grown[:k, :k] = self._buffer
+            self._buffer = grown
+        self._buffer[k, k] = alpha
+        if k:
+            self._buffer[k, k - 1] = beta
+        self.size = k + 1
+
+    def eigvalsh(self) -> list[float]:
+        """The Ritz values, ascending."""
+        return cast(list[float], torch.linalg.eigvalsh(self.matrix()).tolist())
+
+    def matrix(self) -> Tensor:
+        return self._buffer[: self.size, : self.size]
