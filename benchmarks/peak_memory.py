@@ -7,7 +7,8 @@ with the callback minus that of the same fit without it, divided by the paramete
 float32 copy). The callback's own ``<prefix>/peak_mem_mb`` (the peak of one measurement, sampled)
 is printed beside it.
 
-Run: ``PYTHONPATH=src python benchmarks/peak_memory.py`` (a few minutes on two cores).
+Run: ``PYTHONPATH=src python benchmarks/peak_memory.py`` (a few minutes on two cores);
+``--only HessianCallback`` measures the named callbacks only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from typing import Any, ClassVar
 
-CALLBACKS = ["none", "ICSCallback", "LipschitzCallback", "SmoothnessCallback"]
+CALLBACKS = ["none", "ICSCallback", "LipschitzCallback", "SmoothnessCallback", "HessianCallback"]
 
 
 def _child(name: str) -> None:
@@ -80,9 +81,9 @@ def _child(name: str) -> None:
     print(json.dumps({"params": n_params, "peak_mb": peak_mb, "logged": Keep.values}))
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     rows = {}
-    for name in CALLBACKS:
+    for name in names:
         out = subprocess.run(
             [sys.executable, __file__, name], capture_output=True, text=True, check=True
         ).stdout
@@ -91,14 +92,16 @@ def main() -> None:
     copy_mb = base["params"] * 4 / 2**20
     print(f"model: {base['params'] / 1e6:.1f}M parameters (one float32 copy = {copy_mb:.1f} MiB)")
     print(f"{'callback':<22} {'extra peak (copies)':>20} {'logged peak_mem_mb (copies)':>28}")
-    for name in CALLBACKS[1:]:
+    for name in names[1:]:
         extra = (rows[name]["peak_mb"] - base["peak_mb"]) / copy_mb
         logged = max(rows[name]["logged"].values(), default=float("nan")) / copy_mb
         print(f"{name:<22} {extra:>20.1f} {logged:>28.1f}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1 and sys.argv[1] == "--only":  # e.g. --only HessianCallback
+        main(["none", *sys.argv[2:]])
+    elif len(sys.argv) > 1:
         _child(sys.argv[1])
     else:
-        main()
+        main(CALLBACKS)
