@@ -56,8 +56,6 @@ class Costly(DiagnosticCallback):
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         self.clock.now += self.cost
-        if record.step in getattr(self, "fail_at", ()):
-            raise RuntimeError("fused kernel has no double backward")
         return {"costly/value": float(record.step)}
 
 
@@ -119,13 +117,14 @@ def test_allowance_front_loads_the_same_total() -> None:
 
 
 def _expected_steps(cost: float, budget: float, horizon: int, first_plan: int = 4) -> list[int]:
-    """One ``"auto"`` callback, 1 s steps: after k measurements the next is the first step
+    """One ``"auto"`` callback, 1 s steps, its a-priori cost one step (1 s) = its real cost:
+    nothing before the first plan; after k measurements the next is the first step
     s >= last + MIN_INTERVAL with budget * sqrt(s * T) >= (k + 1) * cost (closed form)."""
-    steps = [0]
+    steps: list[int] = []
     while True:
         k = len(steps)
         s = math.ceil(((k + 1) * cost / budget) ** 2 / horizon - 1e-9)
-        low = max(steps[-1] + MIN_INTERVAL, first_plan if k == 1 else steps[-1] + 1)
+        low = steps[-1] + MIN_INTERVAL if steps else first_plan
         s = max(s, low)
         if s >= horizon:
             return steps
@@ -146,9 +145,10 @@ def test_one_callback_follows_the_front_loaded_rule(cls: type[Costly]) -> None:
     ledger = callback.ledger
     assert ledger.entries[callback.state_key].spent == pytest.approx(len(expected))
     assert ledger.step_time == pytest.approx(1.0)
-    # logged at every plan: the first at step 1 + 3 timed steps
+    # logged at every plan: the first at step 1 + 3 timed steps (nothing spent: no measurement
+    # before it), then after the first measurement (1 s over 4 training seconds)
     spent = [(s, m["budget/spent"]) for s, m in logger.calls if "budget/spent" in m]
-    assert spent[0] == (4, pytest.approx(1.0 / 4))
+    assert spent[0] == (4, 0.0) and spent[1][1] == pytest.approx(1.0 / 4)
     # early above the budget (front-loaded), never above the allowance plus one measurement
     assert all(f <= (allowance(s, 1.0, 0.05, 400) + 1.0) / s for s, f in spent)
     assert 0.04 <= ledger.spent_fraction() <= 0.05
@@ -171,7 +171,7 @@ def test_a_larger_budget_measures_more() -> None:
         if budget == 0.05:  # they take turns: each spent about half, the cheap one more often
             assert abs(a - b) <= 2.0 and counts[budget][1] > 2 * counts[budget][0]
         if budget == 0.2:  # the cheap one is held by MIN_INTERVAL: the other spends the rest
-            assert callbacks[1].measured_steps == list(range(0, 600, MIN_INTERVAL))
+            assert callbacks[1].measured_steps == list(range(4, 600, MIN_INTERVAL))
             assert a > 2 * b
     assert counts[0.01] < counts[0.05] < counts[0.2]
     assert [sum(c) for c in counts.values()] == sorted(sum(c) for c in counts.values())
@@ -199,20 +199,23 @@ def test_fixed_interval_kept_and_left_to_it() -> None:
 def test_a_failed_measurement_never_sets_the_cost() -> None:
     clock = FakeClock()
     callback = Costly(clock, 5.0, budget=0.05)
-    callback.fail_at = {0}  # type: ignore[attr-defined]
+    callback._compute = _fail_first(callback, at_once=False)  # type: ignore[method-assign]
     callback.clock = clock
     with pytest.warns(DiagnosticWarning, match="fused kernel"):
         _fit(callback, clock, 200, [1.0])
     entry = callback.ledger.entries[callback.state_key]
     assert (entry.failures, entry.first) == (1, 5.0)  # the first success, not the failure
     assert entry.spent == pytest.approx(5.0 * entry.attempts)
-    # tried again when the allowance covers the failure's 5 s: 0.05 sqrt(200 s) >= 5, s = 50
-    assert callback.measured_steps[0] == 50
+    # the first attempt at the first plan (its a-priori 1 s fits: 0.05 sqrt(4 × 200) >= 1); it
+    # fails after 5 s, the estimate stays 1 s, so the next is due when the allowance covers
+    # 5 + 1 s: 0.05 sqrt(200 s) >= 6, s = 72
+    assert entry.attempts == 1 + len(callback.measured_steps)
+    assert callback.measured_steps[0] == 72
     # a cheap failure (raising at once) does not make the next plan optimistic either
     clock = FakeClock()
     quick = Costly(clock, 5.0, budget=0.05)
     quick.clock = clock
-    quick._compute = _fail_at_once_then(quick)  # type: ignore[method-assign]
+    quick._compute = _fail_first(quick, at_once=True)  # type: ignore[method-assign]
     with pytest.warns(DiagnosticWarning):
         _fit(quick, clock, 200, [1.0])
     entry = quick.ledger.entries[quick.state_key]
@@ -223,12 +226,17 @@ def test_a_failed_measurement_never_sets_the_cost() -> None:
     )
 
 
-def _fail_at_once_then(callback: Costly) -> Any:
+def _fail_first(callback: Costly, at_once: bool) -> Any:
+    """The callback's first measurement raises: at once, or after taking its time."""
     original = Costly._compute
+    calls = []
 
     def compute(trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        if record.step == 0:
-            raise RuntimeError("no double backward")
+        calls.append(record.step)
+        if len(calls) == 1:
+            if not at_once:
+                callback.clock.now += callback.cost  # type: ignore[attr-defined]
+            raise RuntimeError("fused kernel has no double backward")
         return original(callback, trainer, record)
 
     return compute
@@ -269,13 +277,15 @@ def test_resume_goes_on_spending_the_same_budget() -> None:
 
 def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     clock = FakeClock()
-    callback = LipschitzCallback()
-    callback.clock = clock  # a measurement takes no time on this clock: every MIN_INTERVAL
+    # a measurement takes no time on this clock: every MIN_INTERVAL, from the first plan on (its
+    # a-priori 1 + 13 / 3 steps fit the whole budget by then: sqrt(4 × 16) >= 5.3)
+    callback = LipschitzCallback(budget=1.0)
+    callback.clock = clock
     t = trainer([callback, Tick(clock, [1.0])], 16, default_root_dir=tmp_path)
     t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
-    assert callback.measured_steps == [0, 10]
+    assert callback.measured_steps == [4, 14]
     t.save_checkpoint(tmp_path / "a.ckpt")
-    resumed = LipschitzCallback()
+    resumed = LipschitzCallback(budget=1.0)
     resumed.clock = clock
     t2 = trainer([resumed, Tick(clock, [1.0])], 35, default_root_dir=tmp_path)
     t2.fit(
@@ -285,7 +295,7 @@ def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     )
     entry = resumed.ledger.entries[resumed.state_key]
     assert entry.attempts == 2 + len(resumed.measured_steps) - 2
-    assert resumed.measured_steps == [0, 10, 20, 30]
+    assert resumed.measured_steps == [4, 14, 24, 34]
 
 
 @pytest.mark.parametrize("cls", [ICSCallback, LipschitzCallback, SmoothnessCallback])
@@ -297,11 +307,16 @@ def test_defaults_are_auto_and_logged_in_the_config(cls: type[DiagnosticCallback
     callback.clock = clock
     logger = MemoryLogger()
     t = trainer([callback, Tick(clock, [1.0])], 5, logger=logger)
-    t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
+    with pytest.warns(DiagnosticWarning, match="never measured in this fit.*Raise `budget="):
+        t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
     assert callback.ledger.budget == 0.04
+    assert callback.measured_steps == []  # 5 steps of 4% do not pay for one measurement
+    # planned at step 4: the first step whose allowance covers its a-priori cost (1 s steps)
+    prior = callback.measurement_steps()
+    expected = _scan(_excess(1.0, 0.04, 5, 0.0, 4), 4, prior)
     prefix = callback.key_prefix
-    assert logger.history[4][f"{prefix}/every_n_steps"] == MIN_INTERVAL  # nothing spent here
-    assert logger.history[4][f"{prefix}/overhead"] == 0.0
+    assert logger.history[4][f"{prefix}/every_n_steps"] == expected
+    assert logger.history[4][f"{prefix}/overhead"] == pytest.approx(prior / expected)
     assert logger.history[4][f"{prefix}/spent"] == logger.history[4]["budget/spent"] == 0.0
 
 
