@@ -50,9 +50,12 @@ class Costly(DiagnosticCallback):
 
     key_base = "costly"
 
-    def __init__(self, clock: FakeClock, cost: float, **kwargs: Any) -> None:
+    def __init__(self, clock: FakeClock, cost: float, prior: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.clock, self.cost = clock, cost
+        self.clock, self.cost, self.prior = clock, cost, prior
+
+    def measurement_steps(self) -> float:
+        return self.prior
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         self.clock.now += self.cost
@@ -242,6 +245,91 @@ def _fail_first(callback: Costly, at_once: bool) -> Any:
     return compute
 
 
+class Between(pl.Callback):
+    """A callback between two diagnostics whose ``on_train_batch_start`` takes ``seconds``."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.clock.now += self.seconds
+
+
+def test_the_first_measurement_waits_for_its_a_priori_cost() -> None:
+    clock = FakeClock()
+    cheap = Costly(clock, 1.0, prior=1.0, budget=0.05, name="cheap")
+    costly = Costly(clock, 3.0, prior=3.0, name="costly")
+    for cb in (cheap, costly):
+        cb.clock = clock
+    _fit([cheap, costly], clock, 400, [1.0])
+    # planned at step 4 (1 s steps, nothing measured): the one registered first goes first,
+    # the other's need includes its reserved estimate; brute-force scans of the allowance
+    h = _excess(1.0, 0.05, 400, 0.0, 4)
+    assert cheap.measured_steps[0] == _scan(h, 4, 1.0) == 4
+    assert costly.measured_steps[0] == _scan(h, 4, 1.0 + 3.0) == 16
+    # never before the first plan, whatever the budget
+    clock = FakeClock()
+    free = Costly(clock, 0.0, prior=0.0, budget=1.0)
+    free.clock = clock
+    _fit(free, clock, 30, [1.0])
+    assert free.measured_steps == [4, 14, 24]
+
+
+def test_a_small_budget_is_not_overrun() -> None:
+    clock = FakeClock()
+    # 1% of 600 s is 6 s: two 2 s measurements fit, a 30-step one never does
+    cheap = Costly(clock, 2.0, prior=2.0, budget=0.01, name="cheap")
+    dear = Costly(clock, 30.0, prior=30.0, name="dear")
+    for cb in (cheap, dear):
+        cb.clock = clock
+    with pytest.warns(DiagnosticWarning, match=r"Costly never measured.*about 30 training steps"):
+        _fit([cheap, dear], clock, 600, [1.0])
+    ledger = cheap.ledger
+    # the dear one, never due within the run, does not hold the cheap one back: 0.01 sqrt(600 s)
+    # >= 2 and >= 4
+    assert dear.measured_steps == [] and cheap.measured_steps == [67, 267]
+    assert ledger.spent_fraction() <= 0.01
+
+
+def test_hook_time_is_booked_at_every_step() -> None:
+    counts = {}
+    for seconds in (0.0, 0.01, 0.025):
+        clock = FakeClock()
+        a = Costly(clock, 1.0, budget=0.05, name="a")
+        b = Costly(clock, 1.0, name="b")
+        for cb in (a, b):
+            cb.clock = clock
+        _fit([a, Between(clock, seconds), b], clock, 200, [1.0])
+        ledger = a.ledger
+        ea, eb = (ledger.entries[cb.state_key] for cb in (a, b))
+        # the stretch between a's hook and the end of b's is b's: 200 steps of `seconds`
+        assert ea.hooks == 0.0 and eb.hooks == pytest.approx(200 * seconds)
+        measured = len(a.measured_steps) + len(b.measured_steps)
+        assert ledger.spent == pytest.approx(measured + 200 * seconds)
+        # the training time has the hooks taken out: 199 gaps of 1 s
+        assert (ledger.steps, ledger.train_seconds) == (199, pytest.approx(199.0))
+        assert ledger.spent_fraction() <= 0.05 * 1.05
+        counts[seconds] = measured
+    # the hooks' spending per step is projected ahead: less is left for measurements
+    assert counts[0.0] > counts[0.01] > counts[0.025]
+
+
+class Watching(Costly):
+    """A diagnostic that also uses a per-step hook the base class leaves undispatched."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = getattr(self, "seen", 0) + 1
+
+
+def test_unused_per_step_hooks_are_not_dispatched() -> None:
+    hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+    assert all(getattr(DiagnosticCallback, h) is None for h in (*hooks, "on_before_zero_grad"))
+    clock = FakeClock()
+    watching = Watching(clock, 0.0, every_n_steps=5)
+    _fit(watching, clock, 7, [1.0])
+    assert watching.seen == 7  # a subclass defines them as usual
+
+
 def test_budgets_must_agree() -> None:
     clock = FakeClock()
     with pytest.raises(ValueError, match=r"share one `budget`, but got 0.01 .*, 0.2 "):
@@ -351,9 +439,9 @@ def test_ddp_ranks_share_rank_zeros_interval(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    # rank 1's own ledger would plan step 650; rank 0 decides step 10 for both
+    # rank 1's own ledger would not measure again; rank 0 decides step 14 for both
     assert [r["every_n_steps"] for r in ranks] == [10, 10]
-    assert [r["measured_steps"] for r in ranks] == [[0, 10], [0, 10]]
+    assert [r["measured_steps"] for r in ranks] == [[4, 14], [4, 14]]
     assert ranks[0]["overhead"] == ranks[1]["overhead"]
     assert ranks[0]["spent"] == ranks[1]["spent"]  # rank zero's ledger, broadcast
     assert torch.isfinite(torch.tensor(ranks[0]["overhead"]))

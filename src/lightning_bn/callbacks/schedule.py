@@ -35,9 +35,10 @@ is due at the first step :math:`s' \ge s_i + ` :data:`MIN_INTERVAL` (its last at
 .. math::
     A(s') - F(s') \ge C + \hat c_i + \sum_{j:\,C_j < C_i} \hat c_j ,
 
-:math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' projected
+:math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' and the hooks' projected
 spending from now to :math:`s'`, :math:`\hat c_j` callback :math:`j`'s cost estimate and
-:math:`C_j` its spending so far: the callbacks that spent less go first. In the long run the
+:math:`C_j` its spending so far: the callbacks that spent less go first (one not due within
+the run reserves nothing). In the long run the
 ``"auto"`` callbacks spend alike, so a cheap diagnostic measures more often than a costly one.
 
 **The first measurement is paid for too.** Before a callback has measured, its cost estimate is
@@ -289,7 +290,8 @@ class Ledger:
             low = step if entry.last_step is None else entry.last_step + MIN_INTERVAL
             need = total + reserved + entry.estimate(t)
             entry.next_step = self._first_step(max(low, step), step, need, t, rate)
-            reserved += entry.estimate(t)
+            if entry.next_step < (self.horizon or NEVER):  # one it cannot afford holds no one
+                reserved += entry.estimate(t)
 
     def _first_step(self, low: int, now: int, need: float, t: float, rate: float) -> int:
         r"""The first step :math:`s \ge` ``low`` with :math:`h(s) = A(s) - r\,(s - \text{now})
