@@ -245,14 +245,17 @@ def _fail_first(callback: Costly, at_once: bool) -> Any:
     return compute
 
 
-class Between(pl.Callback):
-    """A callback between two diagnostics whose ``on_train_batch_start`` takes ``seconds``."""
+class SlowHook(Costly):
+    """Its ``on_train_batch_start`` takes ``hook`` seconds besides any measurement."""
 
-    def __init__(self, clock: FakeClock, seconds: float) -> None:
-        self.clock, self.seconds = clock, seconds
+    def __init__(self, clock: FakeClock, hook: float, **kwargs: Any) -> None:
+        super().__init__(clock, 1.0, **kwargs)
+        self.hook, self.calls = hook, 0
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self.clock.now += self.seconds
+    def _start_step(self, trainer: pl.Trainer) -> None:
+        super()._start_step(trainer)  # the leader reads the clock here: the step begins
+        self.clock.now += self.hook  # type: ignore[attr-defined]
+        self.calls += 1
 
 
 def test_the_first_measurement_waits_for_its_a_priori_cost() -> None:
@@ -295,17 +298,19 @@ def test_hook_time_is_booked_at_every_step() -> None:
     counts = {}
     for seconds in (0.0, 0.01, 0.025):
         clock = FakeClock()
-        a = Costly(clock, 1.0, budget=0.05, name="a")
-        b = Costly(clock, 1.0, name="b")
+        a = SlowHook(clock, seconds, budget=0.05, name="a")
+        b = SlowHook(clock, seconds, name="b")
         for cb in (a, b):
             cb.clock = clock
-        _fit([a, Between(clock, seconds), b], clock, 200, [1.0])
+        _fit([a, b], clock, 200, [1.0])
         ledger = a.ledger
         ea, eb = (ledger.entries[cb.state_key] for cb in (a, b))
-        # the stretch between a's hook and the end of b's is b's: 200 steps of `seconds`
-        assert ea.hooks == 0.0 and eb.hooks == pytest.approx(200 * seconds)
+        # the first diagnostic times every step; the other's hook sleeps between its turns
+        assert a.calls == 200 and 2 * len(b.measured_steps) <= b.calls < 100
+        assert ea.hooks == pytest.approx(200 * seconds)
+        assert eb.hooks == pytest.approx(b.calls * seconds)
         measured = len(a.measured_steps) + len(b.measured_steps)
-        assert ledger.spent == pytest.approx(measured + 200 * seconds)
+        assert ledger.spent == pytest.approx(measured + (200 + b.calls) * seconds)
         # the training time has the hooks taken out: 199 gaps of 1 s
         assert (ledger.steps, ledger.train_seconds) == (199, pytest.approx(199.0))
         assert ledger.spent_fraction() <= 0.05 * 1.05

@@ -18,7 +18,7 @@ from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
 from lightning_bn.callbacks._guards import refuse_compiled_submodules
 from lightning_bn.callbacks._state_key import CachedStateKey
-from lightning_bn.callbacks.budget import SharedBudget, horizon
+from lightning_bn.callbacks.budget import SharedBudget
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
@@ -203,7 +203,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ledger.start_fit(horizon(trainer))
+        self._start_training(trainer)
 
     @override
     def on_train_batch_start(
@@ -214,6 +214,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._start_measurement(trainer, pl_module, batch, batch_idx)
         # this hook's time outside the measurement (a measurement after the step is still open)
         self.ledger.book_hook(self.state_key, self.clock(), self._cost)
+        self._sleep(trainer)
 
     def _start_measurement(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -236,6 +237,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._book(trainer, self._record.step, self._measure(trainer, pl_module))
             self._record = None
         else:
+            self._wake_after_step(True)
             self._cost += self._tick()
 
     @override
@@ -252,6 +254,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._cost -= self._tick()
             self._book(trainer, record.step, self._measure(trainer, pl_module))
         self._record = None
+        self._wake_after_step(False)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -271,6 +274,8 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._thaw_state_key()
+        self.__dict__.pop("on_train_batch_start", None)  # awake again (see SharedBudget)
+        self.__dict__.pop("on_train_batch_end", None)
         self._record = None
         self._probe = None
         self._ledger_state = None

@@ -193,6 +193,8 @@ class Ledger:
     _last_tick: tuple[int, float] | None = None
     _in_gap: float = 0.0
     _fit_gaps: int = 0
+    #: The first step at which a callback whose hook sleeps is due (the leader wakes them).
+    wake: int = 0
     _mark: float = 0.0  # the end of the last booked stretch of hooks in this step
     _measured: float = 0.0  # measurement seconds booked since the mark
 
