@@ -34,6 +34,7 @@ broadcast) and rank zero prints.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -51,6 +52,7 @@ from _models import describe, make
 from cost_table import Classifier, Repeat
 
 from lightning_bn import ICSCallback, LipschitzCallback, SmoothnessCallback
+from lightning_bn.callbacks.base import DiagnosticCallback
 
 
 class MaskedLM(pl.LightningModule):
@@ -101,24 +103,27 @@ HOOKS = (
 )
 
 
-def time_hooks(callback: Any, spent: list[float]) -> None:
-    """Add the process CPU time inside the callback's hooks to ``spent[0]``."""
-    for hook in HOOKS:
-        original = getattr(callback, hook)
+SPENT = [0.0]  # process CPU time inside the diagnostic callbacks' hooks, this fit
 
+
+def time_hooks() -> None:
+    """Wrap the diagnostic callbacks' hooks (on the class, keeping their names, so that they
+    sleep as usual between measurements) to add their process CPU time to ``SPENT[0]``."""
+    for hook in HOOKS:
+        original = getattr(DiagnosticCallback, hook)
+
+        @functools.wraps(original)
         def timed(*a: Any, _original: Any = original, **k: Any) -> Any:
             t0 = time.process_time()
             try:
                 return _original(*a, **k)
             finally:
-                spent[0] += time.process_time() - t0
+                SPENT[0] += time.process_time() - t0
 
-        setattr(callback, hook, timed)
+        setattr(DiagnosticCallback, hook, timed)
 
 
-def fit(
-    name: str, budget: float | None, args: Any, spent: list[float] | None = None
-) -> tuple[float, float, list[Any], int]:
+def fit(name: str, budget: float | None, args: Any) -> tuple[float, float, list[Any], int]:
     """(wall, cpu) seconds of one whole fit, the callbacks used and this process's rank;
     ``budget`` ``None``: no callback, ``0``: the callbacks' default budget."""
     torch.manual_seed(0)
@@ -132,8 +137,7 @@ def fit(
     for cb in callbacks:
         if args.clock == "cpu":
             cb.clock = time.process_time
-        if spent is not None:
-            time_hooks(cb, spent)
+    SPENT[0] = 0.0
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=args.devices,
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="> 1: DDP, one batch per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    time_hooks()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(
@@ -201,8 +206,8 @@ def main() -> None:
             w_none, c_none, _, _ = fit(name, None, args)
             line = [f"  round {i}: without {c_none:.1f} s CPU ({w_none:.1f} s wall)"]
             for budget in args.budgets:
-                spent = [0.0]
-                w_with, c_with, callbacks, rank = fit(name, budget, args, spent)
+                w_with, c_with, callbacks, rank = fit(name, budget, args)
+                spent = list(SPENT)
                 if rank or (warmup and i == 0):  # DDP: rank zero prints, after the warm-up
                     continue
                 ledger = callbacks[0].ledger

@@ -37,7 +37,7 @@ is due at the first step :math:`s' \ge s_i + ` :data:`MIN_INTERVAL` (its last at
 
 :math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' and the hooks' projected
 spending from now to :math:`s'`, :math:`\hat c_j` callback :math:`j`'s cost estimate and
-:math:`C_j` its spending so far: the callbacks that spent less go first (one not due within
+:math:`C_j` its spending on measurements so far: the callbacks that spent less go first (one not due within
 the run reserves nothing). In the long run the
 ``"auto"`` callbacks spend alike, so a cheap diagnostic measures more often than a costly one.
 
@@ -63,7 +63,9 @@ the callback tries again on its next turn.
 time from the first diagnostic callback's ``on_train_batch_start`` to the end of the last one's
 (their bodies: the clock, the schedule check; and Lightning's dispatch of all but the first) is
 booked at every step as spent, per callback (the stretch that ends in its hook), and its mean
-per step is projected ahead like a fixed callback's spending. So ``budget/spent`` is what the
+over the steps without a measurement or a plan is projected ahead like a fixed callback's
+spending (the one-off costs of a plan, e.g. the first call of a logger, are spent, not
+projected). So ``budget/spent`` is what the
 diagnostics cost, not only their measurements. What the ledger cannot time is Lightning's
 dispatch of the first callback's hook and of ``on_train_batch_end``; the per-step hooks the
 diagnostics do not use (``on_before_backward``, ``on_after_backward``,
@@ -195,8 +197,13 @@ class Ledger:
     _fit_gaps: int = 0
     #: The first step at which a callback whose hook sleeps is due (the leader wakes them).
     wake: int = 0
+    #: Hook seconds and count of the steps without a measurement or a plan (the projected rate).
+    quiet_hooks: float = 0.0
+    quiet_steps: int = 0
     _mark: float = 0.0  # the end of the last booked stretch of hooks in this step
     _measured: float = 0.0  # measurement seconds booked since the mark
+    _step_hooks: float = 0.0  # hook seconds booked in this step
+    _busy: bool = False  # a measurement or a plan in this step
 
     # --- booking -----------------------------------------------------------------------------
     def register(self, key: str, interval: int | None, prior: float = 1.0) -> Entry:
@@ -217,6 +224,9 @@ class Ledger:
         if last is not None and last[0] == step:
             return
         if last is not None:
+            if not self._busy:  # one-off costs (a plan, logging it) are not projected ahead
+                self.quiet_hooks += self._step_hooks
+                self.quiet_steps += 1
             gap = max(0.0, now - last[1] - self._in_gap)
             self.train_seconds += gap
             self.steps += 1
@@ -225,7 +235,7 @@ class Ledger:
                 self.est_seconds += gap
                 self.est_steps += 1
         self._last_tick, self._in_gap = (step, now), 0.0
-        self._mark, self._measured = now, 0.0
+        self._mark, self._measured, self._step_hooks, self._busy = now, 0.0, 0.0, False
 
     def book_hook(self, key: str, now: float, pending: float = 0.0) -> None:
         """The hook of ``key`` ends at ``now``: book the stretch since the last one ended (or the
@@ -237,6 +247,7 @@ class Ledger:
         entry.hooks += seconds
         entry.spent += seconds
         self._in_gap += seconds
+        self._step_hooks += seconds
 
     def book(self, key: str, step: int, seconds: float, ok: bool) -> None:
         """Book one measurement attempt of ``key`` at ``step``; only a success is a cost sample."""
@@ -246,6 +257,7 @@ class Ledger:
         entry.last_step = step
         self._in_gap += seconds
         self._measured += seconds
+        self._busy = True
         if not ok:
             entry.failures += 1
         elif entry.first is None:
@@ -279,13 +291,14 @@ class Ledger:
         t = self.step_time
         if t is None:
             return
-        self.plans, self.planned = self.plans + 1, True
-        # projected ahead: the fixed callbacks' measurements and everyone's hooks, per step
+        self.plans, self.planned, self._busy = self.plans + 1, True, True
+        # projected ahead: the fixed callbacks' measurements and the hooks of a quiet step
         rate = sum(e.estimate(t) / e.interval for e in self.entries.values() if e.interval)
-        if self.steps:
-            rate += sum(e.hooks for e in self.entries.values()) / self.steps
+        if self.quiet_steps:
+            rate += self.quiet_hooks / self.quiet_steps
         auto = [(k, e) for k, e in self.entries.items() if e.interval is None]
-        order = sorted(range(len(auto)), key=lambda i: (auto[i][1].spent, i))
+        # turns by measurement spending (the hooks are mostly the first callback's, for all)
+        order = sorted(range(len(auto)), key=lambda i: (auto[i][1].spent - auto[i][1].hooks, i))
         total, reserved = self.spent, 0.0
         for i in order:
             _, entry = auto[i]
@@ -338,11 +351,20 @@ class Ledger:
             "steps": self.steps,
             "est_seconds": self.est_seconds,
             "est_steps": self.est_steps,
+            "quiet_hooks": self.quiet_hooks,
+            "quiet_steps": self.quiet_steps,
             "entries": {k: asdict(e) for k, e in self.entries.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("train_seconds", "steps", "est_seconds", "est_steps"):
+        for name in (
+            "train_seconds",
+            "steps",
+            "est_seconds",
+            "est_steps",
+            "quiet_hooks",
+            "quiet_steps",
+        ):
             setattr(self, name, type(getattr(self, name))(state.get(name, 0)))
         for key, saved in state.get("entries", {}).items():
             entry = self.entries.get(key)
