@@ -446,12 +446,13 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         record = self._record
         assert record is not None
         try:
-            if self.log_peak_memory:
-                with PeakMemory(trainer.strategy.root_device) as memory:
+            with record.forked():  # one save and restore of the global RNG for all the probes
+                if self.log_peak_memory:
+                    with PeakMemory(trainer.strategy.root_device) as memory:
+                        metrics = self._compute(trainer, record)
+                    metrics.update(self._memory_metrics(memory))
+                else:
                     metrics = self._compute(trainer, record)
-                metrics.update(self._memory_metrics(memory))
-            else:
-                metrics = self._compute(trainer, record)
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
                 f"{type(self).__name__} skipped the measurement at step {record.step}:"
