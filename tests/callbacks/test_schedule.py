@@ -252,8 +252,8 @@ class SlowHook(Costly):
         super().__init__(clock, 1.0, **kwargs)
         self.hook, self.calls = hook, 0
 
-    def _start_step(self, trainer: pl.Trainer) -> None:
-        super()._start_step(trainer)  # the leader reads the clock here: the step begins
+    def _start_step(self, trainer: pl.Trainer, now: float) -> None:
+        super()._start_step(trainer, now)  # the leader read the clock: the step began
         self.clock.now += self.hook  # type: ignore[attr-defined]
         self.calls += 1
 

@@ -209,12 +209,12 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._start_step(trainer)
+        self._start_step(trainer, self.clock())  # the clock first: the hook is timed whole
         if self._should_measure(trainer):
             self._start_measurement(trainer, pl_module, batch, batch_idx)
+        self._sleep(trainer)
         # this hook's time outside the measurement (a measurement after the step is still open)
         self.ledger.book_hook(self.state_key, self.clock(), self._cost)
-        self._sleep(trainer)
 
     def _start_measurement(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

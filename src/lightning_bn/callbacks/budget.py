@@ -170,11 +170,12 @@ class SharedBudget:
         else:
             self.__dict__["on_train_batch_end"] = None
 
-    def _start_step(self, trainer: pl.Trainer) -> None:
-        """At every ``on_train_batch_start``: book the step (the first callback of a step), plan
-        after calibration, log a new plan. Kept short: it runs at every step."""
+    def _start_step(self, trainer: pl.Trainer, now: float) -> None:
+        """At every ``on_train_batch_start`` (``now`` on the clock): book the step (the first
+        callback of a step), plan after calibration, log a new plan. Kept short: it runs at
+        every step."""
         ledger = self.ledger
-        ledger.tick(trainer.global_step, self.clock())
+        ledger.tick(trainer.global_step, now)
         if not ledger.planned and ledger.step_time is not None:  # the fit's first plan
             self._replan(trainer)
         if ledger.plans != self._seen_plan and self.schedule == "auto":  # a new interval
