@@ -140,7 +140,7 @@ class Entry:
         later_sum / later_n: sum and count of the successful ones after it.
         attempts / failures: counts.
         last_step: the step of its last attempt (``None`` before one).
-        next_step: the step it is due at (``None``: not planned yet, measure at the first step).
+        next_step: the step it is due at (``None``: not planned yet, no measurement).
     """
 
     interval: int | None = None

@@ -79,9 +79,9 @@ class SmoothnessCallback(AlongGradientCallback):
     ``smoothness/grad_curvature``.
 
     Args:
-        every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
-            Trainer's shared budget says its turn has come (more often early; see
-            :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
+        every_n_steps: ``"auto"`` (default) measures whenever the Trainer's shared budget says
+            its turn has come, the first time once the budget covers its a-priori cost (more
+            often early; see :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
             ``global_step % every_n_steps == 0``.
         budget: the share of training time of *all* the Trainer's diagnostic callbacks
             together, in (0, 1]; ``None`` (default) for 0.04, or the value another of them gives.
