@@ -46,7 +46,8 @@ class Tick(pl.Callback):
 
 
 class Costly(DiagnosticCallback):
-    """A diagnostic whose measurement takes ``cost`` seconds on the fake clock."""
+    """A diagnostic whose measurement takes ``cost`` seconds on the fake clock (its clock), and
+    ``prior`` training steps a priori."""
 
     key_base = "costly"
 
@@ -262,8 +263,6 @@ def test_the_first_measurement_waits_for_its_a_priori_cost() -> None:
     clock = FakeClock()
     cheap = Costly(clock, 1.0, prior=1.0, budget=0.05, name="cheap")
     costly = Costly(clock, 3.0, prior=3.0, name="costly")
-    for cb in (cheap, costly):
-        cb.clock = clock
     _fit([cheap, costly], clock, 400, [1.0])
     # planned at step 4 (1 s steps, nothing measured): the one registered first goes first,
     # the other's need includes its reserved estimate; brute-force scans of the allowance
@@ -273,7 +272,6 @@ def test_the_first_measurement_waits_for_its_a_priori_cost() -> None:
     # never before the first plan, whatever the budget
     clock = FakeClock()
     free = Costly(clock, 0.0, prior=0.0, budget=1.0)
-    free.clock = clock
     _fit(free, clock, 30, [1.0])
     assert free.measured_steps == [4, 14, 24]
 
@@ -283,8 +281,6 @@ def test_a_small_budget_is_not_overrun() -> None:
     # 1% of 600 s is 6 s: two 2 s measurements fit, a 30-step one never does
     cheap = Costly(clock, 2.0, prior=2.0, budget=0.01, name="cheap")
     dear = Costly(clock, 30.0, prior=30.0, name="dear")
-    for cb in (cheap, dear):
-        cb.clock = clock
     with pytest.warns(DiagnosticWarning, match=r"Costly never measured.*about 30 training steps"):
         _fit([cheap, dear], clock, 600, [1.0])
     ledger = cheap.ledger
@@ -300,8 +296,6 @@ def test_hook_time_is_booked_at_every_step() -> None:
         clock = FakeClock()
         a = SlowHook(clock, seconds, budget=0.05, name="a")
         b = SlowHook(clock, seconds, name="b")
-        for cb in (a, b):
-            cb.clock = clock
         _fit([a, b], clock, 200, [1.0])
         ledger = a.ledger
         ea, eb = (ledger.entries[cb.state_key] for cb in (a, b))
