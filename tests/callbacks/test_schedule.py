@@ -329,6 +329,32 @@ def test_unused_per_step_hooks_are_not_dispatched() -> None:
     assert watching.seen == 7  # a subclass defines them as usual
 
 
+def test_a_hook_replaced_on_the_instance_stays_awake() -> None:
+    steps = {}
+    for wrap in (False, True):
+        clock = FakeClock()
+        lead = Costly(clock, 0.5, budget=0.05, name="lead")
+        timed = Costly(clock, 0.5, name="timed")
+        seen: list[int] = []
+
+        def wrapper(
+            trainer: pl.Trainer,
+            *args: Any,
+            _seen: list[int] = seen,
+            _hook: Any = timed.on_train_batch_start,
+        ) -> None:  # a timer, as a benchmark's
+            _seen.append(trainer.global_step)
+            _hook(trainer, *args)
+
+        if wrap:
+            timed.on_train_batch_start = wrapper  # type: ignore[method-assign]
+        _fit([lead, timed], clock, 200, [1.0])
+        steps[wrap] = (lead.measured_steps, timed.measured_steps)
+        if wrap:
+            assert seen == list(range(200)) and timed.on_train_batch_start is wrapper
+    assert steps[True] == steps[False] and steps[True][1]  # the same schedule, awake or asleep
+
+
 def test_budgets_must_agree() -> None:
     clock = FakeClock()
     with pytest.raises(ValueError, match=r"share one `budget`, but got 0.01 .*, 0.2 "):

@@ -274,8 +274,8 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._thaw_state_key()
-        self.__dict__.pop("on_train_batch_start", None)  # awake again (see SharedBudget)
-        self.__dict__.pop("on_train_batch_end", None)
+        self._wake("on_train_batch_start")  # awake again (see SharedBudget)
+        self._wake("on_train_batch_end")
         self._record = None
         self._probe = None
         self._ledger_state = None

@@ -21,6 +21,8 @@ from lightning_bn.logging.keys import DeclaresKeys, LoggedKey, LoggedKeys
 
 __all__ = ["BudgetKeys", "SharedBudget", "device_sync", "horizon"]
 
+_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end")
+
 
 class BudgetKeys(DeclaresKeys):
     """What the shared budget logs besides each callback's ``<prefix>/spent``."""
@@ -59,7 +61,8 @@ class SharedBudget:
     callback of the Trainer (the leader: it times the step and plans), which wakes the others at
     the first step one of them is due (:attr:`Ledger.wake`) or after a plan; its
     ``on_train_batch_end`` is ``None`` except while a measurement after the step is open. A
-    subclass that overrides either hook keeps it awake.
+    subclass that overrides either hook, or a hook replaced on the instance (a timer wrapping
+    it), keeps them awake.
     """
 
     on_before_backward: Any = None
@@ -79,6 +82,7 @@ class SharedBudget:
     _cost: float
     _sync: Callable[[], None] | None
     _leader: bool = True
+    _sleepy: bool = False
     measure_after_step: bool
 
     @property
@@ -122,23 +126,30 @@ class SharedBudget:
         raise NotImplementedError
 
     def _can_sleep(self) -> bool:
-        """Whether the batch hooks may be ``None`` between measurements (not if overridden)."""
+        """Whether the batch hooks may be ``None`` between measurements: not if a subclass
+        overrides them or they were replaced on the instance (e.g. wrapped by a timer)."""
         cls = type(self)
         return all(
             getattr(cls, hook).__qualname__ == f"DiagnosticCallback.{hook}"
-            for hook in ("on_train_batch_start", "on_train_batch_end")
+            and self.__dict__.get(hook) is None
+            for hook in _BATCH_HOOKS
         )
+
+    def _wake(self, hook: str) -> None:
+        if hook in self.__dict__ and self.__dict__[hook] is None:  # only what `_sleep` set
+            del self.__dict__[hook]
 
     def _start_training(self, trainer: pl.Trainer) -> None:
         """At ``on_train_start``: a new fit in the ledger; every hook awake; who leads."""
         self.ledger.start_fit(horizon(trainer))
         self.ledger.wake = 0
-        self.__dict__.pop("on_train_batch_start", None)
-        self.__dict__.pop("on_train_batch_end", None)
+        for hook in _BATCH_HOOKS:
+            self._wake(hook)
+        self._sleepy = self._can_sleep()
         callbacks = getattr(trainer, "callbacks", [])
-        first = next(cb for cb in callbacks if isinstance(cb, SharedBudget))
+        first = next((cb for cb in callbacks if isinstance(cb, SharedBudget)), self)
         self._leader = first is self
-        if self._can_sleep() and not self.measure_after_step:
+        if self._sleepy and not self.measure_after_step:
             self.__dict__["on_train_batch_end"] = None  # nothing to do after a step
 
     def _sleep(self, trainer: pl.Trainer) -> None:
@@ -150,7 +161,7 @@ class SharedBudget:
                 ledger.wake = NEVER
                 for cb in getattr(trainer, "callbacks", []):
                     if cb is not self and isinstance(cb, SharedBudget):
-                        cb.__dict__.pop("on_train_batch_start", None)
+                        cb._wake("on_train_batch_start")
             return
         if self.schedule != "auto":
             due = (step // self.schedule + 1) * self.schedule
@@ -158,15 +169,15 @@ class SharedBudget:
             planned = self._entry.next_step
             due = NEVER if planned is None else max(planned, step + 1)
         ledger.wake = min(ledger.wake, due)
-        if self._can_sleep():
+        if self._sleepy:
             self.__dict__["on_train_batch_start"] = None
 
     def _wake_after_step(self, awake: bool) -> None:
         """``on_train_batch_end`` is awake only while a measurement after the step is open."""
-        if not self._can_sleep():
+        if not self._sleepy:
             return
         if awake:
-            self.__dict__.pop("on_train_batch_end", None)
+            self._wake("on_train_batch_end")
         else:
             self.__dict__["on_train_batch_end"] = None
 
