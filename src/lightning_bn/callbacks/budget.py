@@ -52,17 +52,11 @@ class SharedBudget:
     """Mixin of :class:`~lightning_bn.callbacks.base.DiagnosticCallback`: its account in the
     Trainer's :class:`~lightning_bn.callbacks.schedule.Ledger`.
 
-    Lightning calls a callback's hook only when the attribute is callable, at every training
-    step, and its dispatch costs about 3-4 µs per callback and hook on a CPU (with the hooks'
-    bodies, 2% of a 2 ms training step for three callbacks, as much as a 1% budget). So the hooks
-    sleep when there is nothing to do. The per-step hooks the diagnostics do not use are ``None``
-    here (a subclass may define them as usual). Between its measurements a callback's
-    ``on_train_batch_start`` is ``None`` on the instance, except on the first diagnostic
-    callback of the Trainer (the leader: it times the step and plans), which wakes the others at
-    the first step one of them is due (:attr:`Ledger.wake`) or after a plan; its
-    ``on_train_batch_end`` is ``None`` except while a measurement after the step is open. A
-    subclass that overrides either hook, or a hook replaced on the instance (a timer wrapping
-    it), keeps them awake.
+    Its hooks sleep between measurements (``None``, which Lightning skips; see "Hooks" in
+    :mod:`~lightning_bn.callbacks.schedule`): the per-step hooks the diagnostics do not use
+    always (a subclass may define them), the batch hooks of all but the first diagnostic
+    callback until one is due, unless a subclass overrides them or they are replaced on the
+    instance.
     """
 
     on_before_backward: Any = None

@@ -64,7 +64,9 @@ the callback tries again on its next turn.
 callbacks, as much as a 1% budget). So between measurements the diagnostics' batch hooks sleep
 (:class:`~lightning_bn.callbacks.budget.SharedBudget`): only the first diagnostic callback's
 ``on_train_batch_start`` runs; it times the step, plans, and wakes the others at the first step
-one of them is due (:attr:`Ledger.wake`). The time of the hooks that run, from the first one's
+one of them is due (:attr:`Ledger.wake`); the per-step hooks they do not use
+(``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
+``on_before_zero_grad``) are ``None`` on them, so Lightning never calls them. The time of the hooks that run, from the first one's
 start to the end of the last one's (their bodies, and Lightning's dispatch of all but the
 first), is booked at every step as spent, per callback (the stretch that ends in its hook), and
 its mean over the steps without a measurement or a plan is projected ahead like a fixed
