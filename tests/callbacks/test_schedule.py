@@ -46,18 +46,20 @@ class Tick(pl.Callback):
 
 
 class Costly(DiagnosticCallback):
-    """A diagnostic whose measurement takes ``cost`` seconds on the fake clock."""
+    """A diagnostic whose measurement takes ``cost`` seconds on the fake clock (its clock), and
+    ``prior`` training steps a priori."""
 
     key_base = "costly"
 
-    def __init__(self, clock: FakeClock, cost: float, **kwargs: Any) -> None:
+    def __init__(self, clock: FakeClock, cost: float, prior: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.clock, self.cost = clock, cost
+        self.clock, self.cost, self.prior = clock, cost, prior
+
+    def measurement_steps(self) -> float:
+        return self.prior
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         self.clock.now += self.cost
-        if record.step in getattr(self, "fail_at", ()):
-            raise RuntimeError("fused kernel has no double backward")
         return {"costly/value": float(record.step)}
 
 
@@ -119,13 +121,14 @@ def test_allowance_front_loads_the_same_total() -> None:
 
 
 def _expected_steps(cost: float, budget: float, horizon: int, first_plan: int = 4) -> list[int]:
-    """One ``"auto"`` callback, 1 s steps: after k measurements the next is the first step
+    """One ``"auto"`` callback, 1 s steps, its a-priori cost one step (1 s) = its real cost:
+    nothing before the first plan; after k measurements the next is the first step
     s >= last + MIN_INTERVAL with budget * sqrt(s * T) >= (k + 1) * cost (closed form)."""
-    steps = [0]
+    steps: list[int] = []
     while True:
         k = len(steps)
         s = math.ceil(((k + 1) * cost / budget) ** 2 / horizon - 1e-9)
-        low = max(steps[-1] + MIN_INTERVAL, first_plan if k == 1 else steps[-1] + 1)
+        low = steps[-1] + MIN_INTERVAL if steps else first_plan
         s = max(s, low)
         if s >= horizon:
             return steps
@@ -146,9 +149,10 @@ def test_one_callback_follows_the_front_loaded_rule(cls: type[Costly]) -> None:
     ledger = callback.ledger
     assert ledger.entries[callback.state_key].spent == pytest.approx(len(expected))
     assert ledger.step_time == pytest.approx(1.0)
-    # logged at every plan: the first at step 1 + 3 timed steps
+    # logged at every plan: the first at step 1 + 3 timed steps (nothing spent: no measurement
+    # before it), then after the first measurement (1 s over 4 training seconds)
     spent = [(s, m["budget/spent"]) for s, m in logger.calls if "budget/spent" in m]
-    assert spent[0] == (4, pytest.approx(1.0 / 4))
+    assert spent[0] == (4, 0.0) and spent[1][1] == pytest.approx(1.0 / 4)
     # early above the budget (front-loaded), never above the allowance plus one measurement
     assert all(f <= (allowance(s, 1.0, 0.05, 400) + 1.0) / s for s, f in spent)
     assert 0.04 <= ledger.spent_fraction() <= 0.05
@@ -171,7 +175,7 @@ def test_a_larger_budget_measures_more() -> None:
         if budget == 0.05:  # they take turns: each spent about half, the cheap one more often
             assert abs(a - b) <= 2.0 and counts[budget][1] > 2 * counts[budget][0]
         if budget == 0.2:  # the cheap one is held by MIN_INTERVAL: the other spends the rest
-            assert callbacks[1].measured_steps == list(range(0, 600, MIN_INTERVAL))
+            assert callbacks[1].measured_steps == list(range(4, 600, MIN_INTERVAL))
             assert a > 2 * b
     assert counts[0.01] < counts[0.05] < counts[0.2]
     assert [sum(c) for c in counts.values()] == sorted(sum(c) for c in counts.values())
@@ -199,20 +203,23 @@ def test_fixed_interval_kept_and_left_to_it() -> None:
 def test_a_failed_measurement_never_sets_the_cost() -> None:
     clock = FakeClock()
     callback = Costly(clock, 5.0, budget=0.05)
-    callback.fail_at = {0}  # type: ignore[attr-defined]
+    callback._compute = _fail_first(callback, at_once=False)  # type: ignore[method-assign]
     callback.clock = clock
     with pytest.warns(DiagnosticWarning, match="fused kernel"):
         _fit(callback, clock, 200, [1.0])
     entry = callback.ledger.entries[callback.state_key]
     assert (entry.failures, entry.first) == (1, 5.0)  # the first success, not the failure
     assert entry.spent == pytest.approx(5.0 * entry.attempts)
-    # tried again when the allowance covers the failure's 5 s: 0.05 sqrt(200 s) >= 5, s = 50
-    assert callback.measured_steps[0] == 50
+    # the first attempt at the first plan (its a-priori 1 s fits: 0.05 sqrt(4 × 200) >= 1); it
+    # fails after 5 s, the estimate stays 1 s, so the next is due when the allowance covers
+    # 5 + 1 s: 0.05 sqrt(200 s) >= 6, s = 72
+    assert entry.attempts == 1 + len(callback.measured_steps)
+    assert callback.measured_steps[0] == 72
     # a cheap failure (raising at once) does not make the next plan optimistic either
     clock = FakeClock()
     quick = Costly(clock, 5.0, budget=0.05)
     quick.clock = clock
-    quick._compute = _fail_at_once_then(quick)  # type: ignore[method-assign]
+    quick._compute = _fail_first(quick, at_once=True)  # type: ignore[method-assign]
     with pytest.warns(DiagnosticWarning):
         _fit(quick, clock, 200, [1.0])
     entry = quick.ledger.entries[quick.state_key]
@@ -223,15 +230,129 @@ def test_a_failed_measurement_never_sets_the_cost() -> None:
     )
 
 
-def _fail_at_once_then(callback: Costly) -> Any:
+def _fail_first(callback: Costly, at_once: bool) -> Any:
+    """The callback's first measurement raises: at once, or after taking its time."""
     original = Costly._compute
+    calls = []
 
     def compute(trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
-        if record.step == 0:
-            raise RuntimeError("no double backward")
+        calls.append(record.step)
+        if len(calls) == 1:
+            if not at_once:
+                callback.clock.now += callback.cost  # type: ignore[attr-defined]
+            raise RuntimeError("fused kernel has no double backward")
         return original(callback, trainer, record)
 
     return compute
+
+
+class SlowHook(Costly):
+    """Its ``on_train_batch_start`` takes ``hook`` seconds besides any measurement."""
+
+    def __init__(self, clock: FakeClock, hook: float, **kwargs: Any) -> None:
+        super().__init__(clock, 1.0, **kwargs)
+        self.hook, self.calls = hook, 0
+
+    def _start_step(self, trainer: pl.Trainer, now: float) -> None:
+        super()._start_step(trainer, now)  # the leader read the clock: the step began
+        self.clock.now += self.hook  # type: ignore[attr-defined]
+        self.calls += 1
+
+
+def test_the_first_measurement_waits_for_its_a_priori_cost() -> None:
+    clock = FakeClock()
+    cheap = Costly(clock, 1.0, prior=1.0, budget=0.05, name="cheap")
+    costly = Costly(clock, 3.0, prior=3.0, name="costly")
+    _fit([cheap, costly], clock, 400, [1.0])
+    # planned at step 4 (1 s steps, nothing measured): the one registered first goes first,
+    # the other's need includes its reserved estimate; brute-force scans of the allowance
+    h = _excess(1.0, 0.05, 400, 0.0, 4)
+    assert cheap.measured_steps[0] == _scan(h, 4, 1.0) == 4
+    assert costly.measured_steps[0] == _scan(h, 4, 1.0 + 3.0) == 16
+    # never before the first plan, whatever the budget
+    clock = FakeClock()
+    free = Costly(clock, 0.0, prior=0.0, budget=1.0)
+    _fit(free, clock, 30, [1.0])
+    assert free.measured_steps == [4, 14, 24]
+
+
+def test_a_small_budget_is_not_overrun() -> None:
+    clock = FakeClock()
+    # 1% of 600 s is 6 s: two 2 s measurements fit, a 30-step one never does
+    cheap = Costly(clock, 2.0, prior=2.0, budget=0.01, name="cheap")
+    dear = Costly(clock, 30.0, prior=30.0, name="dear")
+    with pytest.warns(DiagnosticWarning, match=r"Costly never measured.*about 30 training steps"):
+        _fit([cheap, dear], clock, 600, [1.0])
+    ledger = cheap.ledger
+    # the dear one, never due within the run, does not hold the cheap one back: 0.01 sqrt(600 s)
+    # >= 2 and >= 4
+    assert dear.measured_steps == [] and cheap.measured_steps == [67, 267]
+    assert ledger.spent_fraction() <= 0.01
+
+
+def test_hook_time_is_booked_at_every_step() -> None:
+    counts = {}
+    for seconds in (0.0, 0.01, 0.025):
+        clock = FakeClock()
+        a = SlowHook(clock, seconds, budget=0.05, name="a")
+        b = SlowHook(clock, seconds, name="b")
+        _fit([a, b], clock, 200, [1.0])
+        ledger = a.ledger
+        ea, eb = (ledger.entries[cb.state_key] for cb in (a, b))
+        # the first diagnostic times every step; the other's hook sleeps between its turns
+        assert a.calls == 200 and 2 * len(b.measured_steps) <= b.calls < 100
+        assert ea.hooks == pytest.approx(200 * seconds)
+        assert eb.hooks == pytest.approx(b.calls * seconds)
+        measured = len(a.measured_steps) + len(b.measured_steps)
+        assert ledger.spent == pytest.approx(measured + (200 + b.calls) * seconds)
+        # the training time has the hooks taken out: 199 gaps of 1 s
+        assert (ledger.steps, ledger.train_seconds) == (199, pytest.approx(199.0))
+        assert ledger.spent_fraction() <= 0.05 * 1.05
+        counts[seconds] = measured
+    # the hooks' spending per step is projected ahead: less is left for measurements
+    assert counts[0.0] > counts[0.01] > counts[0.025]
+
+
+class Watching(Costly):
+    """A diagnostic that also uses a per-step hook the base class leaves undispatched."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = getattr(self, "seen", 0) + 1
+
+
+def test_unused_per_step_hooks_are_not_dispatched() -> None:
+    hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+    assert all(getattr(DiagnosticCallback, h) is None for h in (*hooks, "on_before_zero_grad"))
+    clock = FakeClock()
+    watching = Watching(clock, 0.0, every_n_steps=5)
+    _fit(watching, clock, 7, [1.0])
+    assert watching.seen == 7  # a subclass defines them as usual
+
+
+def test_a_hook_replaced_on_the_instance_stays_awake() -> None:
+    steps = {}
+    for wrap in (False, True):
+        clock = FakeClock()
+        lead = Costly(clock, 0.5, budget=0.05, name="lead")
+        timed = Costly(clock, 0.5, name="timed")
+        seen: list[int] = []
+
+        def wrapper(
+            trainer: pl.Trainer,
+            *args: Any,
+            _seen: list[int] = seen,
+            _hook: Any = timed.on_train_batch_start,
+        ) -> None:  # a timer, as a benchmark's
+            _seen.append(trainer.global_step)
+            _hook(trainer, *args)
+
+        if wrap:
+            timed.on_train_batch_start = wrapper  # type: ignore[method-assign]
+        _fit([lead, timed], clock, 200, [1.0])
+        steps[wrap] = (lead.measured_steps, timed.measured_steps)
+        if wrap:
+            assert seen == list(range(200)) and timed.on_train_batch_start is wrapper
+    assert steps[True] == steps[False] and steps[True][1]  # the same schedule, awake or asleep
 
 
 def test_budgets_must_agree() -> None:
@@ -269,13 +390,15 @@ def test_resume_goes_on_spending_the_same_budget() -> None:
 
 def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     clock = FakeClock()
-    callback = LipschitzCallback()
-    callback.clock = clock  # a measurement takes no time on this clock: every MIN_INTERVAL
+    # a measurement takes no time on this clock: every MIN_INTERVAL, from the first plan on (its
+    # a-priori 1 + 13 / 3 steps fit the whole budget by then: sqrt(4 × 16) >= 5.3)
+    callback = LipschitzCallback(budget=1.0)
+    callback.clock = clock
     t = trainer([callback, Tick(clock, [1.0])], 16, default_root_dir=tmp_path)
     t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
-    assert callback.measured_steps == [0, 10]
+    assert callback.measured_steps == [4, 14]
     t.save_checkpoint(tmp_path / "a.ckpt")
-    resumed = LipschitzCallback()
+    resumed = LipschitzCallback(budget=1.0)
     resumed.clock = clock
     t2 = trainer([resumed, Tick(clock, [1.0])], 35, default_root_dir=tmp_path)
     t2.fit(
@@ -285,7 +408,7 @@ def test_resume_from_a_checkpoint(tmp_path: Path) -> None:
     )
     entry = resumed.ledger.entries[resumed.state_key]
     assert entry.attempts == 2 + len(resumed.measured_steps) - 2
-    assert resumed.measured_steps == [0, 10, 20, 30]
+    assert resumed.measured_steps == [4, 14, 24, 34]
 
 
 @pytest.mark.parametrize("cls", [ICSCallback, LipschitzCallback, SmoothnessCallback])
@@ -297,11 +420,16 @@ def test_defaults_are_auto_and_logged_in_the_config(cls: type[DiagnosticCallback
     callback.clock = clock
     logger = MemoryLogger()
     t = trainer([callback, Tick(clock, [1.0])], 5, logger=logger)
-    t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
+    with pytest.warns(DiagnosticWarning, match="never measured in this fit.*Raise `budget="):
+        t.fit(Classifier(mlp(dropout=0.0).double()), loader(n=64, batch_size=4))
     assert callback.ledger.budget == 0.04
+    assert callback.measured_steps == []  # 5 steps of 4% do not pay for one measurement
+    # planned at step 4: the first step whose allowance covers its a-priori cost (1 s steps)
+    prior = callback.measurement_steps()
+    expected = _scan(_excess(1.0, 0.04, 5, 0.0, 4), 4, prior)
     prefix = callback.key_prefix
-    assert logger.history[4][f"{prefix}/every_n_steps"] == MIN_INTERVAL  # nothing spent here
-    assert logger.history[4][f"{prefix}/overhead"] == 0.0
+    assert logger.history[4][f"{prefix}/every_n_steps"] == expected
+    assert logger.history[4][f"{prefix}/overhead"] == pytest.approx(prior / expected)
     assert logger.history[4][f"{prefix}/spent"] == logger.history[4]["budget/spent"] == 0.0
 
 
@@ -336,9 +464,9 @@ def test_ddp_ranks_share_rank_zeros_interval(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    # rank 1's own ledger would plan step 650; rank 0 decides step 10 for both
+    # rank 1's own ledger would not measure again; rank 0 decides step 14 for both
     assert [r["every_n_steps"] for r in ranks] == [10, 10]
-    assert [r["measured_steps"] for r in ranks] == [[0, 10], [0, 10]]
+    assert [r["measured_steps"] for r in ranks] == [[4, 14], [4, 14]]
     assert ranks[0]["overhead"] == ranks[1]["overhead"]
     assert ranks[0]["spent"] == ranks[1]["spent"]  # rank zero's ledger, broadcast
     assert torch.isfinite(torch.tensor(ranks[0]["overhead"]))

@@ -12,9 +12,9 @@ OUT.json, with the final weights.
 ``--hessian``: a HessianCallback at every step (Adam, so the preconditioned sharpness runs from
 the second step), 4 steps.
 
-``--auto``: a LipschitzCallback with ``every_n_steps="auto"`` on a fake clock whose measurement
-cost differs by rank (rank 0's ledger plans 10 steps ahead, rank 1's alone would plan 650), 12
-steps; every rank writes its interval, measured steps and ledger spending to OUT.json.rank<R>.
+``--auto``: a LipschitzCallback with ``every_n_steps="auto"`` and a budget of 1 on a fake clock
+whose measurement cost differs by rank (rank 0's ledger plans 10 steps ahead, rank 1's alone would
+not measure again), 20 steps; every rank writes its interval, measured steps and ledger spending to OUT.json.rank<R>.
 """
 
 from __future__ import annotations
@@ -188,16 +188,17 @@ def main() -> None:
 
 def run_auto(ddp: bool, out: str) -> None:
     clock = FakeClock()
-    # Lipschitz evaluates the loss 1 + len(step_sizes) = 13 times: 0.13 s on rank 0 (next at
-    # step 10 at the default budget), 13 s on rank 1 (step 650)
-    callback = LipschitzCallback(loss_fn=SlowOnRank(clock, {0: 0.01, 1: 1.0}))
+    # the first measurement at the first plan (step 4: the a-priori 1 + 13 / 3 steps fit a
+    # budget of 1); Lipschitz evaluates the loss 1 + len(step_sizes) = 13 times: 0.13 s on rank 0
+    # (next at step 14), 13 s on rank 1 (alone, its ledger would not afford another in 20 steps)
+    callback = LipschitzCallback(loss_fn=SlowOnRank(clock, {0: 0.01, 1: 1.0}), budget=1.0)
     callback.clock = clock
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2 if ddp else 1,
         strategy="ddp" if ddp else "auto",
-        max_steps=12,
+        max_steps=20,
         callbacks=[callback, Tick(clock)],
         logger=MemoryLogger(),
         use_distributed_sampler=False,
@@ -205,7 +206,7 @@ def run_auto(ddp: bool, out: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Classifier(make_net(), lr=0.1), datamodule=Data(ddp, steps=12))
+    trainer.fit(Classifier(make_net(), lr=0.1), datamodule=Data(ddp, steps=20))
     result = {
         "every_n_steps": callback.every_n_steps,
         "overhead": callback.overhead,

@@ -22,9 +22,9 @@ T = TypeVar("T", bound=type)
 
 ENTRIES: dict[str, str] = {
     "every_n_steps": """\
-every_n_steps: ``"auto"`` (default) measures at the first step, then whenever the
-    Trainer's shared budget says its turn has come (more often early; see
-    :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
+every_n_steps: ``"auto"`` (default) measures whenever the Trainer's shared budget says
+    its turn has come, the first time once the budget covers its a-priori cost (more
+    often early; see :mod:`lightning_bn.callbacks.schedule`); an ``int`` measures when
     ``global_step % every_n_steps == 0``.""",
     "budget": """\
 budget: the share of training time of *all* the Trainer's diagnostic callbacks

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning_bn._types import LossFn
 from lightning_bn._validation import check_bool, check_step_sizes
 from lightning_bn.callbacks.base import DiagnosticCallback
-from lightning_bn.diagnostics.landscape import resolve_steps
+from lightning_bn.diagnostics.landscape import DEFAULT_STEP_SIZES, resolve_steps
 from lightning_bn.probe.batched import VmapChunkSize
 
 __all__ = ["AlongGradientCallback"]
@@ -48,6 +48,11 @@ class AlongGradientCallback(DiagnosticCallback):
             "step_sizes": self.step_sizes,
             "relative_to_lr": self.relative_to_lr,
         }
+
+    @property
+    def grid_size(self) -> int:
+        """The number of step sizes (points along the gradient) one measurement evaluates."""
+        return len(self.step_sizes or DEFAULT_STEP_SIZES)
 
     def _steps(self, trainer: pl.Trainer) -> tuple[list[float], dict[str, float] | None]:
         """The step sizes η at this step and the per-parameter scales

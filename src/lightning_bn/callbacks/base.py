@@ -18,7 +18,7 @@ from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
 from lightning_bn.callbacks._guards import refuse_compiled_submodules
 from lightning_bn.callbacks._state_key import CachedStateKey
-from lightning_bn.callbacks.budget import SharedBudget, horizon
+from lightning_bn.callbacks.budget import SharedBudget
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
@@ -100,9 +100,9 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     training time, default :data:`~lightning_bn.callbacks.schedule.DEFAULT_BUDGET` for all of them
     together; a value given to any of them sets it, and two different values are an error),
     booked in one :class:`~lightning_bn.callbacks.schedule.Ledger` of measured costs. With
-    ``every_n_steps="auto"`` (the default) a callback measures at the first training step, and
-    then whenever the ledger says its turn has come: more often early in training, less later
-    (see :mod:`lightning_bn.callbacks.schedule`). Rank zero decides and broadcasts; the ledger is
+    ``every_n_steps="auto"`` (the default) a callback measures when the ledger says its turn has
+    come, the first time once the budget covers :meth:`measurement_steps` training steps: more
+    often early in training, less later (see :mod:`lightning_bn.callbacks.schedule`). Rank zero decides and broadcasts; the ledger is
     kept in :meth:`state_dict`. An ``int`` is a fixed schedule, ``global_step % every_n_steps ==
     0``, whose cost the ``"auto"`` callbacks leave to it. Logged at every plan: ``budget/spent``
     (all the callbacks' seconds ÷ training seconds), ``<prefix>/spent`` (this callback's),
@@ -203,20 +203,22 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ledger.start_fit(horizon(trainer))
+        self._start_training(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        ledger = self.ledger
-        ledger.tick(trainer.global_step, self.clock())
-        if ledger.step_time is not None and not ledger.planned:  # the fit's first plan
-            self._replan(trainer)
-        if ledger.plans != self._seen_plan and self.schedule == "auto":  # a new interval
-            self._log_schedule(trainer)
-        if not self._should_measure(trainer):
-            return
+        self._start_step(trainer, self.clock())  # the clock first: the hook is timed whole
+        if self._should_measure(trainer):
+            self._start_measurement(trainer, pl_module, batch, batch_idx)
+        self._sleep(trainer)
+        # this hook's time outside the measurement (a measurement after the step is still open)
+        self.ledger.book_hook(self.state_key, self.clock(), self._cost)
+
+    def _start_measurement(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._cost = -self._tick()
         # e.g. NoiseInjectionCallback: draw this step's noise before the probes run
         for other in getattr(trainer, "callbacks", []):
@@ -235,6 +237,7 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._book(trainer, self._record.step, self._measure(trainer, pl_module))
             self._record = None
         else:
+            self._wake_after_step(True)
             self._cost += self._tick()
 
     @override
@@ -251,6 +254,11 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._cost -= self._tick()
             self._book(trainer, record.step, self._measure(trainer, pl_module))
         self._record = None
+        self._wake_after_step(False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_fit(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -266,6 +274,8 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._thaw_state_key()
+        self._wake("on_train_batch_start")  # awake again (see SharedBudget)
+        self._wake("on_train_batch_end")
         self._record = None
         self._probe = None
         self._ledger_state = None
@@ -373,14 +383,19 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def _should_measure(self, trainer: pl.Trainer) -> bool:
-        if not trainer.training:
-            return False
         if self.schedule != "auto":
-            return trainer.global_step % self.schedule == 0
-        entry = self._entry
-        if entry.next_step is None:  # not planned yet: measure the first step seen
-            return entry.last_step is None
-        return trainer.global_step >= entry.next_step
+            due = trainer.global_step % self.schedule == 0
+        else:  # not before the first plan: the first measurement is paid from the budget too
+            next_step = self._entry.next_step
+            due = next_step is not None and trainer.global_step >= next_step
+        return due and trainer.training
+
+    def measurement_steps(self) -> float:
+        """The cost of one measurement in training steps, estimated before any is timed: the
+        passes it needs (a training step is about one forward and one backward pass; a forward
+        alone about a third of one). The budget pays for the first measurement with it (see
+        :mod:`lightning_bn.callbacks.schedule`). Default: one step; subclasses count theirs."""
+        return 1.0
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
@@ -431,12 +446,13 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         record = self._record
         assert record is not None
         try:
-            if self.log_peak_memory:
-                with PeakMemory(trainer.strategy.root_device) as memory:
+            with record.forked():  # one save and restore of the global RNG for all the probes
+                if self.log_peak_memory:
+                    with PeakMemory(trainer.strategy.root_device) as memory:
+                        metrics = self._compute(trainer, record)
+                    metrics.update(self._memory_metrics(memory))
+                else:
                     metrics = self._compute(trainer, record)
-                metrics.update(self._memory_metrics(memory))
-            else:
-                metrics = self._compute(trainer, record)
         except Exception as exc:  # a diagnostic never stops training
             warnings.warn(
                 f"{type(self).__name__} skipped the measurement at step {record.step}:"

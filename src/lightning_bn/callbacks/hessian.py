@@ -64,8 +64,8 @@ class HessianCallback(DiagnosticCallback):
     about 10-30; the preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
     Memory: the Lanczos basis, at most ``max_iters`` (or ``density_steps``) float32 copies of the
     trainable parameters during a measurement, and ``top_k`` + 2 copies kept between
-    measurements for the warm starts. The default ``every_n_steps="auto"`` times the first
-    measurement and schedules the next ones within the Trainer's shared ``budget``.
+    measurements for the warm starts. The default ``every_n_steps="auto"`` schedules the
+    measurements within the Trainer's shared ``budget`` (the first from :meth:`measurement_steps`).
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
@@ -259,6 +259,13 @@ class HessianCallback(DiagnosticCallback):
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.settings.per_layer:
             self._layer_params = module_layers(pl_module, self.layers)
+
+    def measurement_steps(self) -> float:
+        """About two passes per Hessian-vector product, at the low end of the counts above: 15
+        for the top eigenvalues, 10 for the trace, the density's starts × steps, 10 per layer."""
+        s = self.settings
+        density = s.density_starts * s.density_steps if s.density else 0
+        return 2.0 * (15 + 10 * s.trace + density + 10 * len(self._layer_params))
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         optimizer = self._optimizer(trainer)

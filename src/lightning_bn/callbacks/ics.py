@@ -175,6 +175,11 @@ class ICSCallback(DiagnosticCallback):
             )
         warn_left_out(pl_module, self._layers)
 
+    def measurement_steps(self) -> float:
+        """One forward and backward pass per measured layer (one gives every :math:`G`, each
+        :math:`G'` one more, whose backward stops at its layer)."""
+        return float(max(1, len(self._layers)))
+
     def _key_scope(self, pl_module: pl.LightningModule) -> set[str]:
         try:
             return {layer.name for layer in measured_layers(pl_module, self.layers)}

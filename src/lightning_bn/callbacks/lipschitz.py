@@ -148,6 +148,10 @@ class LipschitzCallback(AlongGradientCallback):
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._norm_layers = norm_layers(pl_module)
 
+    def measurement_steps(self) -> float:
+        """One forward and backward pass (:math:`g_t`), one forward per step size."""
+        return 1.0 + self.grid_size / 3
+
     def _settings(self) -> dict[str, Any]:
         return {
             **super()._settings(),

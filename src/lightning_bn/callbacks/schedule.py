@@ -3,7 +3,7 @@ r"""One overhead budget for all the diagnostic callbacks of a Trainer, spent fro
 Every :class:`~lightning_bn.callbacks.base.DiagnosticCallback` of a Trainer books into the same
 :class:`Ledger` (:func:`ledger_for`): the seconds each measurement took (the time inside the
 callback's hooks at the measured step; on CUDA the device is synchronised at the edges of a
-measurement) and the training time between them. The ledger then schedules the next measurement
+measurement), the time of the hooks at the other steps, and the training time between them. The ledger then schedules the next measurement
 of every callback with ``every_n_steps="auto"`` from what *all* of them spent.
 
 **Training time.** :math:`W` is the time between consecutive training batches (read at the first
@@ -35,16 +35,47 @@ is due at the first step :math:`s' \ge s_i + ` :data:`MIN_INTERVAL` (its last at
 .. math::
     A(s') - F(s') \ge C + \hat c_i + \sum_{j:\,C_j < C_i} \hat c_j ,
 
-:math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' projected
+:math:`C` the spending of all the callbacks, :math:`F(s')` the fixed callbacks' and the hooks' projected
 spending from now to :math:`s'`, :math:`\hat c_j` callback :math:`j`'s cost estimate and
-:math:`C_j` its spending so far: the callbacks that spent less go first. In the long run the
+:math:`C_j` its spending on measurements so far: the callbacks that spent less go first (one not due within
+the run reserves nothing). In the long run the
 ``"auto"`` callbacks spend alike, so a cheap diagnostic measures more often than a costly one.
+
+**The first measurement is paid for too.** Before a callback has measured, its cost estimate is
+a priori: the passes one measurement needs (forward and backward passes, Hessian-vector products;
+each callback's :meth:`~lightning_bn.callbacks.base.DiagnosticCallback.measurement_steps`, in
+training steps) times :math:`\hat t`. No ``"auto"`` callback measures before the first plan (the
+first :data:`CALIBRATION_STEPS` timed steps), and each measures for the first time at the first
+step whose allowance covers that estimate, by the rule above. So a short run or a small budget is
+not overrun by a first measurement it cannot afford (a measurement at step 0 would be the most
+expensive of all: cold caches, first-call set-up); the price is that the first measurement comes
+a few steps into training, and a costly diagnostic (the smoothness one, about 30 training steps)
+may not measure at all in a short run with a small budget. A callback that never measured in a
+fit says so once at its end (raise ``budget=`` or fix ``every_n_steps``).
 
 **Failures.** Only successful measurements enter a callback's cost estimate :math:`\hat c_i` (the
 mean of its successful measurements after the first, cold one; the first alone until there is a
-second). A failed attempt (a pass that raises on a fused kernel, say) never sets the schedule:
-its seconds count as spent, the estimate is unchanged (zero before any success), and the callback
-tries again on its next turn.
+second; the a-priori estimate before any). A failed attempt (a pass that raises on a fused
+kernel, say) never sets the schedule: its seconds count as spent, the estimate is unchanged, and
+the callback tries again on its next turn.
+
+**Hooks.** Lightning calls every callback's hooks at every training step, measured or not
+(about 3-4 µs each per callback on a CPU, before any work in them: 2% of a 2 ms step for three
+callbacks, as much as a 1% budget). So between measurements the diagnostics' batch hooks sleep
+(:class:`~lightning_bn.callbacks.budget.SharedBudget`): only the first diagnostic callback's
+``on_train_batch_start`` runs; it times the step, plans, and wakes the others at the first step
+one of them is due (:attr:`Ledger.wake`); the per-step hooks they do not use
+(``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
+``on_before_zero_grad``) are ``None`` on them, so Lightning never calls them. The time of the hooks that run, from the first one's
+start to the end of the last one's (their bodies, and Lightning's dispatch of all but the
+first), is booked at every step as spent, per callback (the stretch that ends in its hook), and
+its mean over the steps without a measurement or a plan is projected ahead like a fixed
+callback's spending (the one-off costs of a plan, e.g. the first call of a logger, are spent,
+not projected). So ``budget/spent`` is what the diagnostics cost, not only their measurements.
+What the ledger cannot time is Lightning's dispatch of the first hook, and the few
+microseconds of that hook around its clock readings. A callback placed between two diagnostic
+callbacks in the Trainer's list is timed with them when they are awake: keep the diagnostics
+together.
 
 Rank zero decides: the ledger's numbers are broadcast from it (``trainer.strategy.broadcast``)
 whenever the schedule is planned, so every rank measures at the same steps. The ledger's state
@@ -71,9 +102,9 @@ __all__ = [
     "ledger_for",
 ]
 
-#: Default share of training time for all the diagnostics together: the three paper callbacks
-#: together cost about 1.04-1.05× the training time of a run of a few thousand steps (the rest is
-#: Lightning calling their hooks at every step, which the ledger does not see).
+#: Default share of training time for all the diagnostics together (their measurements and their
+#: hooks at every step): the three paper callbacks then cost about 1.04× the training time of a
+#: run of a few thousand steps, below 1.05 with room for what the ledger cannot time.
 DEFAULT_BUDGET = 0.04
 #: Timed training steps (after the first of a fit) before the first plan.
 CALIBRATION_STEPS = 3
@@ -106,16 +137,20 @@ class Entry:
 
     Attributes:
         interval: its fixed ``every_n_steps``, or ``None`` for ``"auto"``.
-        spent: seconds of all its measurement attempts, failed ones included.
+        prior: the a-priori cost of one measurement, in training steps (its passes).
+        spent: seconds of all its measurement attempts, failed ones included, and of its hooks.
+        hooks: the part of ``spent`` in its hooks outside measurements (every step).
         first: seconds of its first successful measurement (``None`` before one).
         later_sum / later_n: sum and count of the successful ones after it.
         attempts / failures: counts.
         last_step: the step of its last attempt (``None`` before one).
-        next_step: the step it is due at (``None``: not planned yet, measure at the first step).
+        next_step: the step it is due at (``None``: not planned yet, no measurement).
     """
 
     interval: int | None = None
+    prior: float = 1.0
     spent: float = 0.0
+    hooks: float = 0.0
     first: float | None = None
     later_sum: float = 0.0
     later_n: int = 0
@@ -131,6 +166,11 @@ class Entry:
         if self.later_n:
             return self.later_sum / self.later_n
         return self.first or 0.0
+
+    def estimate(self, step_time: float) -> float:
+        """Seconds one measurement is expected to take: :attr:`cost` once one succeeded, else
+        :attr:`prior` training steps of ``step_time`` seconds."""
+        return self.cost if self.first is not None else self.prior * step_time
 
 
 @dataclass
@@ -159,12 +199,22 @@ class Ledger:
     _last_tick: tuple[int, float] | None = None
     _in_gap: float = 0.0
     _fit_gaps: int = 0
+    #: The first step at which a callback whose hook sleeps is due (the leader wakes them).
+    wake: int = 0
+    #: Hook seconds and count of the steps without a measurement or a plan (the projected rate).
+    quiet_hooks: float = 0.0
+    quiet_steps: int = 0
+    _mark: float = 0.0  # the end of the last booked stretch of hooks in this step
+    _measured: float = 0.0  # measurement seconds booked since the mark
+    _step_hooks: float = 0.0  # hook seconds booked in this step
+    _busy: bool = False  # a measurement or a plan in this step
 
     # --- booking -----------------------------------------------------------------------------
-    def register(self, key: str, interval: int | None) -> Entry:
-        """The entry of the callback ``key`` (created if new; its interval is set either way)."""
+    def register(self, key: str, interval: int | None, prior: float = 1.0) -> Entry:
+        """The entry of the callback ``key`` (created if new; its interval and a-priori cost in
+        training steps are set either way)."""
         entry = self.entries.setdefault(key, Entry())
-        entry.interval = interval
+        entry.interval, entry.prior = interval, prior
         return entry
 
     def start_fit(self, horizon: int | None) -> None:
@@ -178,6 +228,9 @@ class Ledger:
         if last is not None and last[0] == step:
             return
         if last is not None:
+            if not self._busy:  # one-off costs (a plan, logging it) are not projected ahead
+                self.quiet_hooks += self._step_hooks
+                self.quiet_steps += 1
             gap = max(0.0, now - last[1] - self._in_gap)
             self.train_seconds += gap
             self.steps += 1
@@ -186,6 +239,19 @@ class Ledger:
                 self.est_seconds += gap
                 self.est_steps += 1
         self._last_tick, self._in_gap = (step, now), 0.0
+        self._mark, self._measured, self._step_hooks, self._busy = now, 0.0, 0.0, False
+
+    def book_hook(self, key: str, now: float, pending: float = 0.0) -> None:
+        """The hook of ``key`` ends at ``now``: book the stretch since the last one ended (or the
+        step's first hook began) as its spending, less the measurements booked in it and the
+        ``pending`` seconds of one still open (booked when it ends)."""
+        seconds = max(0.0, now - self._mark - self._measured - pending)
+        self._mark, self._measured = now, 0.0
+        entry = self.entries[key]
+        entry.hooks += seconds
+        entry.spent += seconds
+        self._in_gap += seconds
+        self._step_hooks += seconds
 
     def book(self, key: str, step: int, seconds: float, ok: bool) -> None:
         """Book one measurement attempt of ``key`` at ``step``; only a success is a cost sample."""
@@ -194,6 +260,8 @@ class Ledger:
         entry.attempts += 1
         entry.last_step = step
         self._in_gap += seconds
+        self._measured += seconds
+        self._busy = True
         if not ok:
             entry.failures += 1
         elif entry.first is None:
@@ -227,17 +295,22 @@ class Ledger:
         t = self.step_time
         if t is None:
             return
-        self.plans, self.planned = self.plans + 1, True
-        fixed_rate = sum(e.cost / e.interval for e in self.entries.values() if e.interval)
+        self.plans, self.planned, self._busy = self.plans + 1, True, True
+        # projected ahead: the fixed callbacks' measurements and the hooks of a quiet step
+        rate = sum(e.estimate(t) / e.interval for e in self.entries.values() if e.interval)
+        if self.quiet_steps:
+            rate += self.quiet_hooks / self.quiet_steps
         auto = [(k, e) for k, e in self.entries.items() if e.interval is None]
-        order = sorted(range(len(auto)), key=lambda i: (auto[i][1].spent, i))
+        # turns by measurement spending (the hooks are mostly the first callback's, for all)
+        order = sorted(range(len(auto)), key=lambda i: (auto[i][1].spent - auto[i][1].hooks, i))
         total, reserved = self.spent, 0.0
         for i in order:
             _, entry = auto[i]
-            low = step + 1 if entry.last_step is None else entry.last_step + MIN_INTERVAL
-            need = total + reserved + entry.cost
-            entry.next_step = self._first_step(max(low, step), step, need, t, fixed_rate)
-            reserved += entry.cost
+            low = step if entry.last_step is None else entry.last_step + MIN_INTERVAL
+            need = total + reserved + entry.estimate(t)
+            entry.next_step = self._first_step(max(low, step), step, need, t, rate)
+            if entry.next_step < (self.horizon or NEVER):  # one it cannot afford holds no one
+                reserved += entry.estimate(t)
 
     def _first_step(self, low: int, now: int, need: float, t: float, rate: float) -> int:
         r"""The first step :math:`s \ge` ``low`` with :math:`h(s) = A(s) - r\,(s - \text{now})
@@ -282,20 +355,29 @@ class Ledger:
             "steps": self.steps,
             "est_seconds": self.est_seconds,
             "est_steps": self.est_steps,
+            "quiet_hooks": self.quiet_hooks,
+            "quiet_steps": self.quiet_steps,
             "entries": {k: asdict(e) for k, e in self.entries.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("train_seconds", "steps", "est_seconds", "est_steps"):
+        for name in (
+            "train_seconds",
+            "steps",
+            "est_seconds",
+            "est_steps",
+            "quiet_hooks",
+            "quiet_steps",
+        ):
             setattr(self, name, type(getattr(self, name))(state.get(name, 0)))
         for key, saved in state.get("entries", {}).items():
             entry = self.entries.get(key)
             if entry is None:  # a callback not in this Trainer any more
                 continue
-            interval = entry.interval  # the current setting wins over the saved one
+            interval, prior = entry.interval, entry.prior  # the current settings win
             for name, value in saved.items():
                 setattr(entry, name, value)
-            entry.interval = interval
+            entry.interval, entry.prior = interval, prior
 
     def snapshot(self) -> dict[str, Any]:
         """What rank zero broadcasts: the state plus the horizon and the per-fit step counters."""

@@ -209,6 +209,13 @@ class SmoothnessCallback(AlongGradientCallback):
 
     key_base = "smoothness"
 
+    def measurement_steps(self) -> float:
+        """A gradient at :math:`W^t` and at each step size; with ``hessian``, about two passes per
+        Hessian-vector product: a Lanczos basis's worth (warm starts converge within about one)
+        and one for :math:`g^\top H g`."""
+        products = (self.lanczos_basis or self.max_iters) + 1 if self.hessian else 0
+        return 1.0 + self.grid_size + 2.0 * products
+
     def _settings(self) -> dict[str, Any]:
         return {
             **super()._settings(),
