@@ -22,7 +22,7 @@ from lightning_bn.callbacks.budget import SharedBudget
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.logging.extras import LoggerExtras, MetricHistory, logger_extras
-from lightning_bn.logging.keys import DeclaresKeys, LoggedKey
+from lightning_bn.logging.keys import DeclaresKeys
 from lightning_bn.probe import Collective, Probe, RNGState, StepRecord, copy_batch
 from lightning_bn.probe.batched import VmapChunkSize, check_vmap_chunk_size
 from lightning_bn.probe.memory import PeakMemory
@@ -497,14 +497,3 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
         for logger in trainer.loggers:
             logger.log_metrics(dict(metrics), step=step)
         self.panel_history.add(step, metrics)
-
-
-def peak_memory_keys(key_base: str) -> tuple[LoggedKey, LoggedKey]:
-    """The declarations of ``<key_base>/peak_mem_mb`` and ``peak_cuda_mem_mb`` (W&B keeps the max).
-
-    Every diagnostic callback logs them the same way (:attr:`DiagnosticCallback.log_peak_memory`).
-    """
-    return (
-        LoggedKey(f"{key_base}/peak_mem_mb", "max"),
-        LoggedKey(f"{key_base}/peak_cuda_mem_mb", "max"),
-    )

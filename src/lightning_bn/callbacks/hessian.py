@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_bn._validation import check_int, check_selection
 from lightning_bn.callbacks._docs import fill_doc
-from lightning_bn.callbacks.base import DiagnosticCallback, LossFn, peak_memory_keys
+from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.hessian import (
     HessianSettings,
     HessianState,
@@ -22,7 +22,7 @@ from lightning_bn.diagnostics.hessian import (
     module_layers,
 )
 from lightning_bn.diagnostics.preconditioned import stability_threshold
-from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, peak_memory_keys
 from lightning_bn.probe import StepRecord
 
 __all__ = ["HessianCallback"]

@@ -11,11 +11,11 @@ from torch import nn
 
 from lightning_bn._validation import check_bool, check_selection
 from lightning_bn.callbacks._docs import fill_doc
-from lightning_bn.callbacks.base import DiagnosticCallback, LossFn, peak_memory_keys
+from lightning_bn.callbacks.base import DiagnosticCallback, LossFn
 from lightning_bn.diagnostics.ics import ICSLayer, compute_ics, measured_layers, warn_left_out
 from lightning_bn.errors import DiagnosticWarning
 from lightning_bn.layers.selection import describe_modules
-from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, peak_memory_keys
 from lightning_bn.probe import StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 

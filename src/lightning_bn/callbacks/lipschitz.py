@@ -13,10 +13,9 @@ from lightning_bn._types import LossFn
 from lightning_bn.callbacks._docs import fill_doc
 from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
-from lightning_bn.callbacks.base import peak_memory_keys
 from lightning_bn.diagnostics.landscape import compute_lipschitz, norm_layers
 from lightning_bn.errors import DiagnosticWarning
-from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, peak_memory_keys
 from lightning_bn.probe import StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 

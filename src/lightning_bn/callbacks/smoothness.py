@@ -19,12 +19,11 @@ from lightning_bn._validation import (
 from lightning_bn.callbacks._docs import fill_doc
 from lightning_bn.callbacks._guards import drop_empty_grid
 from lightning_bn.callbacks.along_gradient import AlongGradientCallback
-from lightning_bn.callbacks.base import peak_memory_keys
 from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
 )
-from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel
+from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, peak_memory_keys
 from lightning_bn.probe import Params, StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
 

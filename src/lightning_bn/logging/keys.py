@@ -42,6 +42,7 @@ __all__ = [
     "owners",
     "panels",
     "panels_for",
+    "peak_memory_keys",
     "prefixes",
     "summaries",
 ]
@@ -307,3 +308,15 @@ def panels_for(keys: Iterable[str]) -> tuple[Panel, ...]:
         base = next((d.prefix for d in _DECLARED.values() if panel in d.panels), "")
         out.extend(panel.for_prefix(base, prefix) for prefix in found.get(base, []))
     return tuple(out)
+
+
+def peak_memory_keys(key_base: str) -> tuple[LoggedKey, LoggedKey]:
+    """The declarations of ``<key_base>/peak_mem_mb`` and ``peak_cuda_mem_mb`` (W&B keeps the max).
+
+    Every diagnostic callback logs them the same way (see ``log_peak_memory`` on
+    :class:`lightning_bn.callbacks.base.DiagnosticCallback`).
+    """
+    return (
+        LoggedKey(f"{key_base}/peak_mem_mb", "max"),
+        LoggedKey(f"{key_base}/peak_cuda_mem_mb", "max"),
+    )
