@@ -44,6 +44,7 @@ class HessianSettings:
 
     top_k: int = 3
     max_iters: int = 100
+    lanczos_basis: int | None = 6
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02
@@ -53,6 +54,7 @@ class HessianSettings:
     density_steps: int = 50
     density_bins: int = 32
     density_sigma: float = 0.01
+    density_reorth: bool = False
     per_layer: bool = True
     preconditioned: bool = True
     hvp_method: str = "reverse"
@@ -61,11 +63,13 @@ class HessianSettings:
         check_int("top_k", self.top_k, minimum=1)
         check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
         check_int("trace_max_samples", self.trace_max_samples, minimum=2)
+        if self.lanczos_basis is not None:
+            check_int("lanczos_basis", self.lanczos_basis, minimum=4)
         for name in ("density_starts", "density_steps", "density_bins"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("tol", "trace_rtol", "density_sigma"):
             object.__setattr__(self, name, check_float(name, getattr(self, name), minimum=0))
-        for name in ("trace", "density", "per_layer", "preconditioned"):
+        for name in ("trace", "density", "density_reorth", "per_layer", "preconditioned"):
             check_bool(name, getattr(self, name))
         check_choice("hvp_method", self.hvp_method, ("reverse", "forward", "auto"))
 
@@ -144,6 +148,7 @@ def compute_hessian(
         tol=settings.tol,
         generator=generator,
         warn=False,
+        basis_size=settings.lanczos_basis,
     )
     for i in range(k):
         metrics[f"eig_{i + 1}"] = top.eigenvalues[i] if i < len(top.eigenvalues) else math.nan
@@ -160,7 +165,7 @@ def compute_hessian(
             max_samples=settings.trace_max_samples,
             min_samples=min(10, settings.trace_max_samples),
             generator=generator,
-            deflate=top.run,
+            deflate=top.run if settings.lanczos_basis is None else new.top,
             blocks=blocks,
             warn=False,
         )
@@ -173,7 +178,7 @@ def compute_hessian(
         for name, (value, err) in tr.blocks.items():
             metrics[f"{name}/trace"] = value
             metrics[f"{name}/trace_stderr"] = err
-    del top  # the Lanczos basis (up to max_iters vectors) is not needed beyond the trace
+    del top  # the full Lanczos basis (lanczos_basis=None) is not needed beyond the trace
 
     if blocks:
         per_block = block_top_eigenvalues(
@@ -185,6 +190,7 @@ def compute_hessian(
             tol=settings.tol,
             generator=generator,
             warn=False,
+            basis_size=settings.lanczos_basis,
         )
         for name, res in per_block.items():
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
@@ -210,6 +216,7 @@ def compute_hessian(
                     tol=settings.tol,
                     generator=generator,
                     warn=False,
+                    basis_size=settings.lanczos_basis,
                 )
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
@@ -222,6 +229,7 @@ def compute_hessian(
             starts=settings.density_starts,
             steps=settings.density_steps,
             generator=generator,
+            reorthogonalize=settings.density_reorth,
         )
         masses, lo, hi = dens.histogram(settings.density_bins, settings.density_sigma)
         metrics["density/lo"], metrics["density/hi"] = lo, hi
