@@ -37,14 +37,17 @@ class HessianCallback(DiagnosticCallback):
     :math:`H = \nabla^2 L(W^t)` over the trainable parameters, from Hessian-vector products only
     (no dense Hessian):
 
-    * the ``top_k`` largest eigenvalues (Lanczos with full reorthogonalisation, each Ritz value
-      within ``tol`` relative of an eigenvalue by its residual; warm-started from the previous
+    * the ``top_k`` largest eigenvalues (Lanczos with full reorthogonalisation in
+      ``lanczos_basis`` vectors, one eigenvalue at a time, each orthogonal to those found before
+      and restarted from its best Ritz vectors when the basis is full; each Ritz value within
+      ``tol`` relative of an eigenvalue by its residual; warm-started from the previous
       measurement's Ritz vectors plus a random part);
-    * the trace by Hutchinson (Rademacher probes), deflated by that Lanczos basis (the basis part
-      is exact, the probes see the rest), until its standard error is within ``trace_rtol`` of it;
+    * the trace by Hutchinson (Rademacher probes), deflated by the top-k eigenvectors (their part
+      of the trace is exact, the probes see the rest), until its standard error is within
+      ``trace_rtol`` of it;
     * the eigenvalue density by stochastic Lanczos quadrature (``density_starts`` runs of
-      ``density_steps`` products), logged as a Gaussian-smoothed histogram of ``density_bins``
-      equal bins between ``density/lo`` and ``density/hi``;
+      ``density_steps`` products, three-term recurrence), logged as a Gaussian-smoothed
+      histogram of ``density_bins`` equal bins between ``density/lo`` and ``density/hi``;
     * per layer (the layers of :class:`~lightning_bn.callbacks.ics.ICSCallback`, named as in
       its keys), the trace (from the same probes, free) and top eigenvalue of the diagonal block;
     * the preconditioned sharpness :math:`\lambda_{\max}(P^{-1/2} H P^{-1/2})`, :math:`P` from the
@@ -62,9 +65,12 @@ class HessianCallback(DiagnosticCallback):
     kept first-order graph): top-k about 15-60; the trace ``10``-``trace_max_samples``; the
     density ``density_starts × density_steps`` (120 by default, the largest share); each layer
     about 10-30; the preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
-    Memory: the Lanczos basis, at most ``max_iters`` (or ``density_steps``) float32 copies of the
-    trainable parameters during a measurement, and ``top_k`` + 2 copies kept between
-    measurements for the warm starts. The default ``every_n_steps="auto"`` times the first
+    Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (6) for the basis,
+    ``top_k`` for the eigenvectors found, and the few of a Hessian-vector product during a
+    measurement (17 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
+    ``top_k`` + 2 kept between measurements for the warm starts. ``lanczos_basis=None`` and
+    ``density_reorth=True`` restore the unbounded solvers (up to ``max_iters`` and
+    ``density_steps`` copies). The default ``every_n_steps="auto"`` times the first
     measurement and schedules the next ones within the Trainer's shared ``budget``.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
@@ -78,8 +84,13 @@ class HessianCallback(DiagnosticCallback):
     Args:
         %(every_n_steps)s
         top_k: how many of the largest eigenvalues (``>= 1``).
-        max_iters: most products of one Lanczos run (the top-k, each layer, the preconditioned
-            sharpness); also the most basis vectors kept (default 100).
+        max_iters: most products of the top-k (all k together), of each layer and of the
+            preconditioned sharpness (default 100); with ``lanczos_basis=None`` also the most
+            basis vectors kept.
+        lanczos_basis: most Lanczos vectors kept (``>= 4``; default 6: bounded memory at the
+            same tolerance, for a few more products on a small spectral gap); ``None``: one
+            unrestarted run keeping up to ``max_iters`` vectors for all k eigenvalues at once
+            (fewer products, and the trace deflated by that whole basis).
         tol: relative residual tolerance of every eigenvalue (default 1e-3).
         trace: measure the trace (and the per-layer traces).
         trace_rtol: standard error, relative to the trace, that stops Hutchinson (default 0.02).
@@ -91,6 +102,10 @@ class HessianCallback(DiagnosticCallback):
             ``benchmarks/hessian_vs_pyhessian.py`` compares).
         density_bins: histogram bins (default 32).
         density_sigma: Gaussian smoothing width relative to the spectrum's range (default 0.01).
+        density_reorth: reorthogonalise the density's Lanczos runs (default ``False``: three
+            vectors of memory; without it converged eigenvalues get ghost copies but the
+            quadrature's moments, hence the histogram's mass, stay accurate; ``True`` keeps
+            ``density_steps`` vectors).
         per_layer: measure each layer's diagonal block.
         layers: which layers (module names or types, as ``ICSCallback``'s ``layers``); ``None``
             for its default rule.
