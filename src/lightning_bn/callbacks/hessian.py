@@ -282,6 +282,9 @@ class HessianCallback(DiagnosticCallback):
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         optimizer = self._optimizer(trainer)
         device = next(self.probe.module.parameters()).device
+        # handed over, not shared: the measurement frees the old warm starts once read (a failed
+        # measurement leaves a cold start for the next)
+        state, self.state = self.state.to(device), HessianState()
         metrics, self.state = compute_hessian(
             self.probe,
             self.probe.parameters(),
@@ -289,7 +292,7 @@ class HessianCallback(DiagnosticCallback):
             self.settings,
             layers=self._layer_params,
             optimizer=optimizer,
-            state=self.state.to(device),
+            state=state,
             generator=self._generator,
             collective=self.collective,
         )

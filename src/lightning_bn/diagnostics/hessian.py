@@ -112,7 +112,8 @@ def compute_hessian(
         settings: what to compute.
         layers: layer name → its parameters' names (the diagonal blocks).
         optimizer: the optimiser whose state makes the preconditioner (``None``: none).
-        state: warm starts from the previous measurement.
+        state: warm starts from the previous measurement (handed over: its ``top`` is emptied
+            once read, so that those vectors need no memory during the measurement).
         generator: random source (the same state on every rank).
         collective: cross-rank averaging of the products (DDP semantics).
 
@@ -139,11 +140,13 @@ def compute_hessian(
     metrics: dict[str, float] = {}
     new = HessianState()
     k = settings.top_k
+    warm = _summed(state.top, layout.numel)
+    state.top = []  # one vector from here on: the old ones are freed (``state`` is handed over)
     top = top_eigenvalues(
         matvec,
         layout,
         k,
-        state.top or None,
+        warm,
         max_iters=max(settings.max_iters, k + 1),
         tol=settings.tol,
         generator=generator,
@@ -237,6 +240,17 @@ def compute_hessian(
         for j, mass in enumerate(masses.tolist()):
             metrics[f"density/bin_{j:0{width}d}"] = mass
     return metrics, new
+
+
+def _summed(vectors: Sequence[Tensor], numel: int) -> list[Tensor] | None:
+    """The sum of the unit vectors along ``vectors`` (those finite and of ``numel`` entries),
+    as a one-vector warm start, or ``None``."""
+    total: Tensor | None = None
+    for v in vectors:
+        norm = float(torch.linalg.vector_norm(v))
+        if v.numel() == numel and 0.0 < norm < math.inf:
+            total = v / norm if total is None else total.add_(v, alpha=1.0 / norm)
+    return None if total is None else [total]
 
 
 def module_layers(
