@@ -71,9 +71,11 @@ def restarted_top(
     eps = torch.finfo(q.dtype).eps
     basis = Basis(q.numel(), capacity, q.dtype, q.device)
     start = basis.append(q)
+    q_norm = float(torch.linalg.vector_norm(q))
+    del q  # copied into the basis: freed here unless the caller keeps it
     _project(start, locked)
     norm = float(torch.linalg.vector_norm(start))
-    if not norm > 1e-6 * float(torch.linalg.vector_norm(q)):
+    if not norm > 1e-6 * q_norm:
         return RitzPair(math.nan, math.nan, None, 0, True)
     start.div_(norm)
     g = torch.zeros(capacity, capacity, dtype=torch.float64)
@@ -110,7 +112,7 @@ def restarted_top(
             continue
         # thick restart: the `keep` top Ritz vectors, then the residual direction
         kept = min(keep, p)
-        ritz = torch.empty(kept, q.numel(), dtype=q.dtype, device=q.device)
+        ritz = start.new_empty(kept, basis.n)
         for i in range(kept):
             basis.combine(s[:, p - kept + i], out=ritz[i])
         basis.reset()
