@@ -43,8 +43,8 @@ class HessianSettings:
     """
 
     top_k: int = 3
-    max_iters: int = 100
-    lanczos_basis: int | None = 6
+    max_iters: int = 150
+    lanczos_basis: int | None = 12
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02

@@ -65,8 +65,8 @@ def restarted_top(
     modified), at most ``capacity`` (``>= keep + 2``) basis vectors and ``max_steps`` products.
     Stops after at least 2 products once the top Ritz pair's residual is at most
     :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)`, or on an
-    invariant subspace (exact). Memory: ``capacity`` vectors, the product, and ``keep`` vectors
-    while restarting.
+    invariant subspace (exact). Memory: ``capacity`` vectors, the product, and one more vector
+    while restarting (the basis is rotated in place).
     """
     eps = torch.finfo(q.dtype).eps
     basis = Basis(q.numel(), capacity, q.dtype, q.device)
@@ -112,19 +112,35 @@ def restarted_top(
             continue
         # thick restart: the `keep` top Ritz vectors, then the residual direction
         kept = min(keep, p)
-        ritz = start.new_empty(kept, basis.n)
-        for i in range(kept):
-            basis.combine(s[:, p - kept + i], out=ritz[i])
+        _rotate(basis, s.flip(1))  # rows 0.. become the Ritz vectors, largest value first
         basis.reset()
-        for i in range(kept):
-            basis.append(ritz[i])
-        del ritz
+        for _ in range(kept):
+            basis.append()
         basis.append(w, beta)
-        couple = beta * s[-1, p - kept :]
+        couple = beta * s[-1, p - kept :].flip(0)
         g.zero_()
-        g[:kept, :kept] = torch.diag(theta[p - kept :])
+        g[:kept, :kept] = torch.diag(theta[p - kept :].flip(0))
         g[kept, :kept], g[:kept, kept] = couple, couple
         p = kept
+
+
+def _rotate(basis: Basis, u: Tensor) -> None:
+    r"""Rows :math:`Q \leftarrow U^\top Q` in place (``u`` orthogonal, float64), by the
+    Householder reflections of :math:`U^\top = H_1 \cdots H_m D` (``geqrf``): one vector of
+    work memory instead of a copy of the rows."""
+    m = u.shape[0]
+    a, tau = torch.geqrf(u.T.contiguous())
+    rows = [basis.row(i) for i in range(m)]
+    for i in range(m):
+        if float(a[i, i]) < 0:
+            rows[i].neg_()
+    work = torch.empty_like(rows[0])
+    for i in reversed(range(m)):  # H_1 (H_2 (... (H_m D Q)))
+        v = torch.zeros(m, dtype=torch.float64)
+        v[i], v[i + 1 :] = 1.0, a[i + 1 :, i]
+        basis.combine(v, out=work)  # vᵀ Q
+        for j in range(i, m):
+            rows[j].sub_(work, alpha=float(tau[i] * v[j]))
 
 
 def deflated_top(
@@ -135,8 +151,8 @@ def deflated_top(
     tol: float,
     capacity: int,
 ) -> tuple[list[RitzPair], int, bool]:
-    """The top ``k`` Ritz pairs one at a time, each by :func:`restarted_top` from a fresh
-    ``start()`` projected off the ones found before (the later ones' tolerance floor is
+    """The top ``k`` Ritz pairs one at a time, each by :func:`restarted_top` (keeping half its
+    ``capacity`` at a restart) from a fresh ``start()`` projected off the ones found before (the later ones' tolerance floor is
     1e-3 × the first's magnitude), ``max_iters`` products in all. Returns the pairs (fewer
     when the space runs out; the last not finite when a product was not), the products taken,
     and whether every pair converged within them."""
@@ -148,7 +164,7 @@ def deflated_top(
         found = [p.vector for p in pairs if p.vector is not None]
         pair = restarted_top(
             matvec, start(), capacity=capacity, max_steps=max_iters - used, tol=tol,
-            locked=found, floor=floor,
+            locked=found, keep=capacity // 2, floor=floor,
         )  # fmt: skip
         used += pair.steps
         if pair.vector is None and pair.finite:  # nothing left: H has fewer dimensions
