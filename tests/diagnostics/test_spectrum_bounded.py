@@ -83,7 +83,9 @@ def test_bounded_top_k_against_the_exact_hessian(case: tuple[Case, Tensor]) -> N
     c, h = case
     exact = torch.linalg.eigvalsh(h).flip(0)
     kw = {"basis_size": 5, "max_iters": 400}
-    res = top_eigenvalues(c.op.matvec, c.layout, 4, generator=torch.Generator().manual_seed(1), **kw)
+    res = top_eigenvalues(
+        c.op.matvec, c.layout, 4, generator=torch.Generator().manual_seed(1), **kw
+    )
     assert res.converged
     assert res.eigenvalues == pytest.approx(exact[:4].tolist(), rel=1e-3)
     # warm-started from its own vectors at the same point: fewer products, same values

@@ -136,4 +136,3 @@ def spectral_density(
         weights.append(vectors[0] ** 2)
         exact = exact and run.breakdown
     return DensityResult(nodes, weights, iterations, exact)
-
