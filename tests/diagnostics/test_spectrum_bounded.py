@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
 
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.eigen import ConvergenceWarning
@@ -28,6 +28,7 @@ from lightning_bn.diagnostics.spectrum import (
     top_eigenvalues,
 )
 from tests.diagnostics.test_spectrum import Case
+from tests.support.profiling import peak_allocated
 
 DTYPE = torch.float64
 
@@ -175,27 +176,6 @@ def test_density_without_reorthogonalisation_keeps_the_moments() -> None:
         assert dens.moment(p)[0] == pytest.approx(want, rel=1e-9, abs=1e-9), p
 
 
-def test_density_without_reorthogonalisation_against_the_exact_hessian(
-    case: tuple[Case, Tensor],
-) -> None:
-    c, h = case
-    eig = torch.linalg.eigvalsh(h)
-    dens = spectral_density(
-        c.op.matvec,
-        c.layout,
-        starts=12,
-        steps=25,
-        generator=torch.Generator().manual_seed(4),
-        reorthogonalize=False,
-    )
-    for p in (1, 2):
-        value, err = dens.moment(p)
-        assert abs(value - float((eig**p).mean())) <= 3 * err, p
-    masses, lo, hi = dens.histogram(bins=40, sigma=0.01)
-    assert lo < float(eig.min()) and hi > float(eig.max())
-    assert float(masses.sum()) == pytest.approx(1.0, abs=1e-3)
-
-
 def test_bounded_blocks_and_preconditioned_against_exact(case: tuple[Case, Tensor]) -> None:
     c, h = case
     groups = {"a": c.names[:2], "b": c.names[2:4], "c": c.names[-2:]}
@@ -216,23 +196,8 @@ def test_bounded_blocks_and_preconditioned_against_exact(case: tuple[Case, Tenso
     assert pre.eigenvalues[0] == pytest.approx(exact, rel=1e-3)
 
 
-def _peak_copies(fn: object, n: int) -> float:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()  # type: ignore[operator]
-    changes = sorted(
-        (
-            e.time_range.start,
-            e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage,
-        )
-        for e in prof.events()
-    )
-    total = peak = 0
-    for _, change in changes:
-        total += change
-        peak = max(peak, total)
-    if peak == 0:
-        pytest.skip("this torch build's profiler records no memory events")
-    return peak / (4 * n)
+def _peak_copies(fn: Callable[[], object], n: int) -> float:
+    return peak_allocated(fn) / (4 * n)
 
 
 def test_bounded_solvers_allocate_their_basis_not_their_products() -> None:
