@@ -65,7 +65,7 @@ class HessianCallback(DiagnosticCallback):
     kept first-order graph): top-k about 15-60; the trace ``10``-``trace_max_samples``; the
     density ``density_starts × density_steps`` (120 by default, the largest share); each layer
     about 10-30; the preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
-    Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (6) for the basis,
+    Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (8) for the basis,
     ``top_k`` for the eigenvectors found, and the few of a Hessian-vector product during a
     measurement (17 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
     ``top_k`` + 2 kept between measurements for the warm starts. ``lanczos_basis=None`` and
@@ -87,7 +87,7 @@ class HessianCallback(DiagnosticCallback):
         max_iters: most products of the top-k (all k together), of each layer and of the
             preconditioned sharpness (default 100); with ``lanczos_basis=None`` also the most
             basis vectors kept.
-        lanczos_basis: most Lanczos vectors kept (``>= 4``; default 6: bounded memory at the
+        lanczos_basis: most Lanczos vectors kept (``>= 4``; default 8: bounded memory at the
             same tolerance, for a few more products on a small spectral gap); ``None``: one
             unrestarted run keeping up to ``max_iters`` vectors for all k eigenvalues at once
             (fewer products, and the trace deflated by that whole basis).
@@ -220,7 +220,7 @@ class HessianCallback(DiagnosticCallback):
         every_n_steps: int | Literal["auto"] = "auto",
         top_k: int = 3,
         max_iters: int = 150,
-        lanczos_basis: int | None = 12,
+        lanczos_basis: int | None = 8,
         tol: float = 1e-3,
         trace: bool = True,
         trace_rtol: float = 0.02,

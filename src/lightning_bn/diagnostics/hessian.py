@@ -44,7 +44,7 @@ class HessianSettings:
 
     top_k: int = 3
     max_iters: int = 150
-    lanczos_basis: int | None = 12
+    lanczos_basis: int | None = 8
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02
