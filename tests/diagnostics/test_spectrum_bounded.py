@@ -238,3 +238,17 @@ def test_bounded_solvers_allocate_their_basis_not_their_products() -> None:
         )  # fmt: skip
 
     assert density(False) <= 6 < 40 < density(True)
+
+
+def test_float32_eigenvectors_of_millions_of_entries_deflate_a_trace() -> None:
+    n = 2_000_000
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(n, generator=gen)
+    d[:4] = torch.tensor([5.0, 4.5, 4.0, 3.9])
+    layout = _layout(n, torch.float32)
+    top = top_eigenvalues(lambda v: d * v, layout, 3, max_iters=300, basis_size=8, generator=gen)
+    assert top.converged and top.eigenvalues == pytest.approx([5.0, 4.5, 4.0], rel=1e-3)
+    vectors = torch.stack(top.eigenvectors).double()
+    assert torch.allclose(vectors @ vectors.T, torch.eye(3, dtype=DTYPE), atol=1e-5)
+    tr = hutchinson_trace(lambda v: d * v, layout, deflate=top.eigenvectors, generator=gen)
+    assert abs(tr.trace - float(d.double().sum())) <= 3 * tr.stderr
