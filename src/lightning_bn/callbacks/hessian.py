@@ -62,9 +62,10 @@ class HessianCallback(DiagnosticCallback):
     those of one process on the global batch.
 
     Cost of one measurement, in Hessian-vector products (each about one backward pass through the
-    kept first-order graph): top-k about 15-60; the trace ``10``-``trace_max_samples``; the
-    density ``density_starts × density_steps`` (120 by default, the largest share); each layer
-    about 10-30; the preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
+    kept first-order graph): top-k about 30-120 (about half with ``lanczos_basis=None``); the
+    trace ``10``-``trace_max_samples`` plus ``top_k``; the density ``density_starts ×
+    density_steps`` (100 by default, the largest share); each layer about 10-30; the
+    preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
     Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (8) for the basis,
     ``top_k`` for the eigenvectors found, and the few of a Hessian-vector product during a
     measurement (17 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
