@@ -68,7 +68,7 @@ class HessianCallback(DiagnosticCallback):
     preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
     Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (8) for the basis,
     ``top_k`` for the eigenvectors found, and the few of a Hessian-vector product during a
-    measurement (17 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
+    measurement (22.5 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
     ``top_k`` + 2 kept between measurements for the warm starts. ``lanczos_basis=None`` and
     ``density_reorth=True`` restore the unbounded solvers (up to ``max_iters`` and
     ``density_steps`` copies). The default ``every_n_steps="auto"`` times the first
