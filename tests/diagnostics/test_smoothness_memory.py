@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from lightning_bn.diagnostics.landscape import compute_smoothness
 from lightning_bn.probe import Probe, RNGState, StepRecord
+from tests.support.profiling import peak_allocated
 
 
 def _peak_copies(basis: int) -> float:
@@ -36,25 +36,14 @@ def _peak_copies(basis: int) -> float:
     step = StepRecord(batch, 0, RNGState.capture())
     params = probe.parameters(copy=False)
     warm = compute_smoothness(probe, params, step, [0.1, 0.2], basis_size=basis).eigenvector
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def measure() -> None:
         compute_smoothness(
             probe, params, step, [0.1, 0.2], basis_size=basis, init=warm, reuse_init=True,
             max_iters=12, tol=0.0,
         )  # fmt: skip
-    changes = sorted(
-        (
-            e.time_range.start,
-            e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage,
-        )
-        for e in prof.events()
-    )
-    total = peak = 0
-    for _, change in changes:
-        total += change
-        peak = max(peak, total)
-    if peak == 0:
-        pytest.skip("this torch build's profiler records no memory events")
-    return peak / (4 * n)
+
+    return peak_allocated(measure) / (4 * n)
 
 
 def test_a_warm_measurement_allocates_its_basis_and_about_two_more_copies() -> None:

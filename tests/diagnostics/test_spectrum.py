@@ -183,11 +183,15 @@ def test_trace_of_a_known_operator_stops_on_its_standard_error() -> None:
     assert abs(tr.trace - float(a.trace())) <= 3 * tr.stderr
 
 
-def test_density_moments_match_the_exact_spectrum(case: tuple[Case, Tensor]) -> None:
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_density_moments_match_the_exact_spectrum(
+    case: tuple[Case, Tensor], reorthogonalize: bool
+) -> None:
     c, h = case
     eig = torch.linalg.eigvalsh(h)
+    gen = torch.Generator().manual_seed(4)
     dens = spectral_density(
-        c.op.matvec, c.layout, starts=12, steps=25, generator=torch.Generator().manual_seed(4)
+        c.op.matvec, c.layout, starts=12, steps=25, generator=gen, reorthogonalize=reorthogonalize
     )
     for p in (1, 2):
         value, err = dens.moment(p)

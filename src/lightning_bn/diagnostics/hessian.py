@@ -43,7 +43,8 @@ class HessianSettings:
     """
 
     top_k: int = 3
-    max_iters: int = 100
+    max_iters: int = 150
+    lanczos_basis: int | None = 8
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02
@@ -53,6 +54,7 @@ class HessianSettings:
     density_steps: int = 50
     density_bins: int = 32
     density_sigma: float = 0.01
+    density_reorth: bool = False
     per_layer: bool = True
     preconditioned: bool = True
     hvp_method: str = "reverse"
@@ -61,11 +63,13 @@ class HessianSettings:
         check_int("top_k", self.top_k, minimum=1)
         check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
         check_int("trace_max_samples", self.trace_max_samples, minimum=2)
+        if self.lanczos_basis is not None:
+            check_int("lanczos_basis", self.lanczos_basis, minimum=4)
         for name in ("density_starts", "density_steps", "density_bins"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("tol", "trace_rtol", "density_sigma"):
             object.__setattr__(self, name, check_float(name, getattr(self, name), minimum=0))
-        for name in ("trace", "density", "per_layer", "preconditioned"):
+        for name in ("trace", "density", "density_reorth", "per_layer", "preconditioned"):
             check_bool(name, getattr(self, name))
         check_choice("hvp_method", self.hvp_method, ("reverse", "forward", "auto"))
 
@@ -108,7 +112,8 @@ def compute_hessian(
         settings: what to compute.
         layers: layer name → its parameters' names (the diagonal blocks).
         optimizer: the optimiser whose state makes the preconditioner (``None``: none).
-        state: warm starts from the previous measurement.
+        state: warm starts from the previous measurement (handed over: its ``top`` is emptied
+            once read, so that those vectors need no memory during the measurement).
         generator: random source (the same state on every rank).
         collective: cross-rank averaging of the products (DDP semantics).
 
@@ -135,15 +140,18 @@ def compute_hessian(
     metrics: dict[str, float] = {}
     new = HessianState()
     k = settings.top_k
+    warm = _summed(state.top, layout.numel)
+    state.top = []  # one vector from here on: the old ones are freed (``state`` is handed over)
     top = top_eigenvalues(
         matvec,
         layout,
         k,
-        state.top or None,
+        warm,
         max_iters=max(settings.max_iters, k + 1),
         tol=settings.tol,
         generator=generator,
         warn=False,
+        basis_size=settings.lanczos_basis,
     )
     for i in range(k):
         metrics[f"eig_{i + 1}"] = top.eigenvalues[i] if i < len(top.eigenvalues) else math.nan
@@ -160,7 +168,7 @@ def compute_hessian(
             max_samples=settings.trace_max_samples,
             min_samples=min(10, settings.trace_max_samples),
             generator=generator,
-            deflate=top.run,
+            deflate=top.run if settings.lanczos_basis is None else new.top,
             blocks=blocks,
             warn=False,
         )
@@ -173,7 +181,7 @@ def compute_hessian(
         for name, (value, err) in tr.blocks.items():
             metrics[f"{name}/trace"] = value
             metrics[f"{name}/trace_stderr"] = err
-    del top  # the Lanczos basis (up to max_iters vectors) is not needed beyond the trace
+    del top  # the full Lanczos basis (lanczos_basis=None) is not needed beyond the trace
 
     if blocks:
         per_block = block_top_eigenvalues(
@@ -185,6 +193,7 @@ def compute_hessian(
             tol=settings.tol,
             generator=generator,
             warn=False,
+            basis_size=settings.lanczos_basis,
         )
         for name, res in per_block.items():
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
@@ -210,6 +219,7 @@ def compute_hessian(
                     tol=settings.tol,
                     generator=generator,
                     warn=False,
+                    basis_size=settings.lanczos_basis,
                 )
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
@@ -222,6 +232,7 @@ def compute_hessian(
             starts=settings.density_starts,
             steps=settings.density_steps,
             generator=generator,
+            reorthogonalize=settings.density_reorth,
         )
         masses, lo, hi = dens.histogram(settings.density_bins, settings.density_sigma)
         metrics["density/lo"], metrics["density/hi"] = lo, hi
@@ -229,6 +240,17 @@ def compute_hessian(
         for j, mass in enumerate(masses.tolist()):
             metrics[f"density/bin_{j:0{width}d}"] = mass
     return metrics, new
+
+
+def _summed(vectors: Sequence[Tensor], numel: int) -> list[Tensor] | None:
+    """The sum of the unit vectors along ``vectors`` (those finite and of ``numel`` entries),
+    as a one-vector warm start, or ``None``."""
+    total: Tensor | None = None
+    for v in vectors:
+        norm = float(torch.linalg.vector_norm(v))
+        if v.numel() == numel and 0.0 < norm < math.inf:
+            total = v / norm if total is None else total.add_(v, alpha=1.0 / norm)
+    return None if total is None else [total]
 
 
 def module_layers(

@@ -52,15 +52,22 @@ class Basis:
         self.size = 0
         self._views = []
 
-    def project_out(self, w: Tensor) -> None:
-        r""":math:`w \leftarrow (I - QQ^\top) w` in place (classical Gram-Schmidt)."""
+    def project_out(self, w: Tensor) -> Tensor:
+        r""":math:`w \leftarrow (I - QQ^\top) w` in place (classical Gram-Schmidt); returns the
+        coefficients :math:`Q^\top w` it removed."""
         views = self._views
-        if len(views) == 1:
-            w.addmv_(views[0].T, views[0] @ w, alpha=-1.0)
-            return
         coeffs = [b @ w for b in views]  # all coefficients first, then one update per block
         for b, c in zip(views, coeffs, strict=True):
             w.addmv_(b.T, c, alpha=-1.0)
+        return torch.cat(coeffs) if coeffs else w.new_zeros(0)
+
+    def row(self, i: int) -> Tensor:
+        """Row ``i`` (a view)."""
+        for b in self._views:
+            if i < b.shape[0]:
+                return b[i]
+            i -= b.shape[0]
+        raise IndexError("row beyond the basis")
 
     def combine(self, s: Tensor, out: Tensor | None = None) -> Tensor:
         r""":math:`Q s` (into ``out`` when given, else a new tensor); ``s`` holds the coefficients

@@ -22,8 +22,8 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
 Memory: a Lanczos run keeps its basis, at most ``max_iters`` (or ``steps``) flat vectors of the
-parameters' size in float32 (or wider); nothing else is parameter-sized beyond a handful of work
-vectors. No dense Hessian is ever formed.
+parameters' size in float32 (or wider), or ``basis_size`` + :math:`k` with a ``basis_size``;
+nothing else is parameter-sized beyond a few work vectors. No dense Hessian is ever formed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import Tensor
 from lightning_bn._validation import check_float, check_int
 from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, warn_unconverged
 from lightning_bn.diagnostics.paramvec import FlatLayout
+from lightning_bn.diagnostics.restart import deflated_exact_trace, deflated_top
 
 __all__ = [
     "LanczosRun",
@@ -87,13 +88,15 @@ def lanczos(
     q: Tensor,
     max_steps: int,
     stop: Callable[[LanczosRun], bool] | None = None,
+    reorthogonalize: bool = True,
 ) -> LanczosRun:
     r"""Lanczos with full reorthogonalisation from the unit vector ``q``, at most ``max_steps``
     products, stopping early when ``stop(run)`` says so (checked after every product) or at a
     breakdown. The recurrence is that of
     :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`: three-term step, then one
-    classical Gram-Schmidt pass against the whole basis."""
-    basis = _Basis(q.numel(), max_steps + 1, q.dtype, q.device)
+    classical Gram-Schmidt pass against the whole basis (``reorthogonalize=False``: the
+    three-term step alone, and the basis keeps :math:`q_1` only)."""
+    basis = _Basis(q.numel(), max_steps + 1 if reorthogonalize else 1, q.dtype, q.device)
     q = basis.append(q)
     q_prev: Tensor | None = None
     eps = torch.finfo(q.dtype).eps
@@ -108,7 +111,8 @@ def lanczos(
                 w.sub_(q_prev, alpha=beta)
             alpha_t = torch.dot(q, w)
             w.addcmul_(q, alpha_t, value=-1.0)
-            basis.project_out(w)
+            if reorthogonalize:
+                basis.project_out(w)
             stats = torch.stack([alpha_t, hq_norm_t, torch.linalg.vector_norm(w)])
         alpha, hq_norm, new_beta = stats.tolist()
         if not (math.isfinite(alpha) and math.isfinite(hq_norm) and math.isfinite(new_beta)):
@@ -125,7 +129,7 @@ def lanczos(
         if tri.size == max_steps:
             return run
         beta = new_beta
-        q_prev, q = q, basis.append(w)
+        q_prev, q = q, (basis.append(w) if reorthogonalize else w)
     return run
 
 
@@ -165,6 +169,7 @@ def top_eigenvalues(
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    basis_size: int | None = None,
 ) -> TopEigResult:
     r"""The :math:`k` largest eigenvalues of :math:`H` (algebraic, descending) by Lanczos.
 
@@ -195,6 +200,13 @@ def top_eigenvalues(
         generator: source of the random start (default: a fresh one seeded with 0).
         warn: issue a :class:`~lightning_bn.diagnostics.eigen.ConvergenceWarning` when the
             tolerance was not met within ``max_iters``.
+        basis_size: ``None`` (default): one Lanczos run keeping up to ``max_iters`` vectors.
+            An int (``>= 4``): bounded memory, one eigenvalue at a time, each by
+            :func:`~lightning_bn.diagnostics.restart.deflated_top` (thick restarts in
+            ``basis_size`` vectors, projected off the eigenvectors already found; a fresh start
+            each, the same ``init``), to the same residual rule; ``max_iters`` counts the
+            products of all :math:`k`. Memory: ``basis_size`` + :math:`k` vectors; ``run`` is
+            then ``None`` (deflate the trace by ``eigenvectors``).
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -203,6 +215,9 @@ def top_eigenvalues(
     check_int("k", k, minimum=1)
     check_int("max_iters", max_iters, minimum=k + 1)
     tol = check_float("tol", tol, minimum=0)
+    if basis_size is not None:
+        check_int("basis_size", basis_size, minimum=4)
+        return _top_deflated(matvec, layout, k, init, max_iters, tol, generator, warn, basis_size)
     q = _start(layout, generator, init)
 
     def converged(run: LanczosRun) -> bool:
@@ -226,6 +241,29 @@ def top_eigenvalues(
     if warn and not ok:
         warn_unconverged(f"top_eigenvalues (k={k})", run.steps)
     return TopEigResult(eigenvalues, residuals, ritz, run.steps, ok, run)
+
+
+def _top_deflated(
+    matvec: Matvec,
+    layout: FlatLayout,
+    k: int,
+    init: Sequence[Tensor] | None,
+    max_iters: int,
+    tol: float,
+    generator: torch.Generator | None,
+    warn: bool,
+    basis_size: int,
+) -> TopEigResult:
+    """:func:`top_eigenvalues` in ``basis_size`` vectors, one eigenvalue at a time."""
+    pairs, used, ok = deflated_top(
+        matvec, lambda: _start(layout, generator, init), k, max_iters, tol, basis_size
+    )
+    if warn and not ok:
+        warn_unconverged(f"top_eigenvalues (k={k})", used)
+    if any(not p.finite for p in pairs):
+        return TopEigResult([math.nan] * k, [math.nan] * k, [], used, False)
+    vectors = [p.vector for p in pairs if p.vector is not None]
+    return TopEigResult([p.value for p in pairs], [p.residual for p in pairs], vectors, used, ok)
 
 
 def _residual_ok(values: Tensor, vectors: Tensor, beta: float, k: int, tol: float) -> Tensor:
@@ -288,7 +326,7 @@ def hutchinson_trace(
     min_samples: int = 10,
     max_samples: int = 200,
     generator: torch.Generator | None = None,
-    deflate: LanczosRun | None = None,
+    deflate: LanczosRun | Sequence[Tensor] | None = None,
     blocks: Mapping[str, Tensor] | None = None,
     warn: bool = True,
 ) -> TraceResult:
@@ -318,6 +356,13 @@ def hutchinson_trace(
     using the Lanczos relation :math:`HQ = QT + \beta_m q_{m+1} e_m^\top` (the two exact terms
     sum to :math:`\mathrm{tr}(T_m)` over a partition).
 
+    ``deflate`` may instead be orthonormal vectors :math:`Y` (e.g. ``top_eigenvalues(...)
+    .eigenvectors``, from any ``basis_size``): the exact part is then
+    :math:`\mathrm{tr}(Y^\top H Y)` (the top-:math:`k` eigenvalues to the solver's tolerance),
+    computed with :math:`k` more products
+    (:func:`~lightning_bn.diagnostics.restart.deflated_exact_trace`), and the memory is
+    :math:`k` vectors instead of a whole Lanczos basis.
+
     Args:
         matvec: :math:`v \mapsto Hv` on flat vectors in ``layout``.
         layout: the flat vectors' layout.
@@ -325,7 +370,8 @@ def hutchinson_trace(
         min_samples: fewest probes (the standard error of fewer is itself too noisy to stop on).
         max_samples: most probes (one product each).
         generator: source of the probes (default: a fresh one seeded with 0).
-        deflate: a Lanczos run on the same operator (e.g. ``top_eigenvalues(...).run``).
+        deflate: a Lanczos run on the same operator (e.g. ``top_eigenvalues(...).run``), or
+            orthonormal flat vectors.
         blocks: name → flat indices of a diagonal block, for per-block traces.
         warn: issue a :class:`~lightning_bn.diagnostics.eigen.ConvergenceWarning` when
             ``max_samples`` was reached first.
@@ -340,8 +386,11 @@ def hutchinson_trace(
     exact = 0.0
     exact_blocks = dict.fromkeys(blocks, 0.0)
     views: list[Tensor] = []
-    if deflate is not None and deflate.steps:
-        views = _basis_rows(deflate)
+    if isinstance(deflate, Sequence):
+        views = [y[None] for y in deflate]
+        exact, exact_blocks = deflated_exact_trace(matvec, deflate, blocks)
+    elif deflate is not None and deflate.steps:
+        views = list(deflate.basis._views)  # the used rows of the basis blocks
         tri = deflate.tri.matrix()
         exact = float(torch.diagonal(tri).sum())
         q_m, q_next = views[-1][-1], deflate.residual
@@ -381,11 +430,6 @@ def hutchinson_trace(
     return TraceResult(total, total_err, len(samples), ok, per_block)
 
 
-def _basis_rows(run: LanczosRun) -> list[Tensor]:
-    """The used rows of the basis blocks (views)."""
-    return list(run.basis._views)
-
-
 # --- blocks ----------------------------------------------------------------------------------
 def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
     """Flat indices (int64, on the layout's device) of each group of parameter names."""
@@ -412,6 +456,7 @@ def block_top_eigenvalues(
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    basis_size: int | None = None,
 ) -> dict[str, TopEigResult]:
     r"""The largest eigenvalue of each diagonal block :math:`H_{bb} = E_b H E_b^\top`.
 
@@ -420,7 +465,7 @@ def block_top_eigenvalues(
     :math:`v_b` on the block and 0 elsewhere, restricted to the block): a block's products cost
     as much as full ones, so :math:`L` blocks cost about :math:`L` times one top eigenvalue (each
     on a smaller, usually better separated spectrum). ``init``: name → the previous call's
-    eigenvector of that block (flat, block-sized).
+    eigenvector of that block (flat, block-sized); ``basis_size`` as in :func:`top_eigenvalues`.
     """
     out: dict[str, TopEigResult] = {}
     for name, idx in blocks.items():
@@ -432,10 +477,11 @@ def block_top_eigenvalues(
             return matvec(full)[idx]
 
         start = None if init is None or name not in init else [init[name]]
-        iters = min(max_iters, max(2, idx.numel() + 1))
+        iters = max_iters if basis_size else min(max_iters, max(2, idx.numel() + 1))
         out[name] = top_eigenvalues(
-            restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator, warn=False
-        )
+            restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator, warn=False,
+            basis_size=basis_size,
+        )  # fmt: skip
         if warn and not out[name].converged:
             warn_unconverged(f"block_top_eigenvalues (block {name!r})", out[name].iterations)
     return out

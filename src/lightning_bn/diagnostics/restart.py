@@ -1,0 +1,233 @@
+r"""Lanczos in bounded memory: the top eigenvalue by thick restarts, deflated by the eigenvectors
+already found, and the exact part of a trace deflated by orthonormal vectors. Plain torch.
+
+:func:`restarted_top` keeps at most ``capacity`` basis vectors whatever the number of products:
+a cycle that fills the basis without meeting the tolerance restarts from the Ritz vectors of the
+``keep`` largest Ritz values and the last residual direction (thick restart, Wu & Simon 2000;
+the relation :math:`HQ = QG + \beta q e^\top` holds across restarts with :math:`G` an arrowhead
+plus tridiagonal matrix, so the residual of a Ritz pair is still :math:`\beta |s_{\mathrm{last}}|`).
+Every product is also projected off ``locked`` orthonormal vectors (eigenvectors found before),
+so the run sees :math:`H` on their orthogonal complement: the top-:math:`k` eigenvalues one at a
+time (PyHessian's deflation), each to the same residual tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_bn.diagnostics.krylov import Basis
+
+__all__ = ["RitzPair", "deflated_exact_trace", "deflated_top", "restarted_top"]
+
+#: A new residual of norm <= this × eps × max ‖Hq_j‖ spans nothing new (as in ``eigen``).
+_BREAKDOWN = 100.0
+
+
+@dataclass(frozen=True)
+class RitzPair:
+    """The top Ritz pair of a run: value, residual norm, unit vector (``None`` when the start
+    had nothing left outside ``locked``), products taken, whether the residual met the
+    tolerance (or the Krylov space became invariant), whether every product was finite."""
+
+    value: float
+    residual: float
+    vector: Tensor | None
+    steps: int
+    converged: bool
+    finite: bool = True
+
+
+def _project(w: Tensor, locked: Sequence[Tensor]) -> None:
+    for y in locked:
+        w.addcmul_(y, torch.dot(y, w), value=-1.0)
+
+
+def _dot(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
+    """:math:`a^\top b` accumulated in float64 by chunks (a float32 BLAS dot over millions of
+    entries is off by about 1e-3 relative)."""
+    parts = [
+        torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double())
+        for i in range(0, a.numel(), chunk)
+    ]
+    return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+def restarted_top(
+    matvec: Callable[[Tensor], Tensor],
+    q: Tensor,
+    *,
+    capacity: int,
+    max_steps: int,
+    tol: float,
+    locked: Sequence[Tensor] = (),
+    keep: int = 2,
+    floor: float = 0.0,
+) -> RitzPair:
+    r"""The largest eigenvalue of :math:`H` on the orthogonal complement of ``locked``.
+
+    Lanczos with full reorthogonalisation (two classical Gram-Schmidt passes against the basis,
+    one against ``locked``) from ``q`` (projected off ``locked`` and normalised here; not
+    modified), at most ``capacity`` (``>= keep + 2``) basis vectors and ``max_steps`` products.
+    Stops after at least 2 products once the top Ritz pair's residual is at most
+    :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)`, or on an
+    invariant subspace (exact). Memory: ``capacity`` vectors, the product, and one more vector
+    while restarting (the basis is rotated in place).
+    """
+    eps = torch.finfo(q.dtype).eps
+    basis = Basis(q.numel(), capacity, q.dtype, q.device)
+    start = basis.append(q)
+    q_norm = float(torch.linalg.vector_norm(q))
+    del q  # copied into the basis: freed here unless the caller keeps it
+    _project(start, locked)
+    norm = float(torch.linalg.vector_norm(start))
+    if not norm > 1e-6 * q_norm:
+        return RitzPair(math.nan, math.nan, None, 0, True)
+    start.div_(norm)
+    g = torch.zeros(capacity, capacity, dtype=torch.float64)
+    p, steps, scale = 0, 0, 0.0
+    while True:
+        w = matvec(basis.row(p))
+        with torch.no_grad():
+            hq_norm = torch.linalg.vector_norm(w)
+            coeffs = basis.project_out(w)
+            coeffs = coeffs + basis.project_out(w)  # twice is enough
+            _project(w, locked)
+            stats = torch.cat([coeffs, torch.stack([hq_norm, torch.linalg.vector_norm(w)])])
+        values = stats.to(device="cpu", dtype=torch.float64)
+        steps += 1
+        if not bool(torch.isfinite(values).all()):
+            return RitzPair(math.nan, math.nan, None, steps, False, False)
+        c, beta = values[: p + 1], float(values[-1])
+        scale = max(scale, float(values[-2]))
+        g[: p + 1, p], g[p, : p + 1] = c, c
+        p += 1
+        theta, s = torch.linalg.eigh(g[:p, :p])
+        breakdown = beta <= _BREAKDOWN * eps * scale
+        top = float(theta[-1])
+        residual = 0.0 if breakdown else beta * abs(float(s[-1, -1]))
+        bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
+        ok = breakdown or (steps >= 2 and residual <= bound)
+        if ok or steps >= max_steps:
+            vector = basis.combine(s[:, -1])
+            for _ in range(2):  # orthonormal to working precision, whatever the size
+                _project(vector, locked)
+                vector.div_(math.sqrt(_dot(vector, vector)))
+            return RitzPair(top + 0.0, residual, vector, steps, ok)
+        if basis.size < capacity:
+            basis.append(w, beta)
+            g[p, p - 1] = g[p - 1, p] = beta
+            continue
+        # thick restart: the `keep` top Ritz vectors, then the residual direction
+        kept = min(keep, p)
+        _rotate(basis, s.flip(1))  # rows 0.. become the Ritz vectors, largest value first
+        basis.reset()
+        for _ in range(kept):
+            basis.append()
+        basis.append(w, beta)
+        couple = beta * s[-1, p - kept :].flip(0)
+        g.zero_()
+        g[:kept, :kept] = torch.diag(theta[p - kept :].flip(0))
+        g[kept, :kept], g[:kept, kept] = couple, couple
+        p = kept
+
+
+def _rotate(basis: Basis, u: Tensor) -> None:
+    r"""Rows :math:`Q \leftarrow U^\top Q` in place (``u`` orthogonal, float64), by the
+    Householder reflections of :math:`U^\top = H_1 \cdots H_m D` (``geqrf``): one vector of
+    work memory instead of a copy of the rows."""
+    m = u.shape[0]
+    a, tau = torch.geqrf(u.T.contiguous())
+    rows = [basis.row(i) for i in range(m)]
+    for i in range(m):
+        if float(a[i, i]) < 0:
+            rows[i].neg_()
+    work = torch.empty_like(rows[0])
+    for i in reversed(range(m)):  # H_1 (H_2 (... (H_m D Q)))
+        v = torch.zeros(m, dtype=torch.float64)
+        v[i], v[i + 1 :] = 1.0, a[i + 1 :, i]
+        basis.combine(v, out=work)  # vᵀ Q
+        for j in range(i, m):
+            rows[j].sub_(work, alpha=float(tau[i] * v[j]))
+
+
+def deflated_top(
+    matvec: Callable[[Tensor], Tensor],
+    start: Callable[[], Tensor],
+    k: int,
+    max_iters: int,
+    tol: float,
+    capacity: int,
+) -> tuple[list[RitzPair], int, bool]:
+    """The top ``k`` Ritz pairs one at a time, each by :func:`restarted_top` (keeping half its
+    ``capacity`` at a restart) from a fresh ``start()`` projected off the ones found before (the later ones' tolerance floor is
+    1e-3 × the first's magnitude), ``max_iters`` products in all. Returns the pairs (fewer
+    when the space runs out; the last not finite when a product was not), the products taken,
+    and whether every pair converged within them."""
+    pairs: list[RitzPair] = []
+    used, ok, floor = 0, True, 0.0
+    for _ in range(k):
+        if max_iters - used < 2:
+            return pairs, used, False
+        found = [p.vector for p in pairs if p.vector is not None]
+        pair = restarted_top(
+            matvec, start(), capacity=capacity, max_steps=max_iters - used, tol=tol,
+            locked=found, keep=capacity // 2, floor=floor,
+        )  # fmt: skip
+        used += pair.steps
+        if pair.vector is None and pair.finite:  # nothing left: H has fewer dimensions
+            break
+        pairs.append(pair)
+        ok = ok and pair.converged
+        if not pair.finite:
+            break
+        floor = floor or 1e-3 * abs(pair.value)
+    return pairs, used, ok
+
+
+def deflated_exact_trace(
+    matvec: Callable[[Tensor], Tensor],
+    vectors: Sequence[Tensor],
+    blocks: Mapping[str, Tensor],
+) -> tuple[float, dict[str, float]]:
+    r"""The exact part of a trace deflated by orthonormal vectors :math:`Y` (:math:`P = YY^\top`):
+    :math:`\mathrm{tr}(Y^\top H Y)`, and per block :math:`b` (flat indices; :math:`E_b` its
+    restriction) the part of :math:`\mathrm{tr}(E_b H E_b^\top)` that is not
+    :math:`\mathrm{tr}(E_b (I-P)H(I-P) E_b^\top)`:
+
+    .. math::
+        2 \sum_i \langle E_b y_i, E_b H y_i\rangle - \langle Y^\top E_b^\top E_b Y, M\rangle,
+        \qquad M = Y^\top H Y
+
+    (:math:`E_b(PHP + 2\,\mathrm{sym}(PH(I-P)))E_b^\top`; over a partition they sum to
+    :math:`\mathrm{tr}(M)`). One product per vector, taken one at a time.
+
+    Raises:
+        ValueError: ``vectors`` not orthonormal (to 1e-3).
+    """
+    k = len(vectors)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    m = torch.zeros(k, k, dtype=torch.float64)
+    cross = dict.fromkeys(blocks, 0.0)
+    for i, y in enumerate(vectors):
+        z = matvec(y)
+        with torch.no_grad():
+            for j, x in enumerate(vectors):
+                gram[i, j] = _dot(x, y)
+                m[j, i] = _dot(x, z)
+            for name, idx in blocks.items():
+                cross[name] += _dot(y[idx], z[idx])
+        del z
+    if k and float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) > 1e-3:
+        raise ValueError("Expected orthonormal deflation vectors, but their Gram matrix is not I")
+    m = (m + m.T) / 2
+    parts = {}
+    for name, idx in blocks.items():
+        rows = torch.stack([y[idx] for y in vectors]).to(torch.float64) if k else None
+        g_b = rows @ rows.T if rows is not None else m
+        parts[name] = 2.0 * cross[name] - float((g_b.cpu() * m).sum())
+    return float(torch.diagonal(m).sum()), parts
