@@ -61,18 +61,14 @@ class HessianCallback(DiagnosticCallback):
     product is averaged over ranks and every rank draws the same random vectors: the values equal
     those of one process on the global batch.
 
-    Cost of one measurement, in Hessian-vector products (each about one backward pass through the
-    kept first-order graph): top-k about 30-120 (about half with ``lanczos_basis=None``); the
-    trace ``10``-``trace_max_samples`` plus ``top_k``; the density ``density_starts ×
-    density_steps`` (100 by default, the largest share); each layer about 10-30; the
-    preconditioned sharpness as much as the top eigenvalue (nothing for SGD).
-    Memory, in float32 copies of the trainable parameters: ``lanczos_basis`` (8) for the basis,
-    ``top_k`` for the eigenvectors found, and the few of a Hessian-vector product during a
-    measurement (22.5 in all at the defaults on an 8.7M-parameter MLP, peak resident memory),
-    ``top_k`` + 2 kept between measurements for the warm starts. ``lanczos_basis=None`` and
-    ``density_reorth=True`` restore the unbounded solvers (up to ``max_iters`` and
-    ``density_steps`` copies). The default ``every_n_steps="auto"`` schedules the
-    measurements within the Trainer's shared ``budget`` (the first from :meth:`measurement_steps`).
+    Cost, in Hessian-vector products (each about one backward through the kept first-order
+    graph): top-k about 30-120 (half with ``lanczos_basis=None``); the trace 10 to
+    ``trace_max_samples``, plus ``top_k``; the density ``density_starts × density_steps`` (100);
+    each layer 10-30; the preconditioned sharpness as the top eigenvalue (none for SGD). Memory,
+    in parameter copies: the basis (``lanczos_basis``), ``top_k`` eigenvectors and a product's few
+    (22.5 at the defaults on an 8.7M-parameter MLP); ``top_k`` + 2 kept between measurements.
+    ``lanczos_basis=None, density_reorth=True``: the unbounded solvers (``max_iters`` and
+    ``density_steps`` copies). ``"auto"`` schedules within the shared ``budget``.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
