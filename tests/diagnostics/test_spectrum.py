@@ -183,6 +183,25 @@ def test_trace_of_a_known_operator_stops_on_its_standard_error() -> None:
     assert abs(tr.trace - float(a.trace())) <= 3 * tr.stderr
 
 
+def test_default_generator_draws_new_probes_and_starts() -> None:
+    """Without a generator the probes (and SLQ starts) come from one seeded stream: they differ
+    from each other, so the standard error is an estimate, and the result repeats exactly."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(30, 30, generator=gen, dtype=DTYPE)
+    a = a @ a.T / 30 + torch.eye(30, dtype=DTYPE)
+    layout = HessianVectorProduct(
+        lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(30, dtype=DTYPE)}
+    ).layout
+    tr = hutchinson_trace(lambda v: a @ v, layout, rtol=0.0, min_samples=20, max_samples=20)
+    assert tr.stderr > 0.0
+    assert abs(tr.trace - float(a.trace())) <= 4 * tr.stderr
+    again = hutchinson_trace(lambda v: a @ v, layout, rtol=0.0, min_samples=20, max_samples=20)
+    assert again.trace == tr.trace
+    dens = spectral_density(lambda v: a @ v, layout, starts=2, steps=5)
+    one, two = dens.nodes
+    assert one.shape == two.shape and not torch.allclose(one, two)
+
+
 @pytest.mark.parametrize("reorthogonalize", [True, False])
 def test_density_moments_match_the_exact_spectrum(
     case: tuple[Case, Tensor], reorthogonalize: bool

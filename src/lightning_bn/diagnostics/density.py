@@ -119,6 +119,7 @@ def spectral_density(
     """
     check_int("starts", starts, minimum=1)
     check_int("steps", steps, minimum=1)
+    generator = generator or torch.Generator().manual_seed(0)  # one stream for all the starts
     nodes, weights = [], []
     iterations, exact = 0, True
     for _ in range(starts):

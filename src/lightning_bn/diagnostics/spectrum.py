@@ -382,9 +382,8 @@ def hutchinson_trace(
     rtol = check_float("rtol", rtol, minimum=0)
     check_int("min_samples", min_samples, minimum=2)
     check_int("max_samples", max_samples, minimum=min_samples)
-    blocks = dict(blocks or {})
-    exact = 0.0
-    exact_blocks = dict.fromkeys(blocks, 0.0)
+    blocks, generator = dict(blocks or {}), generator or torch.Generator().manual_seed(0)
+    exact, exact_blocks = 0.0, dict.fromkeys(blocks, 0.0)
     views: list[Tensor] = []
     if isinstance(deflate, Sequence):
         views = [y[None] for y in deflate]
