@@ -15,7 +15,16 @@ from lightning_bn.callbacks.lipschitz import LipschitzCallback
 from lightning_bn.callbacks.smoothness import SmoothnessCallback
 from lightning_bn.diagnostics.landscape import DEFAULT_STEP_SIZES, compute_smoothness
 from lightning_bn.probe import Probe, RNGState, StepRecord
-from tests.support.models import Classifier, MemoryLogger, Recorder, cnn, fit, mlp, trainer
+from tests.support.models import (
+    Classifier,
+    MemoryLogger,
+    Recorder,
+    bn_hessian_case,
+    cnn,
+    fit,
+    mlp,
+    trainer,
+)
 
 BN_LAYERS = {"mlp": ["net.1", "net.5"], "cnn": ["net.1", "net.4"]}
 
@@ -229,29 +238,9 @@ def test_quadratic_closed_form() -> None:
 
 
 def test_top_eigenvalue_against_full_hessian() -> None:
-    torch.manual_seed(0)
-    module = Classifier(
-        nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
-    )
-    module.train()
-    probe = Probe(module)
-    gen = torch.Generator().manual_seed(1)
-    batch = (
-        torch.randn(16, 8, generator=gen, dtype=torch.float64),
-        torch.randint(0, 3, (16,), generator=gen),
-    )
-    params = probe.parameters()
-    names = list(params)
-    shapes = [params[n].shape for n in names]
-    flat0 = torch.cat([params[n].reshape(-1) for n in names])
-
-    def flat_loss(flat: torch.Tensor) -> torch.Tensor:
-        out, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            out[n] = flat[i : i + s.numel()].view(s)
-            i += s.numel()
-        return probe.loss(out, batch)
-
+    case = bn_hessian_case()
+    probe, params, batch, gen = case.probe, case.params, case.batch, case.generator
+    flat_loss, flat0 = case.flat_loss, case.flat0
     hess = torch.autograd.functional.hessian(flat_loss, flat0)
     eigs = torch.linalg.eigvalsh(hess)
     dominant = eigs[eigs.abs().argmax()]

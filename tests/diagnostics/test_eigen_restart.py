@@ -6,14 +6,13 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_bn.diagnostics.eigen import top_hessian_eigenvalue
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.landscape import compute_smoothness
 from lightning_bn.diagnostics.paramvec import dict_clone
-from lightning_bn.probe import Probe, StepRecord
-from tests.support.models import Classifier
+from lightning_bn.probe import StepRecord
+from tests.support.models import bn_hessian_case
 
 
 def test_restarted_lanczos_matches_the_exact_dominant_eigenvalue() -> None:
@@ -38,29 +37,9 @@ def test_restarted_lanczos_matches_the_exact_dominant_eigenvalue() -> None:
 
 
 def test_bounded_basis_on_a_batchnorm_mlp_hessian() -> None:
-    torch.manual_seed(0)
-    module = Classifier(
-        nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
-    ).train()
-    probe = Probe(module)
-    gen = torch.Generator().manual_seed(1)
-    batch = (
-        torch.randn(16, 8, generator=gen, dtype=torch.float64),
-        torch.randint(0, 3, (16,), generator=gen),
-    )
-    params = probe.parameters()
-    names = list(params)
-    shapes = [params[n].shape for n in names]
-
-    def flat_loss(flat: torch.Tensor) -> torch.Tensor:
-        out, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            out[n] = flat[i : i + s.numel()].view(s)
-            i += s.numel()
-        return probe.loss(out, batch)
-
-    flat0 = torch.cat([params[n].reshape(-1) for n in names])
-    eigs = torch.linalg.eigvalsh(torch.autograd.functional.hessian(flat_loss, flat0))
+    case = bn_hessian_case()
+    probe, params, batch = case.probe, case.params, case.batch
+    eigs = torch.linalg.eigvalsh(torch.autograd.functional.hessian(case.flat_loss, case.flat0))
     dominant = float(eigs[eigs.abs().argmax()])
     result = compute_smoothness(
         probe, params, StepRecord(batch), [0.1], max_iters=1000, tol=1e-9, basis_size=8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -194,3 +194,43 @@ class RandomData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return loader(n=self.n, batch_size=self.batch_size)
+
+
+class BNHessianCase(NamedTuple):
+    """A float64 BatchNorm MLP in train mode on a fixed batch, its loss a function of the flat
+    parameters (for ``torch.autograd.functional.hessian``/``jacobian``)."""
+
+    probe: Any  # lightning_bn.probe.Probe
+    params: dict[str, Tensor]
+    batch: tuple[Tensor, Tensor]
+    flat_loss: Callable[[Tensor], Tensor]
+    flat0: Tensor
+    generator: torch.Generator  # its state after drawing the batch
+
+
+def bn_hessian_case() -> BNHessianCase:
+    """Linear(8, 6) → BatchNorm1d → Tanh → Linear(6, 3), seed 0; 16 samples from seed 1."""
+    from lightning_bn.probe import Probe
+
+    torch.manual_seed(0)
+    module = Classifier(
+        nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    ).train()
+    probe = Probe(module)
+    gen = torch.Generator().manual_seed(1)
+    batch = (
+        torch.randn(16, 8, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (16,), generator=gen),
+    )
+    params = probe.parameters()
+    names, shapes = list(params), [params[n].shape for n in params]
+
+    def flat_loss(flat: Tensor) -> Tensor:
+        out, i = {}, 0
+        for n, shape in zip(names, shapes, strict=True):
+            out[n] = flat[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        return probe.loss(out, batch)
+
+    flat0 = torch.cat([params[n].reshape(-1) for n in names])
+    return BNHessianCase(probe, params, batch, flat_loss, flat0, gen)
