@@ -102,8 +102,8 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
     booked in one :class:`~lightning_bn.callbacks.schedule.Ledger` of measured costs. With
     ``every_n_steps="auto"`` (the default) a callback measures when the ledger says its turn has
     come, the first time once the budget covers :meth:`measurement_steps` training steps: more
-    often early in training, less later (see :mod:`lightning_bn.callbacks.schedule`). Rank zero decides and broadcasts; the ledger is
-    kept in :meth:`state_dict`. An ``int`` is a fixed schedule, ``global_step % every_n_steps ==
+    often early in training, less later (see :mod:`lightning_bn.callbacks.schedule`). Rank zero
+    decides and broadcasts; the ledger is kept in :meth:`state_dict`. An ``int`` is a fixed schedule, ``global_step % every_n_steps ==
     0``, whose cost the ``"auto"`` callbacks leave to it. Logged at every plan: ``budget/spent``
     (all the callbacks' seconds ÷ training seconds), ``<prefix>/spent`` (this callback's),
     ``<prefix>/every_n_steps`` (its planned interval) and ``<prefix>/overhead`` (that interval's
