@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_bn._types import LossFn
 from lightning_bn._validation import ArgumentTypeError, check_float, check_int
 from lightning_bn.callbacks._guards import refuse_compiled_submodules
+from lightning_bn.callbacks._hooks import AfterTrainBatch
 from lightning_bn.callbacks._state_key import CachedStateKey
 from lightning_bn.callbacks.budget import SharedBudget
 from lightning_bn.callbacks.sync_check import warn_unsynchronised_norms
@@ -80,7 +81,7 @@ def _sharded_strategy_types() -> tuple[type, ...]:
     return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
 
 
-class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
+class DiagnosticCallback(SharedBudget, CachedStateKey, AfterTrainBatch, DeclaresKeys):
     """Base of the diagnostic callbacks (ICS, Lipschitz, Smoothness).
 
     Subclasses implement :meth:`_compute` and choose when it runs: ``measure_after_step = False``
@@ -241,13 +242,8 @@ class DiagnosticCallback(SharedBudget, CachedStateKey, DeclaresKeys):
             self._cost += self._tick()
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
     ) -> None:
         record = self._record
         if record is not None and self.measure_after_step:

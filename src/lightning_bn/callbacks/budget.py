@@ -22,6 +22,8 @@ from lightning_bn.logging.keys import DeclaresKeys, LoggedKey, LoggedKeys
 __all__ = ["BudgetKeys", "SharedBudget", "device_sync", "horizon"]
 
 _BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end")
+_SLEEPERS = ("DiagnosticCallback.on_train_batch_start", "AfterTrainBatch.on_train_batch_end",
+             "DiagnosticCallback.after_train_batch")  # fmt: skip
 
 
 class BudgetKeys(DeclaresKeys):
@@ -121,13 +123,11 @@ class SharedBudget:
 
     def _can_sleep(self) -> bool:
         """Whether the batch hooks may be ``None`` between measurements: not if a subclass
-        overrides them or they were replaced on the instance (e.g. wrapped by a timer)."""
+        overrides a function of ``_SLEEPERS`` or a hook was replaced on the instance."""
         cls = type(self)
         return all(
-            getattr(cls, hook).__qualname__ == f"DiagnosticCallback.{hook}"
-            and self.__dict__.get(hook) is None
-            for hook in _BATCH_HOOKS
-        )
+            getattr(cls, owned.split(".")[1]).__qualname__ == owned for owned in _SLEEPERS
+        ) and all(self.__dict__.get(hook) is None for hook in _BATCH_HOOKS)
 
     def _wake(self, hook: str) -> None:
         if hook in self.__dict__ and self.__dict__[hook] is None:  # only what `_sleep` set

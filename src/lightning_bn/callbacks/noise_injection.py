@@ -156,7 +156,9 @@ class NoiseInjectionCallback(CachedStateKey, AfterTrainBatch, DeclaresKeys):
         self.prepare_batch(trainer)
 
     @override
-    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
+    ) -> None:
         if self._injector is not None and self._injector.record:
             self._log_stats(trainer)
 

@@ -7,17 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_bn.experiments.models import (
-    NormKind,
-    _check_positive_int,
-    _check_sizes,
-    pooled_conv_stages,
-)
+from lightning_bn.experiments.models import NormKind, _check_positive_int, _PooledConvNet
 
 __all__ = ["SmallCNN1d"]
 
 
-class SmallCNN1d(nn.Module):
+class SmallCNN1d(_PooledConvNet):
     """Small 1-D convolutional classifier: ``[conv1d 3 → norm → ReLU → max-pool 2] × len(widths)``,
     flatten, ``head`` (a Linear layer).
 
@@ -57,13 +52,9 @@ class SmallCNN1d(nn.Module):
         norm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.num_classes = _check_positive_int("num_classes", num_classes)
-        self.widths = _check_sizes("widths", widths, allow_empty=False)
         self.input_length = _check_positive_int("input_length", input_length)
-        self.norm = norm
-        self.features, channels, length = pooled_conv_stages(
-            1, in_channels, self.widths, input_length, norm, norm_kwargs
+        channels, length = self.build(
+            1, in_channels, num_classes, norm, widths, input_length, norm_kwargs
         )
         self.head = nn.Linear(channels * length, num_classes)
 

@@ -218,7 +218,37 @@ def pooled_conv_stages(
     return nn.Sequential(*stages), channels, size
 
 
-class SmallCNN(nn.Module):
+class _PooledConvNet(nn.Module):
+    """The arguments and stages :class:`SmallCNN` and :class:`SmallCNN1d` share."""
+
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...]
+    norm: NormKind
+    features: nn.Sequential
+
+    def build(
+        self,
+        dims: int,
+        in_channels: int,
+        num_classes: int,
+        norm: NormKind,
+        widths: Sequence[int],
+        size: int,
+        norm_kwargs: Mapping[str, Any] | None,
+    ) -> tuple[int, int]:
+        """Check and keep the arguments, build ``features``; return its channels and side."""
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.num_classes = _check_positive_int("num_classes", num_classes)
+        self.widths = _check_sizes("widths", widths, allow_empty=False)
+        self.norm = norm
+        self.features, channels, side = pooled_conv_stages(
+            dims, in_channels, self.widths, size, norm, norm_kwargs
+        )
+        return channels, side
+
+
+class SmallCNN(_PooledConvNet):
     """Small convolutional classifier for 8×8 images (scikit-learn digits).
 
     Stage ``i`` is ``features.i``: conv 3×3 (padding 1) → norm → ReLU, then a 2×2 max-pool while
@@ -255,14 +285,8 @@ class SmallCNN(nn.Module):
         norm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.num_classes = _check_positive_int("num_classes", num_classes)
-        self.widths = _check_sizes("widths", widths, allow_empty=False)
         self.input_size = _check_positive_int("input_size", input_size)
-        self.norm = norm
-        self.features, channels, _ = pooled_conv_stages(
-            2, in_channels, self.widths, input_size, norm, norm_kwargs
-        )
+        channels, _ = self.build(2, in_channels, num_classes, norm, widths, input_size, norm_kwargs)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(channels, num_classes)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+from lightning_bn.reproduce import criteria
 from lightning_bn.reproduce.claims import (
     bn_tolerates_larger_lr,
     bn_trains_faster,
@@ -51,22 +52,7 @@ from lightning_bn.reproduce.claims import (
     small_batch,
     steps_to_accuracy,
 )
-from lightning_bn.reproduce.criteria import (
-    BOOTSTRAP_SAMPLES,
-    CRITERIA,
-    EARLY_PHASE,
-    INCONCLUSIVE,
-    LEVEL,
-    NOT_EVALUATED,
-    NOT_REPRODUCED,
-    REGRESSION_CRITERIA,
-    REPRODUCED,
-    VERDICTS,
-    Criterion,
-    PhaseRule,
-    criterion_of,
-    verdict,
-)
+from lightning_bn.reproduce.criteria import *  # noqa: F403  (re-exported: criteria.__all__)
 from lightning_bn.reproduce.finding import Comparison, Finding, _Context
 from lightning_bn.reproduce.history import RunData
 from lightning_bn.reproduce.paired import (
@@ -87,23 +73,10 @@ from lightning_bn.reproduce.quantities import (
 from lightning_bn.reproduce.statistics import bootstrap
 
 __all__ = [
-    "BOOTSTRAP_SAMPLES",
-    "CRITERIA",
-    "EARLY_PHASE",
     "FINDINGS",
-    "INCONCLUSIVE",
-    "LEVEL",
-    "NOT_EVALUATED",
-    "NOT_REPRODUCED",
-    "REGRESSION_CRITERIA",
-    "REPRODUCED",
-    "VERDICTS",
     "Comparison",
-    "Criterion",
     "Finding",
-    "PhaseRule",
     "bootstrap",
-    "criterion_of",
     "evaluate_findings",
     "final_train_loss",
     "final_val_acc",
@@ -112,8 +85,8 @@ __all__ = [
     "mean_train_loss",
     "median_diagnostic",
     "median_layer_diagnostic",
-    "verdict",
 ]
+__all__ += criteria.__all__
 
 #: The findings by name (the keys of :data:`CRITERIA`), in the order of the summary.
 FINDINGS: dict[str, Callable[[_Context], Finding]] = {

@@ -159,7 +159,9 @@ class _ProgressTick(AfterTrainBatch):
         self.display = display
 
     @override
-    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
+    ) -> None:
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0
         self.display.tick(trainer.global_step / steps if steps else None)
 

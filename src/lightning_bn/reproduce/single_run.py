@@ -119,7 +119,9 @@ class TrainLossRecorder(AfterTrainBatch):
         self.diverged_at: int | None = None
 
     @override
-    def after_train_batch(self, trainer: pl.Trainer, outputs: Any) -> None:
+    def after_train_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return

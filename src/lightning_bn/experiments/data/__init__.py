@@ -9,18 +9,8 @@ One module per data set: :mod:`.digits`, :mod:`.mnist1d`, :mod:`.dln` (deep line
 :mod:`.cifar10`; every name is also importable from here, as before the split.
 """
 
-from lightning_bn.experiments.data.cifar10 import (
-    CIFAR10_CLASSES,
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR10_TEST_FILE,
-    CIFAR10_TRAIN_FILES,
-    CIFAR10DataModule,
-    find_cifar10_dir,
-    random_crop_flip,
-    read_cifar10_batch,
-    write_cifar10_like,
-)
+from lightning_bn.experiments.data import cifar10
+from lightning_bn.experiments.data.cifar10 import *  # noqa: F403  (re-exported: cifar10.__all__)
 from lightning_bn.experiments.data.digits import DigitsDataModule
 from lightning_bn.experiments.data.dln import (
     DeepLinearData,
@@ -30,20 +20,11 @@ from lightning_bn.experiments.data.dln import (
 from lightning_bn.experiments.data.mnist1d import MNIST1DDataModule, load_mnist1d
 
 __all__ = [
-    "CIFAR10_CLASSES",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR10_TEST_FILE",
-    "CIFAR10_TRAIN_FILES",
-    "CIFAR10DataModule",
     "DeepLinearData",
     "DeepLinearDataModule",
     "DigitsDataModule",
     "MNIST1DDataModule",
-    "find_cifar10_dir",
     "load_mnist1d",
     "make_deep_linear_data",
-    "random_crop_flip",
-    "read_cifar10_batch",
-    "write_cifar10_like",
 ]
+__all__ += cifar10.__all__
