@@ -217,7 +217,7 @@ class HessianCallback(DiagnosticCallback):
         every_n_steps: int | Literal["auto"] = "auto",
         top_k: int = 3,
         max_iters: int = 150,
-        lanczos_basis: int | None = 8,
+        lanczos_basis: int | None = 0,
         tol: float = 1e-3,
         trace: bool = True,
         trace_rtol: float = 0.02,

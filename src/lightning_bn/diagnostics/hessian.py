@@ -25,6 +25,7 @@ from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, sc
 from lightning_bn.diagnostics.spectrum import (
     block_indices,
     block_top_eigenvalues,
+    check_basis_size,
     hutchinson_trace,
     top_eigenvalues,
 )
@@ -44,7 +45,7 @@ class HessianSettings:
 
     top_k: int = 3
     max_iters: int = 150
-    lanczos_basis: int | None = 8
+    lanczos_basis: int | None = 0
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02
@@ -64,7 +65,7 @@ class HessianSettings:
         check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
         check_int("trace_max_samples", self.trace_max_samples, minimum=2)
         if self.lanczos_basis is not None:
-            check_int("lanczos_basis", self.lanczos_basis, minimum=4)
+            check_basis_size("lanczos_basis", self.lanczos_basis)
         for name in ("density_starts", "density_steps", "density_bins"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("tol", "trace_rtol", "density_sigma"):
@@ -158,6 +159,7 @@ def compute_hessian(
     metrics["eig_converged"] = float(top.converged)
     metrics["eig_iters"] = float(top.iterations)
     new.top = [v.detach() for v in top.eigenvectors]
+    del warm
 
     blocks = block_indices(layout, layers) if layers and settings.per_layer else {}
     if settings.trace:
@@ -182,6 +184,7 @@ def compute_hessian(
             metrics[f"{name}/trace"] = value
             metrics[f"{name}/trace_stderr"] = err
     del top  # the full Lanczos basis (lanczos_basis=None) is not needed beyond the trace
+    new.top = _summed(new.top, layout.numel) or []  # the next warm start: one vector
 
     if blocks:
         per_block = block_top_eigenvalues(

@@ -28,6 +28,7 @@ nothing else is parameter-sized beyond a few work vectors. No dense Hessian is e
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,20 +39,25 @@ from torch import Tensor
 from lightning_bn._validation import check_float, check_int
 from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, warn_unconverged
 from lightning_bn.diagnostics.paramvec import FlatLayout
-from lightning_bn.diagnostics.restart import deflated_exact_trace, deflated_top
+from lightning_bn.diagnostics.restart import _dot, deflated_exact_trace, deflated_top
 
 __all__ = [
     "LanczosRun",
     "TopEigResult",
     "TraceResult",
+    "Block",
     "block_indices",
+    "block_numel",
     "block_top_eigenvalues",
+    "check_basis_size",
     "hutchinson_trace",
     "lanczos",
     "top_eigenvalues",
 ]
 
 Matvec = Callable[[Tensor], Tensor]
+#: The flat entries of a diagonal block: a slice, or int64 indices.
+Block = Tensor | slice
 
 
 @dataclass
@@ -95,14 +101,17 @@ def lanczos(
     breakdown. The recurrence is that of
     :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`: three-term step, then one
     classical Gram-Schmidt pass against the whole basis (``reorthogonalize=False``: the
-    three-term step alone, and the basis keeps :math:`q_1` only)."""
-    basis = _Basis(q.numel(), max_steps + 1 if reorthogonalize else 1, q.dtype, q.device)
-    q = basis.append(q)
+    three-term step alone, the basis stays empty, and three vectors are live at a time: ``q``
+    itself is overwritten once the recurrence is past it)."""
+    start = q
+    basis = _Basis(q.numel(), max_steps + 1 if reorthogonalize else 0, q.dtype, q.device)
+    if reorthogonalize:
+        q = basis.append(q)
     q_prev: Tensor | None = None
     eps = torch.finfo(q.dtype).eps
     tri = _Tridiagonal(max_steps)
     beta, scale = 0.0, 0.0
-    run = LanczosRun(basis, tri, 0.0, torch.zeros_like(q), False)
+    run = LanczosRun(basis, tri, 0.0, q.new_zeros(0), False)
     for _ in range(max_steps):
         w = matvec(q)
         with torch.no_grad():
@@ -123,7 +132,10 @@ def lanczos(
         if new_beta <= _BREAKDOWN * eps * scale:
             run.beta, run.residual, run.breakdown = 0.0, torch.zeros_like(q), True
             return run
-        run.beta, run.residual = new_beta, w.div_(new_beta)
+        w.div_(new_beta)
+        if q_prev is start and not reorthogonalize:  # q_1 is dead: its memory holds q_{j+1}
+            w = start.copy_(w)
+        run.beta, run.residual = new_beta, w
         if stop is not None and stop(run):
             return run
         if tri.size == max_steps:
@@ -206,7 +218,10 @@ def top_eigenvalues(
             ``basis_size`` vectors, projected off the eigenvectors already found; a fresh start
             each, the same ``init``), to the same residual rule; ``max_iters`` counts the
             products of all :math:`k`. Memory: ``basis_size`` + :math:`k` vectors; ``run`` is
-            then ``None`` (deflate the trace by ``eigenvectors``).
+            then ``None`` (deflate the trace by ``eigenvectors``). ``0``: the same, each
+            eigenvalue by :func:`~lightning_bn.diagnostics.restart.two_pass_top` (the
+            three-term recurrence run twice, no basis): :math:`k` + 3 vectors, about twice the
+            products of one unrestarted run per eigenvalue.
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -216,7 +231,7 @@ def top_eigenvalues(
     check_int("max_iters", max_iters, minimum=k + 1)
     tol = check_float("tol", tol, minimum=0)
     if basis_size is not None:
-        check_int("basis_size", basis_size, minimum=4)
+        check_basis_size("basis_size", basis_size)
         return _top_deflated(matvec, layout, k, init, max_iters, tol, generator, warn, basis_size)
     q = _start(layout, generator, init)
 
@@ -266,6 +281,18 @@ def _top_deflated(
     return TopEigResult([p.value for p in pairs], [p.residual for p in pairs], vectors, used, ok)
 
 
+def check_basis_size(name: str, value: int) -> int:
+    """Return ``value`` if it is 0 or an int ``>= 4`` (a Lanczos basis size).
+
+    Raises:
+        ValueError, TypeError: another value (named).
+    """
+    check_int(name, value, minimum=0)
+    if 0 < value < 4:
+        raise ValueError(f"Expected argument `{name}` to be 0 or an integer >= 4, but got {value}")
+    return value
+
+
 def _residual_ok(values: Tensor, vectors: Tensor, beta: float, k: int, tol: float) -> Tensor:
     top = values[-k:]
     floor = 1e-3 * float(values.abs().max())
@@ -279,22 +306,26 @@ def _unit(v: Tensor) -> Tensor:
 
 
 def _rademacher(n: int, layout: FlatLayout, generator: torch.Generator | None) -> Tensor:
+    """``n`` independent ±1 in the layout's dtype, drawn in it (no int64 copy: the same draws)."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device).mul_(2).sub_(1)
-    return signs.to(dtype=layout.dtype, device=layout.device)
+    dtype = layout.dtype if gen.device == torch.device(layout.device) else torch.float32
+    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device, dtype=dtype)
+    return signs.mul_(2).sub_(1).to(dtype=layout.dtype, device=layout.device)
 
 
 def _start(
     layout: FlatLayout, generator: torch.Generator | None, init: Sequence[Tensor] | None
 ) -> Tensor:
-    q = _rademacher(layout.numel, layout, generator)
-    q = q / math.sqrt(layout.numel)
+    q = _rademacher(layout.numel, layout, generator).div_(math.sqrt(layout.numel))
     for v in init or ():
-        v = v.to(dtype=layout.dtype, device=layout.device).reshape(-1)
         if v.numel() != layout.numel or not bool(torch.isfinite(v).all()):
             continue
-        q = q + _unit(v)
-    return _unit(q)
+        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        if norm > 0:  # added in place, converted a block at a time (v may be narrower)
+            for i in range(0, q.numel(), 1 << 20):
+                part = v.reshape(-1)[i : i + (1 << 20)]
+                q[i : i + part.numel()].add_(part.to(q), alpha=1.0 / norm)
+    return q.div_(float(torch.linalg.vector_norm(q)))
 
 
 # --- trace -----------------------------------------------------------------------------------
@@ -327,7 +358,7 @@ def hutchinson_trace(
     max_samples: int = 200,
     generator: torch.Generator | None = None,
     deflate: LanczosRun | Sequence[Tensor] | None = None,
-    blocks: Mapping[str, Tensor] | None = None,
+    blocks: Mapping[str, Block] | None = None,
     warn: bool = True,
 ) -> TraceResult:
     r"""Hutchinson's trace estimate with Rademacher probes, deflated by a Lanczos basis.
@@ -407,9 +438,9 @@ def hutchinson_trace(
                 z.addmv_(v.T, v @ z, alpha=-1.0)
         hz = matvec(z)
         with torch.no_grad():
-            prod = z * hz
-            parts = [prod.sum()] + [prod[idx].sum() for idx in blocks.values()]
-            samples.append(torch.stack(parts).to(torch.float64))
+            parts = [_dot(z, hz)] + [_dot(z[idx], hz[idx]) for idx in blocks.values()]
+            samples.append(torch.tensor(parts, dtype=torch.float64))
+        del z, hz
         if n >= min_samples:
             first = torch.stack([t[0] for t in samples])
             total = exact + float(first.mean())
@@ -430,25 +461,39 @@ def hutchinson_trace(
 
 
 # --- blocks ----------------------------------------------------------------------------------
-def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
-    """Flat indices (int64, on the layout's device) of each group of parameter names."""
+def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> dict[str, Block]:
+    """The flat entries of each group of parameter names: a ``slice`` when they are contiguous
+    (a layer's parameters usually are; no memory), else their indices (int64, on the layout's
+    device)."""
     offsets: dict[str, tuple[int, int]] = {}
     start = 0
     for key, n in zip(layout.keys, layout.numels, strict=True):
         offsets[key] = (start, start + n)
         start += n
-    out = {}
+    out: dict[str, Block] = {}
     for name, keys in groups.items():
-        parts = [torch.arange(*offsets[k]) for k in keys if k in offsets]
-        if parts:
-            out[name] = torch.cat(parts).to(layout.device)
+        spans = [offsets[k] for k in keys if k in offsets]
+        if not spans:
+            continue
+        ordered = sorted(spans)
+        if all(a[1] == b[0] for a, b in itertools.pairwise(ordered)):
+            out[name] = slice(ordered[0][0], ordered[-1][1])
+        else:
+            out[name] = torch.cat([torch.arange(*span) for span in spans]).to(layout.device)
     return out
+
+
+def block_numel(block: Block) -> int:
+    """How many entries a block of :func:`block_indices` has."""
+    if isinstance(block, slice):
+        return int(block.stop) - int(block.start)
+    return block.numel()
 
 
 def block_top_eigenvalues(
     matvec: Matvec,
     layout: FlatLayout,
-    blocks: Mapping[str, Tensor],
+    blocks: Mapping[str, Block],
     init: Mapping[str, Tensor] | None = None,
     *,
     max_iters: int = 100,
@@ -468,15 +513,18 @@ def block_top_eigenvalues(
     """
     out: dict[str, TopEigResult] = {}
     for name, idx in blocks.items():
-        sub = _SubLayout(layout, idx.numel())
+        size = block_numel(idx)
+        sub = _SubLayout(layout, size)
 
-        def restricted(v: Tensor, idx: Tensor = idx) -> Tensor:
+        def restricted(v: Tensor, idx: Block = idx) -> Tensor:
             full = torch.zeros(layout.numel, dtype=v.dtype, device=v.device)
             full[idx] = v
-            return matvec(full)[idx]
+            out = matvec(full)
+            del full
+            return out[idx].clone() if isinstance(idx, slice) else out[idx]
 
         start = None if init is None or name not in init else [init[name]]
-        iters = max_iters if basis_size else min(max_iters, max(2, idx.numel() + 1))
+        iters = max_iters if basis_size is not None else min(max_iters, max(2, size + 1))
         out[name] = top_eigenvalues(
             restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator, warn=False,
             basis_size=basis_size,
