@@ -216,7 +216,7 @@ class HessianCallback(DiagnosticCallback):
         self,
         every_n_steps: int | Literal["auto"] = "auto",
         top_k: int = 3,
-        max_iters: int = 150,
+        max_iters: int = 300,
         lanczos_basis: int | None = 0,
         tol: float = 1e-3,
         trace: bool = True,

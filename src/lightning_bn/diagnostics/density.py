@@ -136,4 +136,5 @@ def spectral_density(
         nodes.append(values)
         weights.append(vectors[0] ** 2)
         exact = exact and run.breakdown
+        del run, q  # three vectors: freed before the next start is drawn
     return DensityResult(nodes, weights, iterations, exact)

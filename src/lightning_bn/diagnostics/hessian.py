@@ -44,7 +44,7 @@ class HessianSettings:
     """
 
     top_k: int = 3
-    max_iters: int = 150
+    max_iters: int = 300
     lanczos_basis: int | None = 0
     tol: float = 1e-3
     trace: bool = True
@@ -113,8 +113,8 @@ def compute_hessian(
         settings: what to compute.
         layers: layer name → its parameters' names (the diagonal blocks).
         optimizer: the optimiser whose state makes the preconditioner (``None``: none).
-        state: warm starts from the previous measurement (handed over: its ``top`` is emptied
-            once read, so that those vectors need no memory during the measurement).
+        state: warm starts from the previous measurement (handed over: each of its fields is
+            emptied once read, so that those vectors need no memory during the measurement).
         generator: random source (the same state on every rank).
         collective: cross-rank averaging of the products (DDP semantics).
 
@@ -203,7 +203,8 @@ def compute_hessian(
             metrics[f"{name}/eig_converged"] = float(res.converged)
             if res.eigenvectors:
                 new.blocks[name] = res.eigenvectors[0].detach()
-
+        del per_block
+    state.blocks = {}  # the old warm starts, read
     if settings.preconditioned and optimizer is not None:
         named = dict(probe.module.named_parameters())
         pre = optimizer_preconditioner(optimizer, {n: named[n] for n in names}, layout)
@@ -227,6 +228,9 @@ def compute_hessian(
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
                 new.precond = [v.detach() for v in res.eigenvectors]
+                del res
+        del pre  # the preconditioner's copy of the parameters' size
+    state.precond = []
 
     if settings.density:
         dens = spectral_density(

@@ -184,17 +184,17 @@ def two_pass_top(
             hq_norm = torch.linalg.vector_norm(w)
             if prev is not None:
                 w.sub_(prev, alpha=betas[-1])
-            alpha_t = torch.dot(cur, w)
-            w.addcmul_(cur, alpha_t, value=-1.0)
+            alpha = _dot(cur, w)  # float64: a float32 dot over millions of entries is not
+            w.sub_(cur, alpha=alpha)
             _project(w, locked)
-            stats = torch.stack([alpha_t, hq_norm, torch.linalg.vector_norm(w)])
+            stats = torch.stack([hq_norm, torch.linalg.vector_norm(w)])
         values = stats.to(device="cpu", dtype=torch.float64)
         steps += 1
-        if not bool(torch.isfinite(values).all()):
+        if not (math.isfinite(alpha) and bool(torch.isfinite(values).all())):
             return RitzPair(math.nan, math.nan, None, steps, False, False)
-        alpha, beta = float(values[0]), float(values[2])
+        beta = float(values[1])
         alphas.append(alpha)
-        scale = max(scale, float(values[1]))
+        scale = max(scale, float(values[0]))
         tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
