@@ -81,7 +81,9 @@ def test_fewer_dimensions_than_k_stops_at_them() -> None:
     a = _matrix(torch.tensor([3.0, 1.0, -2.0], dtype=DTYPE), seed=3)
     res = _top(a, 5, 1e-9)
     assert res.converged
-    assert torch.allclose(torch.tensor(res.eigenvalues, dtype=DTYPE), torch.linalg.eigvalsh(a).flip(0))
+    assert torch.allclose(
+        torch.tensor(res.eigenvalues, dtype=DTYPE), torch.linalg.eigvalsh(a).flip(0)
+    )
 
 
 def test_two_passes_take_2m_minus_1_products_and_say_when_capped() -> None:

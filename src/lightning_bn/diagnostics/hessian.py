@@ -22,10 +22,10 @@ from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
 from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
+from lightning_bn.diagnostics.restart import check_basis_size
 from lightning_bn.diagnostics.spectrum import (
     block_indices,
     block_top_eigenvalues,
-    check_basis_size,
     hutchinson_trace,
     top_eigenvalues,
 )

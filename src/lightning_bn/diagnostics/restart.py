@@ -20,9 +20,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.krylov import Basis
+from lightning_bn.diagnostics.paramvec import FlatLayout
 
-__all__ = ["RitzPair", "deflated_exact_trace", "deflated_top", "restarted_top", "two_pass_top"]
+__all__ = [
+    "Block",
+    "RitzPair",
+    "block_numel",
+    "check_basis_size",
+    "deflated_exact_trace",
+    "deflated_top",
+    "restarted_top",
+    "two_pass_top",
+]
+
+#: The flat entries of a diagonal block: a slice, or int64 indices.
+Block = Tensor | slice
 
 #: A new residual of norm <= this × eps × max ‖Hq_j‖ spans nothing new (as in ``eigen``).
 _BREAKDOWN = 100.0
@@ -335,3 +349,58 @@ def deflated_exact_trace(
         g_b = rows @ rows.T if rows is not None else m
         parts[name] = 2.0 * cross[name] - float((g_b.cpu() * m).sum())
     return float(torch.diagonal(m).sum()), parts
+
+
+def check_basis_size(name: str, value: int) -> int:
+    """Return ``value`` if it is 0 or an int ``>= 4`` (a Lanczos basis size).
+
+    Raises:
+        ValueError, TypeError: another value (named).
+    """
+    check_int(name, value, minimum=0)
+    if 0 < value < 4:
+        raise ValueError(f"Expected argument `{name}` to be 0 or an integer >= 4, but got {value}")
+    return value
+
+
+def _rademacher(n: int, layout: FlatLayout, generator: torch.Generator | None) -> Tensor:
+    """``n`` independent ±1 in the layout's dtype, drawn in it (no int64 copy: the same draws)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    dtype = layout.dtype if gen.device == torch.device(layout.device) else torch.float32
+    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device, dtype=dtype)
+    return signs.mul_(2).sub_(1).to(dtype=layout.dtype, device=layout.device)
+
+
+def _start(
+    layout: FlatLayout, generator: torch.Generator | None, init: Sequence[Tensor] | None
+) -> Tensor:
+    q = _rademacher(layout.numel, layout, generator).div_(math.sqrt(layout.numel))
+    for v in init or ():
+        if v.numel() != layout.numel or not bool(torch.isfinite(v).all()):
+            continue
+        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        if norm > 0:  # added in place, converted a block at a time (v may be narrower)
+            for i in range(0, q.numel(), 1 << 20):
+                part = v.reshape(-1)[i : i + (1 << 20)]
+                q[i : i + part.numel()].add_(part.to(q), alpha=1.0 / norm)
+    return q.div_(float(torch.linalg.vector_norm(q)))
+
+
+def block_numel(block: Block) -> int:
+    """How many entries a block of :func:`block_indices` has."""
+    if isinstance(block, slice):
+        return int(block.stop) - int(block.start)
+    return block.numel()
+
+
+class _SubLayout(FlatLayout):
+    """The layout of a block: ``numel`` entries in the parent's dtype and device."""
+
+    def __init__(self, parent: FlatLayout, numel: int) -> None:
+        super().__init__({})
+        self.dtype, self.device = parent.dtype, parent.device
+        self._numel = numel
+
+    @property
+    def numel(self) -> int:
+        return self._numel

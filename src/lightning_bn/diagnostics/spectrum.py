@@ -21,9 +21,8 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
 * :func:`block_top_eigenvalues`: the largest eigenvalue of each diagonal block
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
-Memory: a Lanczos run keeps its basis, at most ``max_iters`` (or ``steps``) flat vectors of the
-parameters' size in float32 (or wider), or ``basis_size`` + :math:`k` with a ``basis_size``;
-nothing else is parameter-sized beyond a few work vectors. No dense Hessian is ever formed.
+Memory, in flat vectors of the parameters' size: ``max_iters`` (or ``steps``) for a Lanczos run
+keeping its basis, ``basis_size`` + :math:`k` with a ``basis_size``, :math:`k` + 3 with ``0``.
 """
 
 from __future__ import annotations
@@ -39,25 +38,30 @@ from torch import Tensor
 from lightning_bn._validation import check_float, check_int
 from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, warn_unconverged
 from lightning_bn.diagnostics.paramvec import FlatLayout
-from lightning_bn.diagnostics.restart import _dot, deflated_exact_trace, deflated_top
+from lightning_bn.diagnostics.restart import (
+    Block,
+    _dot,
+    _rademacher,
+    _start,
+    _SubLayout,
+    block_numel,
+    check_basis_size,
+    deflated_exact_trace,
+    deflated_top,
+)
 
 __all__ = [
     "LanczosRun",
     "TopEigResult",
     "TraceResult",
-    "Block",
     "block_indices",
-    "block_numel",
     "block_top_eigenvalues",
-    "check_basis_size",
     "hutchinson_trace",
     "lanczos",
     "top_eigenvalues",
 ]
 
 Matvec = Callable[[Tensor], Tensor]
-#: The flat entries of a diagonal block: a slice, or int64 indices.
-Block = Tensor | slice
 
 
 @dataclass
@@ -218,10 +222,8 @@ def top_eigenvalues(
             ``basis_size`` vectors, projected off the eigenvectors already found; a fresh start
             each, the same ``init``), to the same residual rule; ``max_iters`` counts the
             products of all :math:`k`. Memory: ``basis_size`` + :math:`k` vectors; ``run`` is
-            then ``None`` (deflate the trace by ``eigenvectors``). ``0``: the same, each
-            eigenvalue by :func:`~lightning_bn.diagnostics.restart.two_pass_top` (the
-            three-term recurrence run twice, no basis): :math:`k` + 3 vectors, about twice the
-            products of one unrestarted run per eigenvalue.
+            then ``None`` (deflate the trace by ``eigenvectors``). ``0``: each eigenvalue by
+            :func:`~lightning_bn.diagnostics.restart.two_pass_top` (no basis; :math:`k` + 3).
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -281,18 +283,6 @@ def _top_deflated(
     return TopEigResult([p.value for p in pairs], [p.residual for p in pairs], vectors, used, ok)
 
 
-def check_basis_size(name: str, value: int) -> int:
-    """Return ``value`` if it is 0 or an int ``>= 4`` (a Lanczos basis size).
-
-    Raises:
-        ValueError, TypeError: another value (named).
-    """
-    check_int(name, value, minimum=0)
-    if 0 < value < 4:
-        raise ValueError(f"Expected argument `{name}` to be 0 or an integer >= 4, but got {value}")
-    return value
-
-
 def _residual_ok(values: Tensor, vectors: Tensor, beta: float, k: int, tol: float) -> Tensor:
     top = values[-k:]
     floor = 1e-3 * float(values.abs().max())
@@ -303,29 +293,6 @@ def _residual_ok(values: Tensor, vectors: Tensor, beta: float, k: int, tol: floa
 def _unit(v: Tensor) -> Tensor:
     norm = torch.linalg.vector_norm(v)
     return v / norm if float(norm) > 0 else v
-
-
-def _rademacher(n: int, layout: FlatLayout, generator: torch.Generator | None) -> Tensor:
-    """``n`` independent ±1 in the layout's dtype, drawn in it (no int64 copy: the same draws)."""
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    dtype = layout.dtype if gen.device == torch.device(layout.device) else torch.float32
-    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device, dtype=dtype)
-    return signs.mul_(2).sub_(1).to(dtype=layout.dtype, device=layout.device)
-
-
-def _start(
-    layout: FlatLayout, generator: torch.Generator | None, init: Sequence[Tensor] | None
-) -> Tensor:
-    q = _rademacher(layout.numel, layout, generator).div_(math.sqrt(layout.numel))
-    for v in init or ():
-        if v.numel() != layout.numel or not bool(torch.isfinite(v).all()):
-            continue
-        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
-        if norm > 0:  # added in place, converted a block at a time (v may be narrower)
-            for i in range(0, q.numel(), 1 << 20):
-                part = v.reshape(-1)[i : i + (1 << 20)]
-                q[i : i + part.numel()].add_(part.to(q), alpha=1.0 / norm)
-    return q.div_(float(torch.linalg.vector_norm(q)))
 
 
 # --- trace -----------------------------------------------------------------------------------
@@ -483,13 +450,6 @@ def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> di
     return out
 
 
-def block_numel(block: Block) -> int:
-    """How many entries a block of :func:`block_indices` has."""
-    if isinstance(block, slice):
-        return int(block.stop) - int(block.start)
-    return block.numel()
-
-
 def block_top_eigenvalues(
     matvec: Matvec,
     layout: FlatLayout,
@@ -532,16 +492,3 @@ def block_top_eigenvalues(
         if warn and not out[name].converged:
             warn_unconverged(f"block_top_eigenvalues (block {name!r})", out[name].iterations)
     return out
-
-
-class _SubLayout(FlatLayout):
-    """The layout of a block: ``numel`` entries in the parent's dtype and device."""
-
-    def __init__(self, parent: FlatLayout, numel: int) -> None:
-        super().__init__({})
-        self.dtype, self.device = parent.dtype, parent.device
-        self._numel = numel
-
-    @property
-    def numel(self) -> int:
-        return self._numel
