@@ -77,7 +77,9 @@ class HessianSettings:
 
 @dataclass
 class HessianState:
-    """Warm starts between measurements (flat vectors in the trainable parameters' layout)."""
+    """Warm starts between measurements (flat vectors in the trainable parameters' layout), kept
+    in bfloat16: half a copy each; a start needs the direction only roughly (its rounding costs
+    a product or two, and every start has a random part anyway)."""
 
     top: list[Tensor] = field(default_factory=list)
     blocks: dict[str, Tensor] = field(default_factory=dict)
@@ -184,7 +186,7 @@ def compute_hessian(
             metrics[f"{name}/trace"] = value
             metrics[f"{name}/trace_stderr"] = err
     del top  # the full Lanczos basis (lanczos_basis=None) is not needed beyond the trace
-    new.top = _summed(new.top, layout.numel) or []  # the next warm start: one vector
+    new.top = [_kept(v) for v in _summed(new.top, layout.numel) or []]  # one vector
 
     if blocks:
         per_block = block_top_eigenvalues(
@@ -202,7 +204,7 @@ def compute_hessian(
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
             metrics[f"{name}/eig_converged"] = float(res.converged)
             if res.eigenvectors:
-                new.blocks[name] = res.eigenvectors[0].detach()
+                new.blocks[name] = _kept(res.eigenvectors[0])
         del per_block
     state.blocks = {}  # the old warm starts, read
     if settings.preconditioned and optimizer is not None:
@@ -227,7 +229,7 @@ def compute_hessian(
                 )
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
-                new.precond = [v.detach() for v in res.eigenvectors]
+                new.precond = [_kept(v) for v in res.eigenvectors]
                 del res
         del pre  # the preconditioner's copy of the parameters' size
     state.precond = []
@@ -247,6 +249,10 @@ def compute_hessian(
         for j, mass in enumerate(masses.tolist()):
             metrics[f"density/bin_{j:0{width}d}"] = mass
     return metrics, new
+
+
+def _kept(v: Tensor) -> Tensor:
+    return v.detach().to(torch.bfloat16)
 
 
 def _summed(vectors: Sequence[Tensor], numel: int) -> list[Tensor] | None:
