@@ -62,10 +62,9 @@ class HessianCallback(DiagnosticCallback):
     those of one process on the global batch.
 
     Cost, in Hessian-vector products (each about one backward through the kept first-order
-    graph): top-k about 60-250 (two passes; ``lanczos_basis=8``: about 30-150, ``None``: half
-    that); the trace 10 to ``trace_max_samples``, plus ``top_k``; the density
-    ``density_starts × density_steps`` (100); each layer 20-60; the preconditioned sharpness as
-    the top eigenvalue (none for SGD). Memory, in parameter copies: ``top_k`` + 2 Lanczos
+    graph): top-k about 60-250 (``lanczos_basis=8``: 30-150); the trace 10 to
+    ``trace_max_samples``, plus ``top_k``; the density ``density_starts × density_steps`` (100);
+    each layer 20-60; the preconditioned sharpness as the top eigenvalue (none for SGD). Memory, in parameter copies: ``top_k`` + 2 Lanczos
     vectors, a product's own (gradient with graph, partial gradients), 3 warm starts (2 for
     SGD): about 8 on an 8.7M-parameter MLP. ``None, density_reorth=True``: ``max_iters`` and
     ``density_steps`` copies. ``"auto"`` schedules within the shared ``budget``.

@@ -198,7 +198,7 @@ def two_pass_top(
             hq_norm = torch.linalg.vector_norm(w)
             if prev is not None:
                 w.sub_(prev, alpha=betas[-1])
-            alpha = _dot(cur, w)  # float64: a float32 dot over millions of entries is not
+            alpha = _dot(cur, w)  # summed in float64, as pass 2 reuses it
             w.sub_(cur, alpha=alpha)
             _project(w, locked)
             stats = torch.stack([hq_norm, torch.linalg.vector_norm(w)])
