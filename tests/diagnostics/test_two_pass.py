@@ -132,3 +132,26 @@ def test_memory_does_not_grow_with_the_products() -> None:
     res = found[-1]
     assert res.converged and res.eigenvalues == pytest.approx([6.0, 4.0, 3.0], rel=1e-4)
     assert three <= 4 + 2 + 1.2  # and the two eigenvectors found before the third
+
+
+def test_basis_size_is_none_zero_or_at_least_four() -> None:
+    from lightning_bn.callbacks import HessianCallback
+
+    a = _matrix(torch.tensor([3.0, 1.0, -2.0, 0.5], dtype=DTYPE))
+    for bad in (1, 3):
+        with pytest.raises(ValueError, match=r"`basis_size` to be 0 or an integer >= 4"):
+            _top_with(a, bad)
+        with pytest.raises(ValueError, match=r"`lanczos_basis` to be 0 or an integer >= 4"):
+            HessianCallback(lanczos_basis=bad)
+    with pytest.raises(ValueError, match="lanczos_basis"):
+        HessianCallback(lanczos_basis=-1)
+    for good in (0, 4, None):
+        assert _top_with(a, good).eigenvalues[0] == pytest.approx(3.0, rel=1e-6)
+        HessianCallback(lanczos_basis=good)
+
+
+def _top_with(a: Tensor, basis: int | None) -> TopEigResult:
+    return top_eigenvalues(
+        lambda v: a @ v, _layout(a.shape[0]), 1, max_iters=50, tol=1e-9, basis_size=basis,
+        generator=torch.Generator().manual_seed(1), warn=False,
+    )  # fmt: skip
