@@ -37,10 +37,10 @@ class HessianCallback(DiagnosticCallback):
     :math:`H = \nabla^2 L(W^t)` over the trainable parameters, from Hessian-vector products only
     (no dense Hessian):
 
-    * the ``top_k`` largest eigenvalues (Lanczos with full reorthogonalisation in
-      ``lanczos_basis`` vectors, one eigenvalue at a time, each orthogonal to those found before
-      and restarted from its best Ritz vectors when the basis is full; each Ritz value within
-      ``tol`` relative of an eigenvalue by its residual; warm-started from the previous
+    * the ``top_k`` largest eigenvalues (Lanczos, one eigenvalue at a time, each orthogonal to
+      those found before; at the default ``lanczos_basis=0`` each by the three-term recurrence
+      run twice, the second pass summing the Ritz vector, so no basis is kept; each Ritz value
+      within ``tol`` relative of an eigenvalue by its residual; warm-started from the previous
       measurement's Ritz vectors plus a random part);
     * the trace by Hutchinson (Rademacher probes), deflated by the top-k eigenvectors (their part
       of the trace is exact, the probes see the rest), until its standard error is within
@@ -62,13 +62,12 @@ class HessianCallback(DiagnosticCallback):
     those of one process on the global batch.
 
     Cost, in Hessian-vector products (each about one backward through the kept first-order
-    graph): top-k about 30-120 (half with ``lanczos_basis=None``); the trace 10 to
+    graph): top-k about 60-250 (``lanczos_basis=8``: 30-150); the trace 10 to
     ``trace_max_samples``, plus ``top_k``; the density ``density_starts × density_steps`` (100);
-    each layer 10-30; the preconditioned sharpness as the top eigenvalue (none for SGD). Memory,
-    in parameter copies: the basis (``lanczos_basis``), ``top_k`` eigenvectors and a product's few
-    (22.5 at the defaults on an 8.7M-parameter MLP); ``top_k`` + 2 kept between measurements.
-    ``lanczos_basis=None, density_reorth=True``: the unbounded solvers (``max_iters`` and
-    ``density_steps`` copies). ``"auto"`` schedules within the shared ``budget``.
+    each layer 20-60; the preconditioned sharpness as the top eigenvalue (none for SGD). Memory, in parameter copies: ``top_k`` + 2 Lanczos
+    vectors, a product's own (gradient with graph, partial gradients), 3 warm starts (2 for
+    SGD): about 8 on an 8.7M-parameter MLP. ``None, density_reorth=True``: ``max_iters`` and
+    ``density_steps`` copies. ``"auto"`` schedules within the shared ``budget``.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
@@ -82,12 +81,13 @@ class HessianCallback(DiagnosticCallback):
         %(every_n_steps)s
         top_k: how many of the largest eigenvalues (``>= 1``).
         max_iters: most products of the top-k (all k together), of each layer and of the
-            preconditioned sharpness (default 150); with ``lanczos_basis=None`` also the most
-            basis vectors kept.
-        lanczos_basis: most Lanczos vectors kept (``>= 4``; default 8: bounded memory at the
-            same tolerance, for a few more products on a small spectral gap); ``None``: one
-            unrestarted run keeping up to ``max_iters`` vectors for all k eigenvalues at once
-            (fewer products, and the trace deflated by that whole basis).
+            preconditioned sharpness (default 300: room for both passes of a cold top-3);
+            with ``lanczos_basis=None`` also the most basis vectors kept.
+        lanczos_basis: most Lanczos vectors kept: 0 (default: none, each eigenvalue by two
+            passes of the three-term recurrence: the least memory, about twice the products of
+            one run, at the same tolerance), an int ``>= 4`` (thick restarts in that many
+            vectors: that many copies more, fewer products), or ``None`` (one unrestarted run
+            keeping up to ``max_iters`` vectors for all k at once: fewest products).
         tol: relative residual tolerance of every eigenvalue (default 1e-3).
         trace: measure the trace (and the per-layer traces).
         trace_rtol: standard error, relative to the trace, that stops Hutchinson (default 0.02).
@@ -216,8 +216,8 @@ class HessianCallback(DiagnosticCallback):
         self,
         every_n_steps: int | Literal["auto"] = "auto",
         top_k: int = 3,
-        max_iters: int = 150,
-        lanczos_basis: int | None = 8,
+        max_iters: int = 300,
+        lanczos_basis: int | None = 0,
         tol: float = 1e-3,
         trace: bool = True,
         trace_rtol: float = 0.02,

@@ -123,7 +123,7 @@ def spectral_density(
     nodes, weights = [], []
     iterations, exact = 0, True
     for _ in range(starts):
-        q = _rademacher(layout.numel, layout, generator) / math.sqrt(layout.numel)
+        q = _rademacher(layout.numel, layout, generator).div_(math.sqrt(layout.numel))
         run = lanczos(matvec, q, steps, reorthogonalize=reorthogonalize)
         iterations += run.steps
         if not run.finite or not run.steps:
@@ -136,4 +136,5 @@ def spectral_density(
         nodes.append(values)
         weights.append(vectors[0] ** 2)
         exact = exact and run.breakdown
+        del run, q  # three vectors: freed before the next start is drawn
     return DensityResult(nodes, weights, iterations, exact)

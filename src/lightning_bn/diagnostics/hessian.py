@@ -22,6 +22,7 @@ from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
 from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
+from lightning_bn.diagnostics.restart import check_basis_size
 from lightning_bn.diagnostics.spectrum import (
     block_indices,
     block_top_eigenvalues,
@@ -43,8 +44,8 @@ class HessianSettings:
     """
 
     top_k: int = 3
-    max_iters: int = 150
-    lanczos_basis: int | None = 8
+    max_iters: int = 300
+    lanczos_basis: int | None = 0
     tol: float = 1e-3
     trace: bool = True
     trace_rtol: float = 0.02
@@ -64,7 +65,7 @@ class HessianSettings:
         check_int("max_iters", self.max_iters, minimum=self.top_k + 1)
         check_int("trace_max_samples", self.trace_max_samples, minimum=2)
         if self.lanczos_basis is not None:
-            check_int("lanczos_basis", self.lanczos_basis, minimum=4)
+            check_basis_size("lanczos_basis", self.lanczos_basis)
         for name in ("density_starts", "density_steps", "density_bins"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("tol", "trace_rtol", "density_sigma"):
@@ -76,7 +77,9 @@ class HessianSettings:
 
 @dataclass
 class HessianState:
-    """Warm starts between measurements (flat vectors in the trainable parameters' layout)."""
+    """Warm starts between measurements (flat vectors in the trainable parameters' layout), kept
+    in bfloat16: half a copy each; a start needs the direction only roughly (its rounding costs
+    a product or two, and every start has a random part anyway)."""
 
     top: list[Tensor] = field(default_factory=list)
     blocks: dict[str, Tensor] = field(default_factory=dict)
@@ -112,8 +115,8 @@ def compute_hessian(
         settings: what to compute.
         layers: layer name → its parameters' names (the diagonal blocks).
         optimizer: the optimiser whose state makes the preconditioner (``None``: none).
-        state: warm starts from the previous measurement (handed over: its ``top`` is emptied
-            once read, so that those vectors need no memory during the measurement).
+        state: warm starts from the previous measurement (handed over: each of its fields is
+            emptied once read, so that those vectors need no memory during the measurement).
         generator: random source (the same state on every rank).
         collective: cross-rank averaging of the products (DDP semantics).
 
@@ -158,6 +161,7 @@ def compute_hessian(
     metrics["eig_converged"] = float(top.converged)
     metrics["eig_iters"] = float(top.iterations)
     new.top = [v.detach() for v in top.eigenvectors]
+    del warm
 
     blocks = block_indices(layout, layers) if layers and settings.per_layer else {}
     if settings.trace:
@@ -182,6 +186,7 @@ def compute_hessian(
             metrics[f"{name}/trace"] = value
             metrics[f"{name}/trace_stderr"] = err
     del top  # the full Lanczos basis (lanczos_basis=None) is not needed beyond the trace
+    new.top = [_kept(v) for v in _summed(new.top, layout.numel) or []]  # one vector
 
     if blocks:
         per_block = block_top_eigenvalues(
@@ -199,8 +204,9 @@ def compute_hessian(
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
             metrics[f"{name}/eig_converged"] = float(res.converged)
             if res.eigenvectors:
-                new.blocks[name] = res.eigenvectors[0].detach()
-
+                new.blocks[name] = _kept(res.eigenvectors[0])
+        del per_block
+    state.blocks = {}  # the old warm starts, read
     if settings.preconditioned and optimizer is not None:
         named = dict(probe.module.named_parameters())
         pre = optimizer_preconditioner(optimizer, {n: named[n] for n in names}, layout)
@@ -223,7 +229,10 @@ def compute_hessian(
                 )
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
-                new.precond = [v.detach() for v in res.eigenvectors]
+                new.precond = [_kept(v) for v in res.eigenvectors]
+                del res
+        del pre  # the preconditioner's copy of the parameters' size
+    state.precond = []
 
     if settings.density:
         dens = spectral_density(
@@ -240,6 +249,10 @@ def compute_hessian(
         for j, mass in enumerate(masses.tolist()):
             metrics[f"density/bin_{j:0{width}d}"] = mass
     return metrics, new
+
+
+def _kept(v: Tensor) -> Tensor:
+    return v.detach().to(torch.bfloat16)
 
 
 def _summed(vectors: Sequence[Tensor], numel: int) -> list[Tensor] | None:

@@ -20,9 +20,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.krylov import Basis
+from lightning_bn.diagnostics.paramvec import FlatLayout
 
-__all__ = ["RitzPair", "deflated_exact_trace", "deflated_top", "restarted_top"]
+__all__ = [
+    "Block",
+    "RitzPair",
+    "block_numel",
+    "check_basis_size",
+    "deflated_exact_trace",
+    "deflated_top",
+    "restarted_top",
+    "two_pass_top",
+]
+
+#: The flat entries of a diagonal block: a slice, or int64 indices.
+Block = Tensor | slice
 
 #: A new residual of norm <= this × eps × max ‖Hq_j‖ spans nothing new (as in ``eigen``).
 _BREAKDOWN = 100.0
@@ -136,6 +150,103 @@ def restarted_top(
         p = kept
 
 
+def two_pass_top(
+    matvec: Callable[[Tensor], Tensor],
+    q: Tensor,
+    *,
+    max_steps: int,
+    tol: float,
+    locked: Sequence[Tensor] = (),
+    floor: float = 0.0,
+) -> RitzPair:
+    r"""The largest eigenvalue of :math:`H` on the orthogonal complement of ``locked``, keeping
+    no basis: Lanczos by its three-term recurrence, twice.
+
+    Pass 1 runs the recurrence from ``q`` (projected off ``locked`` and normalised; every
+    product is projected off ``locked`` too), builds :math:`T_m` and stops, after at least 2
+    products, once the top Ritz pair's residual :math:`\beta_m |s_{m}|` is at most
+    :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)` (or on an
+    invariant subspace, or after ``max_steps`` products). Without reorthogonalisation the basis
+    loses orthogonality only along converged Ritz vectors, which adds copies of converged values
+    to :math:`T_m` but leaves the top Ritz value and its residual estimate valid (Paige 1976);
+    stopping at convergence keeps those copies out. Pass 2 reruns the recurrence from the same
+    start with pass 1's coefficients and sums the Ritz vector :math:`\sum_j s_j q_j` as the
+    :math:`q_j` come back: :math:`2m - 1` products in all.
+
+    Memory: four vectors (the start, kept through pass 1, or the Ritz vector's sum in pass 2;
+    the last two Lanczos vectors; the product), besides ``locked``. ``q`` is consumed: its
+    memory becomes the first Lanczos vector.
+    """
+    eps = torch.finfo(q.dtype).eps
+    with torch.no_grad():
+        before = float(torch.linalg.vector_norm(q))
+        _project(q, locked)
+        q_norm = float(torch.linalg.vector_norm(q))
+    if not q_norm > 1e-6 * before:  # nothing left outside ``locked``
+        return RitzPair(math.nan, math.nan, None, 0, True)
+    q1 = q.div_(q_norm)
+    del q
+    alphas: list[float] = []
+    betas: list[float] = []
+    steps, scale, ok = 0, 0.0, False
+    top, residual, s = math.nan, math.nan, torch.ones(1, dtype=torch.float64)
+    prev: Tensor | None = None
+    cur = q1
+    while True:
+        w = matvec(cur)
+        with torch.no_grad():
+            hq_norm = torch.linalg.vector_norm(w)
+            if prev is not None:
+                w.sub_(prev, alpha=betas[-1])
+            alpha = _dot(cur, w)  # summed in float64, as pass 2 reuses it
+            w.sub_(cur, alpha=alpha)
+            _project(w, locked)
+            stats = torch.stack([hq_norm, torch.linalg.vector_norm(w)])
+        values = stats.to(device="cpu", dtype=torch.float64)
+        steps += 1
+        if not (math.isfinite(alpha) and bool(torch.isfinite(values).all())):
+            return RitzPair(math.nan, math.nan, None, steps, False, False)
+        beta = float(values[1])
+        alphas.append(alpha)
+        scale = max(scale, float(values[0]))
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, vectors = torch.linalg.eigh(tri)
+        s = vectors[:, -1]
+        breakdown = beta <= _BREAKDOWN * eps * scale
+        top = float(theta[-1])
+        residual = 0.0 if breakdown else beta * abs(float(s[-1]))
+        bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
+        ok = breakdown or (steps >= 2 and residual <= bound)
+        if ok or steps >= max_steps:
+            break
+        betas.append(beta)
+        prev, cur = cur, w.div_(beta)
+    del w  # pass 2: the same recurrence from q1, summing the Ritz vector
+    prev, cur = None, q1
+    del q1
+    ritz = torch.mul(cur, float(s[0]))
+    for j in range(1, len(alphas)):
+        w = matvec(cur)
+        with torch.no_grad():
+            if prev is not None:
+                w.sub_(prev, alpha=betas[j - 2])
+            w.sub_(cur, alpha=alphas[j - 1])
+            _project(w, locked)
+            w.div_(betas[j - 1])
+            ritz.add_(w, alpha=float(s[j]))
+        prev, cur = cur, w
+        steps += 1
+    del prev, cur
+    with torch.no_grad():
+        for _ in range(2):  # orthonormal to working precision, whatever the size
+            _project(ritz, locked)
+            ritz.div_(math.sqrt(_dot(ritz, ritz)))
+    return RitzPair(top + 0.0, residual, ritz, steps, ok)
+
+
 def _rotate(basis: Basis, u: Tensor) -> None:
     r"""Rows :math:`Q \leftarrow U^\top Q` in place (``u`` orthogonal, float64), by the
     Householder reflections of :math:`U^\top = H_1 \cdots H_m D` (``geqrf``): one vector of
@@ -164,7 +275,8 @@ def deflated_top(
     capacity: int,
 ) -> tuple[list[RitzPair], int, bool]:
     """The top ``k`` Ritz pairs one at a time, each by :func:`restarted_top` (keeping half its
-    ``capacity`` at a restart) from a fresh ``start()`` projected off the ones found before (the later ones' tolerance floor is
+    ``capacity`` at a restart; ``capacity=0``: by :func:`two_pass_top`, no basis) from a fresh
+    ``start()`` projected off the ones found before (the later ones' tolerance floor is
     1e-3 × the first's magnitude), ``max_iters`` products in all. Returns the pairs (fewer
     when the space runs out; the last not finite when a product was not), the products taken,
     and whether every pair converged within them."""
@@ -174,10 +286,16 @@ def deflated_top(
         if max_iters - used < 2:
             return pairs, used, False
         found = [p.vector for p in pairs if p.vector is not None]
-        pair = restarted_top(
-            matvec, start(), capacity=capacity, max_steps=max_iters - used, tol=tol,
-            locked=found, keep=capacity // 2, floor=floor,
-        )  # fmt: skip
+        if capacity:
+            pair = restarted_top(
+                matvec, start(), capacity=capacity, max_steps=max_iters - used, tol=tol,
+                locked=found, keep=capacity // 2, floor=floor,
+            )  # fmt: skip
+        else:  # pass 1 may take half the products left, pass 2 one fewer
+            steps = (max_iters - used + 1) // 2
+            pair = two_pass_top(
+                matvec, start(), max_steps=steps, tol=tol, locked=found, floor=floor
+            )
         used += pair.steps
         if pair.vector is None and pair.finite:  # nothing left: H has fewer dimensions
             break
@@ -192,7 +310,7 @@ def deflated_top(
 def deflated_exact_trace(
     matvec: Callable[[Tensor], Tensor],
     vectors: Sequence[Tensor],
-    blocks: Mapping[str, Tensor],
+    blocks: Mapping[str, Tensor | slice],
 ) -> tuple[float, dict[str, float]]:
     r"""The exact part of a trace deflated by orthonormal vectors :math:`Y` (:math:`P = YY^\top`):
     :math:`\mathrm{tr}(Y^\top H Y)`, and per block :math:`b` (flat indices; :math:`E_b` its
@@ -231,3 +349,58 @@ def deflated_exact_trace(
         g_b = rows @ rows.T if rows is not None else m
         parts[name] = 2.0 * cross[name] - float((g_b.cpu() * m).sum())
     return float(torch.diagonal(m).sum()), parts
+
+
+def check_basis_size(name: str, value: int) -> int:
+    """Return ``value`` if it is 0 or an int ``>= 4`` (a Lanczos basis size).
+
+    Raises:
+        ValueError, TypeError: another value (named).
+    """
+    check_int(name, value, minimum=0)
+    if 0 < value < 4:
+        raise ValueError(f"Expected argument `{name}` to be 0 or an integer >= 4, but got {value}")
+    return value
+
+
+def _rademacher(n: int, layout: FlatLayout, generator: torch.Generator | None) -> Tensor:
+    """``n`` independent ±1 in the layout's dtype, drawn in it (no int64 copy: the same draws)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    dtype = layout.dtype if gen.device == torch.device(layout.device) else torch.float32
+    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device, dtype=dtype)
+    return signs.mul_(2).sub_(1).to(dtype=layout.dtype, device=layout.device)
+
+
+def _start(
+    layout: FlatLayout, generator: torch.Generator | None, init: Sequence[Tensor] | None
+) -> Tensor:
+    q = _rademacher(layout.numel, layout, generator).div_(math.sqrt(layout.numel))
+    for v in init or ():
+        if v.numel() != layout.numel or not bool(torch.isfinite(v).all()):
+            continue
+        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        if norm > 0:  # added in place, converted a block at a time (v may be narrower)
+            for i in range(0, q.numel(), 1 << 20):
+                part = v.reshape(-1)[i : i + (1 << 20)]
+                q[i : i + part.numel()].add_(part.to(q), alpha=1.0 / norm)
+    return q.div_(float(torch.linalg.vector_norm(q)))
+
+
+def block_numel(block: Block) -> int:
+    """How many entries a block of :func:`block_indices` has."""
+    if isinstance(block, slice):
+        return int(block.stop) - int(block.start)
+    return block.numel()
+
+
+class _SubLayout(FlatLayout):
+    """The layout of a block: ``numel`` entries in the parent's dtype and device."""
+
+    def __init__(self, parent: FlatLayout, numel: int) -> None:
+        super().__init__({})
+        self.dtype, self.device = parent.dtype, parent.device
+        self._numel = numel
+
+    @property
+    def numel(self) -> int:
+        return self._numel

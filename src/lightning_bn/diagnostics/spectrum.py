@@ -21,13 +21,13 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
 * :func:`block_top_eigenvalues`: the largest eigenvalue of each diagonal block
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
-Memory: a Lanczos run keeps its basis, at most ``max_iters`` (or ``steps``) flat vectors of the
-parameters' size in float32 (or wider), or ``basis_size`` + :math:`k` with a ``basis_size``;
-nothing else is parameter-sized beyond a few work vectors. No dense Hessian is ever formed.
+Memory, in flat vectors of the parameters' size: ``max_iters`` (or ``steps``) for a Lanczos run
+keeping its basis, ``basis_size`` + :math:`k` with a ``basis_size``, :math:`k` + 3 with ``0``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +38,17 @@ from torch import Tensor
 from lightning_bn._validation import check_float, check_int
 from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, warn_unconverged
 from lightning_bn.diagnostics.paramvec import FlatLayout
-from lightning_bn.diagnostics.restart import deflated_exact_trace, deflated_top
+from lightning_bn.diagnostics.restart import (
+    Block,
+    _dot,
+    _rademacher,
+    _start,
+    _SubLayout,
+    block_numel,
+    check_basis_size,
+    deflated_exact_trace,
+    deflated_top,
+)
 
 __all__ = [
     "LanczosRun",
@@ -95,14 +105,17 @@ def lanczos(
     breakdown. The recurrence is that of
     :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`: three-term step, then one
     classical Gram-Schmidt pass against the whole basis (``reorthogonalize=False``: the
-    three-term step alone, and the basis keeps :math:`q_1` only)."""
-    basis = _Basis(q.numel(), max_steps + 1 if reorthogonalize else 1, q.dtype, q.device)
-    q = basis.append(q)
+    three-term step alone, the basis stays empty, and three vectors are live at a time: ``q``
+    itself is overwritten once the recurrence is past it)."""
+    start = q
+    basis = _Basis(q.numel(), max_steps + 1 if reorthogonalize else 0, q.dtype, q.device)
+    if reorthogonalize:
+        q = basis.append(q)
     q_prev: Tensor | None = None
     eps = torch.finfo(q.dtype).eps
     tri = _Tridiagonal(max_steps)
     beta, scale = 0.0, 0.0
-    run = LanczosRun(basis, tri, 0.0, torch.zeros_like(q), False)
+    run = LanczosRun(basis, tri, 0.0, q.new_zeros(0), False)
     for _ in range(max_steps):
         w = matvec(q)
         with torch.no_grad():
@@ -123,7 +136,10 @@ def lanczos(
         if new_beta <= _BREAKDOWN * eps * scale:
             run.beta, run.residual, run.breakdown = 0.0, torch.zeros_like(q), True
             return run
-        run.beta, run.residual = new_beta, w.div_(new_beta)
+        w.div_(new_beta)
+        if q_prev is start and not reorthogonalize:  # q_1 is dead: its memory holds q_{j+1}
+            w = start.copy_(w)
+        run.beta, run.residual = new_beta, w
         if stop is not None and stop(run):
             return run
         if tri.size == max_steps:
@@ -206,7 +222,8 @@ def top_eigenvalues(
             ``basis_size`` vectors, projected off the eigenvectors already found; a fresh start
             each, the same ``init``), to the same residual rule; ``max_iters`` counts the
             products of all :math:`k`. Memory: ``basis_size`` + :math:`k` vectors; ``run`` is
-            then ``None`` (deflate the trace by ``eigenvectors``).
+            then ``None`` (deflate the trace by ``eigenvectors``). ``0``: each eigenvalue by
+            :func:`~lightning_bn.diagnostics.restart.two_pass_top` (no basis; :math:`k` + 3).
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -216,7 +233,7 @@ def top_eigenvalues(
     check_int("max_iters", max_iters, minimum=k + 1)
     tol = check_float("tol", tol, minimum=0)
     if basis_size is not None:
-        check_int("basis_size", basis_size, minimum=4)
+        check_basis_size("basis_size", basis_size)
         return _top_deflated(matvec, layout, k, init, max_iters, tol, generator, warn, basis_size)
     q = _start(layout, generator, init)
 
@@ -278,25 +295,6 @@ def _unit(v: Tensor) -> Tensor:
     return v / norm if float(norm) > 0 else v
 
 
-def _rademacher(n: int, layout: FlatLayout, generator: torch.Generator | None) -> Tensor:
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (n,), generator=gen, device=gen.device).mul_(2).sub_(1)
-    return signs.to(dtype=layout.dtype, device=layout.device)
-
-
-def _start(
-    layout: FlatLayout, generator: torch.Generator | None, init: Sequence[Tensor] | None
-) -> Tensor:
-    q = _rademacher(layout.numel, layout, generator)
-    q = q / math.sqrt(layout.numel)
-    for v in init or ():
-        v = v.to(dtype=layout.dtype, device=layout.device).reshape(-1)
-        if v.numel() != layout.numel or not bool(torch.isfinite(v).all()):
-            continue
-        q = q + _unit(v)
-    return _unit(q)
-
-
 # --- trace -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TraceResult:
@@ -327,7 +325,7 @@ def hutchinson_trace(
     max_samples: int = 200,
     generator: torch.Generator | None = None,
     deflate: LanczosRun | Sequence[Tensor] | None = None,
-    blocks: Mapping[str, Tensor] | None = None,
+    blocks: Mapping[str, Block] | None = None,
     warn: bool = True,
 ) -> TraceResult:
     r"""Hutchinson's trace estimate with Rademacher probes, deflated by a Lanczos basis.
@@ -407,9 +405,9 @@ def hutchinson_trace(
                 z.addmv_(v.T, v @ z, alpha=-1.0)
         hz = matvec(z)
         with torch.no_grad():
-            prod = z * hz
-            parts = [prod.sum()] + [prod[idx].sum() for idx in blocks.values()]
-            samples.append(torch.stack(parts).to(torch.float64))
+            parts = [_dot(z, hz)] + [_dot(z[idx], hz[idx]) for idx in blocks.values()]
+            samples.append(torch.tensor(parts, dtype=torch.float64))
+        del z, hz
         if n >= min_samples:
             first = torch.stack([t[0] for t in samples])
             total = exact + float(first.mean())
@@ -430,25 +428,32 @@ def hutchinson_trace(
 
 
 # --- blocks ----------------------------------------------------------------------------------
-def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> dict[str, Tensor]:
-    """Flat indices (int64, on the layout's device) of each group of parameter names."""
+def block_indices(layout: FlatLayout, groups: Mapping[str, Sequence[str]]) -> dict[str, Block]:
+    """The flat entries of each group of parameter names: a ``slice`` when they are contiguous
+    (a layer's parameters usually are; no memory), else their indices (int64, on the layout's
+    device)."""
     offsets: dict[str, tuple[int, int]] = {}
     start = 0
     for key, n in zip(layout.keys, layout.numels, strict=True):
         offsets[key] = (start, start + n)
         start += n
-    out = {}
+    out: dict[str, Block] = {}
     for name, keys in groups.items():
-        parts = [torch.arange(*offsets[k]) for k in keys if k in offsets]
-        if parts:
-            out[name] = torch.cat(parts).to(layout.device)
+        spans = [offsets[k] for k in keys if k in offsets]
+        if not spans:
+            continue
+        ordered = sorted(spans)
+        if all(a[1] == b[0] for a, b in itertools.pairwise(ordered)):
+            out[name] = slice(ordered[0][0], ordered[-1][1])
+        else:
+            out[name] = torch.cat([torch.arange(*span) for span in spans]).to(layout.device)
     return out
 
 
 def block_top_eigenvalues(
     matvec: Matvec,
     layout: FlatLayout,
-    blocks: Mapping[str, Tensor],
+    blocks: Mapping[str, Block],
     init: Mapping[str, Tensor] | None = None,
     *,
     max_iters: int = 100,
@@ -468,15 +473,18 @@ def block_top_eigenvalues(
     """
     out: dict[str, TopEigResult] = {}
     for name, idx in blocks.items():
-        sub = _SubLayout(layout, idx.numel())
+        size = block_numel(idx)
+        sub = _SubLayout(layout, size)
 
-        def restricted(v: Tensor, idx: Tensor = idx) -> Tensor:
+        def restricted(v: Tensor, idx: Block = idx) -> Tensor:
             full = torch.zeros(layout.numel, dtype=v.dtype, device=v.device)
             full[idx] = v
-            return matvec(full)[idx]
+            out = matvec(full)
+            del full
+            return out[idx].clone() if isinstance(idx, slice) else out[idx]
 
         start = None if init is None or name not in init else [init[name]]
-        iters = max_iters if basis_size else min(max_iters, max(2, idx.numel() + 1))
+        iters = max_iters if basis_size is not None else min(max_iters, max(2, size + 1))
         out[name] = top_eigenvalues(
             restricted, sub, 1, start, max_iters=iters, tol=tol, generator=generator, warn=False,
             basis_size=basis_size,
@@ -484,16 +492,3 @@ def block_top_eigenvalues(
         if warn and not out[name].converged:
             warn_unconverged(f"block_top_eigenvalues (block {name!r})", out[name].iterations)
     return out
-
-
-class _SubLayout(FlatLayout):
-    """The layout of a block: ``numel`` entries in the parent's dtype and device."""
-
-    def __init__(self, parent: FlatLayout, numel: int) -> None:
-        super().__init__({})
-        self.dtype, self.device = parent.dtype, parent.device
-        self._numel = numel
-
-    @property
-    def numel(self) -> int:
-        return self._numel
