@@ -61,13 +61,13 @@ class HessianCallback(DiagnosticCallback):
     product is averaged over ranks and every rank draws the same random vectors: the values equal
     those of one process on the global batch.
 
-    Cost, in Hessian-vector products (each about one backward through the kept first-order
-    graph): top-k about 60-250 (``lanczos_basis=8``: 30-150); the trace 10 to
-    ``trace_max_samples``, plus ``top_k``; the density ``density_starts × density_steps`` (100);
-    each layer 20-60; the preconditioned sharpness as the top eigenvalue (none for SGD). Memory, in parameter copies: ``top_k`` + 2 Lanczos
-    vectors, a product's own (gradient with graph, partial gradients), 3 warm starts (2 for
-    SGD): about 8 on an 8.7M-parameter MLP. ``None, density_reorth=True``: ``max_iters`` and
-    ``density_steps`` copies. ``"auto"`` schedules within the shared ``budget``.
+    Cost, in Hessian-vector products (about one backward each): top-k 60-250
+    (``lanczos_basis=8``: 30-150); the trace 10 to ``trace_max_samples``, plus ``top_k``; the
+    density ``density_starts × density_steps``; each layer 20-60; the preconditioned sharpness as
+    the top eigenvalue. Memory, in parameter copies: 4 Lanczos vectors, up to ``top_k``
+    eigenvectors, a product's own, the bfloat16 warm starts (one in all): about 8 by allocation
+    count on a 2.2M-parameter MLP, 13 resident on an 8.7M one (README "Memory of one measurement").
+    ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
@@ -277,11 +277,11 @@ class HessianCallback(DiagnosticCallback):
             self._layer_params = module_layers(pl_module, self.layers)
 
     def measurement_steps(self) -> float:
-        """About two passes per Hessian-vector product, at the low end of the counts above: 15
-        for the top eigenvalues, 10 for the trace, the density's starts × steps, 10 per layer."""
+        """About two passes per Hessian-vector product, at the low end of the counts above: 60
+        for the top eigenvalues, 10 for the trace, the density's starts × steps, 20 per layer."""
         s = self.settings
         density = s.density_starts * s.density_steps if s.density else 0
-        return 2.0 * (15 + 10 * s.trace + density + 10 * len(self._layer_params))
+        return 2.0 * (60 + 10 * s.trace + density + 20 * len(self._layer_params))
 
     def _compute(self, trainer: pl.Trainer, record: StepRecord) -> dict[str, float]:
         optimizer = self._optimizer(trainer)
