@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +142,9 @@ def compute_hessian(
         return coll.mean(coll.guard(lambda: op.matvec(v)))
 
     metrics: dict[str, float] = {}
+    solver = _Solver(
+        tol=settings.tol, generator=generator, warn=False, basis_size=settings.lanczos_basis
+    )
     new = HessianState()
     k = settings.top_k
     warm = _summed(state.top, layout.numel)
@@ -151,10 +155,7 @@ def compute_hessian(
         k,
         warm,
         max_iters=max(settings.max_iters, k + 1),
-        tol=settings.tol,
-        generator=generator,
-        warn=False,
-        basis_size=settings.lanczos_basis,
+        **solver,
     )
     for i in range(k):
         metrics[f"eig_{i + 1}"] = top.eigenvalues[i] if i < len(top.eigenvalues) else math.nan
@@ -195,10 +196,7 @@ def compute_hessian(
             blocks,
             state.blocks,
             max_iters=settings.max_iters,
-            tol=settings.tol,
-            generator=generator,
-            warn=False,
-            basis_size=settings.lanczos_basis,
+            **solver,
         )
         for name, res in per_block.items():
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
@@ -222,10 +220,7 @@ def compute_hessian(
                     1,
                     state.precond or None,
                     max_iters=max(settings.max_iters, 2),
-                    tol=settings.tol,
-                    generator=generator,
-                    warn=False,
-                    basis_size=settings.lanczos_basis,
+                    **solver,
                 )
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
@@ -249,6 +244,15 @@ def compute_hessian(
         for j, mass in enumerate(masses.tolist()):
             metrics[f"density/bin_{j:0{width}d}"] = mass
     return metrics, new
+
+
+class _Solver(TypedDict):
+    """The options every eigenvalue run of one measurement shares."""
+
+    tol: float
+    generator: torch.Generator | None
+    warn: bool
+    basis_size: int | None
 
 
 def _kept(v: Tensor) -> Tensor:
