@@ -24,6 +24,7 @@ from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
 from lightning_bn.diagnostics.krylov import Basis as _Basis
 from lightning_bn.diagnostics.krylov import Tridiagonal as _Tridiagonal
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
+from lightning_bn.diagnostics.restart import two_pass_top
 
 __all__ = ["ConvergenceWarning", "EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
 
@@ -211,7 +212,9 @@ def top_hessian_eigenvalue(
         (-5.0, 4, True)
     """
     check_int("max_iters", max_iters, minimum=1)
-    size = max_iters if basis_size is None else check_int("basis_size", basis_size, minimum=2)
+    size = max_iters if basis_size is None else check_int("basis_size", basis_size, minimum=0)
+    if size == 1:
+        raise ValueError("Expected argument `basis_size` to be 0 or an integer >= 2, but got 1")
     tol = check_float("tol", tol, minimum=0)
     check_choice("algorithm", algorithm, _ALGORITHMS)
     if init is None:
@@ -224,6 +227,11 @@ def top_hessian_eigenvalue(
             )
         init = _random_like(like, generator)
     layout, matvec = _flat_operator(hvp_fn, init)
+    if algorithm == "lanczos" and size == 0:
+        result = _two_pass(matvec, layout, init, max_iters, tol, reuse_init)
+        if warn and not result.converged:
+            warn_unconverged("top_hessian_eigenvalue (lanczos)", result.iterations)
+        return result
     # Lanczos: the start is written straight into the basis's first row (no copy of its own)
     basis = None
     if algorithm == "lanczos":
@@ -342,6 +350,43 @@ def _restarted(
             return EigResult(result.eigenvalue, result.eigenvector, used, result.converged)
         basis.reset()
         q = basis.append(w)  # the Ritz vector, a unit vector: the next cycle's start
+
+
+def _two_pass(
+    matvec: _Matvec,
+    layout: FlatLayout,
+    init: Mapping[str, Tensor],
+    max_iters: int,
+    tol: float,
+    reuse_init: bool,
+) -> EigResult:
+    """Lanczos without a basis (:func:`~lightning_bn.diagnostics.restart.two_pass_top`) with
+    :func:`_lanczos`'s Ritz value (largest magnitude), stopping rule (:func:`_settled`) and
+    Ritz vector sign; pass 1 takes at most half of ``max_iters``, pass 2 one product fewer."""
+    q = _flat_storage(init, layout) if reuse_init else None
+    q = layout.flat(init) if q is None else q  # with reuse_init: init's memory, no copy
+    del init
+    norm = float(torch.linalg.vector_norm(q))
+    if not 0.0 < norm < math.inf:
+        raise ValueError(f"Cannot normalise a vector of norm {norm}")
+    previous: list[tuple[float, float]] = []
+
+    def rule(theta: Tensor, vectors: Tensor, beta: float, steps: int) -> tuple[float, Tensor, bool]:
+        low, high = float(theta[0]), float(theta[-1])
+        end = 0 if -low > high else -1  # largest magnitude, the positive one in a tie
+        value = (low if end == 0 else high) + 0.0
+        s = vectors[:, end]
+        s = -s if float(s[0]) < 0 else s  # q_1ᵀ(Q s) = s_1 >= 0, as _ritz_vector
+        stop = bool(previous) and _settled(low, high, value, previous[-1], tol)
+        previous.append((low, high))
+        return value, s, stop
+
+    pair = two_pass_top(matvec, q, max_steps=(max_iters + 1) // 2, tol=tol, rule=rule)
+    vector = pair.vector
+    if vector is None:  # a product was not finite and the start is spent: a cold start's vector
+        vector = layout.flat(_random_like(layout.unflat(q.new_empty(layout.numel)), None))
+        vector.div_(torch.linalg.vector_norm(vector))
+    return EigResult(pair.value, layout.unflat(vector), pair.steps, pair.converged)
 
 
 def _lanczos(

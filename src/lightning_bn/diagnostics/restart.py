@@ -27,6 +27,7 @@ from lightning_bn.diagnostics.paramvec import FlatLayout
 __all__ = [
     "Block",
     "RitzPair",
+    "RitzRule",
     "block_numel",
     "check_basis_size",
     "deflated_exact_trace",
@@ -34,6 +35,10 @@ __all__ = [
     "restarted_top",
     "two_pass_top",
 ]
+
+#: Chooses :func:`two_pass_top`'s Ritz pair and when it stops:
+#: ``(ritz_values, ritz_vectors, beta, steps) -> (value, coefficients, stop)``.
+RitzRule = Callable[[Tensor, Tensor, float, int], tuple[float, Tensor, bool]]
 
 #: The flat entries of a diagonal block: a slice, or int64 indices.
 Block = Tensor | slice
@@ -158,6 +163,7 @@ def two_pass_top(
     tol: float,
     locked: Sequence[Tensor] = (),
     floor: float = 0.0,
+    rule: RitzRule | None = None,
 ) -> RitzPair:
     r"""The largest eigenvalue of :math:`H` on the orthogonal complement of ``locked``, keeping
     no basis: Lanczos by its three-term recurrence, twice.
@@ -172,6 +178,12 @@ def two_pass_top(
     stopping at convergence keeps those copies out. Pass 2 reruns the recurrence from the same
     start with pass 1's coefficients and sums the Ritz vector :math:`\sum_j s_j q_j` as the
     :math:`q_j` come back: :math:`2m - 1` products in all.
+
+    ``rule`` (``None``: the residual rule above) chooses another Ritz pair and stopping rule:
+    called after every product of pass 1 with the Ritz values of :math:`T_m` (ascending), their
+    eigenvectors, :math:`\beta_m` and the products taken, it returns the chosen value, its
+    eigenvector's coefficients :math:`s` and whether to stop (an invariant subspace, or
+    ``max_steps``, stops anyway).
 
     Memory: four vectors (the start, kept through pass 1, or the Ritz vector's sum in pass 2;
     the last two Lanczos vectors; the product), besides ``locked``. ``q`` is consumed: its
@@ -214,12 +226,16 @@ def two_pass_top(
             off = torch.tensor(betas, dtype=torch.float64)
             tri += torch.diag(off, 1) + torch.diag(off, -1)
         theta, vectors = torch.linalg.eigh(tri)
-        s = vectors[:, -1]
         breakdown = beta <= _BREAKDOWN * eps * scale
-        top = float(theta[-1])
-        residual = 0.0 if breakdown else beta * abs(float(s[-1]))
-        bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
-        ok = breakdown or (steps >= 2 and residual <= bound)
+        if rule is None:
+            s, top = vectors[:, -1], float(theta[-1])
+            residual = 0.0 if breakdown else beta * abs(float(s[-1]))
+            bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
+            ok = breakdown or (steps >= 2 and residual <= bound)
+        else:
+            top, s, stop = rule(theta, vectors, beta, steps)
+            residual = 0.0 if breakdown else beta * abs(float(s[-1]))
+            ok = breakdown or stop
         if ok or steps >= max_steps:
             break
         betas.append(beta)
