@@ -2,9 +2,10 @@
 
 The CPU profiler records every allocation and free of torch's allocator in order, so the peak of
 their running sum is the same number on every run (unlike resident memory). A warm-started
-measurement allocates, in parameter copies: the Lanczos basis, the gradient with its graph and
-the partial gradients of one Hessian-vector product; the working vector is the warm start's own
-memory and the parameters are read in place.
+measurement allocates, in parameter copies: the Lanczos basis (without one, ``basis_size=0``:
+three vectors), the gradient with its graph and the partial gradients of one Hessian-vector
+product; the working vector (or start) is the warm start's own memory and the parameters are
+read in place.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning_bn.probe import Probe, RNGState, StepRecord
 from tests.support.profiling import peak_allocated
 
 
-def _peak_copies(basis: int) -> float:
+def _peak_copies(basis: int, max_iters: int = 12) -> float:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Linear(64, 256),
@@ -40,7 +41,7 @@ def _peak_copies(basis: int) -> float:
     def measure() -> None:
         compute_smoothness(
             probe, params, step, [0.1, 0.2], basis_size=basis, init=warm, reuse_init=True,
-            max_iters=12, tol=0.0,
+            max_iters=max_iters, tol=0.0,
         )  # fmt: skip
 
     return peak_allocated(measure) / (4 * n)
@@ -52,3 +53,12 @@ def test_a_warm_measurement_allocates_its_basis_and_about_two_more_copies() -> N
     assert 5 + 1 < five <= 5 + 2.5
     assert 8 + 1 < eight <= 8 + 2.5
     assert eight - five == pytest.approx(3.0, abs=0.05)  # each basis vector costs one copy
+
+
+def test_a_warm_measurement_without_a_basis_allocates_three_vectors_whatever_the_products() -> None:
+    short, long = _peak_copies(0, 12), _peak_copies(0, 40)
+    # two Lanczos vectors and the product (the start is the warm start's memory; in pass 2 the
+    # Ritz vector's sum takes its place), the gradient with its graph, a product's partials
+    assert 3 + 1 < long <= 3 + 2.5
+    assert abs(long - short) <= 0.05  # three times the products, no more memory
+    assert _peak_copies(5, 12) - short == pytest.approx(2.0, abs=0.05)  # the basis's 5, less 3

@@ -195,8 +195,10 @@ class SmoothnessCallback(AlongGradientCallback):
             every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
         )
         self.lanczos_basis = (
-            None if lanczos_basis is None else check_int("lanczos_basis", lanczos_basis, minimum=2)
+            None if lanczos_basis is None else check_int("lanczos_basis", lanczos_basis, minimum=0)
         )
+        if self.lanczos_basis == 1:
+            raise ValueError("Expected argument `lanczos_basis` to be 0 or >= 2, but got 1")
         self.max_iters = resolve_max_iters(max_iters, power_iters)
         self.tol = check_float("tol", tol, minimum=0)
         self.hvp_method = check_choice("hvp_method", hvp_method, _HVP_METHODS)

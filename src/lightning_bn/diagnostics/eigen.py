@@ -362,11 +362,14 @@ def _two_pass(
 ) -> EigResult:
     """Lanczos without a basis (:func:`~lightning_bn.diagnostics.restart.two_pass_top`) with
     :func:`_lanczos`'s Ritz value (largest magnitude), stopping rule (:func:`_settled`) and
-    Ritz vector sign; pass 1 takes at most half of ``max_iters``, pass 2 one product fewer."""
-    q = _flat_storage(init, layout) if reuse_init else None
-    q = layout.flat(init) if q is None else q  # with reuse_init: init's memory, no copy
+    Ritz vector sign; pass 1 takes at most half of ``max_iters``, pass 2 one product fewer.
+    With ``reuse_init``, ``init``'s memory is the start and then holds the Ritz vector (as in
+    :func:`two_pass_top`, which sums it into its start's memory)."""
+    storage = _flat_storage(init, layout) if reuse_init else None
+    # the start, in a list so that no name here holds it once two_pass_top consumes it
+    start = [layout.flat(init) if storage is None else storage]
     del init
-    norm = float(torch.linalg.vector_norm(q))
+    norm = float(torch.linalg.vector_norm(start[0]))
     if not 0.0 < norm < math.inf:
         raise ValueError(f"Cannot normalise a vector of norm {norm}")
     previous: list[tuple[float, float]] = []
@@ -381,11 +384,14 @@ def _two_pass(
         previous.append((low, high))
         return value, s, stop
 
-    pair = two_pass_top(matvec, q, max_steps=(max_iters + 1) // 2, tol=tol, rule=rule)
+    pair = two_pass_top(matvec, start.pop(), max_steps=(max_iters + 1) // 2, tol=tol, rule=rule)
     vector = pair.vector
     if vector is None:  # a product was not finite and the start is spent: a cold start's vector
-        vector = layout.flat(_random_like(layout.unflat(q.new_empty(layout.numel)), None))
+        like = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
+        vector = layout.flat(_random_like(layout.unflat(like), None))
         vector.div_(torch.linalg.vector_norm(vector))
+    if storage is not None and vector.data_ptr() != storage.data_ptr():
+        vector = storage.copy_(vector)  # (a non-finite product: the start's memory is unused)
     return EigResult(pair.value, layout.unflat(vector), pair.steps, pair.converged)
 
 

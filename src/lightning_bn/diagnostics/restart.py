@@ -185,9 +185,10 @@ def two_pass_top(
     eigenvector's coefficients :math:`s` and whether to stop (an invariant subspace, or
     ``max_steps``, stops anyway).
 
-    Memory: four vectors (the start, kept through pass 1, or the Ritz vector's sum in pass 2;
-    the last two Lanczos vectors; the product), besides ``locked``. ``q`` is consumed: its
-    memory becomes the first Lanczos vector.
+    Memory: four vectors (the start, kept through pass 1, whose memory then holds the Ritz
+    vector's sum in pass 2; the last two Lanczos vectors; the product), besides ``locked``.
+    ``q`` is consumed: its memory becomes the first Lanczos vector, then the returned Ritz
+    vector.
     """
     eps = torch.finfo(q.dtype).eps
     with torch.no_grad():
@@ -240,10 +241,10 @@ def two_pass_top(
             break
         betas.append(beta)
         prev, cur = cur, w.div_(beta)
-    del w  # pass 2: the same recurrence from q1, summing the Ritz vector
+    del w  # pass 2: the same recurrence from q1, summing the Ritz vector into q1's memory
     prev, cur = None, q1
     del q1
-    ritz = torch.mul(cur, float(s[0]))
+    ritz: Tensor | None = None
     for j in range(1, len(alphas)):
         w = matvec(cur)
         with torch.no_grad():
@@ -252,9 +253,16 @@ def two_pass_top(
             w.sub_(cur, alpha=alphas[j - 1])
             _project(w, locked)
             w.div_(betas[j - 1])
-            ritz.add_(w, alpha=float(s[j]))
+            if ritz is None and prev is not None:  # q1 (prev) is spent: the sum starts there
+                ritz = prev.mul_(float(s[0])).add_(cur, alpha=float(s[1]))
+            if ritz is not None:
+                ritz.add_(w, alpha=float(s[j]))
         prev, cur = cur, w
         steps += 1
+    if ritz is None:  # one or two Lanczos vectors: q1 in prev (or cur), q2 in cur
+        ritz = cur.mul_(float(s[0])) if prev is None else prev.mul_(float(s[0]))
+        if prev is not None:
+            ritz.add_(cur, alpha=float(s[1]))
     del prev, cur
     with torch.no_grad():
         for _ in range(2):  # orthonormal to working precision, whatever the size
