@@ -91,9 +91,7 @@ def test_a_non_finite_product_gives_nan_and_a_unit_vector() -> None:
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"w": torch.full_like(v["w"], float("nan"))}
 
-    res = top_hessian_eigenvalue(
-        hvp, {"w": torch.ones(5, dtype=DTYPE)}, basis_size=0, warn=False
-    )
+    res = top_hessian_eigenvalue(hvp, {"w": torch.ones(5, dtype=DTYPE)}, basis_size=0, warn=False)
     assert res.eigenvalue != res.eigenvalue and not res.converged and res.iterations == 1
     assert float(torch.linalg.vector_norm(res.eigenvector["w"])) == pytest.approx(1.0)
 

@@ -31,6 +31,7 @@ def _peak_copies(basis: int, max_iters: int = 12) -> float:
         nn.Linear(256, 10),
     )
     n = sum(p.numel() for p in net.parameters())
+    assert n == 86_026
     probe = Probe(net, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen))
@@ -55,10 +56,12 @@ def test_a_warm_measurement_allocates_its_basis_and_about_two_more_copies() -> N
     assert eight - five == pytest.approx(3.0, abs=0.05)  # each basis vector costs one copy
 
 
-def test_a_warm_measurement_without_a_basis_allocates_three_vectors_whatever_the_products() -> None:
+def test_a_warm_measurement_without_a_basis_allocates_the_same_whatever_the_products() -> None:
     short, long = _peak_copies(0, 12), _peak_copies(0, 40)
-    # two Lanczos vectors and the product (the start is the warm start's memory; in pass 2 the
-    # Ritz vector's sum takes its place), the gradient with its graph, a product's partials
-    assert 3 + 1 < long <= 3 + 2.5
+    # the float64 chunks of its dot products (two of 2**16 entries at a time: 1 MiB, three
+    # copies of this small model, nothing next to a large one's parameters)
+    dot = 2 * 8 * 2**16 / (4 * 86_026)
+    # three vectors (the start, then the Ritz vector's sum, is the warm start's memory), the
+    # gradient with its graph, a product's partials
+    assert 3 + 1 < long <= 3 + 2.5 + dot
     assert abs(long - short) <= 0.05  # three times the products, no more memory
-    assert _peak_copies(5, 12) - short == pytest.approx(2.0, abs=0.05)  # the basis's 5, less 3

@@ -24,7 +24,8 @@ from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
 from lightning_bn.diagnostics.krylov import Basis as _Basis
 from lightning_bn.diagnostics.krylov import Tridiagonal as _Tridiagonal
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
-from lightning_bn.diagnostics.restart import two_pass_top
+from lightning_bn.diagnostics.restart import dominant_rule, two_pass_top
+from lightning_bn.diagnostics.restart import settled as _settled
 
 __all__ = ["ConvergenceWarning", "EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
 
@@ -183,16 +184,21 @@ def top_hessian_eigenvalue(
             products, and a stopping rule that can stop far from the answer on a small gap).
         warn: issue a :class:`ConvergenceWarning` when the iteration hits ``max_iters`` (the
             callbacks log a converged flag instead).
-        basis_size: most Lanczos vectors kept (``>= 2``); ``None`` (default): ``max_iters``. A
+        basis_size: most Lanczos vectors kept (0 or ``>= 2``); ``None`` (default): ``max_iters``. A
             cycle that fills the basis without meeting the stopping rule restarts, in the same
             basis, from the normalised sum of the Ritz vectors of both ends of its spectrum (so
             an end that leads early cannot shut out the other one), so memory stays at
             ``basis_size`` vectors; the stopping rule and ``tol`` are the same, at the cost of
-            more products on a small gap.
+            more products on a small gap. ``0``: no basis, the three-term recurrence run twice
+            (:func:`~lightning_bn.diagnostics.restart.two_pass_top`: the same Ritz value,
+            stopping rule and Ritz vector as the full basis, found in ``2m - 1`` products where
+            it takes ``m``, so at most ``(max_iters + 1) // 2`` Lanczos steps) at three vectors
+            of memory besides the product's own, whatever the number of products.
         reuse_init: Lanczos may overwrite ``init`` once it is read, using its memory as the
             working vector, when ``init`` is views of one flat tensor in the layout (as the
             ``eigenvector`` of a previous result is): a warm start then costs no memory of its
-            own. ``init`` then holds the returned eigenvector.
+            own. ``init`` then holds the returned eigenvector (with ``basis_size=0``, its
+            memory is the start vector, then the eigenvector's sum).
 
     Returns:
         :class:`EigResult`. If :math:`Hv = 0` (a zero Hessian, or a start in its null space) the
@@ -213,7 +219,7 @@ def top_hessian_eigenvalue(
     """
     check_int("max_iters", max_iters, minimum=1)
     size = max_iters if basis_size is None else check_int("basis_size", basis_size, minimum=0)
-    if size == 1:
+    if basis_size == 1:
         raise ValueError("Expected argument `basis_size` to be 0 or an integer >= 2, but got 1")
     tol = check_float("tol", tol, minimum=0)
     check_choice("algorithm", algorithm, _ALGORITHMS)
@@ -372,19 +378,8 @@ def _two_pass(
     norm = float(torch.linalg.vector_norm(start[0]))
     if not 0.0 < norm < math.inf:
         raise ValueError(f"Cannot normalise a vector of norm {norm}")
-    previous: list[tuple[float, float]] = []
-
-    def rule(theta: Tensor, vectors: Tensor, beta: float, steps: int) -> tuple[float, Tensor, bool]:
-        low, high = float(theta[0]), float(theta[-1])
-        end = 0 if -low > high else -1  # largest magnitude, the positive one in a tie
-        value = (low if end == 0 else high) + 0.0
-        s = vectors[:, end]
-        s = -s if float(s[0]) < 0 else s  # q_1ᵀ(Q s) = s_1 >= 0, as _ritz_vector
-        stop = bool(previous) and _settled(low, high, value, previous[-1], tol)
-        previous.append((low, high))
-        return value, s, stop
-
-    pair = two_pass_top(matvec, start.pop(), max_steps=(max_iters + 1) // 2, tol=tol, rule=rule)
+    steps = (max_iters + 1) // 2
+    pair = two_pass_top(matvec, start.pop(), max_steps=steps, tol=tol, rule=dominant_rule(tol))
     vector = pair.vector
     if vector is None:  # a product was not finite and the start is spent: a cold start's vector
         like = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
@@ -456,35 +451,6 @@ def _lanczos(
         previous, beta = (low, high), new_beta
         q_prev, q = q, basis.append(w, beta)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-#: How many more steps at its last rate the other end of the Ritz spectrum is given to overtake
-#: the dominant one before the iteration may stop (see :func:`_settled`).
-_OVERTAKE_STEPS = 10.0
-
-
-def _settled(
-    low: float, high: float, theta: float, previous: tuple[float, float], tol: float
-) -> bool:
-    """Lanczos's stopping rule: the dominant end moved by at most ``tol · |θ|`` in the last step,
-    and the other end either did too or is too far below ``|θ|`` to overtake it within
-    :data:`_OVERTAKE_STEPS` more steps at its last rate of change.
-
-    Checking the dominant end alone is not enough: a negative end that leads early can stop the
-    iteration while the positive end, still growing, ends up the larger (seen on a BatchNorm MLP:
-    -8.22 returned where the dominant eigenvalue is +8.97). Requiring both ends to settle to
-    ``tol · |θ|`` instead would wait for the far end (often a slowly converging cluster of small
-    eigenvalues) for many more products.
-    """
-    change_low, change_high = abs(low - previous[0]), abs(high - previous[1])
-    if theta == low:
-        change, other, other_change = change_low, high, change_high
-    else:
-        change, other, other_change = change_high, low, change_low
-    bound = tol * abs(theta)
-    if change > bound:
-        return False
-    return other_change <= bound or abs(other) + _OVERTAKE_STEPS * other_change < abs(theta)
 
 
 def _ritz_vector(

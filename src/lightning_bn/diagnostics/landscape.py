@@ -420,7 +420,8 @@ def compute_smoothness(
             :func:`resolve_steps`): the grid points are :math:`W^t - c\,(s \odot g_t)` and the
             step length in ``beta_eff`` is :math:`\lVert c\,(s \odot g_t)\rVert_2`; ``None``
             moves every parameter by :math:`\eta g_t`.
-        basis_size: most Lanczos vectors kept (restarted beyond; ``None``: ``max_iters``).
+        basis_size: most Lanczos vectors kept (restarted beyond; ``None``: ``max_iters``; 0: no
+            basis, the recurrence run twice).
         reuse_init: Lanczos may use ``init``'s memory once read (see ``top_hessian_eigenvalue``).
 
     Returns:
