@@ -125,3 +125,23 @@ def test_memory_does_not_grow_with_the_products() -> None:
     # two Lanczos vectors besides the product; the start, then the Ritz vector, is init's memory
     assert 2 + product - 0.05 <= long <= 2 + product + 0.1
     assert abs(long - short) <= 0.05  # six times the products, no more memory
+
+
+def test_no_basis_on_a_batchnorm_mlp_hessian_and_the_callback_option() -> None:
+    from lightning_bn.callbacks import SmoothnessCallback
+    from lightning_bn.diagnostics.landscape import compute_smoothness
+    from lightning_bn.probe import StepRecord
+    from tests.support.models import bn_hessian_case
+
+    case = bn_hessian_case()
+    eigs = torch.linalg.eigvalsh(torch.autograd.functional.hessian(case.flat_loss, case.flat0))
+    dominant = float(eigs[eigs.abs().argmax()])
+    result = compute_smoothness(
+        case.probe, case.params, StepRecord(case.batch), [0.1], max_iters=1000, tol=1e-9,
+        basis_size=0,
+    )  # fmt: skip
+    assert result.metrics["hessian_converged"] == 1.0
+    assert result.metrics["hessian_top_eig"] == pytest.approx(dominant, rel=1e-3)
+    assert SmoothnessCallback(lanczos_basis=0).lanczos_basis == 0
+    with pytest.raises(ValueError, match="lanczos_basis"):
+        SmoothnessCallback(lanczos_basis=1)
