@@ -17,6 +17,7 @@ from torch.func import functional_call
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.eigen import ConvergenceWarning, top_hessian_eigenvalue
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.preconditioned import (
     optimizer_preconditioner,
     scaled_matvec,
@@ -171,13 +172,20 @@ def test_deflation_reduces_the_standard_error(case: tuple[Case, Tensor]) -> None
     assert deflated.stderr < plain.stderr
 
 
+def _spd_quadratic(n: int, gen: torch.Generator) -> tuple[Tensor, FlatLayout]:
+    """A random symmetric positive definite ``A`` (``n × n``, drawn from ``gen``) and the layout
+    of the quadratic ``w ↦ wᵀAw / 2`` (whose Hessian is ``A``)."""
+    a = torch.randn(n, n, generator=gen, dtype=DTYPE)
+    a = a @ a.T / n + torch.eye(n, dtype=DTYPE)
+    layout = HessianVectorProduct(
+        lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(n, dtype=DTYPE)}
+    ).layout
+    return a, layout
+
+
 def test_trace_of_a_known_operator_stops_on_its_standard_error() -> None:
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(50, 50, generator=gen, dtype=DTYPE)
-    a = a @ a.T / 50 + torch.eye(50, dtype=DTYPE)
-    layout = HessianVectorProduct(
-        lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(50, dtype=DTYPE)}
-    ).layout
+    a, layout = _spd_quadratic(50, gen)
     tr = hutchinson_trace(lambda v: a @ v, layout, rtol=0.01, max_samples=500, generator=gen)
     assert tr.converged and tr.stderr <= 0.01 * abs(tr.trace)
     assert abs(tr.trace - float(a.trace())) <= 3 * tr.stderr
@@ -186,12 +194,7 @@ def test_trace_of_a_known_operator_stops_on_its_standard_error() -> None:
 def test_default_generator_draws_new_probes_and_starts() -> None:
     """Without a generator the probes (and SLQ starts) come from one seeded stream: they differ
     from each other, so the standard error is an estimate, and the result repeats exactly."""
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(30, 30, generator=gen, dtype=DTYPE)
-    a = a @ a.T / 30 + torch.eye(30, dtype=DTYPE)
-    layout = HessianVectorProduct(
-        lambda p: 0.5 * p["w"] @ a @ p["w"], {"w": torch.ones(30, dtype=DTYPE)}
-    ).layout
+    a, layout = _spd_quadratic(30, torch.Generator().manual_seed(1))
     tr = hutchinson_trace(lambda v: a @ v, layout, rtol=0.0, min_samples=20, max_samples=20)
     assert tr.stderr > 0.0
     assert abs(tr.trace - float(a.trace())) <= 4 * tr.stderr

@@ -23,6 +23,7 @@ from lightning_bn.diagnostics.landscape import (
     compute_smoothness,
     resolve_max_iters,
 )
+from lightning_bn.diagnostics.restart import check_basis_size
 from lightning_bn.logging.keys import LoggedKey, LoggedKeys, Panel, peak_memory_keys
 from lightning_bn.probe import Params, StepRecord
 from lightning_bn.probe.batched import VmapChunkSize
@@ -199,10 +200,8 @@ class SmoothnessCallback(AlongGradientCallback):
             every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
         )
         self.lanczos_basis = (
-            None if lanczos_basis is None else check_int("lanczos_basis", lanczos_basis, minimum=0)
+            None if lanczos_basis is None else check_basis_size("lanczos_basis", lanczos_basis, 2)
         )
-        if self.lanczos_basis == 1:
-            raise ValueError("Expected argument `lanczos_basis` to be 0 or >= 2, but got 1")
         self.max_iters = resolve_max_iters(max_iters, power_iters)
         self.tol = check_float("tol", tol, minimum=0)
         self.hvp_method = check_choice("hvp_method", hvp_method, _HVP_METHODS)

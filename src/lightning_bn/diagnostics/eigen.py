@@ -24,7 +24,7 @@ from lightning_bn.diagnostics.hvp import FlatOperator, HessianVectorProduct
 from lightning_bn.diagnostics.krylov import Basis as _Basis
 from lightning_bn.diagnostics.krylov import Tridiagonal as _Tridiagonal
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
-from lightning_bn.diagnostics.restart import dominant_rule, two_pass_top
+from lightning_bn.diagnostics.restart import check_basis_size, dominant_rule, two_pass_top
 from lightning_bn.diagnostics.restart import settled as _settled
 
 __all__ = ["ConvergenceWarning", "EigAlgorithm", "EigResult", "top_hessian_eigenvalue"]
@@ -218,9 +218,7 @@ def top_hessian_eigenvalue(
         (-5.0, 4, True)
     """
     check_int("max_iters", max_iters, minimum=1)
-    size = max_iters if basis_size is None else check_int("basis_size", basis_size, minimum=0)
-    if basis_size == 1:
-        raise ValueError("Expected argument `basis_size` to be 0 or an integer >= 2, but got 1")
+    size = max_iters if basis_size is None else check_basis_size("basis_size", basis_size, 2)
     tol = check_float("tol", tol, minimum=0)
     check_choice("algorithm", algorithm, _ALGORITHMS)
     if init is None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_bn._validation import check_int
-from lightning_bn.diagnostics.krylov import Basis
+from lightning_bn.diagnostics.krylov import Basis, Tridiagonal
 from lightning_bn.diagnostics.paramvec import FlatLayout
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "dominant_rule",
     "restarted_top",
     "settled",
+    "top_rule",
     "two_pass_top",
 ]
 
@@ -78,6 +79,19 @@ def _dot(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
     return float(torch.stack(parts).sum()) if parts else 0.0
 
 
+def top_rule(tol: float, floor: float = 0.0) -> RitzRule:
+    r"""The residual rule of :func:`restarted_top` and :func:`two_pass_top`: the largest Ritz
+    value; stop after at least 2 products once its residual :math:`\beta |s_{\mathrm{last}}|` is
+    at most :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)`."""
+
+    def rule(theta: Tensor, vectors: Tensor, beta: float, steps: int) -> tuple[float, Tensor, bool]:
+        s, top = vectors[:, -1], float(theta[-1])
+        bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
+        return top, s, steps >= 2 and beta * abs(float(s[-1])) <= bound
+
+    return rule
+
+
 def restarted_top(
     matvec: Callable[[Tensor], Tensor],
     q: Tensor,
@@ -99,7 +113,7 @@ def restarted_top(
     invariant subspace (exact). Memory: ``capacity`` vectors, the product, and one more vector
     while restarting (the basis is rotated in place).
     """
-    eps = torch.finfo(q.dtype).eps
+    eps, rule = torch.finfo(q.dtype).eps, top_rule(tol, floor)
     basis = Basis(q.numel(), capacity, q.dtype, q.device)
     start = basis.append(q)
     q_norm = float(torch.linalg.vector_norm(q))
@@ -129,12 +143,11 @@ def restarted_top(
         p += 1
         theta, s = torch.linalg.eigh(g[:p, :p])
         breakdown = beta <= _BREAKDOWN * eps * scale
-        top = float(theta[-1])
-        residual = 0.0 if breakdown else beta * abs(float(s[-1, -1]))
-        bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
-        ok = breakdown or (steps >= 2 and residual <= bound)
+        top, coeffs, stop = rule(theta, s, beta, steps)
+        residual = 0.0 if breakdown else beta * abs(float(coeffs[-1]))
+        ok = breakdown or stop
         if ok or steps >= max_steps:
-            vector = basis.combine(s[:, -1])
+            vector = basis.combine(coeffs)
             for _ in range(2):  # orthonormal to working precision, whatever the size
                 _project(vector, locked)
                 vector.div_(math.sqrt(_dot(vector, vector)))
@@ -181,7 +194,7 @@ def two_pass_top(
     start with pass 1's coefficients and sums the Ritz vector :math:`\sum_j s_j q_j` as the
     :math:`q_j` come back: :math:`2m - 1` products in all.
 
-    ``rule`` (``None``: the residual rule above) chooses another Ritz pair and stopping rule:
+    ``rule`` (``None``: the residual rule above, :func:`top_rule`) chooses another Ritz pair and stopping rule:
     called after every product of pass 1 with the Ritz values of :math:`T_m` (ascending), their
     eigenvectors, :math:`\beta_m` and the products taken, it returns the chosen value, its
     eigenvector's coefficients :math:`s` and whether to stop (an invariant subspace, or
@@ -201,10 +214,9 @@ def two_pass_top(
         return RitzPair(math.nan, math.nan, None, 0, True)
     q1 = q.div_(q_norm)
     del q
-    alphas: list[float] = []
-    betas: list[float] = []
-    steps, scale, ok = 0, 0.0, False
-    top, residual, s = math.nan, math.nan, torch.ones(1, dtype=torch.float64)
+    rule = rule if rule is not None else top_rule(tol, floor)
+    tri = Tridiagonal(max_steps)
+    steps, scale, beta = 0, 0.0, 0.0
     prev: Tensor | None = None
     cur = q1
     while True:
@@ -212,7 +224,7 @@ def two_pass_top(
         with torch.no_grad():
             hq_norm = torch.linalg.vector_norm(w)
             if prev is not None:
-                w.sub_(prev, alpha=betas[-1])
+                w.sub_(prev, alpha=beta)
             alpha = _dot(cur, w)  # summed in float64, as pass 2 reuses it
             w.sub_(cur, alpha=alpha)
             _project(w, locked)
@@ -221,29 +233,20 @@ def two_pass_top(
         steps += 1
         if not (math.isfinite(alpha) and bool(torch.isfinite(values).all())):
             return RitzPair(math.nan, math.nan, None, steps, False, False)
+        tri.append(alpha, beta)
         beta = float(values[1])
-        alphas.append(alpha)
         scale = max(scale, float(values[0]))
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            tri += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, vectors = torch.linalg.eigh(tri)
+        theta, vectors = torch.linalg.eigh(tri.matrix())
         breakdown = beta <= _BREAKDOWN * eps * scale
-        if rule is None:
-            s, top = vectors[:, -1], float(theta[-1])
-            residual = 0.0 if breakdown else beta * abs(float(s[-1]))
-            bound = tol * max(abs(top), floor, 1e-3 * float(theta.abs().max()))
-            ok = breakdown or (steps >= 2 and residual <= bound)
-        else:
-            top, s, stop = rule(theta, vectors, beta, steps)
-            residual = 0.0 if breakdown else beta * abs(float(s[-1]))
-            ok = breakdown or stop
+        top, s, stop = rule(theta, vectors, beta, steps)
+        residual = 0.0 if breakdown else beta * abs(float(s[-1]))
+        ok = breakdown or stop
         if ok or steps >= max_steps:
             break
-        betas.append(beta)
         prev, cur = cur, w.div_(beta)
     del w  # pass 2: the same recurrence from q1, summing the Ritz vector into q1's memory
+    t = tri.matrix()
+    alphas, betas = t.diagonal().tolist(), t.diagonal(-1).tolist()
     prev, cur = None, q1
     del q1
     ritz: Tensor | None = None
@@ -426,15 +429,17 @@ def deflated_exact_trace(
     return float(torch.diagonal(m).sum()), parts
 
 
-def check_basis_size(name: str, value: int) -> int:
-    """Return ``value`` if it is 0 or an int ``>= 4`` (a Lanczos basis size).
+def check_basis_size(name: str, value: int, minimum: int = 4) -> int:
+    """Return ``value`` if it is 0 or an int ``>= minimum`` (a Lanczos basis size).
 
     Raises:
         ValueError, TypeError: another value (named).
     """
     check_int(name, value, minimum=0)
-    if 0 < value < 4:
-        raise ValueError(f"Expected argument `{name}` to be 0 or an integer >= 4, but got {value}")
+    if 0 < value < minimum:
+        raise ValueError(
+            f"Expected argument `{name}` to be 0 or an integer >= {minimum}, but got {value}"
+        )
     return value
 
 

@@ -479,9 +479,9 @@ def block_top_eigenvalues(
         def restricted(v: Tensor, idx: Block = idx) -> Tensor:
             full = torch.zeros(layout.numel, dtype=v.dtype, device=v.device)
             full[idx] = v
-            out = matvec(full)
+            hv = matvec(full)
             del full
-            return out[idx].clone() if isinstance(idx, slice) else out[idx]
+            return hv[idx].clone() if isinstance(idx, slice) else hv[idx]
 
         start = None if init is None or name not in init else [init[name]]
         iters = max_iters if basis_size is not None else min(max_iters, max(2, size + 1))
