@@ -220,3 +220,8 @@ def run_auto(ddp: bool, out: str) -> None:
 
 if __name__ == "__main__":
     main()
+    # gloo's threads torn down before the interpreter exits (left to exit they can abort it:
+    # "terminate called without an active exception"), as sync_layers_run does
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
