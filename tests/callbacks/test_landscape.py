@@ -432,20 +432,25 @@ def test_bf16_mixed_probe_computes_the_training_loss() -> None:
         assert all(math.isfinite(v) for v in values.values())
 
 
-def test_lanczos_on_the_quadratic_logs_the_exact_dominant_eigenvalue() -> None:
+@pytest.mark.parametrize(("basis", "cold"), [(0, 9), (5, 5), (None, 5)])
+def test_lanczos_on_the_quadratic_logs_the_exact_dominant_eigenvalue(
+    basis: int | None, cold: int
+) -> None:
     """eig_algorithm="lanczos" (the default): on L(w) = mean((Xw - y)²) the Hessian 2XᵀX/n is
-    constant, so a cold start is exact after at most 5 products (the Krylov space is then the
-    whole space) and the warm start of the next steps (an exact eigenvector) after one."""
+    constant, so a cold start is exact after at most 5 Lanczos steps (the Krylov space is then the
+    whole space): 5 products with a basis, 2·5 - 1 without one (the default), and the warm start
+    of the next steps (an exact eigenvector) after one product."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 5, generator=gen, dtype=torch.float64) * torch.tensor(
         [3.0, 1.0, 1.0, 0.5, 0.2], dtype=torch.float64
     )
     y = torch.randn(32, generator=gen, dtype=torch.float64)
     assert SmoothnessCallback().eig_algorithm == "lanczos"
+    assert SmoothnessCallback().lanczos_basis == 0
     with pytest.raises(ValueError, match="`eig_algorithm` to be one of 'power', 'lanczos'"):
         SmoothnessCallback(eig_algorithm="arnoldi")
     logger = MemoryLogger()
-    cb = SmoothnessCallback(every_n_steps=1, tol=0.0, eig_algorithm="lanczos")
+    cb = SmoothnessCallback(every_n_steps=1, tol=0.0, eig_algorithm="lanczos", lanczos_basis=basis)
     assert cb._settings()["eig_algorithm"] == "lanczos"  # in the W&B run config
     pl.seed_everything(0, verbose=False)
     t = trainer([cb], steps=3, logger=logger)
@@ -457,4 +462,4 @@ def test_lanczos_on_the_quadratic_logs_the_exact_dominant_eigenvalue() -> None:
         got = logger.history[step]
         assert got["smoothness/hessian_top_eig"] == pytest.approx(dominant, rel=1e-12)
         iters.append(got["smoothness/hessian_iters"])
-    assert iters[0] <= 5 and iters[1:] == [1.0, 1.0]
+    assert iters[0] <= cold and iters[1:] == [1.0, 1.0]

@@ -86,6 +86,31 @@ def test_fewer_dimensions_than_k_stops_at_them() -> None:
     )
 
 
+@pytest.mark.parametrize("n_locked", [0, 2])
+def test_pass_1_stops_once_the_krylov_space_fills_the_space(n_locked: int) -> None:
+    # tol=0 never stops by the residual: on n dimensions (less the locked ones) the run stops
+    # after that many steps with the exact eigenvalue, even where rounding keeps beta above the
+    # breakdown threshold (a spread spectrum without reorthogonalisation)
+    eigs = torch.tensor([17.5, 2.3, 0.9, 0.48, 0.08, 6.0, -3.0], dtype=DTYPE)
+    a = _matrix(eigs, seed=9)
+    vectors = torch.linalg.eigh(a).eigenvectors.flip(1)
+    locked = [vectors[:, j].contiguous() for j in range(n_locked)]  # 17.5, then 6.0
+    calls: list[int] = []
+
+    def matvec(v: Tensor) -> Tensor:
+        calls.append(1)
+        return a @ v
+
+    pair = two_pass_top(matvec, torch.ones(7, dtype=DTYPE), max_steps=50, tol=0.0, locked=locked)
+    dim = 7 - n_locked
+    assert pair.converged and pair.residual == 0.0 and len(calls) == pair.steps == 2 * dim - 1
+    expected = float(torch.sort(eigs, descending=True).values[n_locked])
+    assert pair.value == pytest.approx(expected, rel=1e-12)
+    assert pair.vector is not None
+    residual = a @ pair.vector - pair.value * pair.vector
+    assert float(torch.linalg.vector_norm(residual)) <= 1e-9 * abs(expected)
+
+
 def test_two_passes_take_2m_minus_1_products_and_say_when_capped() -> None:
     eigs = torch.cat([torch.tensor([10.0, 9.7]), torch.linspace(5.0, -12.0, 38)]).double()
     a = _matrix(eigs, seed=6)

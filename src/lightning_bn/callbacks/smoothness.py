@@ -32,6 +32,8 @@ __all__ = ["SmoothnessCallback"]
 
 _HVP_METHODS = ("reverse", "forward", "auto")
 _EIG_ALGORITHMS = ("power", "lanczos")
+#: Lanczos steps a warm start is assumed to take in the a-priori cost (``measurement_steps``).
+_WARM_STEPS = 5
 
 
 @fill_doc
@@ -57,17 +59,17 @@ class SmoothnessCallback(AlongGradientCallback):
     :math:`g^\top H g / \lVert g\rVert^2`. The eigenvalue is the one of largest magnitude,
     logged with its sign (:math:`|\lambda| = \lVert H\rVert_2`, the local β-smoothness).
 
-    How the eigenvalue is found (``eig_algorithm``): the issue that specified this callback asked
-    for power iteration, and ``"power"`` still does exactly that. The default, here and in
-    :func:`~lightning_bn.diagnostics.landscape.compute_smoothness`, is ``"lanczos"`` (Lanczos with
-    full reorthogonalisation, the Ritz value of largest magnitude; see
-    :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`): it estimates the same
-    quantity and, at the same ``tol``, needs fewer Hessian-vector products and lands closer to
-    the exact value, warm or cold (``benchmarks/hessian_vs_pyhessian.py`` measures both). Its
-    memory is bounded by ``lanczos_basis`` (default 5 copies of the trainable parameters) plus
-    one working vector, which is the previous eigenvector's memory: a cycle that fills the basis
-    without meeting ``tol`` restarts from its two extreme Ritz vectors, with the same stopping
-    rule; ``"power"`` keeps two vectors.
+    How the eigenvalue is found (``eig_algorithm``): ``"power"`` is power iteration (as in
+    PyHessian), two vectors of memory. The default, here and in
+    :func:`~lightning_bn.diagnostics.landscape.compute_smoothness`, is ``"lanczos"`` (the Ritz
+    value of largest magnitude; see :func:`~lightning_bn.diagnostics.eigen.top_hessian_eigenvalue`):
+    it estimates the same quantity and, at the same ``tol``, needs fewer Hessian-vector products
+    and lands closer to the exact value, warm or cold (``benchmarks/hessian_vs_pyhessian.py``
+    measures both). By default (``lanczos_basis=0``) it keeps no basis: the three-term
+    recurrence runs twice, the second time to sum the eigenvector, so its memory is three vectors
+    besides the product's own (one of them the previous eigenvector's memory) at any number of
+    products, for :math:`2m - 1` products where a stored, fully reorthogonalised basis takes
+    :math:`m`.
 
     Cost of one measurement: one gradient per step size, plus with the Hessian one gradient pass
     that keeps its graph and one backward through it per Hessian-vector product (a warm start
@@ -87,7 +89,11 @@ class SmoothnessCallback(AlongGradientCallback):
         %(step_sizes)s
         hessian: also compute the Hessian quantities.
         max_iters: most Hessian-vector products of one eigenvalue estimate (either algorithm;
-            for Lanczos also the most parameter-sized vectors it keeps); default 20.
+            with ``lanczos_basis=None`` also the most parameter-sized vectors Lanczos keeps);
+            default 40: twenty Lanczos steps without a basis (each but the last costs two
+            products). On the first five steps of an 8.7M-parameter BatchNorm MLP the
+            measurements took 21-37 products and all converged (with ``lanczos_basis=5`` and a
+            cap of 20, two of the five stopped unconverged).
         tol: relative change of the eigenvalue estimate that stops the iteration.
         %(loss_fn)s
         %(hvp_method)s
@@ -97,15 +103,15 @@ class SmoothnessCallback(AlongGradientCallback):
             products and a closer value; memory ``lanczos_basis`` × the model's size) or
             ``"power"`` (power iteration; two vectors of memory). See above.
         lanczos_basis: most Lanczos vectors kept (0 or ``>= 2``; restarted beyond; ``None``: up
-            to ``max_iters``). Default 5: one measurement then holds about 8 parameter copies at
-            its peak at any model size (the basis, the working vector, the gradient with its
-            graph). On two BatchNorm MLPs at the default ``tol``, 5 landed within 0.4% of the
-            exact eigenvalue (8: 0.2%; 4: 1.4%, often unconverged after 20 products); a larger
-            basis converges in fewer products. 0: no basis, the three-term recurrence run twice
-            (the unrestarted Lanczos value in twice its products less one; three vectors
-            instead of the basis, about two copies fewer at the peak). On an 8.7M-parameter MLP
-            it took 21-23 products a warm measurement (5: 14-15), so it needs ``max_iters``
-            of about 40 to converge.
+            to ``max_iters``). Default 0: no basis, the three-term recurrence run twice (the
+            value of Lanczos with a full basis, in twice its products less one), so a fit
+            measuring at every step peaks 7.3-7.6 parameter copies above one without the
+            callback (an 8.7M-parameter MLP, ``benchmarks/peak_memory.py``): the warm start's
+            memory (the start, then the new eigenvector), the last two Lanczos vectors, the
+            product, the gradient with its graph. A basis of ``k``
+            vectors costs about ``k - 3`` copies more and takes fewer products (on that MLP
+            14-20 a measurement with 5, against 21-37; thick restarts, within 0.4% of the exact
+            eigenvalue on two BatchNorm MLPs; 8: 0.2%; 4: 1.4%).
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         %(name)s
@@ -194,7 +200,7 @@ class SmoothnessCallback(AlongGradientCallback):
         budget: float | None = None,
         name: str | None = None,
         vmap_chunk_size: VmapChunkSize = "auto",
-        lanczos_basis: int | None = 5,
+        lanczos_basis: int | None = 0,
     ) -> None:
         super().__init__(
             every_n_steps, step_sizes, relative_to_lr, loss_fn, budget, name, vmap_chunk_size
@@ -202,7 +208,7 @@ class SmoothnessCallback(AlongGradientCallback):
         self.lanczos_basis = (
             None if lanczos_basis is None else check_basis_size("lanczos_basis", lanczos_basis, 2)
         )
-        self.max_iters = resolve_max_iters(max_iters, power_iters)
+        self.max_iters = resolve_max_iters(max_iters, power_iters, default=40)
         self.tol = check_float("tol", tol, minimum=0)
         self.hvp_method = check_choice("hvp_method", hvp_method, _HVP_METHODS)
         self.eig_algorithm = check_choice("eig_algorithm", eig_algorithm, _EIG_ALGORITHMS)
@@ -215,9 +221,12 @@ class SmoothnessCallback(AlongGradientCallback):
 
     def measurement_steps(self) -> float:
         """A gradient at :math:`W^t` and at each step size; with ``hessian``, about two passes per
-        Hessian-vector product: a Lanczos basis's worth (warm starts converge within about one)
-        and one for :math:`g^\top H g`."""
-        products = (self.lanczos_basis or self.max_iters) + 1 if self.hessian else 0
+        Hessian-vector product: a Lanczos basis's worth (warm starts converge within about one;
+        without a basis, five Lanczos steps, which cost nine products) and one for
+        :math:`g^\top H g`."""
+        steps = self.lanczos_basis if self.lanczos_basis is not None else self.max_iters
+        lanczos = min(2 * _WARM_STEPS - 1, self.max_iters) if steps == 0 else steps
+        products = lanczos + 1 if self.hessian else 0
         return 1.0 + self.grid_size + 2.0 * products
 
     def _settings(self) -> dict[str, Any]:

@@ -187,7 +187,9 @@ def two_pass_top(
     product is projected off ``locked`` too), builds :math:`T_m` and stops, after at least 2
     products, once the top Ritz pair's residual :math:`\beta_m |s_{m}|` is at most
     :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)` (or on an
-    invariant subspace, or after ``max_steps`` products). Without reorthogonalisation the basis
+    invariant subspace, or once it has taken as many steps as the complement of ``locked`` has
+    dimensions, where the Krylov space is the whole of it, or after ``max_steps`` products).
+    Without reorthogonalisation the basis
     loses orthogonality only along converged Ritz vectors, which adds copies of converged values
     to :math:`T_m` but leaves the top Ritz value and its residual estimate valid (Paige 1976);
     stopping at convergence keeps those copies out. Pass 2 reruns the recurrence from the same
@@ -213,6 +215,7 @@ def two_pass_top(
     if not q_norm > 1e-6 * before:  # nothing left outside ``locked``
         return RitzPair(math.nan, math.nan, None, 0, True)
     q1 = q.div_(q_norm)
+    dim = q1.numel() - len(locked)  # the Krylov space spans at most the complement of `locked`
     del q
     rule = rule if rule is not None else top_rule(tol, floor)
     tri = Tridiagonal(max_steps)
@@ -237,7 +240,7 @@ def two_pass_top(
         beta = float(values[1])
         scale = max(scale, float(values[0]))
         theta, vectors = torch.linalg.eigh(tri.matrix())
-        breakdown = beta <= _BREAKDOWN * eps * scale
+        breakdown = beta <= _BREAKDOWN * eps * scale or steps >= dim
         top, s, stop = rule(theta, vectors, beta, steps)
         residual = 0.0 if breakdown else beta * abs(float(s[-1]))
         ok = breakdown or stop
