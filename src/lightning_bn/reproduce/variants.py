@@ -143,7 +143,8 @@ class ExperimentPlan:
         batch_size: samples per batch (the DLN uses the full batch of ``n_samples``).
         measure_every: ``every_n_steps`` of the ICS, Lipschitz and Smoothness callbacks.
         log_every: ``log_every_n_steps`` of the trainer and of the noise callback.
-        power_iters: most Hessian-vector products per Hessian eigenvalue estimate.
+        power_iters: most Hessian-vector products per Hessian eigenvalue estimate (Lanczos with
+            a stored basis of 5 vectors).
         step_sizes: the η grid of the landscape callbacks, relative to the learning rate
             (``None``: the callbacks' default ``lr × {0.5, …, 4.0}``).
         seed: the base seed: the runs of each variant use seeds ``seed, seed + 1, …``
