@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -176,6 +177,26 @@ def test_bad_constants_raise(kwargs: dict[str, object], match: str) -> None:
         inject_noise(torch.zeros(2, 2), _gen(0), **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=match):
         NoiseInjectionCallback(**kwargs)  # type: ignore[arg-type]
+
+
+def test_sampler_arguments_repr_and_identity() -> None:
+    # the four ranges in this order with the paper's defaults (inject_noise and the callback
+    # pass them positionally), kept as floats and shown by repr; samplers compare by identity
+    params = inspect.signature(NoiseSampler).parameters.values()
+    assert [(p.name, p.default, p.kind) for p in params] == [
+        (name, default, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name, default in zip(
+            ("mean_range", "std_range", "mean_jitter", "std_jitter"), CONSTANTS[0], strict=True
+        )
+    ]
+    sampler = NoiseSampler(1, 2, 0, 0.25)
+    ranges = (sampler.mean_range, sampler.std_range, sampler.mean_jitter, sampler.std_jitter)
+    assert ranges == (1.0, 2.0, 0.0, 0.25) and all(type(r) is float for r in ranges)
+    assert repr(sampler) == (
+        "NoiseSampler(mean_range=1.0, std_range=2.0, mean_jitter=0.0, std_jitter=0.25)"
+    )
+    twin = NoiseSampler(1, 2, 0, 0.25)
+    assert sampler != twin and len({sampler, twin}) == 2
 
 
 def test_largest_allowed_noise_stays_finite() -> None:

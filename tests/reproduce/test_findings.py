@@ -7,6 +7,7 @@ finding on hand-made per-seed histories whose statistic is computed by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -265,6 +266,29 @@ def test_init_sensitivity() -> None:
     f = _by_name(_run(_plan(), *hists), "init_sensitivity")
     assert f.median == pytest.approx(0.04 - 0.85)
     assert f.verdict == REPRODUCED
+
+
+@pytest.mark.parametrize(
+    ("changes", "reasons"),
+    [
+        ({"task": "regression"}, ("no accuracy in a regression task",) * 2),
+        (
+            {"init_scales": (), "small_batches": ()},
+            ("no scaled-initialisation runs in this plan", "no small-batch runs in this plan"),
+        ),
+        (  # the extra variants go on another architecture
+            {"extra_archs": ("cnn",)},
+            ("no scaled-initialisation runs in this plan", "no small-batch runs in this plan"),
+        ),
+    ],
+)
+def test_extra_variant_claims_say_why_they_are_not_evaluated(
+    changes: dict[str, object], reasons: tuple[str, str]
+) -> None:
+    run = _run(dataclasses.replace(_plan(), **changes))  # type: ignore[arg-type]
+    found = [_by_name(run, name) for name in ("init_sensitivity", "small_batch")]
+    assert [f.verdict for f in found] == [NOT_EVALUATED] * 2
+    assert tuple(f.numbers for f in found) == reasons
 
 
 def test_steps_to_accuracy_ratio() -> None:

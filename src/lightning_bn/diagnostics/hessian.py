@@ -22,9 +22,11 @@ from lightning_bn._validation import check_bool, check_choice, check_float, chec
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
+from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
 from lightning_bn.diagnostics.restart import check_basis_size
 from lightning_bn.diagnostics.spectrum import (
+    Matvec,
     block_indices,
     block_top_eigenvalues,
     hutchinson_trace,
@@ -145,6 +147,7 @@ def compute_hessian(
     solver = _Solver(
         tol=settings.tol, generator=generator, warn=False, basis_size=settings.lanczos_basis
     )
+    sampled = _Sampled(matvec=matvec, layout=layout, generator=generator)
     new = HessianState()
     k = settings.top_k
     warm = _summed(state.top, layout.numel)
@@ -167,12 +170,10 @@ def compute_hessian(
     blocks = block_indices(layout, layers) if layers and settings.per_layer else {}
     if settings.trace:
         tr = hutchinson_trace(
-            matvec,
-            layout,
+            **sampled,
             rtol=settings.trace_rtol,
             max_samples=settings.trace_max_samples,
             min_samples=min(10, settings.trace_max_samples),
-            generator=generator,
             deflate=top.run if settings.lanczos_basis is None else new.top,
             blocks=blocks,
             warn=False,
@@ -231,11 +232,9 @@ def compute_hessian(
 
     if settings.density:
         dens = spectral_density(
-            matvec,
-            layout,
+            **sampled,
             starts=settings.density_starts,
             steps=settings.density_steps,
-            generator=generator,
             reorthogonalize=settings.density_reorth,
         )
         masses, lo, hi = dens.histogram(settings.density_bins, settings.density_sigma)
@@ -253,6 +252,15 @@ class _Solver(TypedDict):
     generator: torch.Generator | None
     warn: bool
     basis_size: int | None
+
+
+class _Sampled(TypedDict):
+    """What the two estimates from random vectors (trace, density) share: the operator and the
+    random source."""
+
+    matvec: Matvec
+    layout: FlatLayout
+    generator: torch.Generator | None
 
 
 def _kept(v: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ into a training run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -103,6 +104,8 @@ class NoiseSample(NamedTuple):
     scale: Tensor
 
 
+# eq=False: a sampler compares (and hashes) by identity, as a plain object
+@dataclass(eq=False)
 class NoiseSampler:
     r"""Draw the two-level noise of the paper and apply it to an activation.
 
@@ -131,23 +134,16 @@ class NoiseSampler:
         True
     """
 
-    def __init__(
-        self,
-        mean_range: float = 0.5,
-        std_range: float = 1.25,
-        mean_jitter: float = 0.1,
-        std_jitter: float = 0.1,
-    ) -> None:
-        self.mean_range = _check_number("mean_range", mean_range, 0.0)
-        self.std_range = _check_number("std_range", std_range, 1.0)
-        self.mean_jitter = _check_number("mean_jitter", mean_jitter, 0.0)
-        self.std_jitter = _check_number("std_jitter", std_jitter, 0.0)
+    mean_range: float = 0.5
+    std_range: float = 1.25
+    mean_jitter: float = 0.1
+    std_jitter: float = 0.1
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(mean_range={self.mean_range}, std_range={self.std_range}, "
-            f"mean_jitter={self.mean_jitter}, std_jitter={self.std_jitter})"
-        )
+    def __post_init__(self) -> None:
+        self.mean_range = _check_number("mean_range", self.mean_range, 0.0)
+        self.std_range = _check_number("std_range", self.std_range, 1.0)
+        self.mean_jitter = _check_number("mean_jitter", self.mean_jitter, 0.0)
+        self.std_jitter = _check_number("std_jitter", self.std_jitter, 0.0)
 
     def sample_units(
         self, num_units: int, generator: torch.Generator, dtype: torch.dtype = torch.float32

@@ -4,6 +4,7 @@ accuracy, initialisation and batch size (each a statistic of per-run quantities 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -184,10 +185,9 @@ def init_sensitivity(ctx: _Context) -> Finding:
     """BatchNorm's final accuracy moves less than the standard network's when the initial
     weights are scaled (Ioffe & Szegedy)."""
     scales = ctx.plan.init_scales
-    if ctx.task != "classification":
-        return _skip(ctx, "init_sensitivity", "no accuracy in a regression task")
-    if not scales or (ctx.plan.extra_archs is not None and ctx.arch not in ctx.plan.extra_archs):
-        return _skip(ctx, "init_sensitivity", "no scaled-initialisation runs in this plan")
+    skipped = _without_extra_runs(ctx, "init_sensitivity", scales, "scaled-initialisation")
+    if skipped is not None:
+        return skipped
     needs = {f"{k}@1": ctx.spec(k) for k in ("batchnorm", "standard")}
     for kind in ("batchnorm", "standard"):
         for scale in scales:
@@ -197,12 +197,8 @@ def init_sensitivity(ctx: _Context) -> Finding:
         base = _acc(r[f"{kind}@1"], rng)
         return max(abs(_acc(r[f"{kind}@{s:g}"], rng) - base) for s in scales)
 
-    return _finding(
-        ctx,
-        "init_sensitivity",
-        needs,
-        lambda r, rng: move(r, "batchnorm", rng) - move(r, "standard", rng),
-        lambda r: (
+    def describe(r: _Runs) -> str:
+        return (
             "val acc "
             + ", ".join(
                 f"{label} "
@@ -210,17 +206,18 @@ def init_sensitivity(ctx: _Context) -> Finding:
                 for kind, label in (("batchnorm", "BN"), ("standard", "standard"))
             )
             + f" (×{'/×'.join(f'{s:g}' for s in (1.0, *scales))})"
-        ),
+        )
+
+    return _bn_minus_other(
+        ctx, "init_sensitivity", needs, move, ("batchnorm", "standard"), describe
     )
 
 
 def small_batch(ctx: _Context) -> Finding:
     """BatchNorm loses more accuracy than LayerNorm at a small batch size."""
-    if ctx.task != "classification":
-        return _skip(ctx, "small_batch", "no accuracy in a regression task")
-    extra = ctx.plan.extra_archs
-    if not ctx.plan.small_batches or (extra is not None and ctx.arch not in extra):
-        return _skip(ctx, "small_batch", "no small-batch runs in this plan")
+    skipped = _without_extra_runs(ctx, "small_batch", ctx.plan.small_batches, "small-batch")
+    if skipped is not None:
+        return skipped
     small = ctx.plan.small_batches[0]
     needs = {
         "bn": ctx.spec("batchnorm"),
@@ -233,16 +230,45 @@ def small_batch(ctx: _Context) -> Finding:
         return _acc(r[which], rng) - _acc(r[f"{which}_small"], rng)
 
     big = ctx.plan.batch_size
-    return _finding(
-        ctx,
-        "small_batch",
-        needs,
-        lambda r, rng: lost(r, "bn", rng) - lost(r, "ln", rng),
-        lambda r: (
+
+    def describe(r: _Runs) -> str:
+        return (
             f"val acc at batch {big}/{small}: BN {_fmt(final_val_acc(r['bn']))}/"
             f"{_fmt(final_val_acc(r['bn_small']))}, LayerNorm {_fmt(final_val_acc(r['ln']))}/"
             f"{_fmt(final_val_acc(r['ln_small']))}"
-        ),
+        )
+
+    return _bn_minus_other(ctx, "small_batch", needs, lost, ("bn", "ln"), describe)
+
+
+def _without_extra_runs(
+    ctx: _Context, name: str, variants: Sequence[object], what: str
+) -> Finding | None:
+    """Why the accuracy claim ``name`` on the plan's extra variants (scaled initialisations,
+    small batches) cannot be evaluated on this architecture, as its skipped finding, or ``None``:
+    a regression task has no accuracy, and ``variants`` may be empty or trained on other
+    architectures only (``what`` names them in the reason)."""
+    if ctx.task != "classification":
+        return _skip(ctx, name, "no accuracy in a regression task")
+    extra = ctx.plan.extra_archs
+    if not variants or (extra is not None and ctx.arch not in extra):
+        return _skip(ctx, name, f"no {what} runs in this plan")
+    return None
+
+
+def _bn_minus_other(
+    ctx: _Context,
+    name: str,
+    needs: dict[str, VariantSpec],
+    change: Callable[[_Runs, str, np.random.Generator | None], float],
+    kinds: tuple[str, str],
+    describe: Callable[[_Runs], str],
+) -> Finding:
+    """The finding ``name`` whose statistic is ``change(runs, kind, rng)`` (how much a variant
+    moves a network's accuracy) of BatchNorm, ``kinds[0]``, minus that of ``kinds[1]``."""
+    bn, other = kinds
+    return _finding(
+        ctx, name, needs, lambda r, rng: change(r, bn, rng) - change(r, other, rng), describe
     )
 
 
