@@ -72,14 +72,19 @@ def _alive(pid: int) -> bool:
 
 
 def _interrupt(
-    tmp_path: Path, jobs: int, signals: list[int], extra: list[str] | None = None
+    tmp_path: Path,
+    jobs: int,
+    signals: list[int],
+    extra: list[str] | None = None,
+    command: list[str] | None = None,
 ) -> tuple[int, list[str], str, Path, set[int]]:
-    """Run the plan, send ``signals`` after the first finished run; return the exit code, the
-    stdout lines, stderr, the run folder and the processes the command had started."""
+    """Run the plan (with ``command``, default ``python -m lightning_bn.cli``), send ``signals``
+    after the first finished run; return the exit code, the stdout lines, stderr, the run folder
+    and the processes the command had started."""
     out = tmp_path / "run"
     args = [*PLAN, "--jobs", str(jobs), "--out", str(out), *(extra or [])]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lightning_bn.cli", *args],
+        [*(command or [sys.executable, "-m", "lightning_bn.cli"]), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -190,6 +195,28 @@ def test_sigterm_in_process(tmp_path: Path) -> None:
 def test_second_sigint(tmp_path: Path) -> None:
     code, stdout, stderr, out, workers = _interrupt(
         tmp_path, jobs=2, signals=[signal.SIGINT, signal.SIGINT]
+    )
+    assert code == 130, stderr
+    _check_interrupted(out, stdout, stderr, "SIGINT")
+    _no_leftovers(workers)
+
+
+def test_a_late_second_sigint_while_the_command_exits_prints_no_traceback(tmp_path: Path) -> None:
+    """The second Ctrl-C arrives after the interruption's line is printed, as the interpreter
+    shuts down (the command's cleanup was quicker than the user): it is ignored, the exit code
+    and the one line stand."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from lightning_bn.cli import main
+        code = main()
+        os.kill(os.getpid(), signal.SIGINT)  # the late second Ctrl-C
+        time.sleep(0.5)
+        sys.exit(code)
+        """
+    )
+    code, stdout, stderr, out, workers = _interrupt(
+        tmp_path, jobs=1, signals=[signal.SIGINT], command=[sys.executable, "-c", script]
     )
     assert code == 130, stderr
     _check_interrupted(out, stdout, stderr, "SIGINT")

@@ -38,12 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lightning-bn`` command.
 
     Args:
-        argv: the arguments after the program name (default ``sys.argv[1:]``).
+        argv: the arguments after the program name (default ``sys.argv[1:]``: run as the
+            command, whose process ends when this returns; an interrupted ``reproduce`` then
+            ignores further Ctrl-C while the process exits).
 
     Returns:
         The exit status (0 on success; argument errors exit with 2 through ``SystemExit``).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.until_exit = argv is None
     status: int = args.handler(args.subparser, args)
     return status

@@ -289,8 +289,9 @@ def _reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     )
     start = time.perf_counter()
     # The guard (SIGINT, SIGTERM) stays installed until the line below is printed: a second
-    # Ctrl-C then still ends the command at once instead of raising KeyboardInterrupt.
-    with interrupt_guard():
+    # Ctrl-C then still ends the command at once instead of raising KeyboardInterrupt; run as
+    # the command, later ones are ignored while the process exits.
+    with interrupt_guard(until_exit=args.until_exit):
         try:
             result = reproduce(
                 plan,

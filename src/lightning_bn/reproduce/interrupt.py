@@ -132,11 +132,17 @@ _ACTIVE: InterruptGuard | None = None
 
 
 @contextlib.contextmanager
-def interrupt_guard() -> Iterator[InterruptGuard]:
+def interrupt_guard(*, until_exit: bool = False) -> Iterator[InterruptGuard]:
     """Install :class:`InterruptGuard`'s handler for SIGINT and SIGTERM while the block runs.
 
     Re-entrant: inside an active guard, the same guard is returned and nothing is installed. Off
     the main thread (where Python cannot install handlers) the guard is inactive.
+
+    With ``until_exit`` (the process ends right after the block: the ``lightning-bn`` command),
+    a block that was interrupted leaves SIGINT and SIGTERM ignored instead of restoring their
+    handlers: the exit status is decided and the line printed, and a second Ctrl-C arriving
+    while the interpreter shuts down would otherwise raise ``KeyboardInterrupt`` in its exit
+    handlers and print a traceback.
     """
     global _ACTIVE
     if _ACTIVE is not None:
@@ -155,7 +161,9 @@ def interrupt_guard() -> Iterator[InterruptGuard]:
     finally:
         _ACTIVE = None
         for sig, previous in saved.items():
-            if previous is not None:
+            if until_exit and guard.signum is not None:
+                signal.signal(sig, signal.SIG_IGN)
+            elif previous is not None:
                 signal.signal(sig, previous)
 
 
