@@ -470,3 +470,20 @@ def test_ddp_ranks_share_rank_zeros_interval(tmp_path: Path) -> None:
     assert ranks[0]["overhead"] == ranks[1]["overhead"]
     assert ranks[0]["spent"] == ranks[1]["spent"]  # rank zero's ledger, broadcast
     assert torch.isfinite(torch.tensor(ranks[0]["overhead"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "products"),
+    [
+        ({}, 19),  # no basis: ten Lanczos steps, two products each but the last
+        ({"max_iters": 7}, 7),  # capped
+        ({"lanczos_basis": 5}, 5),  # a basis's worth
+        ({"lanczos_basis": None, "max_iters": 12}, 12),
+        ({"hessian": False}, -1),
+    ],
+)
+def test_smoothness_a_priori_cost_counts_its_passes(kwargs: dict[str, Any], products: int) -> None:
+    """The cost the schedule assumes before timing a measurement, in training steps: the gradient
+    at W^t, one per step size (13 by default), two per Hessian-vector product (the eigenvalue's
+    and one for gᵀHg)."""
+    assert SmoothnessCallback(**kwargs).measurement_steps() == 1 + 13 + 2 * (products + 1)
