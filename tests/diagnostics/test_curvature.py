@@ -570,6 +570,26 @@ def test_matvec_with_mixed_dtypes_unused_and_linear_parameters() -> None:
     torch.testing.assert_close(op.matvec(v), expected, rtol=1e-6, atol=1e-6)
     linear = HessianVectorProduct(lambda p: 2.0 * p["d"].sum(), {"d": params["d"]})
     assert torch.equal(linear.matvec(torch.ones(2, dtype=DTYPE)), torch.zeros(2, dtype=DTYPE))
+    prior = torch.arange(w0.numel(), dtype=DTYPE)  # added into: the cat-and-add path
+    got = op.matvec(v, prior.clone(), accumulate=True)
+    torch.testing.assert_close(got, prior + expected, rtol=1e-6, atol=1e-6)
+    kept = torch.full((2,), 5.0, dtype=DTYPE)  # H = 0: what `out` holds stays
+    assert linear.matvec(torch.ones(2, dtype=DTYPE), kept, accumulate=True) is kept
+    assert torch.equal(kept, torch.full((2,), 5.0, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_matvec_adds_into_out(method: HVPMethod) -> None:
+    prob = Problem("ours", False, True, seed=1)
+    hess = prob.hessian()
+    op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
+    v, prior = prob.flat(prob.random_vector(1)), prob.flat(prob.random_vector(2))
+    out = prior.clone()
+    assert op.matvec(v, out, accumulate=True) is out
+    _assert_close(out, prior + hess @ v)
+    _assert_close(op.matvec(v, out), hess @ v)  # without it, overwritten
+    with pytest.raises(ValueError, match="`out` to add the product into"):
+        op.matvec(v, accumulate=True)
 
 
 @pytest.mark.parametrize("algorithm", ["power", "lanczos"])

@@ -4,11 +4,14 @@ counted allocation by allocation (torch's profiler)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor
 
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.krylov import AddMatvec
 from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.restart import two_pass_top
 from lightning_bn.diagnostics.spectrum import TopEigResult, top_eigenvalues
@@ -180,3 +183,68 @@ def _top_with(a: Tensor, basis: int | None) -> TopEigResult:
         lambda v: a @ v, _layout(a.shape[0]), 1, max_iters=50, tol=1e-9, basis_size=basis,
         generator=torch.Generator().manual_seed(1), warn=False,
     )  # fmt: skip
+
+
+def _adding(matvec: Callable[[Tensor], Tensor]) -> AddMatvec:
+    """``matvec`` that adds its product into a given vector (as the kept graph does)."""
+    return AddMatvec(lambda v, into: matvec(v) if into is None else into.add_(matvec(v)))
+
+
+@pytest.mark.parametrize(
+    ("eigs", "seed"),
+    [
+        (torch.cat([torch.tensor([10.0, 9.99, 9.3]), torch.linspace(5.0, -14.0, 57)]), 0),
+        (torch.cat([torch.tensor([4.0, 4.0, 3.0]), torch.linspace(-2.0, 2.0, 27)]), 2),
+        (-torch.cat([torch.tensor([0.5, 0.6, 0.8]), torch.linspace(1.0, 20.0, 37)]), 4),
+    ],
+)
+def test_products_added_into_the_recurrence_find_the_exact_top_3(eigs: Tensor, seed: int) -> None:
+    a = _matrix(eigs.double(), seed=seed)
+    res = top_eigenvalues(
+        _adding(lambda v: a @ v), _layout(a.shape[0]), 3, max_iters=2000, tol=1e-10,
+        basis_size=0, generator=torch.Generator().manual_seed(1), warn=False,
+    )  # fmt: skip
+    _check(a, res, 3, 1e-8)
+    plain = _top(a, 3, 1e-10)  # the same recurrence, the product subtracted from: same values
+    assert res.eigenvalues == pytest.approx(plain.eigenvalues, rel=1e-10)
+
+
+def test_fewer_dimensions_than_k_with_products_added_into_the_recurrence() -> None:
+    a = _matrix(torch.tensor([3.0, 1.0, -2.0], dtype=DTYPE), seed=3)
+    res = top_eigenvalues(
+        _adding(lambda v: a @ v), _layout(3), 5, max_iters=2000, tol=1e-9, basis_size=0,
+        generator=torch.Generator().manual_seed(1), warn=False,
+    )  # fmt: skip
+    assert res.converged
+    assert torch.allclose(
+        torch.tensor(res.eigenvalues, dtype=DTYPE), torch.linalg.eigvalsh(a).flip(0)
+    )
+
+
+def test_a_product_added_into_the_recurrence_holds_one_vector_less() -> None:
+    n = 400_000
+    d = torch.linspace(-1.0, 2.0, n)
+    d[:3] = torch.tensor([6.0, 4.0, 3.0])
+    layout = _layout(n, torch.float32)
+    found: list[TopEigResult] = []
+
+    def copies(matvec: Callable[[Tensor], Tensor], iters: int, tol: float) -> float:
+        def run() -> None:
+            found.append(
+                top_eigenvalues(
+                    matvec, layout, 3, max_iters=iters, tol=tol, basis_size=0, warn=False
+                )
+            )
+
+        return peak_allocated(run) / (4 * n)
+
+    adding = AddMatvec(lambda v, into: d * v if into is None else into.addcmul_(d, v))
+    # the start (then the Ritz vector's sum), the last two Lanczos vectors, the product added
+    # into the older of them: three, and the start's draw
+    added, plain = copies(adding, 120, 0.0), copies(lambda v: d * v, 120, 0.0)
+    assert found[0].iterations == found[1].iterations == 120 - 1
+    assert added <= 3 + 1.2 and plain - added >= 0.95
+    three = copies(adding, 300, 1e-5)
+    assert found[-1].converged
+    assert found[-1].eigenvalues == pytest.approx([6.0, 4.0, 3.0], rel=1e-4)
+    assert three <= 3 + 2 + 1.2  # and the two eigenvectors found before the third

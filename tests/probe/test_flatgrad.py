@@ -31,6 +31,30 @@ def test_backward_into_equals_autograd_grad_and_leaves_no_grad() -> None:
     )
 
 
+def test_backward_into_accumulate_adds_to_what_out_holds() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    loss = torch.tanh(x @ w.T).pow(2).sum()
+    (expected,) = torch.autograd.grad(loss, [w], retain_graph=True)
+    prior = torch.randn(12 + 2, generator=gen, dtype=torch.float64)
+    out = prior.clone()
+    got = backward_into([loss], [w, unused], out, retain_graph=True, accumulate=True)
+    assert got is out and w.grad is None and unused.grad is None
+    views, before = flat_views(out, [w, unused]), flat_views(prior, [w, unused])
+    torch.testing.assert_close(views[0], before[0] + expected, rtol=1e-15, atol=1e-15)
+    assert torch.equal(views[1], before[1])  # an input the loss does not reach keeps its values
+    # a sparse gradient is added into the dense slot as well
+    table = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = nn.functional.embedding(torch.tensor([1, 4]), table, sparse=True).sum()
+    out = torch.ones(12, dtype=torch.float64)
+    backward_into([rows], [table], out, accumulate=True)
+    dense = torch.zeros(6, 2, dtype=torch.float64)
+    dense[[1, 4]] = 1.0
+    assert torch.equal(out, 1.0 + dense.reshape(-1)) and table.grad is None
+
+
 def test_backward_into_weighted_outputs_is_a_vector_jacobian_product() -> None:
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -64,9 +64,9 @@ class HessianCallback(DiagnosticCallback):
     Cost, in Hessian-vector products (about one backward each): top-k 60-250
     (``lanczos_basis=8``: 30-150); the trace 10 to ``trace_max_samples``, plus ``top_k``; the
     density ``density_starts × density_steps``; each layer 20-60; the preconditioned sharpness as
-    the top eigenvalue. Memory, in parameter copies: 4 Lanczos vectors, up to ``top_k``
-    eigenvectors, a product's own, the bfloat16 warm starts (one in all): about 8 by allocation
-    count on a 2.2M-parameter MLP, 13 resident on an 8.7M one (README "Memory of one measurement").
+    the top eigenvalue. Memory, in parameter copies: 3 Lanczos vectors (a product is added into
+    one), up to ``top_k`` eigenvectors, a product's own, the bfloat16 warm starts (one in all):
+    at most 9.2 by allocation count on a 2.2M-parameter MLP, 12-13 resident on an 8.7M one.
     ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):

@@ -22,6 +22,7 @@ from lightning_bn._validation import check_bool, check_choice, check_float, chec
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
+from lightning_bn.diagnostics.krylov import AddMatvec
 from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
 from lightning_bn.diagnostics.restart import check_basis_size
@@ -140,8 +141,13 @@ def compute_hessian(
     )
     layout = op.layout
 
-    def matvec(v: Tensor) -> Tensor:
-        return coll.mean(coll.guard(lambda: op.matvec(v)))
+    def product(v: Tensor, into: Tensor | None) -> Tensor:
+        if into is not None and coll.world_size == 1:  # added in place: no second vector
+            return coll.guard(lambda: op.matvec(v, into, accumulate=True))
+        hv = coll.mean(coll.guard(lambda: op.matvec(v)))
+        return hv if into is None else into.add_(hv)
+
+    matvec = AddMatvec(product)
 
     metrics: dict[str, float] = {}
     solver = _Solver(

@@ -209,11 +209,12 @@ class HessianVectorProduct:
             return self.layout.unflat(self._flat_graph.product(self.layout.flat(tangents)))
         return _hvp_forward(self._loss_fn, primals, tangents)
 
-    def matvec(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
+    def matvec(self, vector: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
         r""":math:`Hv` on flat vectors: ``vector`` and the result are 1-D in :attr:`layout` (the
         parameters flattened and concatenated in key order, in the layout's dtype); the result is
         a new tensor, or ``out`` (1-D, ``layout.numel`` long, the layout's dtype and device; not
-        ``vector``) overwritten with it.
+        ``vector``) overwritten with it, or with ``accumulate=True`` ``out`` plus it, in place
+        (with the kept graph no second vector: autograd adds into ``out``).
 
         The same product as ``__call__``, without its dict checks and conversions: with the kept
         graph (``"reverse"``) one backward pass whose ``grad_outputs`` are views of ``vector``
@@ -221,10 +222,15 @@ class HessianVectorProduct:
         vector, no concatenation). ``vector`` is not checked (its length must be
         ``layout.numel``).
         """
+        if accumulate and out is None:
+            raise ValueError("Expected `out` to add the product into, but got None")
         if self._flat_graph is None:  # forward-over-reverse (or "auto" before its first product)
-            return self.layout.flat(self(self.layout.unflat(vector)), out=out)
+            flat = self.layout.flat(
+                self(self.layout.unflat(vector)), out=None if accumulate else out
+            )
+            return cast(Tensor, out).add_(flat) if accumulate else flat
         self.calls += 1
-        return self._flat_graph.product(vector, out)
+        return self._flat_graph.product(vector, out, accumulate)
 
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
         leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
@@ -249,13 +255,15 @@ class _FlatGraph:
         self.outputs = [cast(Tensor, grads[i]) for i in self.index]
         self._zeros: list[Tensor | None] = [None] * len(self.inputs)
 
-    def product(self, vector: Tensor, out: Tensor | None = None) -> Tensor:
+    def product(
+        self, vector: Tensor, out: Tensor | None = None, accumulate: bool = False
+    ) -> Tensor:
         layout = self.layout
         uniform = layout.uniform
         if out is None and (uniform or not self.outputs):
             out = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
         if not self.outputs:
-            return cast(Tensor, out).zero_()
+            return cast(Tensor, out) if accumulate else cast(Tensor, out).zero_()
         parts = torch.split_with_sizes(vector, layout.numels)
         grad_outputs = []
         for i in self.index:
@@ -265,7 +273,12 @@ class _FlatGraph:
             )
         if uniform:  # summed straight into `out`: the product exists once
             return backward_into(
-                self.outputs, self.inputs, cast(Tensor, out), grad_outputs, retain_graph=True
+                self.outputs,
+                self.inputs,
+                cast(Tensor, out),
+                grad_outputs,
+                retain_graph=True,
+                accumulate=accumulate,
             )
         with torch.enable_grad():
             grads = torch.autograd.grad(
@@ -276,6 +289,8 @@ class _FlatGraph:
                 allow_unused=True,
             )
         pieces = [self._piece(i, g, uniform) for i, g in enumerate(grads)]
+        if accumulate:
+            return cast(Tensor, out).add_(torch.cat(pieces))
         return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
 
     def _piece(self, i: int, g: Tensor | None, uniform: bool) -> Tensor:

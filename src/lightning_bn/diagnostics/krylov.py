@@ -1,15 +1,68 @@
 """The building blocks of the Lanczos iterations (:mod:`lightning_bn.diagnostics.eigen`,
 :mod:`lightning_bn.diagnostics.spectrum`): the orthonormal basis, stored as rows of a few
-preallocated blocks, and the tridiagonal matrix. Plain torch."""
+preallocated blocks, the tridiagonal matrix, and the three-term recurrence's product. Plain
+torch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["Basis", "Tridiagonal"]
+__all__ = ["AddMatvec", "Basis", "Tridiagonal", "recurrence_product"]
+
+
+class AddMatvec:
+    r"""A map :math:`v \mapsto Hv` that can also add its product into a vector in place.
+
+    ``product(v, into)`` returns :math:`Hv` as a new vector when ``into`` is ``None``, else
+    ``into`` with :math:`Hv` added to it (e.g.
+    :meth:`~lightning_bn.diagnostics.hvp.HessianVectorProduct.matvec` with
+    ``accumulate=True``). Calling it is ``product(v, None)``; :func:`recurrence_product` uses
+    :meth:`add_into`, so the three-term recurrence writes :math:`Hq_j` where
+    :math:`-\beta q_{j-1}` already is: one vector of memory less.
+    """
+
+    def __init__(self, product: Callable[[Tensor, Tensor | None], Tensor]) -> None:
+        self._product = product
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self._product(v, None)
+
+    def add_into(self, v: Tensor, into: Tensor) -> Tensor:
+        """``into`` ← ``into`` + :math:`Hv` (returns ``into``)."""
+        return self._product(v, into)
+
+
+def recurrence_product(
+    matvec: Callable[[Tensor], Tensor],
+    cur: Tensor,
+    prev: Tensor | None,
+    beta: float,
+    reuse: bool,
+) -> tuple[Tensor, Tensor]:
+    r""":math:`w = Hq_j - \beta q_{j-1}` (``cur``, ``prev``; ``prev=None``: :math:`Hq_j`) and
+    :math:`\lVert Hq_j \rVert` (0-dim).
+
+    With an :class:`AddMatvec` the product is added into :math:`-\beta q_{j-1}`, in ``prev``'s
+    memory when ``reuse`` (``prev`` is then spent), else in a new vector; the norm is then its
+    bound :math:`\lVert w \rVert + \beta`. Otherwise the product is a new vector that
+    :math:`\beta q_{j-1}` is subtracted from.
+    """
+    if prev is None or not isinstance(matvec, AddMatvec):
+        w = matvec(cur)
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(w)
+            if prev is not None:
+                w.sub_(prev, alpha=beta)
+        return w, norm
+    with torch.no_grad():
+        w = prev.mul_(-beta) if reuse else torch.mul(prev, -beta)
+    w = matvec.add_into(cur, w)
+    with torch.no_grad():
+        return w, torch.linalg.vector_norm(w) + beta
 
 
 class Basis:

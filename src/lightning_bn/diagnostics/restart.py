@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_bn._validation import check_int
-from lightning_bn.diagnostics.krylov import Basis, Tridiagonal
+from lightning_bn.diagnostics.krylov import Basis, Tridiagonal, recurrence_product
 from lightning_bn.diagnostics.paramvec import FlatLayout
 
 __all__ = [
@@ -203,7 +203,10 @@ def two_pass_top(
     ``max_steps``, stops anyway).
 
     Memory: four vectors (the start, kept through pass 1, whose memory then holds the Ritz
-    vector's sum in pass 2; the last two Lanczos vectors; the product), besides ``locked``.
+    vector's sum in pass 2; the last two Lanczos vectors; the product), besides ``locked``;
+    three with a :class:`~lightning_bn.diagnostics.krylov.AddMatvec`, which adds each product
+    into :math:`-\beta q_{j-1}` in :math:`q_{j-1}`'s memory
+    (:func:`~lightning_bn.diagnostics.krylov.recurrence_product`).
     ``q`` is consumed: its memory becomes the first Lanczos vector, then the returned Ritz
     vector.
     """
@@ -223,11 +226,8 @@ def two_pass_top(
     prev: Tensor | None = None
     cur = q1
     while True:
-        w = matvec(cur)
+        w, hq_norm = recurrence_product(matvec, cur, prev, beta, prev is not q1)
         with torch.no_grad():
-            hq_norm = torch.linalg.vector_norm(w)
-            if prev is not None:
-                w.sub_(prev, alpha=beta)
             alpha = _dot(cur, w)  # summed in float64, as pass 2 reuses it
             w.sub_(cur, alpha=alpha)
             _project(w, locked)
@@ -254,10 +254,8 @@ def two_pass_top(
     del q1
     ritz: Tensor | None = None
     for j in range(1, len(alphas)):
-        w = matvec(cur)
+        w = recurrence_product(matvec, cur, prev, betas[j - 2], ritz is not None)[0]
         with torch.no_grad():
-            if prev is not None:
-                w.sub_(prev, alpha=betas[j - 2])
             w.sub_(cur, alpha=alphas[j - 1])
             _project(w, locked)
             w.div_(betas[j - 1])

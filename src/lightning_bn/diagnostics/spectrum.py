@@ -22,7 +22,8 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
 Memory, in flat vectors of the parameters' size: ``max_iters`` (or ``steps``) for a Lanczos run
-keeping its basis, ``basis_size`` + :math:`k` with a ``basis_size``, :math:`k` + 3 with ``0``.
+keeping its basis, ``basis_size`` + :math:`k` with a ``basis_size``, :math:`k` + 3 with ``0``
+(:math:`k` + 2 when ``matvec`` is a :class:`~lightning_bn.diagnostics.krylov.AddMatvec`).
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def top_eigenvalues(
             each, the same ``init``), to the same residual rule; ``max_iters`` counts the
             products of all :math:`k`. Memory: ``basis_size`` + :math:`k` vectors; ``run`` is
             then ``None`` (deflate the trace by ``eigenvectors``). ``0``: each eigenvalue by
-            :func:`~lightning_bn.diagnostics.restart.two_pass_top` (no basis; :math:`k` + 3).
+            :func:`~lightning_bn.diagnostics.restart.two_pass_top` (no basis; :math:`k` + 3, or
+            :math:`k` + 2 with an :class:`~lightning_bn.diagnostics.krylov.AddMatvec`).
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer

@@ -29,15 +29,20 @@ def backward_into(
     out: Tensor,
     grad_outputs: Sequence[Tensor] | None = None,
     retain_graph: bool = False,
+    accumulate: bool = False,
 ) -> Tensor:
     """The gradients of ``outputs`` (weighted by ``grad_outputs``) with respect to the leaves
-    ``inputs``, written into ``out`` (zeroed here; 0 for an input the outputs do not reach).
+    ``inputs``, written into ``out`` (zeroed here; 0 for an input the outputs do not reach), or
+    with ``accumulate=True`` added to what ``out`` holds (autograd adds into it in place: a
+    caller that needs ``x + gradient`` puts ``x`` there first and needs no second vector).
 
     ``out`` is 1-D, as long as the inputs together, in their dtype and on their device (all the
     same). The leaves' ``.grad`` are views of ``out`` during the pass and ``None`` after it; a
-    ``.grad`` autograd replaced instead of adding into it is copied into ``out``.
+    ``.grad`` autograd replaced instead of adding into it (its replacement is the sum of the
+    old ``.grad`` and the gradient) is copied into ``out``.
     """
-    out.zero_()
+    if not accumulate:
+        out.zero_()
     slots = flat_views(out, inputs)
     for leaf, slot in zip(inputs, slots, strict=True):
         leaf.grad = slot
