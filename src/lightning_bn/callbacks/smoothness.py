@@ -101,19 +101,19 @@ class SmoothnessCallback(AlongGradientCallback):
         %(hvp_method)s
         seed: seed of the callback's own generator for the cold start (the global RNG is never
             used).
-        eig_algorithm: ``"lanczos"`` (default: Lanczos with full reorthogonalisation, fewer
-            products and a closer value; memory ``lanczos_basis`` × the model's size) or
-            ``"power"`` (power iteration; two vectors of memory). See above.
+        eig_algorithm: ``"lanczos"`` (default: fewer products and a closer value; memory set by
+            ``lanczos_basis``) or ``"power"`` (power iteration; two vectors of memory). See
+            above.
         lanczos_basis: most Lanczos vectors kept (0 or ``>= 2``; restarted beyond; ``None``: up
             to ``max_iters``). Default 0: no basis, the three-term recurrence run twice (the
             value of Lanczos with a full basis, in twice its products less one), so a fit
             measuring at every step peaks 7.3-7.6 parameter copies above one without the
             callback (an 8.7M-parameter MLP, ``benchmarks/peak_memory.py``): the warm start's
             memory (the start, then the new eigenvector), the last two Lanczos vectors, the
-            product, the gradient with its graph. A basis of ``k``
-            vectors costs about ``k - 3`` copies more and takes fewer products (on that MLP
-            14-20 a measurement with 5, against 21-37; thick restarts, within 0.4% of the exact
-            eigenvalue on two BatchNorm MLPs; 8: 0.2%; 4: 1.4%).
+            product, the gradient with its graph. A basis of ``k`` vectors costs about ``k - 3``
+            copies more and takes fewer products (on that MLP 14-20 a measurement with 5,
+            against 21-37; thick restarts, within 0.4% of the exact eigenvalue on two BatchNorm
+            MLPs; 8: 0.2%; 4: 1.4%).
         power_iters: deprecated name of ``max_iters`` (a :class:`DeprecationWarning`); the
             attribute ``power_iters`` and the run-config key of that name remain as aliases.
         %(name)s
@@ -226,8 +226,10 @@ class SmoothnessCallback(AlongGradientCallback):
         Hessian-vector product: a Lanczos basis's worth (warm starts converge within about one;
         without a basis, ten Lanczos steps, which cost 19 products) and one for
         :math:`g^\top H g`."""
-        steps = self.lanczos_basis if self.lanczos_basis is not None else self.max_iters
-        lanczos = min(2 * _TWO_PASS_STEPS - 1, self.max_iters) if steps == 0 else steps
+        if self.lanczos_basis == 0:
+            lanczos = min(2 * _TWO_PASS_STEPS - 1, self.max_iters)
+        else:
+            lanczos = self.lanczos_basis or self.max_iters  # None: up to max_iters vectors
         products = lanczos + 1 if self.hessian else 0
         return 1.0 + self.grid_size + 2.0 * products
 

@@ -189,10 +189,10 @@ def two_pass_top(
     :math:`\mathrm{tol}\cdot\max(|\theta|, \mathrm{floor}, 10^{-3}\max_j|\theta_j|)` (or on an
     invariant subspace, or once it has taken as many steps as the complement of ``locked`` has
     dimensions, where the Krylov space is the whole of it, or after ``max_steps`` products).
-    Without reorthogonalisation the basis
-    loses orthogonality only along converged Ritz vectors, which adds copies of converged values
-    to :math:`T_m` but leaves the top Ritz value and its residual estimate valid (Paige 1976);
-    stopping at convergence keeps those copies out. Pass 2 reruns the recurrence from the same
+    Without reorthogonalisation the basis loses orthogonality only along converged Ritz
+    vectors, which adds copies of converged values to :math:`T_m` but leaves the top Ritz value
+    and its residual estimate valid (Paige 1976); stopping at convergence keeps those copies
+    out. Pass 2 reruns the recurrence from the same
     start with pass 1's coefficients and sums the Ritz vector :math:`\sum_j s_j q_j` as the
     :math:`q_j` come back: :math:`2m - 1` products in all.
 
