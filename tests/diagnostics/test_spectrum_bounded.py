@@ -18,7 +18,7 @@ from lightning_bn.diagnostics.eigen import ConvergenceWarning
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.preconditioned import scaled_matvec
-from lightning_bn.diagnostics.restart import deflated_exact_trace
+from lightning_bn.diagnostics.span import deflated_exact_trace
 from lightning_bn.diagnostics.spectrum import (
     TopEigResult,
     _rademacher,

@@ -137,7 +137,12 @@ def compute_hessian(
         return probe.loss({**params, **point}, step)
 
     op = coll.guard(
-        lambda: HessianVectorProduct(loss_fn, trainable, method=settings.hvp_method)  # type: ignore[arg-type]
+        lambda: HessianVectorProduct(  # products only: the gradient's values are not kept
+            loss_fn,
+            trainable,
+            method=settings.hvp_method,  # type: ignore[arg-type]
+            keep_grad=False,
+        )
     )
     layout = op.layout
 
@@ -164,6 +169,7 @@ def compute_hessian(
         k,
         warm,
         max_iters=max(settings.max_iters, k + 1),
+        store=_eigenvector_dtype(layout),
         **solver,
     )
     for i in range(k):
@@ -267,6 +273,18 @@ class _Sampled(TypedDict):
     matvec: Matvec
     layout: FlatLayout
     generator: torch.Generator | None
+
+
+#: From this many float32 parameters on, the top-k eigenvectors are kept in bfloat16 as they
+#: are found (half a copy each, through the top-k and the trace): rounding moves each vector by
+#: about 2^-9 relative, which shifts a later eigenvalue by about that squared times the first;
+#: below, the memory is small and the rounding would show in tight comparisons.
+_ROUNDED_FROM = 1 << 20
+
+
+def _eigenvector_dtype(layout: FlatLayout) -> torch.dtype | None:
+    big = layout.numel >= _ROUNDED_FROM and layout.dtype == torch.float32
+    return torch.bfloat16 if big else None
 
 
 def _kept(v: Tensor) -> Tensor:

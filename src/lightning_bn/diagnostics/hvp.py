@@ -29,6 +29,7 @@ Three ways to get :math:`Hv` (all exact up to rounding):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Literal, Protocol, cast, runtime_checkable
 
@@ -37,7 +38,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from lightning_bn._types import ParamsLossFn, scalar_loss
-from lightning_bn._validation import check_choice
+from lightning_bn._validation import check_bool, check_choice
 from lightning_bn.diagnostics.paramvec import FlatLayout, TensorDict
 from lightning_bn.probe.flatgrad import backward_into
 
@@ -157,11 +158,15 @@ class HessianVectorProduct:
         loss_fn: ``loss_fn(params) -> Tensor`` returning a scalar; see :func:`hvp`.
         params: the point :math:`W`, ``{name: Tensor}``; not modified.
         method: ``"reverse"`` (default), ``"forward"`` or ``"auto"``.
+        keep_grad: keep :attr:`grad` (default ``True``). ``False`` frees the gradient's values
+            once the kept graph is built (one parameter copy less for as long as the operator
+            lives; a product needs the gradient's graph, not its values): each gradient tensor
+            whose memory the graph did not save is emptied, and :attr:`grad` is ``{}``.
 
     Attributes:
         params: the point, detached.
         loss: :math:`L(W)`, 0-dim, detached.
-        grad: :math:`\nabla L(W)`, detached.
+        grad: :math:`\nabla L(W)`, detached (``{}`` with ``keep_grad=False``).
         method: the method in use (``"auto"`` becomes ``"forward"`` or ``"reverse"`` after the
             first product).
         calls: number of products taken so far.
@@ -177,20 +182,29 @@ class HessianVectorProduct:
     """
 
     def __init__(
-        self, loss_fn: LossFn, params: Mapping[str, Tensor], *, method: HVPMethod = "reverse"
+        self,
+        loss_fn: LossFn,
+        params: Mapping[str, Tensor],
+        *,
+        method: HVPMethod = "reverse",
+        keep_grad: bool = True,
     ) -> None:
         _check_method(method)
         _check_params(params)
+        check_bool("keep_grad", keep_grad)
         self.params: TensorDict = {k: p.detach() for k, p in params.items()}
         self.layout = FlatLayout(self.params)
         self.method: str = method
         self.calls = 0
         self._loss_fn = loss_fn
+        self._keep_grad = keep_grad
         self._flat_graph: _FlatGraph | None = None
         if method == "reverse":
             self.loss, self.grad = self._build_graph()
         else:
             self.grad, self.loss = grad_and_loss(loss_fn, self.params)
+            if not keep_grad:
+                self.grad = {}
 
     def __call__(self, vector: Mapping[str, Tensor]) -> TensorDict:
         """Return :math:`Hv` (keys and shapes of :attr:`params`, detached)."""
@@ -233,9 +247,9 @@ class HessianVectorProduct:
         return self._flat_graph.product(vector, out, accumulate)
 
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
-        leaves, grads, loss = _first_order_graph(self._loss_fn, self.params)
+        leaves, grads, loss = _first_order_graph(self._loss_fn, self.params, self._keep_grad)
         self._flat_graph = _FlatGraph(self.layout, leaves, grads)
-        return loss.detach(), _as_dict(leaves, grads)
+        return loss.detach(), _as_dict(leaves, grads) if self._keep_grad else {}
 
 
 class _FlatGraph:
@@ -335,15 +349,37 @@ def _hvp_reverse(loss_fn: LossFn, primals: TensorDict, tangents: TensorDict) -> 
 
 
 def _first_order_graph(
-    loss_fn: LossFn, params: Mapping[str, Tensor]
+    loss_fn: LossFn, params: Mapping[str, Tensor], keep_grad: bool = True
 ) -> tuple[TensorDict, tuple[Tensor | None, ...], Tensor]:
+    """The gradient with its graph (``create_graph=True``). ``keep_grad=False`` then empties
+    the memory of every gradient tensor that no node of that graph saved: a later backward pass
+    through the graph reads the gradients' metadata (shape, dtype, device), not their values."""
     leaves = _leaves(params)
-    with torch.enable_grad():
+    saved: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        saved.add(t.untyped_storage().data_ptr())
+        return t.detach()  # the saved values, shared, without a reference back to the graph
+
+    with torch.enable_grad(), contextlib.ExitStack() as stack:
         loss = scalar_loss(loss_fn(leaves), "`loss_fn`")
+        if not keep_grad:  # the hooks see what the graph saves (only then: they replace others)
+            try:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _unpack))
+            except RuntimeError:  # saved-tensor hooks disabled by the caller: keep the values
+                keep_grad = True
         grads = torch.autograd.grad(
             loss, list(leaves.values()), create_graph=True, allow_unused=True
         )
+    if not keep_grad:
+        for g in grads:
+            if g is not None and g.untyped_storage().data_ptr() not in saved:
+                g.untyped_storage().resize_(0)
     return leaves, grads, loss
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
 
 
 def _reverse_product(

@@ -1,5 +1,5 @@
-r"""Lanczos in bounded memory: the top eigenvalue by thick restarts, deflated by the eigenvectors
-already found, and the exact part of a trace deflated by orthonormal vectors. Plain torch.
+r"""Lanczos in bounded memory: the top eigenvalue by thick restarts or by two passes of the
+three-term recurrence, deflated by the eigenvectors already found. Plain torch.
 
 :func:`restarted_top` keeps at most ``capacity`` basis vectors whatever the number of products:
 a cycle that fills the basis without meeting the tolerance restarts from the Ritz vectors of the
@@ -14,8 +14,8 @@ time (PyHessian's deflation), each to the same residual tolerance.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from torch import Tensor
 from lightning_bn._validation import check_int
 from lightning_bn.diagnostics.krylov import Basis, Tridiagonal, recurrence_product
 from lightning_bn.diagnostics.paramvec import FlatLayout
+from lightning_bn.diagnostics.span import Span, _dot
 
 __all__ = [
     "Block",
@@ -30,7 +31,6 @@ __all__ = [
     "RitzRule",
     "block_numel",
     "check_basis_size",
-    "deflated_exact_trace",
     "deflated_top",
     "dominant_rule",
     "restarted_top",
@@ -65,18 +65,11 @@ class RitzPair:
 
 
 def _project(w: Tensor, locked: Sequence[Tensor]) -> None:
+    if isinstance(locked, Span):  # stored narrower: its exact projector
+        locked.project_off(w)
+        return
     for y in locked:
         w.addcmul_(y, torch.dot(y, w), value=-1.0)
-
-
-def _dot(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
-    """:math:`a^\top b` accumulated in float64 by chunks (a float32 BLAS dot over millions of
-    entries is off by about 1e-3 relative)."""
-    parts = [
-        torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double())
-        for i in range(0, a.numel(), chunk)
-    ]
-    return float(torch.stack(parts).sum()) if parts else 0.0
 
 
 def top_rule(tol: float, floor: float = 0.0) -> RitzRule:
@@ -352,19 +345,23 @@ def deflated_top(
     max_iters: int,
     tol: float,
     capacity: int,
+    store: torch.dtype | None = None,
 ) -> tuple[list[RitzPair], int, bool]:
     """The top ``k`` Ritz pairs one at a time, each by :func:`restarted_top` (keeping half its
     ``capacity`` at a restart; ``capacity=0``: by :func:`two_pass_top`, no basis) from a fresh
     ``start()`` projected off the ones found before (the later ones' tolerance floor is
     1e-3 × the first's magnitude), ``max_iters`` products in all. Returns the pairs (fewer
     when the space runs out; the last not finite when a product was not), the products taken,
-    and whether every pair converged within them."""
+    and whether every pair converged within them. ``store``: keep each vector found rounded to
+    this dtype (a :class:`~lightning_bn.diagnostics.span.Span`; the later pairs are those of
+    :math:`H` off the rounded vectors' span), as the pairs return them."""
     pairs: list[RitzPair] = []
     used, ok, floor = 0, True, 0.0
+    span = Span(dtype=store) if store is not None else None
     for _ in range(k):
         if max_iters - used < 2:
             return pairs, used, False
-        found = [p.vector for p in pairs if p.vector is not None]
+        found = span if span is not None else [p.vector for p in pairs if p.vector is not None]
         if capacity:
             pair = restarted_top(
                 matvec, start(), capacity=capacity, max_steps=max_iters - used, tol=tol,
@@ -378,56 +375,15 @@ def deflated_top(
         used += pair.steps
         if pair.vector is None and pair.finite:  # nothing left: H has fewer dimensions
             break
+        if span is not None and pair.vector is not None and pair.finite:
+            span.append(pair.vector)  # the full-precision vector is freed with the old pair
+            pair = replace(pair, vector=span[-1])
         pairs.append(pair)
         ok = ok and pair.converged
         if not pair.finite:
             break
         floor = floor or 1e-3 * abs(pair.value)
     return pairs, used, ok
-
-
-def deflated_exact_trace(
-    matvec: Callable[[Tensor], Tensor],
-    vectors: Sequence[Tensor],
-    blocks: Mapping[str, Tensor | slice],
-) -> tuple[float, dict[str, float]]:
-    r"""The exact part of a trace deflated by orthonormal vectors :math:`Y` (:math:`P = YY^\top`):
-    :math:`\mathrm{tr}(Y^\top H Y)`, and per block :math:`b` (flat indices; :math:`E_b` its
-    restriction) the part of :math:`\mathrm{tr}(E_b H E_b^\top)` that is not
-    :math:`\mathrm{tr}(E_b (I-P)H(I-P) E_b^\top)`:
-
-    .. math::
-        2 \sum_i \langle E_b y_i, E_b H y_i\rangle - \langle Y^\top E_b^\top E_b Y, M\rangle,
-        \qquad M = Y^\top H Y
-
-    (:math:`E_b(PHP + 2\,\mathrm{sym}(PH(I-P)))E_b^\top`; over a partition they sum to
-    :math:`\mathrm{tr}(M)`). One product per vector, taken one at a time.
-
-    Raises:
-        ValueError: ``vectors`` not orthonormal (to 1e-3).
-    """
-    k = len(vectors)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    m = torch.zeros(k, k, dtype=torch.float64)
-    cross = dict.fromkeys(blocks, 0.0)
-    for i, y in enumerate(vectors):
-        z = matvec(y)
-        with torch.no_grad():
-            for j, x in enumerate(vectors):
-                gram[i, j] = _dot(x, y)
-                m[j, i] = _dot(x, z)
-            for name, idx in blocks.items():
-                cross[name] += _dot(y[idx], z[idx])
-        del z
-    if k and float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) > 1e-3:
-        raise ValueError("Expected orthonormal deflation vectors, but their Gram matrix is not I")
-    m = (m + m.T) / 2
-    parts = {}
-    for name, idx in blocks.items():
-        rows = torch.stack([y[idx] for y in vectors]).to(torch.float64) if k else None
-        g_b = rows @ rows.T if rows is not None else m
-        parts[name] = 2.0 * cross[name] - float((g_b.cpu() * m).sum())
-    return float(torch.diagonal(m).sum()), parts
 
 
 def check_basis_size(name: str, value: int, minimum: int = 4) -> int:

@@ -16,14 +16,13 @@ products of the rank-averaged Hessian and gets bitwise the same numbers).
 * :func:`hutchinson_trace`: Hutchinson's estimator with Rademacher probes, deflated by a Lanczos
   basis when one is given (the basis part of the trace is exact, the estimator only sees the
   rest), stopping on its own standard error; per-block traces from the same products.
-* :func:`~lightning_bn.diagnostics.density.spectral_density` (its own module): stochastic
-  Lanczos quadrature on the same Lanczos runs.
+* :func:`~lightning_bn.diagnostics.density.spectral_density` (its own module): the SLQ density.
 * :func:`block_top_eigenvalues`: the largest eigenvalue of each diagonal block
   :math:`H_{bb}` (one parameter group, e.g. a layer).
 
 Memory, in flat vectors of the parameters' size: ``max_iters`` (or ``steps``) for a Lanczos run
 keeping its basis, ``basis_size`` + :math:`k` with a ``basis_size``, :math:`k` + 3 with ``0``
-(:math:`k` + 2 when ``matvec`` is a :class:`~lightning_bn.diagnostics.krylov.AddMatvec`).
+(:math:`k` + 2 with a :class:`~lightning_bn.diagnostics.krylov.AddMatvec`; :math:`k` in ``store``).
 """
 
 from __future__ import annotations
@@ -41,15 +40,14 @@ from lightning_bn.diagnostics.eigen import _BREAKDOWN, _Basis, _Tridiagonal, war
 from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.restart import (
     Block,
-    _dot,
     _rademacher,
     _start,
     _SubLayout,
     block_numel,
     check_basis_size,
-    deflated_exact_trace,
     deflated_top,
 )
+from lightning_bn.diagnostics.span import Span, _dot, deflated_exact_trace
 
 __all__ = [
     "LanczosRun",
@@ -156,15 +154,13 @@ class TopEigResult:
     r"""Result of :func:`top_eigenvalues`.
 
     Attributes:
-        eigenvalues: the :math:`k` largest Ritz values, descending (``nan`` if a product was not
-            finite).
+        eigenvalues: the :math:`k` largest Ritz values, descending (``nan``: a product not finite).
         residuals: :math:`\lVert H y_i - \theta_i y_i \rVert` of each (an eigenvalue of
             :math:`H` lies within it of :math:`\theta_i`).
         eigenvectors: their unit Ritz vectors (flat, in the operator's layout); pass them as
             ``init`` to warm-start the next call.
         iterations: Hessian-vector products taken.
-        converged: whether every residual met the tolerance (or the Krylov space became
-            invariant) within ``max_iters``.
+        converged: every residual met the tolerance (or the Krylov space became invariant).
         run: the Lanczos run, e.g. to deflate :func:`hutchinson_trace`.
     """
 
@@ -187,6 +183,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     warn: bool = True,
     basis_size: int | None = None,
+    store: torch.dtype | None = None,
 ) -> TopEigResult:
     r"""The :math:`k` largest eigenvalues of :math:`H` (algebraic, descending) by Lanczos.
 
@@ -226,6 +223,9 @@ def top_eigenvalues(
             then ``None`` (deflate the trace by ``eigenvectors``). ``0``: each eigenvalue by
             :func:`~lightning_bn.diagnostics.restart.two_pass_top` (no basis; :math:`k` + 3, or
             :math:`k` + 2 with an :class:`~lightning_bn.diagnostics.krylov.AddMatvec`).
+        store: with ``basis_size``, keep the eigenvectors found rounded to this dtype (e.g.
+            bfloat16: half a copy each; ``eigenvectors`` in it; each later eigenvalue is then
+            that of :math:`H` off the rounded vectors' span, exactly projected).
 
     Returns:
         :class:`TopEigResult` (with fewer than :math:`k` values if :math:`H` has fewer
@@ -236,7 +236,9 @@ def top_eigenvalues(
     tol = check_float("tol", tol, minimum=0)
     if basis_size is not None:
         check_basis_size("basis_size", basis_size)
-        return _top_deflated(matvec, layout, k, init, max_iters, tol, generator, warn, basis_size)
+        return _top_deflated(
+            matvec, layout, k, init, max_iters, tol, generator, warn, basis_size, store
+        )
     q = _start(layout, generator, init)
 
     def converged(run: LanczosRun) -> bool:
@@ -272,11 +274,11 @@ def _top_deflated(
     generator: torch.Generator | None,
     warn: bool,
     basis_size: int,
+    store: torch.dtype | None,
 ) -> TopEigResult:
     """:func:`top_eigenvalues` in ``basis_size`` vectors, one eigenvalue at a time."""
-    pairs, used, ok = deflated_top(
-        matvec, lambda: _start(layout, generator, init), k, max_iters, tol, basis_size
-    )
+    start = lambda: _start(layout, generator, init)  # noqa: E731
+    pairs, used, ok = deflated_top(matvec, start, k, max_iters, tol, basis_size, store)
     if warn and not ok:
         warn_unconverged(f"top_eigenvalues (k={k})", used)
     if any(not p.finite for p in pairs):
@@ -356,12 +358,11 @@ def hutchinson_trace(
     using the Lanczos relation :math:`HQ = QT + \beta_m q_{m+1} e_m^\top` (the two exact terms
     sum to :math:`\mathrm{tr}(T_m)` over a partition).
 
-    ``deflate`` may instead be orthonormal vectors :math:`Y` (e.g. ``top_eigenvalues(...)
-    .eigenvectors``, from any ``basis_size``): the exact part is then
-    :math:`\mathrm{tr}(Y^\top H Y)` (the top-:math:`k` eigenvalues to the solver's tolerance),
-    computed with :math:`k` more products
-    (:func:`~lightning_bn.diagnostics.restart.deflated_exact_trace`), and the memory is
-    :math:`k` vectors instead of a whole Lanczos basis.
+    ``deflate`` may instead be nearly orthonormal vectors :math:`Y`, in any dtype (e.g.
+    ``top_eigenvalues(...).eigenvectors``): :math:`P` is then the exact projector onto their span
+    (:class:`~lightning_bn.diagnostics.span.Span`), the exact part :math:`\mathrm{tr}(PHP)` takes
+    :math:`k` more products (:func:`~lightning_bn.diagnostics.span.deflated_exact_trace`), and the
+    memory is :math:`k` vectors (in their dtype) instead of a whole Lanczos basis.
 
     Args:
         matvec: :math:`v \mapsto Hv` on flat vectors in ``layout``.
@@ -370,8 +371,7 @@ def hutchinson_trace(
         min_samples: fewest probes (the standard error of fewer is itself too noisy to stop on).
         max_samples: most probes (one product each).
         generator: source of the probes (default: a fresh one seeded with 0).
-        deflate: a Lanczos run on the same operator (e.g. ``top_eigenvalues(...).run``), or
-            orthonormal flat vectors.
+        deflate: a Lanczos run on the same operator (``top_eigenvalues(...).run``), or vectors.
         blocks: name → flat indices of a diagonal block, for per-block traces.
         warn: issue a :class:`~lightning_bn.diagnostics.eigen.ConvergenceWarning` when
             ``max_samples`` was reached first.
@@ -385,9 +385,10 @@ def hutchinson_trace(
     blocks, generator = dict(blocks or {}), generator or torch.Generator().manual_seed(0)
     exact, exact_blocks = 0.0, dict.fromkeys(blocks, 0.0)
     views: list[Tensor] = []
+    span: Span | None = None
     if isinstance(deflate, Sequence):
-        views = [y[None] for y in deflate]
-        exact, exact_blocks = deflated_exact_trace(matvec, deflate, blocks)
+        span = Span(deflate, work=layout.dtype)
+        exact, exact_blocks = deflated_exact_trace(matvec, span, blocks)
     elif deflate is not None and deflate.steps:
         views = list(deflate.basis._views)  # the used rows of the basis blocks
         tri = deflate.tri.matrix()
@@ -402,7 +403,9 @@ def hutchinson_trace(
     samples: list[Tensor] = []
     for n in range(1, max_samples + 1):
         z = _rademacher(layout.numel, layout, generator)
-        if views:
+        if span is not None:
+            span.project_off(z)
+        elif views:
             for v in views:
                 z.addmv_(v.T, v @ z, alpha=-1.0)
         hz = matvec(z)
