@@ -93,8 +93,10 @@ def main(names: list[str]) -> None:
     print(f"model: {base['params'] / 1e6:.1f}M parameters (one float32 copy = {copy_mb:.1f} MiB)")
     print(f"{'callback':<22} {'extra peak (copies)':>20} {'logged peak_mem_mb (copies)':>28}")
     for name in names[1:]:
+        if not rows[name]["logged"]:  # a skipped measurement would make the callback look cheap
+            raise SystemExit(f"{name} logged no measurement (skipped? run it alone to see why)")
         extra = (rows[name]["peak_mb"] - base["peak_mb"]) / copy_mb
-        logged = max(rows[name]["logged"].values(), default=float("nan")) / copy_mb
+        logged = max(rows[name]["logged"].values()) / copy_mb
         print(f"{name:<22} {extra:>20.1f} {logged:>28.1f}")
 
 

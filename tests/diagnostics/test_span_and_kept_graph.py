@@ -139,9 +139,10 @@ def test_top_k_with_eigenvectors_stored_in_bfloat16_on_a_known_spectrum() -> Non
         lambda v: a @ v, _layout(40), 3, generator=gen, store=torch.bfloat16, **kw
     )
     assert res.converged and all(v.dtype == torch.bfloat16 for v in res.eigenvectors)
-    # later eigenvalues are those off the rounded vectors' span: within 1e-4 of the exact ones
-    # here (40 entries: rounding of 2^-9 per vector; a large model averages it out further)
-    assert res.eigenvalues == pytest.approx(eigs[:3].tolist(), rel=1e-4)
+    # later eigenvalues are those off the rounded vectors' span: rounding turns a vector by about
+    # 1e-3, which moves a later eigenvalue by at most about 1e-6 of the first (here λ_1 = 10)
+    assert res.eigenvalues[0] == pytest.approx(float(eigs[0]), rel=1e-9)
+    assert res.eigenvalues[1:] == pytest.approx(eigs[1:3].tolist(), abs=1e-5)
     for value, vector in zip(res.eigenvalues, res.eigenvectors, strict=True):
         y = vector.to(DTYPE)
         assert float(torch.linalg.vector_norm(a @ y - value * y)) < 0.02 * abs(value)
