@@ -1,8 +1,8 @@
 """Two memory savings of HessianCallback against independent references: the kept first-order
 graph without the gradient's values (``keep_grad=False``: products bitwise those of the graph with
 them, a gradient the graph saved kept), and eigenvectors stored in bfloat16 (:class:`Span`: the
-exact projector onto what is stored, checked against the dense float64 projector; the top-k and a
-deflated trace with them against exact eigenvalues and traces)."""
+exact projector onto what is stored, checked against the dense float64 projector; the top-k with
+them against exact eigenvalues; the trace deflated by them in ``test_spectrum_bounded``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from torch import Tensor, nn
 
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.span import Span, deflated_exact_trace
-from lightning_bn.diagnostics.spectrum import block_indices, hutchinson_trace, top_eigenvalues
-from tests.diagnostics.test_spectrum import Case
+from lightning_bn.diagnostics.spectrum import top_eigenvalues
 from tests.diagnostics.test_spectrum_bounded import _known, _layout
 
 DTYPE = torch.float64
@@ -146,26 +145,3 @@ def test_top_k_with_eigenvectors_stored_in_bfloat16_on_a_known_spectrum() -> Non
     for value, vector in zip(res.eigenvalues, res.eigenvectors, strict=True):
         y = vector.to(DTYPE)
         assert float(torch.linalg.vector_norm(a @ y - value * y)) < 0.02 * abs(value)
-
-
-def test_trace_deflated_by_bfloat16_eigenvectors_is_unbiased(case: tuple[Case, Tensor]) -> None:
-    c, h = case
-    gen = torch.Generator().manual_seed(2)
-    top = top_eigenvalues(
-        c.op.matvec, c.layout, 3, generator=gen, basis_size=0, max_iters=300, store=torch.bfloat16
-    )
-    assert all(v.dtype == torch.bfloat16 for v in top.eigenvectors)
-    blocks = block_indices(c.layout, {"first": c.names[:2], "last": c.names[-2:]})
-    kw = {"max_samples": 60, "generator": gen, "blocks": blocks, "warn": False}
-    tr = hutchinson_trace(c.op.matvec, c.layout, deflate=top.eigenvectors, **kw)
-    assert tr.samples >= 10 and tr.stderr > 0
-    assert abs(tr.trace - float(h.trace())) <= 3 * tr.stderr
-    for name, idx in blocks.items():
-        value, err = tr.blocks[name]
-        assert abs(value - float(h[idx][:, idx].trace())) <= 3 * err
-
-
-@pytest.fixture(scope="module", params=["mlp", "cnn"])
-def case(request: pytest.FixtureRequest) -> tuple[Case, Tensor]:
-    c = Case(request.param)
-    return c, c.hessian()

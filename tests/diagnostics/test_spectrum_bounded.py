@@ -131,10 +131,16 @@ def test_exact_part_of_a_trace_deflated_by_orthonormal_vectors() -> None:
         deflated_exact_trace(lambda v: a @ v, [y[:, 0], y[:, 0]], {})
 
 
-def test_trace_deflated_by_top_k_eigenvectors(case: tuple[Case, Tensor]) -> None:
+@pytest.mark.parametrize("store", [None, torch.bfloat16])  # bfloat16: the exact projector
+def test_trace_deflated_by_top_k_eigenvectors(
+    case: tuple[Case, Tensor], store: torch.dtype | None
+) -> None:
     c, h = case
     gen = torch.Generator().manual_seed(2)
-    top = top_eigenvalues(c.op.matvec, c.layout, 3, generator=gen, basis_size=5, max_iters=300)
+    top = top_eigenvalues(
+        c.op.matvec, c.layout, 3, generator=gen, basis_size=5, max_iters=300, store=store
+    )
+    assert all(v.dtype == (store or c.layout.dtype) for v in top.eigenvectors)
     blocks = block_indices(c.layout, {"first": c.names[:2], "last": c.names[-2:]})
     kw = {"max_samples": 60, "generator": gen, "blocks": blocks, "warn": False}
     tr = hutchinson_trace(c.op.matvec, c.layout, deflate=top.eigenvectors, **kw)

@@ -352,8 +352,9 @@ def _first_order_graph(
     loss_fn: LossFn, params: Mapping[str, Tensor], keep_grad: bool = True
 ) -> tuple[TensorDict, tuple[Tensor | None, ...], Tensor]:
     """The gradient with its graph (``create_graph=True``). ``keep_grad=False`` then empties
-    the memory of every gradient tensor that no node of that graph saved: a later backward pass
-    through the graph reads the gradients' metadata (shape, dtype, device), not their values."""
+    the memory of every gradient tensor that owns all of it and that no node of that graph saved
+    (nor a parameter shares): a later backward pass through the graph reads the gradients'
+    metadata (shape, dtype, device), not their values."""
     leaves = _leaves(params)
     saved: set[int] = set()
 
@@ -371,10 +372,14 @@ def _first_order_graph(
         grads = torch.autograd.grad(
             loss, list(leaves.values()), create_graph=True, allow_unused=True
         )
-    if not keep_grad:
+    if not keep_grad:  # a gradient that is all of its memory, no node saved it, no leaf is it
+        saved |= {p.untyped_storage().data_ptr() for p in leaves.values()}
         for g in grads:
-            if g is not None and g.untyped_storage().data_ptr() not in saved:
-                g.untyped_storage().resize_(0)
+            if g is None:
+                continue
+            storage = g.untyped_storage()
+            if storage.data_ptr() not in saved and storage.nbytes() == g.numel() * g.itemsize:
+                storage.resize_(0)
     return leaves, grads, loss
 
 
