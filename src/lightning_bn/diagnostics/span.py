@@ -70,8 +70,12 @@ class Span(Sequence[Tensor]):
         r""":math:`w \leftarrow (I - P) w`, in place (converted a chunk at a time: no copy)."""
         if not self._vectors:
             return
-        c = torch.tensor([_dot(y, w) for y in self._vectors], dtype=torch.float64)
-        for y, a in zip(self._vectors, (self.inverse @ c).tolist(), strict=True):
+        c = torch.zeros(len(self._vectors), dtype=torch.float64, device=w.device)
+        for i in range(0, w.numel(), _CHUNK):  # each chunk's dot in w's dtype, summed in float64
+            part = w[i : i + _CHUNK]
+            for j, y in enumerate(self._vectors):
+                c[j] += torch.dot(y[i : i + _CHUNK].to(w.dtype), part).double()
+        for y, a in zip(self._vectors, (self.inverse @ c.cpu()).tolist(), strict=True):
             if y.dtype == w.dtype:
                 w.add_(y, alpha=-a)
                 continue
