@@ -1,14 +1,19 @@
 """Two memory savings of HessianCallback against independent references: the kept first-order
 graph without the gradient's values (``keep_grad=False``: products bitwise those of the graph with
-them, a gradient the graph saved kept), and eigenvectors stored in bfloat16 (:class:`Span`: the
+them, also on nn.TransformerEncoder and a tiny Hugging Face BERT against a float64 brute force; a
+gradient the graph saved kept), and eigenvectors stored in bfloat16 (:class:`Span`: the
 exact projector onto what is stored, checked against the dense float64 projector; the top-k with
 them against exact eigenvalues; the trace deflated by them in ``test_spectrum_bounded``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.span import Span, deflated_exact_trace
@@ -57,6 +62,61 @@ def test_products_without_the_gradient_values_are_bitwise_those_with_them() -> N
             freed.matvec(v, into.clone(), accumulate=True),
             kept.matvec(v, into.clone(), accumulate=True),
         )
+
+
+def _encoder() -> tuple[nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2), {"src": torch.randn(3, 5, 16)}
+
+
+def _bert() -> tuple[nn.Module, dict[str, Any]]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    ids, labels = torch.randint(0, 50, (2, 7)), torch.tensor([0, 2])
+    return BertForSequenceClassification(config), {"input_ids": ids, "labels": labels}
+
+
+@pytest.mark.parametrize("build", [_encoder, _bert], ids=["nn.TransformerEncoder", "hf-bert"])
+def test_products_without_the_gradient_values_on_attention_models(
+    build: Callable[[], tuple[nn.Module, dict[str, Any]]],
+) -> None:
+    """Models this package did not write (attention by the math backend, which has second
+    derivatives): bitwise the products with the values, and a float64 brute force."""
+    if build is _bert:
+        pytest.importorskip("transformers")
+    net, kwargs = build()
+    net = net.double()
+    kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
+    params = {k: p.detach() for k, p in net.named_parameters()}
+
+    def loss_fn(p: dict[str, Tensor]) -> Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = torch.func.functional_call(net, p, (), kwargs)
+        return out.loss if hasattr(out, "loss") else (out**2).mean()
+
+    kept = HessianVectorProduct(loss_fn, params)  # type: ignore[arg-type]
+    freed = HessianVectorProduct(loss_fn, params, keep_grad=False)  # type: ignore[arg-type]
+    graph = freed._flat_graph
+    assert graph is not None and all(g.untyped_storage().nbytes() == 0 for g in graph.outputs)
+    v = torch.randn(kept.layout.numel, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    product = freed.matvec(v)
+    assert torch.equal(product, kept.matvec(v))
+    flat = kept.layout.flat(params)
+    brute = torch.autograd.functional.hvp(lambda w: loss_fn(kept.layout.unflat(w)), flat, v)[1]
+    torch.testing.assert_close(product, brute, rtol=1e-10, atol=1e-12)
 
 
 class _ExpGrad(torch.autograd.Function):
