@@ -138,6 +138,39 @@ def test_no_observer_effect() -> None:
     assert torch.equal(next0, next1)  # the global random stream is where it would have been
 
 
+def test_measures_on_the_modules_own_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No copy of the parameters (one copy of memory): the measurement, which runs before the
+    step, reads the module's own tensors, and its values are those on a copy."""
+    import lightning_bn.callbacks.hessian as hessian_module
+
+    real = hessian_module.compute_hessian
+    shared: list[bool] = []
+    on_copy: list[dict[str, float]] = []
+
+    def spy(probe: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        own = dict(probe.module.named_parameters())
+        shared.append(all(params[n].data_ptr() == own[n].data_ptr() for n in own))
+        copies = {n: t.clone() for n, t in params.items()}
+        gen = kwargs["generator"]
+        state = copy.deepcopy(kwargs["state"])
+        expected, _ = real(probe, copies, *args, **{**kwargs, "state": state,
+                                                     "generator": copy.deepcopy(gen)})  # fmt: skip
+        on_copy.append(expected)
+        return real(probe, params, *args, **kwargs)
+
+    monkeypatch.setattr(hessian_module, "compute_hessian", spy)
+    logger = MemoryLogger()
+    cb = HessianCallback(every_n_steps=2, density_starts=1, density_steps=8)
+    fit(lambda: Classifier(mlp().double()), [cb], steps=4, seed=3, logger=logger)
+    assert shared == [True, True]
+    got = [logger.history[step] for step in cb.measured_steps]
+    assert len(got) == len(on_copy) == 2
+    for logged, expected in zip(got, on_copy, strict=True):
+        assert len(expected) > 40  # top-k, trace, per-layer blocks, density bins
+        for key, value in expected.items():
+            assert logged[f"hessian/{key}"] == pytest.approx(value, rel=0, abs=0, nan_ok=True), key
+
+
 def test_sgd_precondition_is_the_top_eigenvalue_and_state_roundtrips() -> None:
     cb = HessianCallback(every_n_steps=1, top_k=1, trace=False, density=False, per_layer=False)
     logger = MemoryLogger()

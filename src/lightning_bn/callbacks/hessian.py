@@ -291,7 +291,7 @@ class HessianCallback(DiagnosticCallback):
         state, self.state = self.state.to(device), HessianState()
         metrics, self.state = compute_hessian(
             self.probe,
-            self.probe.parameters(),
+            self.probe.parameters(copy=False),  # W^t: the step has not run yet
             record,
             self.settings,
             layers=self._layer_params,
