@@ -64,12 +64,10 @@ class HessianCallback(DiagnosticCallback):
     Cost, in Hessian-vector products (about one backward each): top-k 60-250
     (``lanczos_basis=8``: 30-150); the trace 10 to ``trace_max_samples``, plus ``top_k``; the
     density ``density_starts × density_steps``; each layer 20-60; the preconditioned sharpness as
-    the top eigenvalue. Memory, in parameter copies (the parameters are read in place): 3 Lanczos
-    vectors, the eigenvectors found (bfloat16 from 2^20 float32 parameters), a product's own (the
-    gradient's graph, not its values), the bfloat16 warm starts (one in all): 7.0-7.4 on an
-    8.7M-parameter MLP, 8-10 resident with glibc's default heap, which keeps freed blocks (README
-    "Memory of one measurement").
-    ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
+    the top eigenvalue. Memory, in parameter copies: 3 Lanczos vectors, the eigenvectors found
+    (bfloat16 from 2^20 float32 parameters), the gradient's graph, the bfloat16 warm starts (one
+    in all): 7-8 on an 8.7M-parameter MLP, 8-10 resident with glibc's heap (it keeps freed
+    blocks). ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
@@ -293,7 +291,7 @@ class HessianCallback(DiagnosticCallback):
         state, self.state = self.state.to(device), HessianState()
         metrics, self.state = compute_hessian(
             self.probe,
-            self.probe.parameters(copy=False),  # W^t: the step has not run yet
+            self.probe.parameters(copy=False),  # W^t, read in place: the step has not run yet
             record,
             self.settings,
             layers=self._layer_params,
