@@ -8,9 +8,10 @@ float32 copy). The callback's own ``<prefix>/peak_mem_mb`` (the peak of one meas
 is printed beside it.
 
 Resident memory depends on the C allocator as well as on what the callback allocates. glibc's
-``malloc`` serves blocks under 32 MiB (a layer's gradient here, half a copy in bfloat16) from its
-heap and keeps them resident once freed, so freed blocks that are not reused at the peak count
-too, and they shift from run to run. Each fit therefore runs twice, the second time (baseline
+``malloc`` serves blocks below its mapping threshold (raised as mapped blocks are freed, up to
+32 MiB: a layer's gradient here, or half a copy in bfloat16) from its heap and keeps them
+resident once freed, so freed blocks that are not reused at the peak count too, and they shift
+from run to run (by up to 2 copies). Each fit therefore runs twice, the second time (baseline
 included) with ``MALLOC_MMAP_THRESHOLD_=1048576``, glibc's setting that maps every block from
 1 MiB on and returns it when freed: that column is close to what the callback holds at its peak,
 the first is what a default glibc process shows. (Other allocators ignore the variable.)
