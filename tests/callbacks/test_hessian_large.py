@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bn import HessianCallback
 from lightning_bn.diagnostics import hessian as hessian_module
 from lightning_bn.diagnostics.paramvec import FlatLayout
-from tests.support.models import MemoryLogger
+from tests.support.models import MemoryLogger, trainer
 
 N = 1 << 20
 
@@ -57,17 +57,8 @@ def test_top_k_and_trace_of_a_known_diagonal_hessian_with_bfloat16_eigenvectors(
     cb = HessianCallback(
         every_n_steps=1, top_k=3, tol=1e-4, density=False, per_layer=False, preconditioned=False
     )
-    trainer = pl.Trainer(
-        max_steps=1,
-        callbacks=[cb],
-        logger=logger,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     data = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=4)
-    trainer.fit(Quadratic(d), data)
+    trainer([cb], steps=1, logger=logger).fit(Quadratic(d), data)
     logged = logger.history[0]
     assert logged["hessian/eig_converged"] == 1.0
     # later eigenvalues are those off the bfloat16 vectors' span: about 1e-6 of λ_1 away
