@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_bn.diagnostics import eigen
 from lightning_bn.diagnostics import hvp as hvp_module
@@ -590,6 +593,57 @@ def test_matvec_adds_into_out(method: HVPMethod) -> None:
     _assert_close(op.matvec(v, out), hess @ v)  # without it, overwritten
     with pytest.raises(ValueError, match="`out` to add the product into"):
         op.matvec(v, accumulate=True)
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_matvec_with_a_diagonal_scale(method: HVPMethod) -> None:
+    prob = Problem("ours", False, True, seed=1)
+    hess = prob.hessian()
+    op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
+    v, prior = prob.flat(prob.random_vector(1)), prob.flat(prob.random_vector(2))
+    scale = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE)
+    scale[:3] = 0.0  # a parameter the optimiser does not update
+    expected = scale * (hess @ (scale * v))
+    v0 = v.clone()
+    _assert_close(op.matvec(v, scale=scale), expected)
+    out = prior.clone()
+    assert op.matvec(v, out, accumulate=True, scale=scale) is out
+    _assert_close(out, prior + expected)
+    assert torch.equal(v, v0)
+    _assert_close(op.matvec(v), hess @ v)  # the scaling is not left behind (hooks removed)
+
+
+class _FlatAllocations(TorchDispatchMode):
+    """Counts the operations whose output is a new tensor of at least ``numel`` entries."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.numel() >= self.numel:
+                self.count += t.untyped_storage().data_ptr() not in given
+        return out
+
+
+def test_a_scaled_product_makes_no_flat_temporary() -> None:
+    prob = Problem("ours", False, True, seed=1)
+    op = HessianVectorProduct(prob.loss_fn, prob.params, keep_grad=False)
+    v = prob.flat(prob.random_vector(1))
+    scale, out = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE), torch.zeros_like(v)
+    with _FlatAllocations(v.numel()) as by_hand:  # D v, H(Dv) and D H D v: three vectors
+        expected = scale * op.matvec(scale * v)
+    with _FlatAllocations(v.numel()) as scaled:
+        op.matvec(v, out, accumulate=True, scale=scale)
+    assert by_hand.count == 3 and scaled.count == 0
+    _assert_close(out, expected)
 
 
 @pytest.mark.parametrize("algorithm", ["power", "lanczos"])

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from lightning_bn.diagnostics.density import spectral_density
 from lightning_bn.diagnostics.eigen import ConvergenceWarning, top_hessian_eigenvalue
 from lightning_bn.diagnostics.hvp import HessianVectorProduct
+from lightning_bn.diagnostics.krylov import AddMatvec
 from lightning_bn.diagnostics.paramvec import FlatLayout
 from lightning_bn.diagnostics.preconditioned import (
     optimizer_preconditioner,
@@ -281,9 +282,19 @@ def test_adam_preconditioned_sharpness_against_exact(case: tuple[Case, Tensor]) 
         v = opt.state[params[n]]["exp_avg_sq"].reshape(-1)
         ratio = 1.0 if i < 2 else 0.5  # η_p / η
         diag.append(ratio / ((v / (1 - 0.99**7)).sqrt() + 1e-3))
+    torch.testing.assert_close(pre.inverse, torch.cat(diag), rtol=1e-12, atol=0.0)
     s = torch.cat(diag).sqrt()
     exact = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :])[-1])
     res = top_eigenvalues(scaled_matvec(c.op.matvec, pre.inverse), c.layout, 1)
+    assert res.converged
+    assert res.eigenvalues[0] == pytest.approx(exact, rel=1e-3)
+    # the product scaled inside the backward pass, added into the recurrence's vector
+    root = pre.inverse.sqrt()
+
+    def scaled(v: Tensor, into: Tensor | None) -> Tensor:
+        return c.op.matvec(v, into, accumulate=into is not None, scale=root)
+
+    res = top_eigenvalues(AddMatvec(scaled), c.layout, 1, basis_size=0)
     assert res.converged
     assert res.eigenvalues[0] == pytest.approx(exact, rel=1e-3)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypedDict
 
 import torch
@@ -24,7 +25,7 @@ from lightning_bn.diagnostics.hvp import HessianVectorProduct
 from lightning_bn.diagnostics.ics import measured_layers
 from lightning_bn.diagnostics.krylov import AddMatvec
 from lightning_bn.diagnostics.paramvec import FlatLayout
-from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner, scaled_matvec
+from lightning_bn.diagnostics.preconditioned import optimizer_preconditioner
 from lightning_bn.diagnostics.restart import check_basis_size
 from lightning_bn.diagnostics.spectrum import (
     Matvec,
@@ -143,10 +144,11 @@ def compute_hessian(
     )
     layout = op.layout
 
-    def product(v: Tensor, into: Tensor | None) -> Tensor:
+    def product(v: Tensor, into: Tensor | None, scale: Tensor | None = None) -> Tensor:
+        """:math:`Hv` (:math:`DHDv` with ``scale`` :math:`D`), added into ``into`` if given."""
         if into is not None and coll.world_size == 1:  # added in place: no second vector
-            return coll.guard(lambda: op.matvec(v, into, accumulate=True))
-        hv = coll.mean(coll.guard(lambda: op.matvec(v)))
+            return coll.guard(lambda: op.matvec(v, into, accumulate=True, scale=scale))
+        hv = coll.mean(coll.guard(lambda: op.matvec(v, scale=scale)))
         return hv if into is None else into.add_(hv)
 
     matvec = AddMatvec(product)
@@ -218,8 +220,9 @@ def compute_hessian(
                 metrics["precond_eig_max"] = metrics["eig_1"]
                 metrics["precond_converged"] = metrics["eig_converged"]
             else:
-                res = top_eigenvalues(
-                    scaled_matvec(matvec, pre.inverse),
+                root = pre.inverse.sqrt_()  # S^(1/2) in S's memory: S is not needed after
+                res = top_eigenvalues(  # S^(1/2) H S^(1/2), with no scaled copy of a vector
+                    AddMatvec(partial(product, scale=root)),
                     layout,
                     1,
                     state.precond or None,
@@ -229,7 +232,7 @@ def compute_hessian(
                 metrics["precond_eig_max"] = res.eigenvalues[0] if res.eigenvalues else math.nan
                 metrics["precond_converged"] = float(res.converged)
                 new.precond = [_kept(v) for v in res.eigenvectors]
-                del res
+                del res, root
         del pre  # the preconditioner's copy of the parameters' size
     state.precond = []
 

@@ -30,12 +30,14 @@ Three ways to get :math:`Hv` (all exact up to rounding):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_bn._types import ParamsLossFn, scalar_loss
 from lightning_bn._validation import check_bool, check_choice
@@ -223,12 +225,21 @@ class HessianVectorProduct:
             return self.layout.unflat(self._flat_graph.product(self.layout.flat(tangents)))
         return _hvp_forward(self._loss_fn, primals, tangents)
 
-    def matvec(self, vector: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    def matvec(
+        self,
+        vector: Tensor,
+        out: Tensor | None = None,
+        accumulate: bool = False,
+        scale: Tensor | None = None,
+    ) -> Tensor:
         r""":math:`Hv` on flat vectors: ``vector`` and the result are 1-D in :attr:`layout` (the
         parameters flattened and concatenated in key order, in the layout's dtype); the result is
         a new tensor, or ``out`` (1-D, ``layout.numel`` long, the layout's dtype and device; not
         ``vector``) overwritten with it, or with ``accumulate=True`` ``out`` plus it, in place
-        (with the kept graph no second vector: autograd adds into ``out``).
+        (with the kept graph no second vector: autograd adds into ``out``). ``scale``: a diagonal
+        :math:`D` as a flat vector like ``vector``; the product is then :math:`DHDv`, and with the
+        kept graph neither :math:`Dv` nor :math:`HDv` exists as a vector (each parameter's part
+        is scaled as the backward pass reads it and as its gradient arrives).
 
         The same product as ``__call__``, without its dict checks and conversions: with the kept
         graph (``"reverse"``) one backward pass whose ``grad_outputs`` are views of ``vector``
@@ -239,12 +250,14 @@ class HessianVectorProduct:
         if accumulate and out is None:
             raise ValueError("Expected `out` to add the product into, but got None")
         if self._flat_graph is None:  # forward-over-reverse (or "auto" before its first product)
+            vector = vector if scale is None else vector * scale
             flat = self.layout.flat(
                 self(self.layout.unflat(vector)), out=None if accumulate else out
             )
+            flat = flat if scale is None else flat.mul_(scale)
             return cast(Tensor, out).add_(flat) if accumulate else flat
         self.calls += 1
-        return self._flat_graph.product(vector, out, accumulate)
+        return self._flat_graph.product(vector, out, accumulate, scale)
 
     def _build_graph(self) -> tuple[Tensor, TensorDict]:
         leaves, grads, loss = _first_order_graph(self._loss_fn, self.params, self._keep_grad)
@@ -270,7 +283,11 @@ class _FlatGraph:
         self._zeros: list[Tensor | None] = [None] * len(self.inputs)
 
     def product(
-        self, vector: Tensor, out: Tensor | None = None, accumulate: bool = False
+        self,
+        vector: Tensor,
+        out: Tensor | None = None,
+        accumulate: bool = False,
+        scale: Tensor | None = None,
     ) -> Tensor:
         layout = self.layout
         uniform = layout.uniform
@@ -279,21 +296,28 @@ class _FlatGraph:
         if not self.outputs:
             return cast(Tensor, out) if accumulate else cast(Tensor, out).zero_()
         parts = torch.split_with_sizes(vector, layout.numels)
+        scales = parts if scale is None else torch.split_with_sizes(scale, layout.numels)
         grad_outputs = []
         for i in self.index:
             part = parts[i].view(layout.shapes[i])
-            grad_outputs.append(
-                part if uniform else part.to(dtype=layout.dtypes[i], device=layout.devices[i])
-            )
+            if not uniform:  # scaled here (a part's copy is made anyway), else by a hook below
+                part = part if scale is None else part * scales[i].view(part.shape)
+                part = part.to(dtype=layout.dtypes[i], device=layout.devices[i])
+            grad_outputs.append(part)
         if uniform:  # summed straight into `out`: the product exists once
-            return backward_into(
-                self.outputs,
-                self.inputs,
-                cast(Tensor, out),
-                grad_outputs,
-                retain_graph=True,
-                accumulate=accumulate,
-            )
+            hooks = [] if scale is None else self._scaling_hooks(scales)
+            try:
+                return backward_into(
+                    self.outputs,
+                    self.inputs,
+                    cast(Tensor, out),
+                    grad_outputs,
+                    retain_graph=True,
+                    accumulate=accumulate,
+                )
+            finally:
+                for hook in hooks:
+                    hook.remove()
         with torch.enable_grad():
             grads = torch.autograd.grad(
                 self.outputs,
@@ -303,9 +327,19 @@ class _FlatGraph:
                 allow_unused=True,
             )
         pieces = [self._piece(i, g, uniform) for i, g in enumerate(grads)]
+        if scale is not None:
+            pieces = [p * s for p, s in zip(pieces, scales, strict=True)]
         if accumulate:
             return cast(Tensor, out).add_(torch.cat(pieces))
         return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
+
+    def _scaling_hooks(self, scales: Sequence[Tensor]) -> list[RemovableHandle]:
+        """Hooks scaling each seed (a gradient output's part of ``v``) and each parameter's
+        incoming gradient by its part of :math:`D`: layer-sized temporaries, no flat one."""
+        shapes = self.layout.shapes
+        pairs = [(self.outputs[j], i) for j, i in enumerate(self.index)]
+        pairs += [(t, i) for i, t in enumerate(self.inputs)]
+        return [t.register_hook(partial(torch.mul, scales[i].view(shapes[i]))) for t, i in pairs]
 
     def _piece(self, i: int, g: Tensor | None, uniform: bool) -> Tensor:
         layout = self.layout

@@ -106,13 +106,14 @@ def optimizer_preconditioner(
     if len({str(g.get(momentum_key)) for g in groups}) > 1:
         return None
     by_id = {id(p): g for g in groups for p in g["params"]}
-    parts: list[Tensor] = []
+    # each parameter's part is computed in float64 and rounded into one flat vector: one copy
+    inverse = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
     identity = True
-    for key in layout.keys:
+    for key, part in zip(layout.keys, torch.split_with_sizes(inverse, layout.numels), strict=True):
         p = named[key]
         group = by_id.get(id(p))
         if group is None or lr0 == 0:
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+            part.zero_()
             identity = False
             continue
         ratio = float(group["lr"]) / lr0
@@ -120,12 +121,11 @@ def optimizer_preconditioner(
         if denom is None:
             return None
         if isinstance(denom, float):
-            parts.append(torch.full((p.numel(),), ratio / denom, dtype=torch.float64))
+            part.fill_(ratio / denom)
             identity = identity and ratio == denom == 1.0
         else:
-            parts.append(ratio / denom.reshape(-1).to(torch.float64))
+            part.copy_((ratio / denom.to(torch.float64)).reshape(-1))
             identity = False
-    inverse = torch.cat([t.to(layout.device) for t in parts]).to(layout.dtype)
     return Preconditioner(inverse, threshold, identity)
 
 
