@@ -16,12 +16,17 @@ included) with ``MALLOC_MMAP_THRESHOLD_=1048576``, glibc's setting that maps eve
 1 MiB on and returns it when freed: that column is close to what the callback holds at its peak,
 the first is what a default glibc process shows. (Other allocators ignore the variable.)
 
-Run: ``PYTHONPATH=src python benchmarks/peak_memory.py`` (a few minutes on two cores);
-``--only HessianCallback`` measures the named callbacks only.
+The optimiser is SGD (``--optimizer adam``: Adam, lr 1e-3). It matters to ``HessianCallback``,
+which with an adaptive optimiser also measures the preconditioned sharpness (from the second
+step on: Adam has no state before its first), and to the baseline (Adam's two moments).
+
+Run: ``PYTHONPATH=src python benchmarks/peak_memory.py [--optimizer adam]`` (about 9 minutes on
+two cores); ``--only HessianCallback`` measures the named callbacks only.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -33,7 +38,7 @@ from typing import Any, ClassVar
 CALLBACKS = ["none", "ICSCallback", "LipschitzCallback", "SmoothnessCallback", "HessianCallback"]
 
 
-def _child(name: str) -> None:
+def _child(name: str, optimizer: str) -> None:
     import lightning.pytorch as pl
     import torch
     from torch import nn
@@ -58,6 +63,8 @@ def _child(name: str) -> None:
             return nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self) -> Any:
+            if optimizer == "adam":
+                return torch.optim.Adam(self.parameters(), lr=1e-3)
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     class Keep(pl.loggers.logger.Logger):
@@ -91,13 +98,13 @@ def _child(name: str) -> None:
     print(json.dumps({"params": n_params, "peak_mb": peak_mb, "logged": Keep.values}))
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], optimizer: str) -> None:
     runs = {"glibc default": {}, "blocks >= 1 MiB returned": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
     rows: dict[str, dict[str, Any]] = {}
     for label, extra_env in runs.items():
         for name in names:
             out = subprocess.run(
-                [sys.executable, __file__, name],
+                [sys.executable, __file__, "--child", name, optimizer],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -106,7 +113,10 @@ def main(names: list[str]) -> None:
             rows[f"{label}/{name}"] = json.loads(out.strip().splitlines()[-1])
     base = rows[f"glibc default/{names[0]}"]
     copy_mb = base["params"] * 4 / 2**20
-    print(f"model: {base['params'] / 1e6:.1f}M parameters (one float32 copy = {copy_mb:.1f} MiB)")
+    print(
+        f"model: {base['params'] / 1e6:.1f}M parameters (one float32 copy = {copy_mb:.1f} MiB),"
+        f" optimiser {optimizer}"
+    )
     print("extra peak resident memory over the same fit without a callback, in parameter copies")
     head = "".join(f"{label:>26}" for label in runs)
     print(f"{'callback':<20}{head}{'logged peak_mem_mb':>20}")
@@ -122,9 +132,12 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--only":  # e.g. --only HessianCallback
-        main(["none", *sys.argv[2:]])
-    elif len(sys.argv) > 1:
-        _child(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--only", nargs="+", metavar="CALLBACK", help="measure these only")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # one fit: name, optimiser
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
     else:
-        main(CALLBACKS)
+        main(["none", *args.only] if args.only else CALLBACKS, args.optimizer)

@@ -65,9 +65,9 @@ class HessianCallback(DiagnosticCallback):
     (``lanczos_basis=8``: 30-150); the trace 10 to ``trace_max_samples``, plus ``top_k``; the
     density ``density_starts × density_steps``; each layer 20-60; the preconditioned sharpness as
     the top eigenvalue. Memory, in parameter copies: 3 Lanczos vectors, the eigenvectors found
-    (bfloat16 from 2^20 float32 parameters), the gradient's graph, the bfloat16 warm start (half
-    a copy): 6.5-7 on an 8.7M-parameter MLP, 8-9 resident with glibc's heap (it keeps freed
-    blocks). ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
+    (bfloat16 from 2^20 float32 parameters), the gradient's graph, bfloat16 warm starts, S^(1/2)
+    (Adam, RMSprop): 6.5-7.5 on an 8.7M MLP, SGD or Adam; 7.8-8.3 resident with glibc's heap (it
+    keeps freed blocks). ``None, density_reorth=True``: ``max_iters`` and ``density_steps`` copies.
 
     Logged metrics (under ``hessian/``, or ``hessian@<name>/``; declared in :attr:`logged_keys`):
     ``eig_1`` … ``eig_<k>`` (the k largest eigenvalues, descending), ``eig_converged``,
