@@ -576,41 +576,35 @@ def test_matvec_with_mixed_dtypes_unused_and_linear_parameters() -> None:
     prior = torch.arange(w0.numel(), dtype=DTYPE)  # added into: the cat-and-add path
     got = op.matvec(v, prior.clone(), accumulate=True)
     torch.testing.assert_close(got, prior + expected, rtol=1e-6, atol=1e-6)
+    d = torch.linspace(0.5, 2.0, w0.numel(), dtype=DTYPE)  # D H D v, scaled part by part
+    scaled = d * (hess @ (d * v))
+    torch.testing.assert_close(op.matvec(v, scale=d), scaled, rtol=1e-6, atol=1e-6)
+    got = op.matvec(v, prior.clone(), accumulate=True, scale=d)
+    torch.testing.assert_close(got, prior + scaled, rtol=1e-6, atol=1e-6)
     kept = torch.full((2,), 5.0, dtype=DTYPE)  # H = 0: what `out` holds stays
     assert linear.matvec(torch.ones(2, dtype=DTYPE), kept, accumulate=True) is kept
     assert torch.equal(kept, torch.full((2,), 5.0, dtype=DTYPE))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("method", ["reverse", "forward"])
-def test_matvec_adds_into_out(method: HVPMethod) -> None:
+def test_matvec_adds_into_out(method: HVPMethod, scaled: bool) -> None:
     prob = Problem("ours", False, True, seed=1)
     hess = prob.hessian()
     op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
     v, prior = prob.flat(prob.random_vector(1)), prob.flat(prob.random_vector(2))
-    out = prior.clone()
-    assert op.matvec(v, out, accumulate=True) is out
-    _assert_close(out, prior + hess @ v)
-    _assert_close(op.matvec(v, out), hess @ v)  # without it, overwritten
-    with pytest.raises(ValueError, match="`out` to add the product into"):
-        op.matvec(v, accumulate=True)
-
-
-@pytest.mark.parametrize("method", ["reverse", "forward"])
-def test_matvec_with_a_diagonal_scale(method: HVPMethod) -> None:
-    prob = Problem("ours", False, True, seed=1)
-    hess = prob.hessian()
-    op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
-    v, prior = prob.flat(prob.random_vector(1)), prob.flat(prob.random_vector(2))
-    scale = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE)
-    scale[:3] = 0.0  # a parameter the optimiser does not update
-    expected = scale * (hess @ (scale * v))
-    v0 = v.clone()
-    _assert_close(op.matvec(v, scale=scale), expected)
+    d = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE) if scaled else torch.ones_like(v)
+    d[:3] = 0.0 if scaled else 1.0  # scaled: a parameter the optimiser does not update
+    scale = d if scaled else None
+    expected, v0 = d * (hess @ (d * v)), v.clone()  # with `scale`, D H D v
     out = prior.clone()
     assert op.matvec(v, out, accumulate=True, scale=scale) is out
     _assert_close(out, prior + expected)
+    _assert_close(op.matvec(v, out, scale=scale), expected)  # without it, overwritten
     assert torch.equal(v, v0)
-    _assert_close(op.matvec(v), hess @ v)  # the scaling is not left behind (hooks removed)
+    _assert_close(op.matvec(v), hess @ v)  # no scaling left behind (the hooks are removed)
+    with pytest.raises(ValueError, match="`out` to add the product into"):
+        op.matvec(v, accumulate=True)
 
 
 class _FlatAllocations(TorchDispatchMode):
