@@ -296,7 +296,7 @@ class _FlatGraph:
         if not self.outputs:
             return cast(Tensor, out) if accumulate else cast(Tensor, out).zero_()
         parts = torch.split_with_sizes(vector, layout.numels)
-        scales = parts if scale is None else torch.split_with_sizes(scale, layout.numels)
+        scales = () if scale is None else torch.split_with_sizes(scale, layout.numels)
         grad_outputs = []
         for i in self.index:
             part = parts[i].view(layout.shapes[i])
