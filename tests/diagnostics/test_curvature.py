@@ -593,9 +593,10 @@ def test_matvec_adds_into_out(method: HVPMethod, scaled: bool) -> None:
     hess = prob.hessian()
     op = HessianVectorProduct(prob.loss_fn, prob.params, method=method)
     v, prior = prob.flat(prob.random_vector(1)), prob.flat(prob.random_vector(2))
-    d = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE) if scaled else torch.ones_like(v)
-    d[:3] = 0.0 if scaled else 1.0  # scaled: a parameter the optimiser does not update
-    scale = d if scaled else None
+    scale = torch.linspace(0.5, 2.0, v.numel(), dtype=DTYPE) if scaled else None
+    if scale is not None:
+        scale[:3] = 0.0  # a parameter the optimiser does not update
+    d = torch.ones_like(v) if scale is None else scale
     expected, v0 = d * (hess @ (d * v)), v.clone()  # with `scale`, D H D v
     out = prior.clone()
     assert op.matvec(v, out, accumulate=True, scale=scale) is out
